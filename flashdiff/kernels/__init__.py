@@ -1,0 +1,5 @@
+"""Hot-path kernels. Each public function dispatches to a Metal, CUDA or pure-MLX implementation."""
+
+from .attention import attention
+
+__all__ = ["attention"]

@@ -1,0 +1,35 @@
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def torch_state_to_mx(state_dict) -> dict:
+    """A torch state dict as float32 MLX arrays, keys unchanged (what a checkpoint would hold)."""
+    return {k: mx.array(v.detach().float().cpu().numpy()) for k, v in state_dict.items()}
+
+
+def to_numpy(x) -> np.ndarray:
+    if isinstance(x, mx.array):
+        return np.array(x.astype(mx.float32))
+    return x.detach().float().cpu().numpy()
+
+
+def assert_close(ours, ref, atol=1e-4, rtol=1e-4):
+    a, b = to_numpy(ours), to_numpy(ref)
+    assert a.shape == b.shape, f"shape {a.shape} != reference {b.shape}"
+    np.testing.assert_allclose(a, b, atol=atol, rtol=rtol)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    import torch
+
+    torch.manual_seed(0)
+    mx.random.seed(0)
+    np.random.seed(0)
+    yield
