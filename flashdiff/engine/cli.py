@@ -1,0 +1,160 @@
+"""The `flashdiff` command line: generate, convert, models."""
+
+import argparse
+import os
+import sys
+
+from .errors import FlashdiffError
+
+EPILOG = """examples:
+  flashdiff generate --model flux-schnell --prompt "a red fox in snow" --steps 4 --seed 7 -o fox.png
+  flashdiff generate --model flux-dev --quantize 4 --prompt "..." --seed 1 2 3 -o out.png
+  flashdiff generate --model demo --prompt "anything" -o demo.png     (offline, tiny random model)
+  flashdiff convert --model flux-dev --quantize 4 -o flux-dev-q4
+  flashdiff models
+"""
+
+
+def _positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _add_model_args(p, quant_help):
+    p.add_argument("--model", "-m", required=True,
+                   help="preset (see `flashdiff models`), Hugging Face repo id, local diffusers/convert folder, "
+                        "or a BFL single-file checkpoint (flux1-dev.safetensors)")
+    p.add_argument("--base", help="for a single-file checkpoint: a diffusers folder with its text encoders, tokenizers and VAE "
+                                   "(default: download them from the matching repo)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="compute dtype (default bfloat16)")
+    p.add_argument("--quantize", "-q", type=int, choices=[2, 3, 4, 5, 6, 8], help=quant_help)
+    p.add_argument("--group-size", type=int, help="quantization group size (default 64 for affine; fixed by the fp modes)")
+    p.add_argument("--mode", default="affine", choices=["affine", "mxfp4", "nvfp4", "mxfp8"], help="quantization mode")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog="flashdiff", description="MLX diffusion engine: FLUX.1 text-to-image.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"flashdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,convert,models}")
+
+    g = sub.add_parser("generate", help="generate images from a prompt", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(g, "quantize weights on load to this many bits")
+    g.add_argument("--prompt", "-p", required=True)
+    g.add_argument("--negative-prompt", help="negative prompt (used with --true-cfg > 1)")
+    g.add_argument("--true-cfg", type=float, help="true classifier-free guidance scale (> 1 enables it with a negative prompt)")
+    g.add_argument("--steps", "-s", type=_positive_int, help="denoising steps (default: the model's)")
+    g.add_argument("--guidance", "-g", type=float, help="distilled guidance scale (FLUX-dev; default: the model's)")
+    g.add_argument("--height", type=_positive_int, help="image height, a multiple of 16 (default: the model's)")
+    g.add_argument("--width", type=_positive_int, help="image width, a multiple of 16 (default: the model's)")
+    g.add_argument("--seed", type=int, nargs="+", help="one or more seeds; one image per seed (default: random)")
+    g.add_argument("--num-images", "-n", type=_positive_int, default=None,
+                   help="images per seed list (with one seed: seeds seed, seed+1, ...)")
+    g.add_argument("--max-sequence-length", type=_positive_int, help="T5 tokens (default: the model's; at most 512)")
+    g.add_argument("--keep-text-encoders", action="store_true", help="keep text encoders in memory")
+    g.add_argument("--low-memory", action="store_true", help="release each component after use")
+    g.add_argument("--output", "-o", default="image.png", help="output file (.png keeps the parameters as metadata)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    c = sub.add_parser("convert", help="write a self-contained (optionally quantized) model folder")
+    _add_model_args(c, "quantize the transformer and T5 to this many bits")
+    c.add_argument("--output", "-o", required=True, help="output folder (must not exist or be empty)")
+    c.add_argument("--quiet", action="store_true")
+
+    sub.add_parser("models", help="list model presets")
+    return parser
+
+
+def cmd_generate(args):
+    from .images import output_paths, save_image
+    from .pipeline import Pipeline
+
+    seeds = args.seed
+    n = args.num_images or (len(seeds) if seeds else 1)
+    if seeds and len(seeds) > 1 and args.num_images and args.num_images != len(seeds):
+        raise FlashdiffError(f"--num-images {args.num_images} does not match the {len(seeds)} seeds given")
+    seed = seeds if seeds and len(seeds) > 1 else (seeds[0] if seeds else None)
+    paths = output_paths(args.output, n, seeds if seeds and len(seeds) == n else None)
+    for path in paths:
+        if not path.parent.exists():
+            raise FlashdiffError(f"output folder {path.parent} does not exist")
+    pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
+                                    mode=args.mode, base=args.base, keep_text_encoders=args.keep_text_encoders,
+                                    low_memory=args.low_memory)
+    images = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, steps=args.steps,
+                           guidance=args.guidance, height=args.height, width=args.width, seed=seed, num_images=n,
+                           max_sequence_length=args.max_sequence_length, progress=not args.quiet)
+    if len(paths) > 1 and seeds is None:
+        paths = output_paths(args.output, n, [img.info["flashdiff"]["seed"] for img in images])
+    for img, path in zip(images, paths):
+        save_image(img, path)
+        meta = img.info["flashdiff"]
+        print(f"wrote {path}  (seed {meta['seed']}, {meta['steps']} steps, {meta['seconds']} s)")
+
+
+def cmd_convert(args):
+    from pathlib import Path
+
+    from .pipeline import Pipeline
+
+    out = Path(args.output).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FlashdiffError(f"{out} already exists and is not empty; choose a new folder")
+    pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
+                                    mode=args.mode, base=args.base)
+    tmp = out.with_name(f".{out.name}.partial")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    try:
+        pipe.save_pretrained(tmp, progress=not args.quiet)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    q = f"{pipe.quantize.bits}-bit {pipe.quantize.mode}" if pipe.quantize else args.dtype
+    print(f"wrote {out} ({q}); use it with: flashdiff generate --model {out} --prompt ...")
+
+
+def cmd_models(args):
+    from .sources import presets
+
+    for name, p in sorted(presets().items()):
+        d = p.get("defaults", {})
+        where = p.get("repo_id", "built locally")
+        print(f"{name:14s} {where:36s} steps {d.get('steps')}, guidance {d.get('guidance')}, "
+              f"{d.get('width')}x{d.get('height')}\n{'':14s} {p.get('description', '')}")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        {"generate": cmd_generate, "convert": cmd_convert, "models": cmd_models}[args.command](args)
+    except FlashdiffError as e:
+        print(f"flashdiff: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flashdiff: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

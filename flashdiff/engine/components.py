@@ -1,0 +1,88 @@
+"""Building a model component from a config dict and a weights dict (diffusers layout or our own)."""
+
+import gc
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import FlashdiffError
+from .quantization import QuantSpec, apply_saved_quantization, is_quantized, quantize_model
+from .weights import load_folder, read_json
+
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+
+def parse_dtype(dtype) -> mx.Dtype:
+    if isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise FlashdiffError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def cast_floats(weights: dict, dtype: mx.Dtype) -> dict:
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+
+
+def build_model(model_cls, config_cls, config: dict, weights: dict, dtype: mx.Dtype, *, name: str,
+                quantize: QuantSpec | None = None, skip: tuple[str, ...] = (), sanitize: bool = True) -> nn.Module:
+    """Instantiate, load weights strictly, then quantize if asked and not already quantized."""
+    model = model_cls(config_cls.from_dict(config))
+    if sanitize:
+        weights = model.sanitize(weights)
+    saved = config.get("quantization")
+    if saved:
+        apply_saved_quantization(model, QuantSpec.make(**saved), weights)
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {', '.join(missing[:4])})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:4])})")
+        raise FlashdiffError(
+            f"the {name} weights do not match its config: {'; '.join(detail)}. "
+            "The checkpoint is incomplete or belongs to another model; download or convert it again."
+        )
+    for k, v in weights.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise FlashdiffError(
+                f"the {name} weight {k} has shape {tuple(v.shape)} but its config needs {tuple(expected[k].shape)}; "
+                "the checkpoint and config.json do not belong together"
+            )
+    model.load_weights(list(cast_floats(weights, dtype).items()), strict=False)
+    del weights
+    if quantize is not None and not saved:
+        quantize_model(model, quantize, skip)
+    else:
+        mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load_component(model_cls, config_cls, folder: Path, dtype: mx.Dtype, *, name: str,
+                   quantize: QuantSpec | None = None, skip: tuple[str, ...] = ()) -> nn.Module:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FlashdiffError(f"the model has no {name} folder ({folder}); the download is incomplete or the path is wrong")
+    config = read_json(folder / "config.json")
+    return build_model(model_cls, config_cls, config, load_folder(folder), dtype, name=name, quantize=quantize, skip=skip)
+
+
+def model_weights(model: nn.Module) -> dict:
+    return dict(tree_flatten(model.parameters()))
+
+
+def release(*models):
+    """Drop references and return freed buffers to the system."""
+    for m in models:
+        del m
+    gc.collect()
+    mx.clear_cache()
+
+
+__all__ = ["DTYPES", "build_model", "cast_floats", "is_quantized", "load_component", "model_weights", "parse_dtype", "release"]

@@ -1,0 +1,173 @@
+"""The user-facing pipeline API: `Pipeline.from_pretrained(...)` then `generate(...)`.
+
+Family pipelines (flashdiff/models/<family>/pipeline.py) subclass `Pipeline` and implement
+`_denoise_and_decode`; this file holds what every family shares: resolving the model, argument
+checks, seeds and noise, progress, and turning decoded pixels into PIL images with metadata.
+"""
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+from .components import parse_dtype
+from .errors import FlashdiffError
+from .quantization import QuantSpec
+from .sources import ModelSource, family_module, resolve
+
+
+@dataclass
+class GenerationParams:
+    prompt: list[str]
+    negative_prompt: list[str] | None
+    steps: int
+    guidance: float
+    true_cfg: float
+    height: int
+    width: int
+    seeds: list[int]
+    max_sequence_length: int
+    latents: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Pipeline:
+    family = ""
+    #: family defaults, overridden by the preset's "defaults"
+    DEFAULTS = {"steps": 28, "guidance": 3.5, "true_cfg": 1.0, "height": 1024, "width": 1024, "max_sequence_length": 512}
+    #: height and width must be multiples of this
+    SIZE_MULTIPLE = 16
+    MAX_SEQUENCE_LENGTH = 512
+
+    def __init__(self, source: ModelSource, dtype=mx.bfloat16, quantize: QuantSpec | None = None,
+                 keep_text_encoders: bool = False, low_memory: bool = False):
+        self.source = source
+        self.dtype = dtype
+        self.quantize = quantize
+        self.keep_text_encoders = keep_text_encoders
+        self.low_memory = low_memory
+        self.defaults = {**self.DEFAULTS, **source.preset.get("defaults", {})}
+
+    @staticmethod
+    def from_pretrained(model: str, *, dtype: str = "bfloat16", quantize: int | None = None, group_size: int | None = None,
+                        mode: str = "affine", base: str | None = None, keep_text_encoders: bool = False,
+                        low_memory: bool = False) -> "Pipeline":
+        """Load a model by preset name ("flux-schnell", "flux-dev", "demo"), Hugging Face repo id,
+        local diffusers-layout folder, `flashdiff convert` output or single-file checkpoint.
+
+        quantize: bits (3, 4, 5, 6, 8; 4 or 8 for the fp modes) to quantize on load; a converted
+        folder that is already quantized loads as saved. keep_text_encoders: keep the text encoders
+        in memory between calls (faster repeated prompts, more memory). low_memory: also release the
+        transformer between calls, so peak memory is the largest single component.
+        """
+        dtype = parse_dtype(dtype)
+        spec = QuantSpec.make(quantize, group_size, mode) if (quantize is not None or mode not in (None, "affine")) else None
+        source = resolve(model, base)
+        cls = family_module(source.family).PIPELINE
+        return cls(source, dtype, spec, keep_text_encoders=keep_text_encoders, low_memory=low_memory)
+
+    # ---- argument handling shared by all families ----
+    def _params(self, prompt, negative_prompt, steps, guidance, true_cfg, height, width, seed, num_images, latents,
+                max_sequence_length, **extra) -> GenerationParams:
+        d = self.defaults
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt or not all(isinstance(p, str) for p in prompt):
+            raise FlashdiffError("prompt must be a string or a list of strings")
+        if len(prompt) != 1:
+            raise FlashdiffError("pass one prompt per call (use num_images for several images of it)")
+        if num_images is None or int(num_images) < 1:
+            raise FlashdiffError(f"num_images must be at least 1, got {num_images}")
+        num_images = int(num_images)
+        if isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt]
+        steps = d["steps"] if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise FlashdiffError(f"steps must be a positive integer, got {steps!r}")
+        if steps > 1000:
+            raise FlashdiffError(f"steps must be at most 1000, got {steps}")
+        height = d["height"] if height is None else height
+        width = d["width"] if width is None else width
+        m = self.SIZE_MULTIPLE
+        for name, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % m:
+                raise FlashdiffError(f"{name} must be a positive multiple of {m}, got {v!r} (try {max(m, round(v / m) * m) if isinstance(v, (int, float)) else 1024})")
+            if v > 4096:
+                raise FlashdiffError(f"{name} {v} is larger than the supported maximum of 4096")
+        guidance = float(d["guidance"] if guidance is None else guidance)
+        true_cfg = float(d.get("true_cfg", 1.0) if true_cfg is None else true_cfg)
+        if guidance < 0 or true_cfg < 0:
+            raise FlashdiffError("guidance and true_cfg must be >= 0")
+        msl = d["max_sequence_length"] if max_sequence_length is None else max_sequence_length
+        if not isinstance(msl, (int, np.integer)) or not 1 <= msl <= self.MAX_SEQUENCE_LENGTH:
+            raise FlashdiffError(f"max_sequence_length must be between 1 and {self.MAX_SEQUENCE_LENGTH}, got {msl!r}")
+        if seed is None:
+            seed = random.randrange(2**31)
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(num_images)]
+        if len(seeds) != num_images:
+            raise FlashdiffError(f"got {len(seeds)} seeds for {num_images} images")
+        if latents is not None:
+            latents = np.asarray(latents, dtype=np.float32)
+            want = (num_images, self.latent_channels, height // 8, width // 8)
+            if latents.shape != want:
+                raise FlashdiffError(f"latents must have shape {want} (num_images, channels, height/8, width/8), got {latents.shape}")
+        return GenerationParams(prompt * num_images, None if negative_prompt is None else negative_prompt * num_images,
+                                int(steps), guidance, true_cfg, int(height), int(width), seeds, int(msl), latents, extra)
+
+    latent_channels = 16
+
+    def initial_noise(self, p: GenerationParams) -> mx.array:
+        """(N, C, H/8, W/8) float32: the given latents, or one normal draw per image from its own seed,
+        so image i of a batch is reproducible alone with seed i."""
+        if p.latents is not None:
+            return mx.array(p.latents)
+        shape = (self.latent_channels, p.height // 8, p.width // 8)
+        return mx.stack([mx.random.normal(shape, key=mx.random.key(s)) for s in p.seeds])
+
+    def generate(self, prompt, *, negative_prompt=None, steps=None, guidance=None, true_cfg=None, height=None, width=None,
+                 seed=None, num_images=1, latents=None, max_sequence_length=None, progress=True, callback=None,
+                 **extra) -> list[Image.Image]:
+        """Generate images; returns PIL images carrying their generation parameters in `.info`."""
+        p = self._params(prompt, negative_prompt, steps, guidance, true_cfg, height, width, seed, num_images, latents,
+                         max_sequence_length, **extra)
+        start = time.perf_counter()
+        pixels = self._generate(p, progress=progress, callback=callback)  # (N, H, W, 3) in [-1, 1]
+        images = to_pil(pixels)
+        elapsed = time.perf_counter() - start
+        for i, img in enumerate(images):
+            img.info["flashdiff"] = self.metadata(p, i, elapsed)
+        return images
+
+    def metadata(self, p: GenerationParams, i: int, elapsed: float) -> dict:
+        from .. import __version__
+
+        meta = {
+            "model": self.source.preset.get("name") or str(self.source.path),
+            "family": self.family, "prompt": p.prompt[i], "seed": p.seeds[i] if p.latents is None else None,
+            "steps": p.steps, "guidance": p.guidance, "height": p.height, "width": p.width,
+            "max_sequence_length": p.max_sequence_length, "dtype": str(self.dtype).split(".")[-1],
+            "quantize": self.quantize.to_dict() if self.quantize else None,
+            "seconds": round(elapsed, 2), "flashdiff": __version__,
+        }
+        if p.negative_prompt is not None:
+            meta["negative_prompt"] = p.negative_prompt[i]
+            meta["true_cfg"] = p.true_cfg
+        if self.source.transformer_file:
+            meta["transformer_file"] = str(self.source.transformer_file)
+        return meta
+
+    def _generate(self, p: GenerationParams, progress=True, callback=None) -> mx.array:
+        raise NotImplementedError
+
+    def save_pretrained(self, folder, progress=True):
+        """Write every component (quantized if this pipeline quantizes) as a self-contained folder."""
+        raise NotImplementedError
+
+
+def to_pil(pixels: mx.array) -> list[Image.Image]:
+    """(N, H, W, 3) in [-1, 1] -> uint8 PIL images, rounding like diffusers' image processor."""
+    x = np.array(mx.clip(pixels.astype(mx.float32) / 2 + 0.5, 0.0, 1.0))
+    return [Image.fromarray((img * 255).round().astype(np.uint8)) for img in x]
