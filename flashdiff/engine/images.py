@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from .errors import FlashdiffError
+from .weights import default_file_mode
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
@@ -49,6 +50,7 @@ def save_image(image: Image.Image, path, metadata: dict | None = None):
     os.close(fd)
     try:
         image.save(tmp, format=fmt, **kwargs)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -98,12 +98,20 @@ def load_folder(folder) -> dict[str, mx.array]:
     return weights
 
 
+def default_file_mode() -> int:
+    """0o666 minus the umask: what open() would give, since mkstemp creates files 0o600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_save(path: Path, weights: dict, metadata: dict | None):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".safetensors")
     os.close(fd)
     try:
         mx.save_safetensors(tmp, weights, metadata=metadata or {})
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -150,6 +158,7 @@ def write_json_atomic(path, obj):
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
