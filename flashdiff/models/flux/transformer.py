@@ -277,9 +277,8 @@ class FluxTransformer(nn.Module):
 
     @property
     def dtype(self) -> mx.Dtype:
-        """Compute dtype: that of the weights (scales for quantized layers)."""
-        layer = self.x_embedder
-        return getattr(layer, "scales", layer.weight).dtype
+        """Compute dtype: that of the weights (the bias stays floating when a layer is quantized)."""
+        return self.x_embedder.bias.dtype
 
     def rotary_embedding(self, txt_ids: mx.array, img_ids: mx.array):
         """cos, sin tables (L_txt + L_img, 1, Dh/2) float32 for the joint [text, image] sequence.
