@@ -74,6 +74,13 @@ def main():
         quantize_model(q, spec, skip)
         err = float(mx.abs(call(q) - ref).max() / mx.abs(ref).max())
         print(f"{name:32s} {100 * share:9.2f} {err:10.4f}")
+    from flashdiff.models.flux.pipeline import QUANTIZATION_SKIP
+
+    q = build(args)
+    q.update(weights)
+    quantize_model(q, spec, QUANTIZATION_SKIP)
+    kept = sum(m.weight.size for p, m in q.named_modules() if type(m) is nn.Linear) / total
+    print(f"{'all but QUANTIZATION_SKIP':32s} {100 * (1 - kept):9.2f} {float(mx.abs(call(q) - ref).max() / mx.abs(ref).max()):10.4f}")
     q = build(args)
     q.update(weights)
     quantize_model(q, spec)
