@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import BPE
 
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -422,34 +422,19 @@ def _clip_word_counts(lines) -> dict:
 
 
 def _learn_merges(word_counts: dict, n_merges: int) -> list:
-    """Deterministic BPE merge learning for the demo vocab (most frequent pair, ties broken by the
-    pair's text). `tokenizers`' BpeTrainer breaks ties by hash order, which changes between runs.
-    Encoding itself always goes through `tokenizers`' BPE model."""
-    words = {tuple(w[:-1]) + (w[-1] + "</w>",): c for w, c in word_counts.items()}
-    merges = []
-    while len(merges) < n_merges:
-        pairs = {}
-        for sym, c in words.items():
-            for p in zip(sym, sym[1:]):
-                pairs[p] = pairs.get(p, 0) + c
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        merged = {}
-        for sym, c in words.items():
-            out, i = [], 0
-            while i < len(sym):
-                if i + 1 < len(sym) and (sym[i], sym[i + 1]) == best:
-                    out.append(sym[i] + sym[i + 1])
-                    i += 2
-                else:
-                    out.append(sym[i])
-                    i += 1
-            merged[tuple(out)] = merged.get(tuple(out), 0) + c
-        words = merged
-    return merges
-
+    """BPE merges for the demo vocab, learned by `tokenizers`' BpeTrainer over the CLIP-split words.
+    (The trainer breaks frequency ties by hash order, so two builds may differ in rare merges; the
+    demo folder is built once and cached.)"""
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # words arrive already split and byte-mapped
+    trainer = trainers.BpeTrainer(
+        vocab_size=2 * 256 + n_merges, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>",
+        show_progress=False, min_frequency=1,
+    )
+    corpus = [w for w, c in sorted(word_counts.items()) for _ in range(c)]
+    tok.train_from_iterator(corpus, trainer)
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges][:n_merges]
 
 def _byte_order(ch: str) -> int:
     """Position of a ByteLevel symbol in GPT-2's bytes_to_unicode table (CLIP's vocab order)."""
