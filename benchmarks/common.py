@@ -1,0 +1,421 @@
+"""Shared pieces of the flashdiff benchmarks: random initialisation, timing, memory, results I/O.
+
+Everything here works on MLX's CUDA, Metal and CPU backends; PyTorch is imported lazily (it is a
+benchmark-only dependency, never needed by flashdiff itself).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+GIB = 1024**3
+_T0 = time.perf_counter()
+
+
+def log(msg: str):
+    """Progress line with seconds since start, flushed so partial output of a killed run is useful."""
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
+
+
+def elapsed() -> float:
+    return time.perf_counter() - _T0
+
+
+# ---------------------------------------------------------------------------------------------
+# Random weights
+
+
+def _fill_value(name: str, shape: tuple, dtype, std: float, key) -> mx.array:
+    """Biases 0, 1-D scales (norm gains) 1, everything else N(0, std^2), all in `dtype`."""
+    if name == "bias":
+        return mx.zeros(shape, dtype)
+    if len(shape) == 1:
+        return mx.ones(shape, dtype)
+    return mx.random.normal(shape, dtype=dtype, scale=std, key=key)
+
+
+def init_random_mlx(model: nn.Module, dtype=mx.bfloat16, std: float = 0.02, seed: int = 0,
+                    chunk_bytes: int = 1 << 30) -> int:
+    """Overwrite every floating-point parameter of `model` with random values in `dtype`.
+
+    A freshly built MLX module only holds *lazy* initialisers, so nothing full-size in float32 is
+    ever materialised: new arrays are created per module and evaluated every `chunk_bytes`, which
+    bounds peak memory to the final weights plus one chunk. Returns the weight bytes.
+    """
+    key = mx.random.key(seed)
+    pending, pending_bytes, total = [], 0, 0
+    for _, module in model.named_modules():
+        for name, value in list(module.items()):
+            if not isinstance(value, mx.array) or not mx.issubdtype(value.dtype, mx.floating):
+                continue
+            key, sub = mx.random.split(key)
+            new = _fill_value(name, tuple(value.shape), dtype, std, sub)
+            module[name] = new
+            nbytes = new.size * new.itemsize
+            pending.append(new)
+            pending_bytes += nbytes
+            total += nbytes
+            if pending_bytes >= chunk_bytes:
+                mx.eval(pending)
+                pending, pending_bytes = [], 0
+    mx.eval(pending)
+    return total
+
+
+def mlx_weight_bytes(model: nn.Module) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def init_random_torch(model, std: float = 0.02, seed: int = 0) -> int:
+    """Same rule as init_random_mlx for a torch module, in place, in its current dtype/device."""
+    import torch
+
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    total = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=gen)
+            total += p.numel() * p.element_size()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory
+
+
+def time_calls(run, sync, warmup: int, iters: int) -> dict:
+    """Call `run()` warmup + iters times, each followed by `sync(result)`; wall time per call."""
+    times = []
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        out = run()
+        sync(out)
+        dt = time.perf_counter() - t0
+        del out
+        if i == 0:
+            first = dt
+        if i >= warmup:
+            times.append(dt)
+    return {
+        "median_s": statistics.median(times),
+        "mean_s": statistics.fmean(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "first_call_s": first,
+        "times_s": times,
+        "warmup": warmup,
+        "iters": iters,
+    }
+
+
+def mlx_sync(out):
+    mx.eval(out)
+    mx.synchronize()  # eval waits for the outputs; this also drains anything else queued on the stream
+
+
+def mlx_reset_memory():
+    mx.clear_cache()
+    mx.reset_peak_memory()
+
+
+def mlx_peak_gib() -> float:
+    return mx.get_peak_memory() / GIB
+
+
+def torch_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_sync_fn(device: str):
+    import torch
+
+    if device == "cuda":
+        return lambda out: torch.cuda.synchronize()
+    return lambda out: None
+
+
+def torch_reset_memory(device: str):
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def torch_peak_gib(device: str):
+    """Peak allocated GPU memory; None on CPU (torch keeps no allocator statistics there)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / GIB if device == "cuda" else None
+
+
+def free_all():
+    """Return cached memory of both frameworks to the device between measurements."""
+    import gc
+
+    gc.collect()
+    mx.clear_cache()
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment and results
+
+
+def environment(argv: list[str]) -> dict:
+    env = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(_quote(a) for a in argv),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "mlx_version": mx.__version__,
+        "mlx_device": str(mx.default_device()),
+    }
+    try:
+        env["mlx_device_info"] = {k: v for k, v in mx.device_info().items() if isinstance(v, (str, int, float))}
+    except Exception as e:  # device_info is missing on some backends/versions
+        env["mlx_device_info"] = {"error": str(e)}
+    try:
+        import torch
+
+        env["torch_version"] = torch.__version__
+        env["torch_cuda"] = torch.version.cuda
+        env["torch_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception as e:
+        env["torch_version"] = f"unavailable ({e})"
+    try:
+        import diffusers
+
+        env["diffusers_version"] = diffusers.__version__
+    except Exception as e:
+        env["diffusers_version"] = f"unavailable ({e})"
+    name = env.get("torch_device") if env.get("torch_device") not in (None, "cpu") else None
+    env["device"] = name or env["mlx_device_info"].get("device_name") or platform.processor() or "unknown"
+    return env
+
+
+def _quote(a: str) -> str:
+    return a if a and all(c.isalnum() or c in "-_=.,/:+@" for c in a) else json.dumps(a)
+
+
+def measure(results: dict, key: str, fn, skip: bool = False, reason: str = ""):
+    """Run one measurement; store its dict (plus ok / error) under results[key]. Never raises."""
+    if skip:
+        results[key] = {"ok": False, "skipped": True, "error": reason}
+        log(f"  {key}: skipped ({reason})")
+        return results[key]
+    log(f"  {key}: running")
+    t0 = time.perf_counter()
+    try:
+        out = fn()
+        out = {"ok": True, **out}
+        msg = ", ".join(f"{k} {v:.4g}" for k, v in out.items() if k in ("median_s", "total_s", "peak_memory_gib")
+                        and isinstance(v, float))
+    except BaseException as e:  # OOM, compile failures, KeyboardInterrupt of one measurement...
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        out = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000],
+               "traceback": traceback.format_exc(limit=6)[-3000:]}
+        msg = f"FAILED {out['error'][:300]}"
+    out["wall_s"] = time.perf_counter() - t0
+    results[key] = out
+    log(f"  {key}: {msg} ({out['wall_s']:.1f}s)")
+    free_all()
+    return out
+
+
+def write_json(path: Path, data: dict):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _clean(o):
+    """JSON-safe copy: non-finite floats -> None, tuples -> lists, anything else odd -> str."""
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if o is None or isinstance(o, (bool, int, str)):
+        return o
+    return str(o)
+
+
+def replace_between_markers(text: str, start: str, end: str, body: str) -> str:
+    """Replace what lies between the marker lines (markers kept); append the block if absent."""
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < 0 or j < i:
+        return text.rstrip() + "\n\n" + block + "\n"
+    return text[:i] + block + text[j + len(end):]
+
+
+# ---------------------------------------------------------------------------------------------
+# README table
+
+TABLE_START = "<!-- models-table:start -->"
+TABLE_END = "<!-- models-table:end -->"
+_LABELS = {"flashdiff-bf16": "flashdiff bf16", "flashdiff-bf16-compiled": "flashdiff bf16 + mx.compile",
+           "flashdiff-8bit": "flashdiff 8-bit", "flashdiff-8bit-compiled": "flashdiff 8-bit + mx.compile",
+           "flashdiff-4bit": "flashdiff 4-bit", "flashdiff-4bit-compiled": "flashdiff 4-bit + mx.compile",
+           "diffusers-eager": "diffusers eager", "diffusers-compile": "diffusers torch.compile"}
+
+
+def _t(run):
+    return run["median_s"] if run and run.get("ok") and run.get("median_s") else None
+
+
+def _x(a, b):
+    return f"{a / b:.2f}×" if a and b else "—"
+
+
+def _f(v, fmt="{:.3f}"):
+    return fmt.format(v) if isinstance(v, (int, float)) else "—"
+
+
+def _bf16_ref(runs, key):
+    """The flashdiff bf16 run in the same mode (eager / compiled) as `key`."""
+    return runs.get("flashdiff-bf16-compiled" if key.endswith("-compiled") else "flashdiff-bf16")
+
+
+def _ratio_pair(runs, num_eager, num_compiled, den_eager, den_compiled, target):
+    """'eager 1.02×, compiled 0.98×' and whether each available ratio meets `target`."""
+    parts, oks = [], []
+    for mode, a, b in (("eager", num_eager, den_eager), ("compiled", num_compiled, den_compiled)):
+        a, b = _t(runs.get(a)), _t(runs.get(b))
+        if a and b:
+            parts.append(f"{mode} {a / b:.2f}×")
+            oks.append((mode, a / b <= target))
+    if not oks:
+        return "not measured", "—"
+    met = [m for m, ok in oks if ok]
+    verdict = "yes" if len(met) == len(oks) else ("no" if not met else f"{' & '.join(met)} only")
+    return ", ".join(parts), verdict
+
+
+def render_table(data: dict, json_path=None) -> str:
+    meta = data.get("meta", {})
+    res = meta.get("resolution", 1024)
+    lines = [
+        f"Measured {meta.get('date', '?')} on **{meta.get('device', '?')}** — MLX {meta.get('mlx_version', '?')}, "
+        f"PyTorch {meta.get('torch_version', '?')}, diffusers {meta.get('diffusers_version', '?')}; "
+        f"{meta.get('dtype', 'bfloat16')}, {res}×{res}, median of {meta.get('iters', '?')} forwards after "
+        f"{meta.get('warmup', '?')} warm-up{' (TINY test configs, not real numbers)' if meta.get('tiny') else ''}.",
+        "",
+        "Command" + ("s" if len(meta.get("commands", [])) > 1 else "") + ": "
+        + "; ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command", "?")])),
+    ]
+    if json_path:
+        lines += ["", f"Raw results: `{Path(json_path).as_posix()}`"]
+    lines += ["", "#### Per-step transformer latency and peak memory", "",
+              "| model | implementation | s / step | × diffusers compile | × flashdiff bf16 (same mode) | peak GiB | weights GiB |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    targets = []
+    for name, entry in data.get("models", {}).items():
+        runs = entry.get("runs", {})
+        compile_t = _t(runs.get("diffusers-compile"))
+        for key in [k for k in _LABELS if k in runs] + [k for k in runs if k not in _LABELS]:
+            run = runs[key]
+            label = _LABELS.get(key, key)
+            if not run.get("ok"):
+                why = "skipped" if run.get("skipped") else "failed"
+                err = str(run.get("error", "")).replace("|", "/").replace("\n", " ")[:120]
+                lines.append(f"| {name} | {label} | {why}: {err} | | | | |")
+                continue
+            t = _t(run)
+            vs_bf16 = _x(t, _t(_bf16_ref(runs, key))) if key.startswith("flashdiff") else "—"
+            lines.append(f"| {name} | {label} | {_f(t, '{:.4f}')} | {_x(t, compile_t)} | {vs_bf16} | "
+                         f"{_f(run.get('peak_memory_gib'), '{:.2f}')} | {_f(run.get('weights_gib'), '{:.2f}')} |")
+        targets += _targets(name, runs)
+    e2e = data.get("e2e", {})
+    if e2e:
+        sizes = "TINY random components" if meta.get("tiny") else "random CLIP-L, T5-XXL and VAE at full size"
+        lines += ["", f"#### End to end: FLUX.1-schnell, 4 steps, one {res}×{res} image ({sizes})", "",
+                  "| precision | text encoders s | 4 transformer steps s | VAE decode s | total s | total s (first call) "
+                  "| peak GiB | largest component GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for key, run in e2e.items():
+            if not run.get("ok"):
+                err = str(run.get("error", "")).replace("|", "/").replace("\n", " ")[:120]
+                lines.append(f"| {key} | {'skipped' if run.get('skipped') else 'failed'}: {err} | | | | | | |")
+                continue
+            st = run.get("stages_s", {})
+            lines.append(f"| {key} | {_f(st.get('text_encoders'))} | {_f(st.get('transformer'))} | {_f(st.get('vae'))} | "
+                         f"{_f(run.get('total_s'))} | {_f(run.get('first_call_total_s'))} | "
+                         f"{_f(run.get('peak_memory_gib'), '{:.2f}')} | {_f(run.get('largest_component_gib'), '{:.2f}')} |")
+            peak, big = run.get("peak_memory_gib"), run.get("largest_component_gib")
+            if peak and big:
+                targets.append(("flux-schnell e2e", f"{key} peak ≤ 1.15× largest component", f"{peak / big:.2f}×",
+                                "yes" if peak / big <= 1.15 else "no"))
+            if key == "4bit":
+                peak = run.get("peak_memory_gib")
+                targets.append(("flux-schnell e2e", "4-bit end-to-end peak ≤ 9 GiB", f"{_f(peak, '{:.2f}')} GiB",
+                                "yes" if peak is not None and peak <= 9 else "no"))
+        method = next((r.get("method") for r in e2e.values() if r.get("method")), None)
+        if method:
+            lines += ["", f"End-to-end method: {method}"]
+    if targets:
+        lines += ["", "#### Issue 4 targets", "", "| model | target | measured | met |", "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets]
+    return "\n".join(lines)
+
+
+def _targets(name, runs):
+    out = []
+    comp = _t(runs.get("diffusers-compile"))
+    bf = {m: _t(runs.get(k)) for m, k in (("eager", "flashdiff-bf16"), ("compiled", "flashdiff-bf16-compiled"))}
+    best = [(v, m) for m, v in bf.items() if v]
+    if comp and best:
+        v, m = min(best)
+        out.append((name, "flashdiff bf16 ≤ 1.0× diffusers torch.compile (stretch 0.9×)", f"{v / comp:.2f}× ({m})",
+                    "yes" if v / comp <= 1.0 else "no"))
+    for bits, target in (("8bit", 1.05), ("4bit", 1.1)):
+        val, met = _ratio_pair(runs, f"flashdiff-{bits}", f"flashdiff-{bits}-compiled", "flashdiff-bf16",
+                               "flashdiff-bf16-compiled", target)
+        if met != "—":
+            out.append((name, f"flashdiff {bits[0]}-bit ≤ {target}× flashdiff bf16", val, met))
+    for prec in ("bf16", "8bit", "4bit"):
+        ratios = [r["peak_memory_gib"] / r["weights_gib"] for k in (f"flashdiff-{prec}", f"flashdiff-{prec}-compiled")
+                  if (r := runs.get(k)) and r.get("ok") and r.get("peak_memory_gib") and r.get("weights_gib")]
+        if ratios:
+            out.append((name, f"flashdiff {prec} peak ≤ 1.15× weights", f"{max(ratios):.2f}× (worst mode)",
+                        "yes" if max(ratios) <= 1.15 else "no"))
+    return out
+
+
+def update_readme(readme, data: dict, json_path=None):
+    """Regenerate the table between TABLE_START / TABLE_END in `readme` (created if missing)."""
+    readme = Path(readme)
+    text = readme.read_text() if readme.exists() else "# flashdiff benchmarks\n"
+    readme.write_text(replace_between_markers(text, TABLE_START, TABLE_END, render_table(data, json_path)))

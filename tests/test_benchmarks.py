@@ -1,0 +1,146 @@
+"""The model benchmark script (benchmarks/models.py) runs end to end on tiny configs on the CPU, writes
+every expected measurement, and regenerates the README table; its full-size configs match diffusers."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import common  # noqa: E402
+import models  # noqa: E402
+
+FLASHDIFF = [f"flashdiff-{q}{m}" for q in ("bf16", "8bit", "4bit") for m in ("", "-compiled")]
+DIFFUSERS = ["diffusers-eager", "diffusers-compile"]
+ITERS = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    readme = tmp / "README.md"
+    original = (ROOT / "benchmarks" / "README.md").read_text()
+    readme.write_text(original)
+    out = tmp / "models.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "models.py"), "--tiny", "--models", "flux-dev,flux-schnell,qwen-image",
+           "--quant", "bf16,8,4", "--diffusers", "eager,compile", "--compile-backend", "eager", "--e2e",
+           "--warmup", "1", "--iters", str(ITERS), "--out", str(out), "--readme", str(readme)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (ROOT / "benchmarks" / "README.md").read_text() == original, "the test must not touch the real README"
+    return json.loads(out.read_text()), original, readme.read_text(), proc.stdout
+
+
+def _positive(v):
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def test_json_has_every_measurement(tiny_run):
+    data, _, _, stdout = tiny_run
+    meta = data["meta"]
+    for k in ("device", "date", "command", "mlx_version", "torch_version", "diffusers_version"):
+        assert meta.get(k), f"meta.{k} missing"
+    assert "--tiny" in meta["command"] and meta["tiny"] is True
+    assert set(data["models"]) == {"flux-dev", "flux-schnell", "qwen-image"}
+    for name, entry in data["models"].items():
+        runs = entry["runs"]
+        assert set(runs) == set(FLASHDIFF + DIFFUSERS), name
+        for key, run in runs.items():
+            assert run["ok"], f"{name}/{key} failed: {run.get('error')}"
+            assert len(run["times_s"]) == ITERS and all(_positive(t) for t in run["times_s"]), (name, key)
+            assert _positive(run["median_s"]) and _positive(run["weights_gib"]), (name, key)
+            if key.startswith("flashdiff"):
+                assert _positive(run["peak_memory_gib"]), (name, key)
+                assert run["mx_compile"] == key.endswith("-compiled")
+            if "bit" in key:
+                assert run["quantized_layers"] > 0 and run["quantization"]["group_size"] == 64, (name, key)
+        # same architecture on both sides: identical bf16 weight bytes
+        assert runs["flashdiff-bf16"]["weights_gib"] == pytest.approx(runs["diffusers-eager"]["weights_gib"], rel=1e-9)
+        assert runs["flashdiff-4bit"]["weights_gib"] < runs["flashdiff-8bit"]["weights_gib"] < runs["flashdiff-bf16"]["weights_gib"]
+    for key in ("bf16", "4bit"):
+        run = data["e2e"][key]
+        assert run["ok"], run.get("error")
+        assert set(run["stages_s"]) == {"text_encoders", "transformer", "vae"}
+        assert all(_positive(v) for v in run["stages_s"].values())
+        assert _positive(run["total_s"]) and _positive(run["peak_memory_gib"])
+        assert run["image_shape"] == [1, 64, 64, 3] and run["steps"] == 4
+    assert "done in" in stdout
+
+
+def test_readme_table_regenerated(tiny_run):
+    data, original, readme, _ = tiny_run
+    start, end = common.TABLE_START, common.TABLE_END
+    # text outside the markers is kept byte for byte
+    assert readme[: readme.index(start)] == original[: original.index(start)]
+    assert readme[readme.index(end):] == original[original.index(end):]
+    table = readme[readme.index(start): readme.index(end)]
+    assert "Not measured yet" not in table
+    for name in data["models"]:
+        for label in ("flashdiff bf16 + mx.compile", "flashdiff 4-bit", "diffusers torch.compile"):
+            assert f"| {name} | {label} |" in table
+    assert "Issue 4 targets" in table and "End to end" in table and data["meta"]["mlx_version"] in table
+    assert "failed" not in table and "skipped" not in table
+
+
+def test_failure_and_skip_are_recorded_not_raised():
+    results = {}
+    common.measure(results, "boom", lambda: 1 / 0)
+    assert results["boom"]["ok"] is False and "ZeroDivisionError" in results["boom"]["error"]
+    common.measure(results, "later", None, skip=True, reason="excluded by --skip")
+    assert results["later"] == {"ok": False, "skipped": True, "error": "excluded by --skip"}
+    table = common.render_table({"meta": {}, "models": {"flux-dev": {"runs": {"flashdiff-bf16": results["boom"]}}}})
+    assert "| flux-dev | flashdiff bf16 | failed: ZeroDivisionError" in table
+
+
+def test_markers_appended_when_missing():
+    text = common.replace_between_markers("# title\n", common.TABLE_START, common.TABLE_END, "body")
+    assert text == f"# title\n\n{common.TABLE_START}\nbody\n{common.TABLE_END}\n"
+    again = common.replace_between_markers(text, common.TABLE_START, common.TABLE_END, "new")
+    assert again == f"# title\n\n{common.TABLE_START}\nnew\n{common.TABLE_END}\n"
+
+
+def test_bad_arguments_name_the_fix():
+    with pytest.raises(SystemExit):
+        models.parse_args(["--models", "flux-pro"])
+    with pytest.raises(SystemExit):
+        models.parse_args(["--quant", "3"])
+
+
+def test_random_init_is_bf16_everywhere_and_bounded():
+    cfg = models.MODELS["flux-dev"]["tiny"]
+    model, info = models.flashdiff_model("flux", cfg, mx.bfloat16, "bf16")
+    params = dict(tree_flatten(model.parameters()))
+    assert all(v.dtype == mx.bfloat16 for v in params.values())
+    assert all(float(mx.abs(v).max()) == 0 for k, v in params.items() if k.endswith("bias"))
+    w = params["transformer_blocks.0.ff.net.2.weight"].astype(mx.float32)
+    assert 0.015 < float(mx.sqrt(mx.mean(w * w))) < 0.025  # N(0, 0.02^2)
+
+
+@pytest.mark.parametrize("name", ["flux-dev", "flux-schnell", "qwen-image"])
+def test_full_size_configs_match_diffusers(name):
+    """The published-size configs build the same parameter count in MLX (lazily: nothing is allocated)
+    as diffusers' module on the meta device, and the expected 12B / 20B totals."""
+    import torch
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+
+    spec = models.MODELS[name]
+    if spec["family"] == "flux":
+        mlx_model = models.FluxTransformer(models.FluxTransformerConfig.from_dict(spec["config"]))
+        cls = FluxTransformer2DModel
+    else:
+        mlx_model = models.QwenImageTransformer(models.QwenImageTransformerConfig.from_dict(spec["config"]))
+        cls = QwenImageTransformer2DModel
+    n_mlx = sum(v.size for _, v in tree_flatten(mlx_model.parameters()))
+    with torch.device("meta"):
+        ref = cls(**spec["config"])
+    n_ref = sum(p.numel() for p in ref.parameters())
+    assert n_mlx == n_ref
+    expected = {"flux-dev": 11.9e9, "flux-schnell": 11.9e9, "qwen-image": 20.4e9}[name]
+    assert abs(n_mlx - expected) / expected < 0.01, n_mlx
