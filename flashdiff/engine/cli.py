@@ -9,6 +9,8 @@ from .errors import FlashdiffError
 EPILOG = """examples:
   flashdiff generate --model flux-schnell --prompt "a red fox in snow" --steps 4 --seed 7 -o fox.png
   flashdiff generate --model flux-dev --quantize 4 --prompt "..." --seed 1 2 3 -o out.png
+  flashdiff generate --model qwen-image --prompt 'a neon sign that says "OPEN 24/7"' --aspect 16:9 -o sign.png
+  flashdiff generate --model qwen-image -q 4 --prompt "..." --negative-prompt "blurry" --true-cfg 4 -o out.png
   flashdiff generate --model demo --prompt "anything" -o demo.png     (offline, tiny random model)
   flashdiff convert --model flux-dev --quantize 4 -o flux-dev-q4
   flashdiff models
@@ -27,8 +29,8 @@ def _positive_int(s):
 
 def _add_model_args(p, quant_help):
     p.add_argument("--model", "-m", required=True,
-                   help="preset (see `flashdiff models`), Hugging Face repo id, local diffusers/convert folder, "
-                        "or a BFL single-file checkpoint (flux1-dev.safetensors)")
+                   help="preset (see `flashdiff models`: flux-schnell, flux-dev, qwen-image), Hugging Face repo id, "
+                        "local diffusers/convert folder, or a BFL single-file checkpoint (flux1-dev.safetensors)")
     p.add_argument("--base", help="for a single-file checkpoint: a diffusers folder with its text encoders, tokenizers and VAE "
                                    "(default: download them from the matching repo)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="compute dtype (default bfloat16)")
@@ -40,7 +42,7 @@ def _add_model_args(p, quant_help):
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="flashdiff", description="MLX diffusion engine: FLUX.1 text-to-image.",
+    parser = argparse.ArgumentParser(prog="flashdiff", description="MLX diffusion engine: FLUX.1 and Qwen-Image text-to-image.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"flashdiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{generate,convert,models}")
@@ -49,23 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(g, "quantize weights on load to this many bits")
     g.add_argument("--prompt", "-p", required=True)
-    g.add_argument("--negative-prompt", help="negative prompt (used with --true-cfg > 1)")
-    g.add_argument("--true-cfg", type=float, help="true classifier-free guidance scale (> 1 enables it with a negative prompt)")
+    g.add_argument("--negative-prompt", help="negative prompt, used with --true-cfg > 1 (default: the model's; "
+                                             "Qwen-Image: \" \")")
+    g.add_argument("--true-cfg", type=float, help="true classifier-free guidance scale; > 1 enables it with a negative "
+                                               "prompt (default: the model's; Qwen-Image 4.0, FLUX 1 = off)")
     g.add_argument("--steps", "-s", type=_positive_int, help="denoising steps (default: the model's)")
     g.add_argument("--guidance", "-g", type=float, help="distilled guidance scale (FLUX-dev; default: the model's)")
     g.add_argument("--height", type=_positive_int, help="image height, a multiple of 16 (default: the model's)")
     g.add_argument("--width", type=_positive_int, help="image width, a multiple of 16 (default: the model's)")
+    g.add_argument("--aspect", help="a named size of the model instead of --height/--width, e.g. 16:9 "
+                                    "(Qwen-Image: 1:1 16:9 9:16 4:3 3:4 3:2 2:3; see `flashdiff models`)")
     g.add_argument("--seed", type=int, nargs="+", help="one or more seeds; one image per seed (default: random)")
     g.add_argument("--num-images", "-n", type=_positive_int, default=None,
                    help="images per seed list (with one seed: seeds seed, seed+1, ...)")
-    g.add_argument("--max-sequence-length", type=_positive_int, help="T5 tokens (default: the model's; at most 512)")
+    g.add_argument("--max-sequence-length", type=_positive_int,
+                   help="text tokens (default: the model's; at most 512 for FLUX's T5, 1024 for Qwen-Image)")
     g.add_argument("--keep-text-encoders", action="store_true", help="keep text encoders in memory")
     g.add_argument("--low-memory", action="store_true", help="release each component after use")
     g.add_argument("--output", "-o", default="image.png", help="output file (.png keeps the parameters as metadata)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     c = sub.add_parser("convert", help="write a self-contained (optionally quantized) model folder")
-    _add_model_args(c, "quantize the transformer and T5 to this many bits")
+    _add_model_args(c, "quantize the transformer and the large text encoder (T5 / Qwen2.5-VL) to this many bits")
     c.add_argument("--output", "-o", required=True, help="output folder (must not exist or be empty)")
     c.add_argument("--quiet", action="store_true")
 
@@ -86,18 +93,34 @@ def cmd_generate(args):
     for path in paths:
         if not path.parent.exists():
             raise FlashdiffError(f"output folder {path.parent} does not exist")
+    if args.aspect is not None:
+        _check_aspect(args)
     pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
                                     mode=args.mode, base=args.base, keep_text_encoders=args.keep_text_encoders,
                                     low_memory=args.low_memory)
     images = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, steps=args.steps,
                            guidance=args.guidance, height=args.height, width=args.width, seed=seed, num_images=n,
-                           max_sequence_length=args.max_sequence_length, progress=not args.quiet)
+                           max_sequence_length=args.max_sequence_length, aspect=args.aspect, progress=not args.quiet)
     if len(paths) > 1 and seeds is None:
         paths = output_paths(args.output, n, [img.info["flashdiff"]["seed"] for img in images])
     for img, path in zip(images, paths):
         save_image(img, path)
         meta = img.info["flashdiff"]
         print(f"wrote {path}  (seed {meta['seed']}, {meta['steps']} steps, {meta['seconds']} s)")
+
+
+def _check_aspect(args):
+    """Reject a bad --aspect before anything is downloaded or loaded (the pipeline checks it again)."""
+    from .sources import presets
+
+    if args.height is not None or args.width is not None:
+        raise FlashdiffError("pass either --aspect or --height/--width, not both")
+    preset = presets().get(args.model)
+    if preset is not None:
+        table = preset.get("aspect_ratios") or {}
+        if args.aspect not in table:
+            known = f"it knows {', '.join(table)}" if table else "it has no aspect-ratio table; use --height/--width"
+            raise FlashdiffError(f"unknown aspect ratio {args.aspect!r} for {args.model}: {known}")
 
 
 def cmd_convert(args):
@@ -135,8 +158,14 @@ def cmd_models(args):
     for name, p in sorted(presets().items()):
         d = p.get("defaults", {})
         where = p.get("repo_id", "built locally")
-        print(f"{name:14s} {where:36s} steps {d.get('steps')}, guidance {d.get('guidance')}, "
-              f"{d.get('width')}x{d.get('height')}\n{'':14s} {p.get('description', '')}")
+        cfg = f"guidance {d.get('guidance')}" if "guidance" in d else ""
+        if d.get("true_cfg", 1.0) > 1:
+            cfg = f"true_cfg {d['true_cfg']} (negative prompt {d.get('negative_prompt')!r})"
+        print(f"{name:14s} {where:36s} steps {d.get('steps')}, {cfg}, {d.get('width')}x{d.get('height')}\n"
+              f"{'':14s} {p.get('description', '')}")
+        if p.get("aspect_ratios"):
+            sizes = ", ".join(f"{k} {w}x{h}" for k, (w, h) in p["aspect_ratios"].items())
+            print(f"{'':14s} --aspect: {sizes}")
 
 
 def main(argv=None):

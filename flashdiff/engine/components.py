@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 
 from .errors import FlashdiffError
 from .quantization import QuantSpec, apply_saved_quantization, is_quantized, quantize_model
-from .weights import load_folder, read_json
+from .weights import load_folder, read_json, save_weights, write_json_atomic
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
@@ -77,6 +77,36 @@ def model_weights(model: nn.Module) -> dict:
     return dict(tree_flatten(model.parameters()))
 
 
+def save_component(model: nn.Module, config: dict, folder: Path, quantize: QuantSpec | None, to_checkpoint=None):
+    """Write a loaded component as `folder/{diffusion_pytorch_model|model}.safetensors` + config.json.
+
+    The config records the quantization (if any) so `build_model` rebuilds exactly the quantized layers;
+    `to_checkpoint` maps MLX layouts back to the checkpoint's (VAEs).
+    """
+    folder = Path(folder)
+    weights = model_weights(model)
+    if to_checkpoint is not None:
+        weights = to_checkpoint(weights)
+    config = dict(config)
+    config.pop("quantization", None)
+    if quantize is not None:
+        config["quantization"] = quantize.to_dict()
+    name = "diffusion_pytorch_model" if "transformer" in folder.name or "vae" in folder.name else "model"
+    save_weights(folder, weights, name=name)
+    write_json_atomic(folder / "config.json", config)
+
+
+def copy_folder(src: Path, dst: Path):
+    """Copy the files (not subfolders) of `src` into `dst` (tokenizers, scheduler configs)."""
+    import shutil
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in Path(src).iterdir():
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
+
+
 def release(*models):
     """Drop references and return freed buffers to the system."""
     for m in models:
@@ -85,4 +115,5 @@ def release(*models):
     mx.clear_cache()
 
 
-__all__ = ["DTYPES", "build_model", "cast_floats", "is_quantized", "load_component", "model_weights", "parse_dtype", "release"]
+__all__ = ["DTYPES", "build_model", "cast_floats", "copy_folder", "is_quantized", "load_component", "model_weights", "parse_dtype",
+           "release", "save_component"]

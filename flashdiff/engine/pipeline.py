@@ -38,9 +38,15 @@ class Pipeline:
     family = ""
     #: family defaults, overridden by the preset's "defaults"
     DEFAULTS = {"steps": 28, "guidance": 3.5, "true_cfg": 1.0, "height": 1024, "width": 1024, "max_sequence_length": 512}
-    #: height and width must be multiples of this
+    #: height and width must be multiples of this (the VAE's downsampling x the transformer's patch size)
     SIZE_MULTIPLE = 16
     MAX_SEQUENCE_LENGTH = 512
+    #: pixels per latent cell; families read it from their VAE config when it can differ
+    vae_scale_factor = 8
+    #: channels of the (unpacked) latents the user may pass as `latents`
+    latent_channels = 16
+    #: named sizes {"16:9": [width, height], ...}; a preset's "aspect_ratios" replaces them
+    ASPECT_RATIOS: dict = {}
 
     def __init__(self, source: ModelSource, dtype=mx.bfloat16, quantize: QuantSpec | None = None,
                  keep_text_encoders: bool = False, low_memory: bool = False):
@@ -50,12 +56,13 @@ class Pipeline:
         self.keep_text_encoders = keep_text_encoders
         self.low_memory = low_memory
         self.defaults = {**self.DEFAULTS, **source.preset.get("defaults", {})}
+        self.aspect_ratios = dict(source.preset.get("aspect_ratios") or self.ASPECT_RATIOS)
 
     @staticmethod
     def from_pretrained(model: str, *, dtype: str = "bfloat16", quantize: int | None = None, group_size: int | None = None,
                         mode: str = "affine", base: str | None = None, keep_text_encoders: bool = False,
                         low_memory: bool = False) -> "Pipeline":
-        """Load a model by preset name ("flux-schnell", "flux-dev", "demo"), Hugging Face repo id,
+        """Load a model by preset name ("flux-schnell", "flux-dev", "qwen-image", "demo"), Hugging Face repo id,
         local diffusers-layout folder, `flashdiff convert` output or single-file checkpoint.
 
         quantize: bits (3, 4, 5, 6, 8; 4 or 8 for the fp modes) to quantize on load; a converted
@@ -70,9 +77,27 @@ class Pipeline:
         return cls(source, dtype, spec, keep_text_encoders=keep_text_encoders, low_memory=low_memory)
 
     # ---- argument handling shared by all families ----
+    def size_for_aspect(self, aspect: str) -> tuple[int, int]:
+        """(height, width) for a named aspect ratio of this model ("16:9"), floored to SIZE_MULTIPLE
+        as diffusers does (Qwen-Image's 4:3 entry 1472x1140 renders at 1472x1136)."""
+        table = self.aspect_ratios
+        if not table:
+            raise FlashdiffError(f"this model ({self.family}) has no aspect-ratio table; pass height and width instead")
+        if aspect not in table:
+            raise FlashdiffError(f"unknown aspect ratio {aspect!r}; this model knows {', '.join(table)}")
+        w, h = table[aspect]
+        m = self.SIZE_MULTIPLE
+        return h // m * m, w // m * m
+
     def _params(self, prompt, negative_prompt, steps, guidance, true_cfg, height, width, seed, num_images, latents,
-                max_sequence_length, **extra) -> GenerationParams:
+                max_sequence_length, aspect=None, **extra) -> GenerationParams:
         d = self.defaults
+        if aspect is not None:
+            if height is not None or width is not None:
+                raise FlashdiffError("pass either an aspect ratio or height/width, not both")
+            height, width = self.size_for_aspect(aspect)
+        if negative_prompt is None:
+            negative_prompt = d.get("negative_prompt")
         if isinstance(prompt, str):
             prompt = [prompt]
         if not prompt or not all(isinstance(p, str) for p in prompt):
@@ -111,28 +136,34 @@ class Pipeline:
             raise FlashdiffError(f"got {len(seeds)} seeds for {num_images} images")
         if latents is not None:
             latents = np.asarray(latents, dtype=np.float32)
-            want = (num_images, self.latent_channels, height // 8, width // 8)
+            f = self.vae_scale_factor
+            want = (num_images, self.latent_channels, height // f, width // f)
             if latents.shape != want:
-                raise FlashdiffError(f"latents must have shape {want} (num_images, channels, height/8, width/8), got {latents.shape}")
+                raise FlashdiffError(
+                    f"latents must have shape {want} (num_images, channels, height/{f}, width/{f}), got {latents.shape}")
         return GenerationParams(prompt * num_images, None if negative_prompt is None else negative_prompt * num_images,
                                 int(steps), guidance, true_cfg, int(height), int(width), seeds, int(msl), latents, extra)
 
-    latent_channels = 16
-
     def initial_noise(self, p: GenerationParams) -> mx.array:
-        """(N, C, H/8, W/8) float32: the given latents, or one normal draw per image from its own seed,
-        so image i of a batch is reproducible alone with seed i."""
+        """(N, C, H/f, W/f) float32 (f = vae_scale_factor): the given latents, or one normal draw per image
+        from its own seed, so image i of a batch is reproducible alone with seed i."""
         if p.latents is not None:
             return mx.array(p.latents)
-        shape = (self.latent_channels, p.height // 8, p.width // 8)
+        f = self.vae_scale_factor
+        shape = (self.latent_channels, p.height // f, p.width // f)
         return mx.stack([mx.random.normal(shape, key=mx.random.key(s)) for s in p.seeds])
 
     def generate(self, prompt, *, negative_prompt=None, steps=None, guidance=None, true_cfg=None, height=None, width=None,
-                 seed=None, num_images=1, latents=None, max_sequence_length=None, progress=True, callback=None,
-                 **extra) -> list[Image.Image]:
-        """Generate images; returns PIL images carrying their generation parameters in `.info`."""
+                 seed=None, num_images=1, latents=None, max_sequence_length=None, aspect=None, progress=True,
+                 callback=None, **extra) -> list[Image.Image]:
+        """Generate images; returns PIL images carrying their generation parameters in `.info`.
+
+        Unset arguments take the model's defaults. aspect: a named size of the model ("16:9", see
+        `aspect_ratios`) instead of height/width. latents: (num_images, latent_channels, height/f, width/f)
+        float32 initial noise (f = vae_scale_factor, 8 for the released models) instead of seeded noise.
+        """
         p = self._params(prompt, negative_prompt, steps, guidance, true_cfg, height, width, seed, num_images, latents,
-                         max_sequence_length, **extra)
+                         max_sequence_length, aspect=aspect, **extra)
         start = time.perf_counter()
         pixels = self._generate(p, progress=progress, callback=callback)  # (N, H, W, 3) in [-1, 1]
         images = to_pil(pixels)

@@ -13,6 +13,7 @@ from .errors import FlashdiffError
 # Diffusers pipeline class -> flashdiff family module (each defines PIPELINE_CLASSES, ALLOW_PATTERNS and PIPELINE).
 FAMILIES = {
     "flux": "flashdiff.models.flux.pipeline",
+    "qwen_image": "flashdiff.models.qwen_image.pipeline",
 }
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -11,12 +11,12 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from ...engine.components import build_model, load_component, model_weights
+from ...engine.components import build_model, copy_folder, load_component, save_component
 from ...engine.errors import FlashdiffError
 from ...engine.pipeline import GenerationParams, Pipeline
 from ...engine.quantization import QuantSpec
 from ...engine.schedulers import FlowMatchEulerScheduler
-from ...engine.weights import load_folder, load_safetensors, read_json, read_safetensors_header, save_weights, write_json_atomic
+from ...engine.weights import load_folder, load_safetensors, read_json, read_safetensors_header, write_json_atomic
 from ..clip import CLIPTextConfig, CLIPTextModel
 from ..t5 import T5Config, T5Encoder
 from ..tokenizers import load_clip_tokenizer, load_t5_tokenizer
@@ -231,27 +231,6 @@ class _Shape:
 
     def __init__(self, shape):
         self.shape = tuple(shape)
-
-
-def save_component(model, config: dict, folder: Path, quantize: QuantSpec | None, to_checkpoint=None):
-    weights = model_weights(model)
-    if to_checkpoint is not None:
-        weights = to_checkpoint(weights)
-    config = dict(config)
-    config.pop("quantization", None)
-    if quantize is not None:
-        config["quantization"] = quantize.to_dict()
-    save_weights(folder, weights, name="diffusion_pytorch_model" if "transformer" in folder.name or "vae" in folder.name else "model")
-    write_json_atomic(folder / "config.json", config)
-
-
-def copy_folder(src: Path, dst: Path):
-    import shutil
-
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in Path(src).iterdir():
-        if f.is_file():
-            shutil.copy2(f, dst / f.name)
 
 
 PIPELINE = FluxPipeline
