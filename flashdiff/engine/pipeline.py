@@ -1,7 +1,7 @@
 """The user-facing pipeline API: `Pipeline.from_pretrained(...)` then `generate(...)`.
 
 Family pipelines (flashdiff/models/<family>/pipeline.py) subclass `Pipeline` and implement
-`_denoise_and_decode`; this file holds what every family shares: resolving the model, argument
+`_generate` (and `save_pretrained`); this file holds what every family shares: resolving the model, argument
 checks, seeds and noise, progress, and turning decoded pixels into PIL images with metadata.
 """
 
