@@ -5,6 +5,9 @@ A quantized component records its settings in its config.json under "quantizatio
 and stores each quantized layer as weight (packed uint32) + scales (+ biases for affine), the
 same names MLX's nn.QuantizedLinear uses. On load, exactly the layers whose `.scales` exist in
 the checkpoint are rebuilt as quantized layers, so nothing is quantized twice.
+
+Quantized layers are `flashdiff.kernels.QuantizedLinear` (a subclass of nn.QuantizedLinear with the
+same parameters) so large-M products go through the quantized-GEMM kernel dispatch.
 """
 
 from dataclasses import asdict, dataclass
@@ -13,6 +16,7 @@ from functools import cache
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels import QuantizedLinear, swap_quantized_linears
 from .errors import FlashdiffError
 
 MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
@@ -80,7 +84,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, skip: tuple[str, ...] = ()
     for path, module in list(model.named_modules()):
         if not predicate(path, module, spec):
             continue
-        q = nn.QuantizedLinear.from_linear(module, spec.group_size, spec.bits, spec.mode)
+        q = QuantizedLinear.from_linear(module, spec.group_size, spec.bits, spec.mode)
         mx.eval(q.parameters())
         _set_module(model, path, q)
         count += 1
@@ -94,6 +98,7 @@ def apply_saved_quantization(model: nn.Module, spec: QuantSpec, weights: dict):
         return isinstance(module, nn.Linear) and f"{path}.scales" in weights
 
     nn.quantize(model, group_size=spec.group_size, bits=spec.bits, mode=spec.mode, class_predicate=predicate)
+    swap_quantized_linears(model)
 
 
 def _set_module(root: nn.Module, path: str, new: nn.Module):

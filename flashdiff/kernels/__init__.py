@@ -1,5 +1,24 @@
-"""Hot-path kernels. Each public function dispatches to a Metal, CUDA or pure-MLX implementation."""
+"""Hot-path kernels. Each public function dispatches to a Metal, CUDA or pure-MLX implementation.
 
-from .attention import attention
+Dispatch: ``backend=`` argument, else env ``FLASHDIFF_KERNELS`` (``reference`` forces the pure-MLX
+path), else by device (CUDA -> cuda, Metal -> metal, CPU -> reference). GPU kernels are built
+lazily on first use, never at import.
+"""
 
-__all__ = ["attention"]
+from ._dequant import dequantize
+from ._dispatch import resolve_backend
+from .attention import attention, attention_reference
+from .moe import moe_gemm
+from .qgemm import QuantizedLinear, quantize_model, quantized_linear, swap_quantized_linears
+
+__all__ = [
+    "attention",
+    "attention_reference",
+    "dequantize",
+    "moe_gemm",
+    "quantize_model",
+    "quantized_linear",
+    "QuantizedLinear",
+    "resolve_backend",
+    "swap_quantized_linears",
+]

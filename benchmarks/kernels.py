@@ -1,0 +1,261 @@
+"""Kernel benchmarks (run on the GPU): quantized linear, MoE GEMM, attention, FLUX-shaped forward.
+
+    python benchmarks/kernels.py --out benchmarks/results/kernels-h200.json --md benchmarks/results/kernels-h200.md
+
+Every ratio compares paths measured side by side in this one run (median of timed iterations,
+each followed by mx.synchronize()). bf16 throughout.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flashdiff.kernels import attention, moe_gemm, quantize_model, quantized_linear  # noqa: E402
+
+
+def bench(fn, warmup=3, iters=10):
+    for _ in range(warmup):
+        mx.eval(fn())
+    mx.synchronize()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        mx.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def qlinear_rows(quick):
+    rows = []
+    shapes = [(4608, 3072, 12288), (4608, 12288, 3072), (1024, 3072, 3072), (32760, 5120, 13824)]
+    configs = [("affine", 4, 64), ("affine", 8, 64)]
+    extra = [("affine", 3, 64), ("affine", 5, 64), ("affine", 6, 64), ("mxfp4", 4, 32), ("nvfp4", 4, 16),
+             ("mxfp8", 8, 32)]
+    for m, k, n in shapes[: 2 if quick else 4]:
+        x = mx.random.normal((m, k)).astype(mx.bfloat16)
+        w = (mx.random.normal((n, k)) * 0.02).astype(mx.bfloat16)
+        mx.eval(x, w)
+        flops = 2 * m * k * n
+        t_dense = bench(lambda: x @ w.T)
+        for mode, bits, group in configs + (extra if (m, k, n) == shapes[0] else []):
+            q = mx.quantize(w, group, bits, mode=mode)
+            wq, s, b = q[0], q[1], (q[2] if len(q) > 2 else None)
+            mx.eval(wq, s, b)
+            t_ours = bench(lambda: quantized_linear(x, wq, s, b, bits, group, mode))
+            t_qmm = bench(lambda: mx.quantized_matmul(x, wq, s, b, True, group, bits, mode))
+            rows.append(dict(kernel="quantized_linear", shape=f"{m}x{k}->{n}", mode=f"{mode}{bits if mode == 'affine' else ''} g{group}",
+                             ours_ms=t_ours * 1e3, bf16_ms=t_dense * 1e3, qmm_ms=t_qmm * 1e3,
+                             ours_tflops=flops / t_ours / 1e12, bf16_tflops=flops / t_dense / 1e12,
+                             ratio_vs_bf16=t_dense / t_ours, qmm_ratio_vs_bf16=t_dense / t_qmm))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def moe_rows():
+    rows = []
+    t, k, n, e, top_k = 4096, 2560, 6912, 4, 2
+    x = mx.random.normal((t, k)).astype(mx.bfloat16)
+    w = (mx.random.normal((e, n, k)) * 0.02).astype(mx.bfloat16)
+    ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :top_k].astype(mx.int32)
+    dense_x = mx.random.normal((t * top_k, k)).astype(mx.bfloat16)
+    mx.eval(x, w, ids, dense_x)
+    flops = 2 * t * top_k * k * n
+    t_dense = bench(lambda: dense_x @ w[0].T)
+    t_bf16 = bench(lambda: moe_gemm(x, w, ids))
+    rows.append(dict(kernel="moe_gemm", shape=f"T{t} K{k} N{n} E{e} top{top_k}", mode="bf16",
+                     ours_ms=t_bf16 * 1e3, dense_ms=t_dense * 1e3, ours_tflops=flops / t_bf16 / 1e12,
+                     ratio_vs_dense=t_dense / t_bf16))
+    print(rows[-1], flush=True)
+    wq, s, b = mx.quantize(w, 64, 4)
+    mx.eval(wq, s, b)
+    t_q = bench(lambda: moe_gemm(x, wq, ids, scales=s, biases=b, bits=4, group_size=64))
+    rows.append(dict(kernel="moe_gemm", shape=f"T{t} K{k} N{n} E{e} top{top_k}", mode="affine4 g64",
+                     ours_ms=t_q * 1e3, dense_ms=t_dense * 1e3, ours_tflops=flops / t_q / 1e12,
+                     ratio_vs_dense=t_dense / t_q))
+    print(rows[-1], flush=True)
+    return rows
+
+
+def attention_rows(quick):
+    rows = []
+    for L, h in [(4608, 24), (4621, 24), (16384, 24), (32760, 40)][: 2 if quick else 4]:
+        q, k, v = (mx.random.normal((1, h, L, 128)).astype(mx.bfloat16) for _ in range(3))
+        mx.eval(q, k, v)
+        flops = 4 * L * L * 128 * h
+        iters = 10 if L < 20000 else 4
+        t_sdpa = bench(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=128 ** -0.5), iters=iters)
+        t_flash = bench(lambda: attention(q, k, v, 128 ** -0.5, backend="cuda_flash"), warmup=1,
+                        iters=3 if L > 10000 else 5)
+        rows.append(dict(kernel="attention", shape=f"L{L} H{h} D128", sdpa_ms=t_sdpa * 1e3,
+                         flash_ms=t_flash * 1e3, sdpa_tflops=flops / t_sdpa / 1e12,
+                         flash_tflops=flops / t_flash / 1e12, flash_ratio_vs_sdpa=t_sdpa / t_flash))
+        print(rows[-1], flush=True)
+    return rows
+
+
+# ------------------------------------------------------------- FLUX-dev-shaped forward (random weights)
+class DoubleBlock(nn.Module):
+    def __init__(self, d=3072, heads=24, mlp=12288):
+        super().__init__()
+        self.heads = heads
+        for s in ("img", "txt"):
+            setattr(self, f"{s}_mod", nn.Linear(d, 6 * d))
+            setattr(self, f"{s}_qkv", nn.Linear(d, 3 * d))
+            setattr(self, f"{s}_proj", nn.Linear(d, d))
+            setattr(self, f"{s}_fc1", nn.Linear(d, mlp))
+            setattr(self, f"{s}_fc2", nn.Linear(mlp, d))
+
+    def __call__(self, img, txt, vec):
+        n_txt, b, d = txt.shape[1], img.shape[0], img.shape[-1]
+        mods, qkvs = {}, []
+        for s, h in (("txt", txt), ("img", img)):
+            mods[s] = getattr(self, f"{s}_mod")(nn.silu(vec))[:, None, :].split(6, axis=-1)
+            sh, sc, _ = mods[s][:3]
+            hn = mx.fast.layer_norm(h, None, None, 1e-6) * (1 + sc) + sh
+            qkv = getattr(self, f"{s}_qkv")(hn).reshape(b, -1, 3, self.heads, d // self.heads)
+            qkvs.append(qkv.transpose(2, 0, 3, 1, 4))
+        q, k, v = (mx.concatenate([qkvs[0][i], qkvs[1][i]], axis=2) for i in range(3))
+        q, k = mx.fast.rms_norm(q, None, 1e-6), mx.fast.rms_norm(k, None, 1e-6)
+        o = attention(q, k, v, (d // self.heads) ** -0.5).transpose(0, 2, 1, 3).reshape(b, -1, d)
+        outs = []
+        for s, h, a in (("txt", txt, o[:, :n_txt]), ("img", img, o[:, n_txt:])):
+            _, _, g1, sh2, sc2, g2 = mods[s]
+            h = h + g1 * getattr(self, f"{s}_proj")(a)
+            hn = mx.fast.layer_norm(h, None, None, 1e-6) * (1 + sc2) + sh2
+            h = h + g2 * getattr(self, f"{s}_fc2")(nn.gelu_approx(getattr(self, f"{s}_fc1")(hn)))
+            outs.append(h)
+        return outs[1], outs[0]
+
+
+class SingleBlock(nn.Module):
+    def __init__(self, d=3072, heads=24, mlp=12288):
+        super().__init__()
+        self.heads, self.mlp = heads, mlp
+        self.mod = nn.Linear(d, 3 * d)
+        self.linear1 = nn.Linear(d, 3 * d + mlp)
+        self.linear2 = nn.Linear(d + mlp, d)
+
+    def __call__(self, x, vec):
+        b, length, d = x.shape
+        sh, sc, g = self.mod(nn.silu(vec))[:, None, :].split(3, axis=-1)
+        hn = mx.fast.layer_norm(x, None, None, 1e-6) * (1 + sc) + sh
+        qkv, mlp = mx.split(self.linear1(hn), [3 * d], axis=-1)
+        q, k, v = qkv.reshape(b, length, 3, self.heads, -1).transpose(2, 0, 3, 1, 4)
+        q, k = mx.fast.rms_norm(q, None, 1e-6), mx.fast.rms_norm(k, None, 1e-6)
+        o = attention(q, k, v, (d // self.heads) ** -0.5).transpose(0, 2, 1, 3).reshape(b, length, d)
+        return x + g * self.linear2(mx.concatenate([o, nn.gelu_approx(mlp)], axis=-1))
+
+
+class FluxShaped(nn.Module):
+    def __init__(self, n_double=19, n_single=38):
+        super().__init__()
+        self.eval_every_block = False  # mx.eval after each block: bounds work queued ahead of the GPU
+        self.double = [DoubleBlock() for _ in range(n_double)]
+        self.single = [SingleBlock() for _ in range(n_single)]
+
+    def __call__(self, img, txt, vec):
+        for blk in self.double:
+            img, txt = blk(img, txt, vec)
+            if self.eval_every_block:
+                mx.eval(img, txt)
+        x = mx.concatenate([txt, img], axis=1)
+        for blk in self.single:
+            x = blk(x, vec)
+            if self.eval_every_block:
+                mx.eval(x)
+        return x[:, txt.shape[1]:]
+
+
+def flux_rows(quick):
+    rows = []
+    model = FluxShaped(*((2, 4) if quick else (19, 38)))
+    for blk in model.double + model.single:  # materialise block by block in bf16
+        blk.set_dtype(mx.bfloat16)
+        mx.eval(blk.parameters())
+    img = mx.random.normal((1, 4096, 3072)).astype(mx.bfloat16)
+    txt = mx.random.normal((1, 512, 3072)).astype(mx.bfloat16)
+    vec = mx.random.normal((1, 3072)).astype(mx.bfloat16)
+    mx.eval(img, txt, vec)
+
+    def measure(label):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        t = bench(lambda: model(img, txt, vec), warmup=2, iters=5)
+        weights = sum(a.nbytes for _, a in nn.utils.tree_flatten(model.parameters()))
+        rows.append(dict(kernel="flux_forward", shape="1024^2 (4096+512 tokens)", mode=label, ms=t * 1e3,
+                         peak_gib=mx.get_peak_memory() / 2**30, weight_gib=weights / 2**30))
+        print(rows[-1], flush=True)
+
+    measure("bf16")
+    model.eval_every_block = True
+    measure("bf16, eval per block")
+    model.eval_every_block = False
+    quantize_model(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    measure("affine4 g64 (flashdiff QuantizedLinear)")
+    rows[-1]["ratio_vs_bf16"] = rows[-3]["ms"] / rows[-1]["ms"]
+    model.eval_every_block = True
+    measure("affine4 g64, eval per block")
+    rows[-1]["ratio_vs_bf16"] = rows[-3]["ms"] / rows[-1]["ms"]
+    return rows
+
+
+def markdown(rows):
+    out = ["| kernel | shape | mode | ours | baseline | ratio |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kernel"] == "quantized_linear":
+            out.append(f"| quantized_linear | {r['shape']} | {r['mode']} | {r['ours_ms']:.3f} ms "
+                       f"({r['ours_tflops']:.0f} TFLOP/s) | bf16 {r['bf16_ms']:.3f} ms ({r['bf16_tflops']:.0f}); "
+                       f"mx.quantized_matmul {r['qmm_ms']:.3f} ms | {r['ratio_vs_bf16']:.2f}x bf16 "
+                       f"(qmm {r['qmm_ratio_vs_bf16']:.2f}x) |")
+        elif r["kernel"] == "moe_gemm":
+            out.append(f"| moe_gemm | {r['shape']} | {r['mode']} | {r['ours_ms']:.3f} ms ({r['ours_tflops']:.0f} "
+                       f"TFLOP/s) | dense same FLOPs {r['dense_ms']:.3f} ms | {r['ratio_vs_dense']:.2f}x dense |")
+        elif r["kernel"] == "attention":
+            out.append(f"| attention | {r['shape']} | bf16 | custom cuda_flash {r['flash_ms']:.2f} ms "
+                       f"({r['flash_tflops']:.0f} TFLOP/s) | cuDNN SDPA {r['sdpa_ms']:.2f} ms "
+                       f"({r['sdpa_tflops']:.0f}) | {r['flash_ratio_vs_sdpa']:.2f}x SDPA |")
+        else:
+            ratio = f"{r['ratio_vs_bf16']:.2f}x bf16 speed" if "ratio_vs_bf16" in r else ""
+            out.append(f"| flux_forward | {r['shape']} | {r['mode']} | {r['ms']:.1f} ms, peak {r['peak_gib']:.2f} GiB "
+                       f"(weights {r['weight_gib']:.2f} GiB) | | {ratio} |")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/kernels.json")
+    ap.add_argument("--md", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="qlinear,moe,attention,flux")
+    args = ap.parse_args()
+    parts = args.only.split(",")
+    rows = []
+    info = dict(device=str(mx.default_device()), cuda=mx.cuda.is_available(), mlx=mx.__version__)
+    for name, fn in (("qlinear", lambda: qlinear_rows(args.quick)), ("moe", moe_rows),
+                     ("attention", lambda: attention_rows(args.quick)), ("flux", lambda: flux_rows(args.quick))):
+        if name in parts:
+            try:
+                rows += fn()
+            except Exception as exc:  # keep the other results
+                print(f"{name} failed: {exc!r}", flush=True)
+                rows.append(dict(kernel=name, error=repr(exc)))
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(dict(info=info, command=" ".join(sys.argv), rows=rows), indent=1))
+    table = markdown([r for r in rows if "error" not in r])
+    if args.md:
+        Path(args.md).write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

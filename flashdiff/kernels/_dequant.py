@@ -1,0 +1,218 @@
+"""Quantized-weight formats (as produced by ``mx.quantize``) and dequantization kernels.
+
+Formats (row-major weight (..., N, K), quantized along K in groups):
+- affine, bits in {2,3,4,5,6,8}, group 32/64/128: packed codes q (uint32 words, little-endian bit
+  stream: element j of a row sits at bit j*bits), float scales s and biases b per group,
+  value = q * s + b.
+- mxfp4 (bits 4, group 32): FP4 E2M1 codes, uint8 E8M0 scale per group (2^(e-127)).
+- nvfp4 (bits 4, group 16): FP4 E2M1 codes, uint8 FP8 E4M3 scale per group.
+- mxfp8 (bits 8, group 32): FP8 E4M3 codes, uint8 E8M0 scale per group.
+
+Every 8 consecutive elements of a row occupy exactly ``bits`` whole bytes, so one GPU thread
+dequantizes 8 elements from ``bits`` bytes for every format. The CUDA and Metal kernels below
+follow the same steps; the reference is ``mx.dequantize``, matched bit for bit: affine rounds
+q * s and then + b to the scales' dtype (as MLX does), fp modes are exact products.
+"""
+
+import functools
+
+import mlx.core as mx
+
+MODES = {"affine": 0, "mxfp4": 1, "nvfp4": 2, "mxfp8": 3}
+AFFINE_BITS = (2, 3, 4, 5, 6, 8)
+AFFINE_GROUPS = (32, 64, 128)
+FP_FORMATS = {"mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
+
+
+def check_quantized(w, scales, biases, bits, group_size, mode):
+    """Validate ``mx.quantize`` outputs; return (bits, group_size, N, K) with defaults filled in."""
+    if mode not in MODES:
+        raise ValueError(f"Unsupported quantization mode {mode!r}; supported: {sorted(MODES)}.")
+    if mode == "affine":
+        bits = 4 if bits is None else bits
+        group_size = 64 if group_size is None else group_size
+        if bits not in AFFINE_BITS:
+            raise ValueError(f"Unsupported affine bits={bits}; supported: {AFFINE_BITS}.")
+        if group_size not in AFFINE_GROUPS:
+            raise ValueError(f"Unsupported affine group_size={group_size}; supported: {AFFINE_GROUPS}.")
+        if biases is None:
+            raise ValueError("mode='affine' needs `biases` (the third output of mx.quantize).")
+        if not mx.issubdtype(scales.dtype, mx.floating) or biases.dtype != scales.dtype:
+            raise TypeError(
+                f"affine scales/biases must share one float dtype, got {scales.dtype} / {biases.dtype}."
+            )
+        if biases.shape != scales.shape:
+            raise ValueError(f"biases shape {biases.shape} != scales shape {scales.shape}.")
+    else:
+        want = FP_FORMATS[mode]
+        bits = want[0] if bits is None else bits
+        group_size = want[1] if group_size is None else group_size
+        if (bits, group_size) != want:
+            raise ValueError(f"mode={mode!r} needs bits={want[0]}, group_size={want[1]}; got {bits}, {group_size}.")
+        if biases is not None:
+            raise ValueError(f"mode={mode!r} has no biases; pass biases=None.")
+        if scales.dtype != mx.uint8:
+            raise TypeError(f"mode={mode!r} scales must be uint8 (from mx.quantize), got {scales.dtype}.")
+    if w.dtype != mx.uint32:
+        raise TypeError(f"quantized weight must be uint32 (packed by mx.quantize), got {w.dtype}.")
+    if w.ndim < 2 or scales.shape[:-1] != w.shape[:-1]:
+        raise ValueError(f"weight {w.shape} and scales {scales.shape} must agree on all but the last axis.")
+    k = w.shape[-1] * 32 // bits
+    if w.shape[-1] * 32 % bits or scales.shape[-1] * group_size != k:
+        raise ValueError(
+            f"weight {w.shape} with bits={bits} holds K={k} per row, but scales {scales.shape} with "
+            f"group_size={group_size} cover {scales.shape[-1] * group_size}: bits/group_size do not "
+            "match the arrays."
+        )
+    return bits, group_size, w.shape[-2], k
+
+
+# ---------------------------------------------------------------- CUDA
+_CUDA_HEADER = r"""
+__device__ __forceinline__ float fd_e2m1(unsigned int c) {
+  unsigned int e = (c >> 1) & 3u, m = c & 1u;  // 0, 0.5, 1, 1.5, 2, 3, 4, 6
+  float v = (e == 0u) ? 0.5f * (float)m : ldexpf(1.0f + 0.5f * (float)m, (int)e - 1);
+  return (c & 8u) ? -v : v;
+}
+__device__ __forceinline__ float fd_e4m3(unsigned int c) {
+  unsigned int e = (c >> 3) & 15u, m = c & 7u;
+  float v = (e == 0u) ? ldexpf((float)m, -9) : ldexpf((float)(8u + m), (int)e - 10);
+  if (e == 15u && m == 7u) v = __int_as_float(0x7fc00000);
+  return (c & 0x80u) ? -v : v;
+}
+__device__ __forceinline__ float fd_e8m0(unsigned int c) {
+  return c == 0u ? __int_as_float(0x00400000) : __int_as_float((int)(c << 23));
+}
+"""
+
+# One thread: 8 consecutive elements of one row, read from BITS bytes.
+_CUDA_SOURCE = r"""
+  const unsigned long long tid = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const unsigned long long chunks_per_row = (unsigned long long)K / 8;
+  if (tid >= (unsigned long long)ROWS * chunks_per_row) return;
+  const unsigned long long row = tid / chunks_per_row;
+  const unsigned int c = (unsigned int)(tid % chunks_per_row);
+  const unsigned char* src = reinterpret_cast<const unsigned char*>(w) + row * (K / 8) * BITS + (unsigned long long)c * BITS;
+  unsigned long long packed = 0;
+  if (BITS == 4) {
+    packed = *reinterpret_cast<const unsigned int*>(src);
+  } else if (BITS == 8) {
+    packed = *reinterpret_cast<const unsigned long long*>(src);
+  } else {
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) packed |= (unsigned long long)src[i] << (8 * i);
+  }
+  const unsigned long long g = row * (K / GROUP) + (unsigned long long)(c * 8) / GROUP;
+  float s, b = 0.0f;
+  if (MODE == 0) {
+    s = (float)scales[g];
+    b = (float)biases[g];
+  } else if (MODE == 2) {
+    s = fd_e4m3((unsigned int)scales[g]);
+  } else {
+    s = fd_e8m0((unsigned int)scales[g]);
+  }
+  alignas(16) T vals[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    unsigned int q = (unsigned int)((packed >> (i * BITS)) & ((1ull << BITS) - 1ull));
+    float v;
+    // affine: like mx.dequantize, q * s and + b each rounded to the scales' dtype ST
+    if (MODE == 0) v = (float)(ST)__fadd_rn((float)(ST)__fmul_rn((float)q, s), b);
+    else if (MODE == 3) v = fd_e4m3(q) * s;
+    else v = fd_e2m1(q) * s;
+    vals[i] = (T)v;
+  }
+  T* dst = out + row * K + (unsigned long long)c * 8;
+  if (sizeof(T) == 2) {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(vals);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) dst[i] = vals[i];
+  }
+"""
+
+# ---------------------------------------------------------------- Metal (untested: no Apple GPU here)
+_METAL_HEADER = r"""
+inline float fd_e2m1(uint c) {
+  uint e = (c >> 1) & 3u, m = c & 1u;  // 0, 0.5, 1, 1.5, 2, 3, 4, 6
+  float v = (e == 0u) ? 0.5f * float(m) : ldexp(1.0f + 0.5f * float(m), int(e) - 1);
+  return (c & 8u) ? -v : v;
+}
+inline float fd_e4m3(uint c) {
+  uint e = (c >> 3) & 15u, m = c & 7u;
+  float v = (e == 0u) ? ldexp(float(m), -9) : ldexp(float(8u + m), int(e) - 10);
+  if (e == 15u && m == 7u) v = NAN;
+  return (c & 0x80u) ? -v : v;
+}
+inline float fd_e8m0(uint c) {
+  return c == 0u ? as_type<float>(0x00400000u) : as_type<float>(c << 23);
+}
+"""
+
+_METAL_SOURCE = r"""
+  const ulong tid = thread_position_in_grid.x;
+  const ulong chunks_per_row = ulong(K) / 8;
+  if (tid >= ulong(ROWS) * chunks_per_row) return;
+  const ulong row = tid / chunks_per_row;
+  const uint c = uint(tid % chunks_per_row);
+  const device uchar* src = (const device uchar*)(w) + row * (K / 8) * BITS + ulong(c) * BITS;
+  ulong packed = 0;
+  for (int i = 0; i < BITS; ++i) packed |= ulong(src[i]) << (8 * i);
+  const ulong g = row * (K / GROUP) + ulong(c * 8) / GROUP;
+  float s, b = 0.0f;
+  if (MODE == 0) {
+    s = float(scales[g]);
+    b = float(biases[g]);
+  } else if (MODE == 2) {
+    s = fd_e4m3(uint(scales[g]));
+  } else {
+    s = fd_e8m0(uint(scales[g]));
+  }
+  device T* dst = out + row * K + ulong(c) * 8;
+  for (int i = 0; i < 8; ++i) {
+    uint q = uint((packed >> (i * BITS)) & ((1ul << BITS) - 1ul));
+    float v;
+    if (MODE == 0) v = float(ST(float(ST(float(q) * s)) + b));  // rounded as mx.dequantize does
+    else if (MODE == 3) v = fd_e4m3(q) * s;
+    else v = fd_e2m1(q) * s;
+    dst[i] = T(v);
+  }
+"""
+
+
+@functools.cache
+def _kernel(backend: str, affine: bool):
+    inputs = ["w", "scales", "biases"]  # fp modes get a dummy `biases` (the source names it)
+    if backend == "cuda":
+        return mx.fast.cuda_kernel(
+            name="flashdiff_dequant" + ("_affine" if affine else "_fp"),
+            input_names=inputs, output_names=["out"], source=_CUDA_SOURCE, header=_CUDA_HEADER,
+        )
+    return mx.fast.metal_kernel(
+        name="flashdiff_dequant" + ("_affine" if affine else "_fp"),
+        input_names=inputs, output_names=["out"], source=_METAL_SOURCE, header=_METAL_HEADER,
+    )
+
+
+def dequantize(w, scales, biases=None, bits=None, group_size=None, mode="affine", dtype=mx.bfloat16,
+               backend="reference", stream=None):
+    """``mx.dequantize`` with a custom GPU kernel: (..., N, packed) -> (..., N, K) in ``dtype``."""
+    bits, group_size, n, k = check_quantized(w, scales, biases, bits, group_size, mode)
+    if backend == "reference":
+        out = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode, stream=stream)
+        return out.astype(dtype, stream=stream)
+    rows = 1
+    for d in w.shape[:-1]:
+        rows *= d
+    affine = mode == "affine"
+    inputs = [w, scales, biases if affine else mx.zeros((1,), dtype=mx.float32)]
+    total = rows * (k // 8)
+    (out,) = _kernel(backend, affine)(
+        inputs=inputs,
+        template=[("T", dtype), ("ST", scales.dtype if affine else mx.float32), ("ROWS", rows), ("K", k), ("BITS", bits), ("GROUP", group_size),
+                  ("MODE", MODES[mode])],
+        output_shapes=[(*w.shape[:-1], k)], output_dtypes=[dtype],
+        grid=(total, 1, 1), threadgroup=(256, 1, 1), stream=stream,
+    )
+    return out

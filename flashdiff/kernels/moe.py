@@ -1,0 +1,95 @@
+"""Mixture-of-Experts GEMM: every token's routed slots multiplied by their expert's weight.
+
+``moe_gemm(x, expert_weights, expert_ids)``: y[t, j] = x[t] @ W[expert_ids[t, j]].T
+
+GPU path (CUDA and Metal), no host synchronisation and static shapes: quantized experts are first
+dequantized into one x.dtype scratch of all experts (E*N*K, 141 MB for HiDream's 4 x 6912 x 2560)
+by the dequantization kernel, after x exists; then every expert runs as one dense GEMM over all
+rows and each slot keeps its expert's rows (``mx.where``). That costs E/top_k (HiDream: 2x) the
+routed FLOPs for a shared input and E x for per-slot inputs, but runs at dense-GEMM speed and never
+gathers a weight per token (``gather_qmm`` runs out of memory at these sizes on CUDA).
+
+Measured and rejected on the H200 (MLX 0.32.4): sort rows by expert + ``mx.gather_mm(...,
+sorted_indices=True)`` (MLX's CUTLASS grouped GEMM, kept here as ``moe_sorted``) ran at 0.27x of a
+dense GEMM of the same FLOPs and gave wrong results in tests/test_kernels_cuda.py on CUDA.
+The reference (CPU and test oracle) is the same per-expert loop with ``mx.dequantize``.
+"""
+
+import mlx.core as mx
+
+from ._dequant import check_quantized, dequantize
+from ._dispatch import metal_kernels_requested, resolve_backend
+
+
+def moe_gemm(x, expert_weights, expert_ids, *, scales=None, biases=None, bits=None, group_size=None,
+             mode="affine", backend=None):
+    """Grouped GEMM over experts.
+
+    x: (T, K) (the same input for every routed slot) or (T, k, K) (one input per slot).
+    expert_weights: (E, N, K) float in nn.Linear layout, or quantized by ``mx.quantize`` as
+      (E, N, K*bits/32) uint32 with ``scales``/``biases`` (E, N, K/group_size).
+    expert_ids: (T, k) integer expert index per token and slot, values in [0, E) (not checked on the
+      device: checking would need a host synchronisation).
+    Returns (T, k, N) in x.dtype.
+    """
+    quantized = scales is not None
+    if quantized:
+        bits, group_size, n, k_in = check_quantized(expert_weights, scales, biases, bits, group_size, mode)
+    else:
+        if not mx.issubdtype(expert_weights.dtype, mx.floating):
+            raise TypeError(
+                f"expert_weights has dtype {expert_weights.dtype}: pass scales= (and biases=) for "
+                "quantized experts, or float weights."
+            )
+        n, k_in = expert_weights.shape[-2:]
+    if expert_weights.ndim != 3:
+        raise ValueError(f"expert_weights must be (E, N, K) (or its packed form), got {expert_weights.shape}.")
+    if expert_ids.ndim != 2 or not mx.issubdtype(expert_ids.dtype, mx.integer):
+        raise ValueError(f"expert_ids must be an integer (T, k) array, got {expert_ids.shape} {expert_ids.dtype}.")
+    t, top_k = expert_ids.shape
+    if not mx.issubdtype(x.dtype, mx.floating):
+        raise TypeError(f"x must be a float array, got {x.dtype}.")
+    if x.shape[-1] != k_in or x.shape[0] != t or x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[1] != top_k):
+        raise ValueError(
+            f"x {x.shape} must be (T={t}, K={k_in}) or (T={t}, k={top_k}, K={k_in}) to match "
+            f"expert_ids {expert_ids.shape} and experts {expert_weights.shape}."
+        )
+    impl = resolve_backend(backend)
+    if impl == "reference" or (impl == "metal" and not metal_kernels_requested(backend)):
+        return _moe_reference(x, expert_weights, expert_ids, scales, biases, bits, group_size, mode)
+
+    w = expert_weights
+    if quantized:
+        w = dequantize(mx.depends(w, x), scales, biases, bits, group_size, mode, dtype=x.dtype, backend=impl)
+    return _moe_dense_experts(x, w.astype(x.dtype), expert_ids)
+
+
+def _moe_dense_experts(x, w, expert_ids):
+    """Every expert as one dense GEMM over all rows; each (token, slot) keeps its expert's row."""
+    t, top_k = expert_ids.shape
+    xs = x[:, None, :] if x.ndim == 2 else x
+    out = None
+    for e in range(w.shape[0]):
+        y = mx.broadcast_to(xs @ w[e].T, (t, top_k, w.shape[1]))
+        out = y if out is None else mx.where((expert_ids == e)[..., None], y, out)
+    return out
+
+
+def moe_sorted(x, w, expert_ids):
+    """Sort (token, slot) rows by expert, one grouped GEMM over the segments, un-sort (no host sync).
+    Not dispatched: slower than dense and wrong on CUDA in MLX 0.32.4 (see the module docstring)."""
+    t, top_k = expert_ids.shape
+    n, k_in = w.shape[-2:]
+    flat = expert_ids.reshape(-1)
+    order = mx.argsort(flat)
+    rows = x[order // top_k] if x.ndim == 2 else x.reshape(t * top_k, k_in)[order]
+    y = mx.gather_mm(rows[:, None, :], w.swapaxes(-1, -2), rhs_indices=flat[order], sorted_indices=True)
+    y = y.reshape(t * top_k, n)[mx.argsort(order)]
+    return y.reshape(t, top_k, n)
+
+
+def _moe_reference(x, w, expert_ids, scales, biases, bits, group_size, mode):
+    """Readable oracle: dequantize with mx.dequantize, then every expert on every row."""
+    if scales is not None:
+        w = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=x.dtype)
+    return _moe_dense_experts(x, w.astype(x.dtype), expert_ids)

@@ -1,0 +1,111 @@
+"""Quantized linear layers for large token counts (diffusion: M from 256 to 80,000).
+
+``quantized_linear(x, w, scales, biases, bits, group_size, mode)`` equals
+``x @ mx.dequantize(w, scales, biases, group_size, bits, mode).T (+ bias)`` for the arrays that
+``mx.quantize`` produces (affine 2/3/4/5/6/8 bits, mxfp4, nvfp4, mxfp8).
+
+Design: MLX's ``quantized_matmul`` is built for LLM decoding (small M) and ran at 0.15-0.38x of bf16
+speed at diffusion sizes on the H200. For M >= ``SMALL_M`` we dequantize the weight into an x.dtype
+scratch with one memory-bound kernel (``_dequant``) and run the dense GEMM (cuBLAS / MLX steel):
+0.81-1.00x of bf16 at M >= 4608 (benchmarks/KERNELS.md). The dequantization is made to *depend on x*
+(``mx.depends``), so MLX's lazy scheduler cannot run every layer's dequantization ahead of the
+GEMMs. Measured limit: on CUDA the host still queues many layers ahead of the GPU and their scratch
+buffers stay allocated until the GPU reaches them (FLUX-dev-shaped 4-bit forward: peak 18.9 GiB for
+6.2 GiB of weights). Evaluating once per transformer block (``mx.eval`` of the block output) bounds
+it (7.3 GiB) at ~13% more time. A fused dequantize-in-GEMM kernel would remove the scratch.
+For small M we use ``quantized_matmul``, and on Metal too unless the custom (untested) Metal
+dequantize kernel is asked for with backend="metal" / FLASHDIFF_KERNELS=metal.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ._dequant import check_quantized, dequantize
+from ._dispatch import metal_kernels_requested, resolve_backend
+
+SMALL_M = 32  # below this many rows, MLX's quantized_matmul (decode kernel) wins
+
+
+def quantized_linear(x, w, scales, biases, bits=None, group_size=None, mode="affine", bias=None, *,
+                     backend=None):
+    """y = x @ dequantize(w).T (+ bias).
+
+    x: (..., K) float16/bfloat16/float32. w, scales, biases: outputs of ``mx.quantize`` of an (N, K)
+    weight (biases None for mxfp4/nvfp4/mxfp8). bias: optional (N,). Returns (..., N) in x.dtype.
+    backend: None/"auto" (by device), "reference", "cuda" or "metal"; env FLASHDIFF_KERNELS=reference.
+    """
+    bits, group_size, n, k = check_quantized(w, scales, biases, bits, group_size, mode)
+    if w.ndim != 2:
+        raise ValueError(f"quantized_linear needs a 2-D quantized weight, got {w.shape}; use moe_gemm for experts.")
+    if not mx.issubdtype(x.dtype, mx.floating):
+        raise TypeError(f"x must be a float array, got {x.dtype}.")
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(f"x last axis {x.shape[-1] if x.ndim else None} != weight input size K={k} (x {x.shape}).")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {bias.shape}.")
+    impl = resolve_backend(backend)
+    m = x.size // k
+    builtin = m < SMALL_M or (impl == "metal" and not metal_kernels_requested(backend))
+    if impl != "reference" and builtin:
+        y = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
+        return y if bias is None else y + bias.astype(y.dtype)
+    # Order: the weight is dequantized only once x exists (bounds live scratch to one layer).
+    w_dep = mx.depends(w, x)
+    if impl == "reference":
+        w_full = mx.dequantize(w_dep, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=x.dtype)
+    else:
+        w_full = dequantize(w_dep, scales, biases, bits, group_size, mode, dtype=x.dtype, backend=impl)
+    x2 = x.reshape(m, k)
+    if bias is None:
+        y = x2 @ w_full.T
+    else:
+        y = mx.addmm(bias.astype(x.dtype), x2, w_full.T)
+    return y.reshape(*x.shape[:-1], n)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """Drop-in for ``nn.QuantizedLinear`` (same parameters: weight, scales, biases, bias; same
+    group_size/bits/mode attributes, so checkpoints are interchangeable) that calls
+    ``quantized_linear``. Build with ``from_linear(linear, group_size, bits, mode)`` (inherited) or
+    ``from_quantized(nn_quantized_linear)``."""
+
+    def __call__(self, x):
+        return quantized_linear(x, self["weight"], self["scales"], self.get("biases"), self.bits,
+                                self.group_size, self.mode, bias=self.get("bias"))
+
+    @classmethod
+    def from_quantized(cls, layer: nn.QuantizedLinear) -> "QuantizedLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.group_size, new.bits, new.mode = layer.group_size, layer.bits, layer.mode
+        new.weight, new.scales = layer["weight"], layer["scales"]
+        new.biases = layer.get("biases")
+        if "bias" in layer:
+            new.bias = layer["bias"]
+        new.freeze()
+        return new
+
+
+def swap_quantized_linears(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.QuantizedLinear`` in ``model`` (in place) by ``QuantizedLinear``; returns model."""
+    def convert(value):
+        if type(value) is nn.QuantizedLinear:
+            return QuantizedLinear.from_quantized(value)
+        if isinstance(value, nn.Module):
+            for key, child in list(value.items()):
+                value[key] = convert(child)
+        elif isinstance(value, list):
+            value[:] = [convert(v) for v in value]
+        elif isinstance(value, dict):
+            for key, child in list(value.items()):
+                value[key] = convert(child)
+        return value
+
+    convert(model)
+    return model
+
+
+def quantize_model(model: nn.Module, group_size=None, bits=None, mode="affine", class_predicate=None) -> nn.Module:
+    """``nn.quantize`` followed by ``swap_quantized_linears`` (in place); returns model."""
+    nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=class_predicate)
+    return swap_quantized_linears(model)

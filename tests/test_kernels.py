@@ -1,0 +1,288 @@
+"""CPU tests for flashdiff.kernels: each public function against a naive float32/float64 computation."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+
+from flashdiff.kernels import (QuantizedLinear, attention, moe_gemm, quantize_model, quantized_linear,
+                               resolve_backend, swap_quantized_linears)
+from flashdiff.kernels.moe import moe_sorted
+
+QMODES = [("affine", b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)] + [
+    ("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)]
+TOL = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 2e-2}
+
+
+def np32(a):
+    return np.array(a.astype(mx.float32))
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def naive_attention(q, k, v, scale, mask=None, key_multiplier=None):
+    q, k, v = (np32(a).astype(np.float64) for a in (q, k, v))
+    if key_multiplier is not None:
+        k = k * np.array(key_multiplier, np.float64)[:, None, :, None]
+    rep = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+    s = np.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    if mask is not None:
+        m = np.array(mask) if mask.dtype == mx.bool_ else np32(mask)
+        s = np.where(m, s, -np.inf) if m.dtype == bool else s + m.astype(np.float64)
+    s = s - s.max(-1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bhkd->bhqd", p, v)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 3, 37, 53, 16), (1, 2, 129, 129, 128), (2, 4, 5, 300, 64)])
+@pytest.mark.parametrize("mask_kind", [None, "key_bool", "full_bool", "additive"])
+def test_attention_matches_naive(dtype, shape, mask_kind):
+    b, h, lq, lk, d = shape
+    mx.random.seed(0)
+    q, k, v = (mx.random.normal((b, h, n, d)).astype(dtype) for n in (lq, lk, lk))
+    mask = None
+    if mask_kind == "key_bool":
+        mask = mx.arange(lk)[None, None, None, :] < mx.array([lk, lk - 7][:b])[:, None, None, None]
+    elif mask_kind == "full_bool":
+        mask = mx.random.uniform(shape=(b, h, lq, lk)) > 0.3
+        mask[..., 0] = True  # no fully-masked rows
+    elif mask_kind == "additive":
+        mask = mx.random.normal((lq, lk)).astype(dtype)
+    scale = 1 / math.sqrt(d)
+    ref = naive_attention(q, k, v, scale, mask)
+    for backend in (None, "reference"):
+        out = attention(q, k, v, scale, mask, backend=backend)
+        assert out.shape == q.shape and out.dtype == dtype
+        assert rel_err(np32(out), ref) < TOL[dtype]
+
+
+def test_attention_matches_torch_sdpa():
+    mx.random.seed(1)
+    q, k, v = (mx.random.normal((2, 3, 41, 32)) for _ in range(3))
+    mask = mx.random.uniform(shape=(2, 1, 41, 41)) > 0.2
+    mask[..., 0] = True
+    out = attention(q, k, v, 0.2, mask)
+    tt = [torch.from_numpy(np.array(a)) for a in (q, k, v, mask)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*tt[:3], attn_mask=tt[3], scale=0.2)
+    np.testing.assert_allclose(np.array(out), ref.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_attention_gqa_and_hidream_key_multiplier():
+    mx.random.seed(2)
+    q = mx.random.normal((2, 4, 33, 32))
+    k, v = mx.random.normal((2, 2, 47, 32)), mx.random.normal((2, 2, 47, 32))
+    km = (mx.arange(47)[None, :] < mx.array([[40], [47]])).astype(mx.float32)
+    out = attention(q, k, v, 0.125, key_multiplier=km)
+    ref = naive_attention(q, k, v, 0.125, key_multiplier=km)
+    assert rel_err(np.array(out), ref) < 1e-5
+    # multiplicative mask: masked keys score 0 (not -inf), so it differs from a boolean key mask
+    boolean = attention(q, k, v, 0.125, km[:, None, None, :] > 0)
+    assert rel_err(np.array(boolean), ref) > 1e-3
+
+
+def test_attention_bad_arguments():
+    q = mx.zeros((1, 2, 8, 16))
+    with pytest.raises(ValueError, match="same shape"):
+        attention(q, q, mx.zeros((1, 2, 9, 16)), 1.0)
+    with pytest.raises(ValueError, match="disagree"):
+        attention(q, mx.zeros((1, 3, 8, 16)), mx.zeros((1, 3, 8, 16)), 1.0)
+    with pytest.raises(ValueError, match=r"\(B, H, L, D\)"):
+        attention(q[0], q[0], q[0], 1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        attention(q, q.astype(mx.float16), q, 1.0)
+    with pytest.raises(ValueError, match="broadcast"):
+        attention(q, q, q, 1.0, mx.ones((3, 8), mx.bool_))
+    with pytest.raises(TypeError, match="boolean"):
+        attention(q, q, q, 1.0, mx.ones((8, 8), mx.int32))
+    with pytest.raises(ValueError, match="key_multiplier"):
+        attention(q, q, q, 1.0, key_multiplier=mx.ones((1, 7)))
+    with pytest.raises(ValueError, match="Unknown kernel backend"):
+        attention(q, q, q, 1.0, backend="tpu")
+
+
+def test_dispatch(monkeypatch):
+    assert resolve_backend() == ("cuda" if mx.cuda.is_available() else "metal" if mx.metal.is_available()
+                                 else "reference") or mx.default_device() == mx.cpu
+    monkeypatch.setenv("FLASHDIFF_KERNELS", "reference")
+    assert resolve_backend() == "reference"
+    if not mx.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            resolve_backend("cuda")
+
+
+def _quant(n, k, mode, bits, group, dtype=mx.float32, seed=0):
+    mx.random.seed(seed)
+    w = (mx.random.normal((n, k)) * 0.05).astype(dtype)
+    out = mx.quantize(w, group, bits, mode=mode)
+    return out[0], out[1], (out[2] if len(out) > 2 else None)
+
+
+@pytest.mark.parametrize("mode,bits,group", QMODES)
+def test_quantized_linear_matches_dequantize_matmul(mode, bits, group):
+    w, s, b = _quant(48, 256, mode, bits, group)
+    x = mx.random.normal((3, 37, 256))
+    bias = mx.random.normal((48,))
+    wd = np.array(mx.dequantize(w, s, b, group_size=group, bits=bits, mode=mode, dtype=mx.float32), np.float64)
+    ref = np.array(x, np.float64) @ wd.T + np.array(bias, np.float64)
+    out = quantized_linear(x, w, s, b, bits, group, mode, bias=bias)
+    assert out.shape == (3, 37, 48) and out.dtype == mx.float32
+    np.testing.assert_allclose(np.array(out), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_quantized_linear_half_dtypes(dtype):
+    w, s, b = _quant(64, 128, "affine", 4, 64, dtype=dtype)
+    x = mx.random.normal((50, 128)).astype(dtype)
+    ref = np32(x).astype(np.float64) @ np32(mx.dequantize(w, s, b, group_size=64, bits=4)).astype(np.float64).T
+    out = quantized_linear(x, w, s, b, 4, 64)
+    assert out.dtype == dtype and rel_err(np32(out), ref) < TOL[dtype]
+
+
+def test_quantized_linear_bounds_live_scratch():
+    """Each layer's dequantization waits for its input, so only ~one layer's scratch is alive."""
+    n_layers, k = 8, 1024
+    ws = [_quant(k, k, "affine", 4, 64, seed=i) for i in range(n_layers)]
+    x = mx.random.normal((16, k))
+    mx.eval(ws, x)
+
+    def peak(fn):
+        mx.eval(x)
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        y = x
+        for w, s, b in ws:
+            y = fn(y, w, s, b)
+        mx.eval(y)
+        return mx.get_peak_memory() - base
+
+    naive = peak(lambda y, w, s, b: y @ mx.dequantize(w, s, b, group_size=64, bits=4).T)
+    ours = peak(lambda y, w, s, b: quantized_linear(y, w, s, b, 4, 64))
+    scratch = k * k * 4
+    assert ours <= 5 * scratch, (ours, naive)
+    assert ours < naive
+
+
+def test_quantized_linear_bad_arguments():
+    w, s, b = _quant(32, 128, "affine", 4, 64)
+    x = mx.zeros((4, 128))
+    with pytest.raises(ValueError, match="bits=7"):
+        quantized_linear(x, w, s, b, 7, 64)
+    with pytest.raises(ValueError, match="group_size=16"):
+        quantized_linear(x, w, s, b, 4, 16)
+    with pytest.raises(ValueError, match="do not"):
+        quantized_linear(x, w, s, b, 8, 64)
+    with pytest.raises(ValueError, match="K=128"):
+        quantized_linear(mx.zeros((4, 100)), w, s, b, 4, 64)
+    with pytest.raises(ValueError, match="needs `biases`"):
+        quantized_linear(x, w, s, None, 4, 64)
+    with pytest.raises(TypeError, match="uint32"):
+        quantized_linear(x, w.astype(mx.float32), s, b, 4, 64)
+    with pytest.raises(TypeError, match="float"):
+        quantized_linear(x.astype(mx.int32), w, s, b, 4, 64)
+    with pytest.raises(ValueError, match="bias must"):
+        quantized_linear(x, w, s, b, 4, 64, bias=mx.zeros((31,)))
+    with pytest.raises(ValueError, match="Unsupported quantization mode"):
+        quantized_linear(x, w, s, b, 4, 64, mode="int4")
+    wf, sf, _ = _quant(32, 128, "mxfp4", 4, 32)
+    with pytest.raises(ValueError, match="no biases"):
+        quantized_linear(x, wf, sf, b, mode="mxfp4")
+    with pytest.raises(ValueError, match="bits=4, group_size=32"):
+        quantized_linear(x, wf, sf, None, 4, 64, mode="mxfp4")
+
+
+@pytest.mark.parametrize("mode,bits,group", [("affine", 4, 64), ("affine", 8, 32), ("nvfp4", 4, 16)])
+def test_quantized_linear_module_interchangeable(mode, bits, group, tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(64, 128)
+            self.blocks = [nn.Linear(128, 128, bias=False), nn.Sequential(nn.Linear(128, 32))]
+
+        def __call__(self, x):
+            x = self.blocks[0](self.proj(x))
+            return self.blocks[1](x)
+
+    mx.random.seed(3)
+    net = Net()
+    x = mx.random.normal((2, 33, 64))
+    nn.quantize(net, group_size=group, bits=bits, mode=mode)
+    ref = net(x)
+    net.save_weights(str(tmp_path / "q.safetensors"))
+    keys = {k for k, _ in nn.utils.tree_flatten(net.parameters())}
+    swap_quantized_linears(net)
+    assert type(net.proj) is QuantizedLinear and type(net.blocks[1].layers[0]) is QuantizedLinear
+    assert {k for k, _ in nn.utils.tree_flatten(net.parameters())} == keys
+    np.testing.assert_allclose(np.array(net(x)), np.array(ref), atol=1e-4, rtol=1e-4)
+    fresh = quantize_model(Net(), group_size=group, bits=bits, mode=mode)
+    fresh.load_weights(str(tmp_path / "q.safetensors"))
+    np.testing.assert_allclose(np.array(fresh(x)), np.array(ref), atol=1e-4, rtol=1e-4)
+    lin = nn.Linear(64, 40)
+    ql = QuantizedLinear.from_linear(lin, group, bits, mode)
+    ref2 = nn.QuantizedLinear.from_linear(lin, group, bits, mode)(x)
+    np.testing.assert_allclose(np.array(ql(x)), np.array(ref2), atol=1e-4, rtol=1e-4)
+
+
+def naive_moe(x, w, ids):
+    x, w, ids = np32(x).astype(np.float64), np32(w).astype(np.float64), np.array(ids)
+    t, k = ids.shape
+    xs = np.broadcast_to(x[:, None, :], (t, k, x.shape[-1])) if x.ndim == 2 else x
+    return np.einsum("tjk,tjnk->tjn", xs, w[ids])
+
+
+@pytest.mark.parametrize("per_slot", [False, True])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_moe_gemm_dense(per_slot, dtype):
+    mx.random.seed(4)
+    t, top_k, e, k_in, n = 37, 2, 4, 64, 48
+    x = mx.random.normal((t, top_k, k_in) if per_slot else (t, k_in)).astype(dtype)
+    w = (mx.random.normal((e, n, k_in)) * 0.1).astype(dtype)
+    ids = mx.stack([mx.random.permutation(e)[:top_k] for _ in range(t)]).astype(mx.int32)
+    ref = naive_moe(x, w, ids)
+    outs = [moe_gemm(x, w, ids)]
+    if dtype == mx.float32:  # the GPU algorithm (MLX's CPU gather_mm is float32-only)
+        outs.append(moe_sorted(x, w, ids))
+    for out in outs:
+        assert out.shape == (t, top_k, n) and out.dtype == dtype
+        assert rel_err(np32(out), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("mode,bits,group", [("affine", 4, 64), ("affine", 3, 32), ("affine", 8, 128),
+                                             ("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)])
+def test_moe_gemm_quantized(mode, bits, group):
+    mx.random.seed(5)
+    t, top_k, e, k_in, n = 29, 2, 4, 128, 40
+    w = mx.random.normal((e, n, k_in)) * 0.1
+    q = mx.quantize(w, group, bits, mode=mode)
+    s, b = q[1], (q[2] if len(q) > 2 else None)
+    wd = mx.dequantize(q[0], s, b, group_size=group, bits=bits, mode=mode, dtype=mx.float32)
+    x = mx.random.normal((t, k_in))
+    ids = mx.random.randint(0, e, (t, top_k)).astype(mx.uint32)
+    out = moe_gemm(x, q[0], ids, scales=s, biases=b, bits=bits, group_size=group, mode=mode)
+    np.testing.assert_allclose(np.array(out), naive_moe(x, wd, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_moe_gemm_bad_arguments():
+    x, w = mx.zeros((8, 64)), mx.zeros((4, 32, 64))
+    ids = mx.zeros((8, 2), mx.int32)
+    with pytest.raises(ValueError, match="must be"):
+        moe_gemm(mx.zeros((8, 63)), w, ids)
+    with pytest.raises(ValueError, match="must be"):
+        moe_gemm(mx.zeros((7, 64)), w, ids)
+    with pytest.raises(ValueError, match="integer"):
+        moe_gemm(x, w, ids.astype(mx.float32))
+    with pytest.raises(ValueError, match=r"\(E, N, K\)"):
+        moe_gemm(x, w[0], ids)
+    with pytest.raises(TypeError, match="scales="):
+        moe_gemm(x, w.astype(mx.uint32), ids)
+    q, s, b = mx.quantize(mx.zeros((4, 32, 64)), 64, 4)
+    with pytest.raises(ValueError, match="bits=5"):
+        moe_gemm(x, q, ids, scales=s, biases=b, bits=5, group_size=64)
