@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -187,6 +188,56 @@ def free_all():
 
 
 # ---------------------------------------------------------------------------------------------
+# Micro-probes: a few seconds that say where the next speed-up is (GEMM layout and size, attention layout)
+
+
+def _median_call(fn, iters: int, reps: int = 5) -> float:
+    """Median seconds of one fn() call, timing `reps` back-to-back calls per sample."""
+    stats = time_calls(lambda: [fn() for _ in range(reps)], mlx_sync, 2, iters)
+    return stats["median_s"] / reps
+
+
+def gemm_probe(m: int, k: int, dtype, iters: int) -> dict:
+    """(m, k) @ (k, n) for the FLUX projection widths n = k, 3k, 4k, 7k (q / fused qkv / MLP / fused
+    qkv+MLP), in three forms: nn.Linear (weight (n, k), bias epilogue), the same without bias, and a
+    pre-transposed (k, n) weight. Reports seconds and TFLOP/s per form."""
+    out = {"m": m, "k": k, "dtype": str(dtype), "shapes": {}}
+    keys = mx.random.split(mx.random.key(7), 3)
+    x = mx.random.normal((m, k), key=keys[0]).astype(dtype)
+    for n in (k, 3 * k, 4 * k, 7 * k):
+        w = (mx.random.normal((n, k), key=keys[1]) * 0.02).astype(dtype)
+        wt = mx.contiguous(w.T)
+        b = mx.zeros((n,), dtype)
+        mx.eval(x, w, wt, b)
+        flop = 2 * m * k * n
+        row = {}
+        for form, fn in (("linear", lambda: mx.addmm(b, x, w.T)), ("no_bias", lambda: x @ w.T), ("pretransposed", lambda: x @ wt)):
+            t = _median_call(fn, iters)
+            row[f"{form}_s"], row[f"{form}_tflops"] = t, flop / t / 1e12
+        out["shapes"][f"{m}x{k}->{n}"] = row
+    mx.clear_cache()
+    return out
+
+
+def sdpa_layout_probe(heads: int, length: int, head_dim: int, dtype, iters: int) -> dict:
+    """RoPE + attention + (B, L, H*Dh) output through flashdiff.models.common.rope_attention, with RoPE
+    before the transpose (q/k/v reach attention as strided views) and after it (contiguous)."""
+    from flashdiff.models.common import rope_attention
+
+    keys = mx.random.split(mx.random.key(8), 3)
+    q, k, v = (mx.random.normal((1, length, heads, head_dim), key=kk).astype(dtype) for kk in keys)
+    ang = mx.arange(length, dtype=mx.float32)[:, None] * mx.ones((1, head_dim // 2))
+    cos, sin = mx.cos(ang), mx.sin(ang)
+    mx.eval(q, k, v, cos, sin)
+    flop = 4 * length * length * head_dim * heads
+    out = {"heads": heads, "length": length, "head_dim": head_dim}
+    for name, hm in (("rope_then_views", False), ("transpose_then_rope", True)):
+        t = _median_call(lambda hm=hm: rope_attention(q, k, v, cos, sin, head_dim**-0.5, head_major_rope=hm), iters)
+        out[f"{name}_s"], out[f"{name}_tflops"] = t, flop / t / 1e12
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Environment and results
 
 
@@ -290,7 +341,34 @@ TABLE_END = "<!-- models-table:end -->"
 _LABELS = {"flashdiff-bf16": "flashdiff bf16", "flashdiff-bf16-compiled": "flashdiff bf16 + mx.compile",
            "flashdiff-8bit": "flashdiff 8-bit", "flashdiff-8bit-compiled": "flashdiff 8-bit + mx.compile",
            "flashdiff-4bit": "flashdiff 4-bit", "flashdiff-4bit-compiled": "flashdiff 4-bit + mx.compile",
-           "diffusers-eager": "diffusers eager", "diffusers-compile": "diffusers torch.compile"}
+           "diffusers-eager": "diffusers eager", "diffusers-compile": "diffusers torch.compile",
+           "flashdiff-bf16-modulation": "flashdiff bf16: modulation Linears only"}
+_SETTING_LABELS = {"unfused": "unfused", "fused": "fused qkv", "fused-hm": "fused qkv, head-major RoPE"}
+_FLASHDIFF_KEY = re.compile(r"flashdiff-(bf16|\d+bit)(?:-(unfused|fused|fused-hm))?(-compiled|-stream)?")
+_MODE_LABELS = {"-compiled": " + mx.compile", "-stream": " + block streaming"}
+
+
+def _label(key: str, run: dict) -> str:
+    """'flashdiff bf16 (fused qkv) + mx.compile'; quantized runs name the bf16 setting they used."""
+    m = _FLASHDIFF_KEY.fullmatch(key)
+    if not m or (m.group(2) is None and not run.get("setting")):
+        return _LABELS.get(key, key)
+    prec = "bf16" if m.group(1) == "bf16" else f"{m.group(1)[:-3]}-bit"
+    setting = m.group(2) or run.get("setting")
+    return f"flashdiff {prec} ({_SETTING_LABELS.get(setting, setting)})" + _MODE_LABELS.get(m.group(3) or "", "")
+
+
+def _order(runs: dict) -> list:
+    """Table order: bf16 settings, modulation probe, quantized, diffusers; unknown keys last."""
+    settings = list(_SETTING_LABELS)
+
+    def rank(k):
+        m = _FLASHDIFF_KEY.fullmatch(k)
+        if m:
+            st = settings.index(m.group(2)) if m.group(2) in settings else -1
+            return (0 if m.group(1) == "bf16" else 2, f"{m.group(1)}{st:02d}", k)
+        return (1, "", k) if k == "flashdiff-bf16-modulation" else (3 if k.startswith("diffusers") else 4, "", k)
+    return sorted(runs, key=rank)
 
 
 def _t(run):
@@ -305,24 +383,19 @@ def _f(v, fmt="{:.3f}"):
     return fmt.format(v) if isinstance(v, (int, float)) else "—"
 
 
-def _bf16_ref(runs, key):
-    """The flashdiff bf16 run in the same mode (eager / compiled) as `key`."""
-    return runs.get("flashdiff-bf16-compiled" if key.endswith("-compiled") else "flashdiff-bf16")
-
-
-def _ratio_pair(runs, num_eager, num_compiled, den_eager, den_compiled, target):
-    """'eager 1.02×, compiled 0.98×' and whether each available ratio meets `target`."""
-    parts, oks = [], []
-    for mode, a, b in (("eager", num_eager, den_eager), ("compiled", num_compiled, den_compiled)):
-        a, b = _t(runs.get(a)), _t(runs.get(b))
-        if a and b:
-            parts.append(f"{mode} {a / b:.2f}×")
-            oks.append((mode, a / b <= target))
-    if not oks:
-        return "not measured", "—"
-    met = [m for m, ok in oks if ok]
-    verdict = "yes" if len(met) == len(oks) else ("no" if not met else f"{' & '.join(met)} only")
-    return ", ".join(parts), verdict
+def _bf16_ref(runs, key, run=None):
+    """The flashdiff bf16 run that `key` is compared with, in the same mode (eager / compiled): for a bf16
+    setting the unfused baseline, for a quantized run (or the modulation probe) bf16 with its setting."""
+    mode = "-compiled" if key.endswith("-compiled") else ""
+    m = _FLASHDIFF_KEY.fullmatch(key)
+    setting = (run or {}).get("setting")
+    if m and m.group(1) == "bf16" and m.group(2):
+        ref = "unfused"
+    else:
+        ref = setting
+    if ref and f"flashdiff-bf16-{ref}{mode}" in runs:
+        return runs[f"flashdiff-bf16-{ref}{mode}"]
+    return runs.get(f"flashdiff-bf16{mode}")  # results from before the settings existed
 
 
 def render_table(data: dict, json_path=None) -> str:
@@ -340,22 +413,23 @@ def render_table(data: dict, json_path=None) -> str:
     if json_path:
         lines += ["", f"Raw results: `{Path(json_path).as_posix()}`"]
     lines += ["", "#### Per-step transformer latency and peak memory", "",
-              "| model | implementation | s / step | × diffusers compile | × flashdiff bf16 (same mode) | peak GiB | weights GiB |",
+              "| model | implementation | s / step | × diffusers compile | × flashdiff bf16 ref (same mode) | peak GiB | weights GiB |",
               "|---|---|---:|---:|---:|---:|---:|"]
     targets = []
     for name, entry in data.get("models", {}).items():
         runs = entry.get("runs", {})
         compile_t = _t(runs.get("diffusers-compile"))
-        for key in [k for k in _LABELS if k in runs] + [k for k in runs if k not in _LABELS]:
+        for key in _order(runs):
             run = runs[key]
-            label = _LABELS.get(key, key)
+            label = _label(key, run)
             if not run.get("ok"):
                 why = "skipped" if run.get("skipped") else "failed"
                 err = str(run.get("error", "")).replace("|", "/").replace("\n", " ")[:120]
                 lines.append(f"| {name} | {label} | {why}: {err} | | | | |")
                 continue
             t = _t(run)
-            vs_bf16 = _x(t, _t(_bf16_ref(runs, key))) if key.startswith("flashdiff") else "—"
+            ref = _bf16_ref(runs, key, run) if key.startswith("flashdiff") else None
+            vs_bf16 = _x(t, _t(ref)) if ref is not run else "1.00×"
             lines.append(f"| {name} | {label} | {_f(t, '{:.4f}')} | {_x(t, compile_t)} | {vs_bf16} | "
                          f"{_f(run.get('peak_memory_gib'), '{:.2f}')} | {_f(run.get('weights_gib'), '{:.2f}')} |")
         targets += _targets(name, runs)
@@ -385,6 +459,7 @@ def render_table(data: dict, json_path=None) -> str:
         method = next((r.get("method") for r in e2e.values() if r.get("method")), None)
         if method:
             lines += ["", f"End-to-end method: {method}"]
+    lines += render_probes(data.get("probes", {}))
     if targets:
         lines += ["", "#### Issue 4 targets", "", "| model | target | measured | met |", "|---|---|---|---|"]
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets]
@@ -394,24 +469,53 @@ def render_table(data: dict, json_path=None) -> str:
 def _targets(name, runs):
     out = []
     comp = _t(runs.get("diffusers-compile"))
-    bf = {m: _t(runs.get(k)) for m, k in (("eager", "flashdiff-bf16"), ("compiled", "flashdiff-bf16-compiled"))}
-    best = [(v, m) for m, v in bf.items() if v]
+    best = [(_t(r), k) for k, r in runs.items() if (m := _FLASHDIFF_KEY.fullmatch(k)) and m.group(1) == "bf16" and _t(r)]
     if comp and best:
-        v, m = min(best)
-        out.append((name, "flashdiff bf16 ≤ 1.0× diffusers torch.compile (stretch 0.9×)", f"{v / comp:.2f}× ({m})",
-                    "yes" if v / comp <= 1.0 else "no"))
+        v, k = min(best)
+        out.append((name, "flashdiff bf16 ≤ 1.0× diffusers torch.compile (stretch 0.9×)",
+                    f"{v / comp:.2f}× ({_label(k, runs[k])})", "yes" if v / comp <= 1.0 else "no"))
     for bits, target in (("8bit", 1.05), ("4bit", 1.1)):
-        val, met = _ratio_pair(runs, f"flashdiff-{bits}", f"flashdiff-{bits}-compiled", "flashdiff-bf16",
-                               "flashdiff-bf16-compiled", target)
-        if met != "—":
-            out.append((name, f"flashdiff {bits[0]}-bit ≤ {target}× flashdiff bf16", val, met))
+        parts, oks = [], []
+        for mode in ("", "-compiled", "-stream"):
+            key = f"flashdiff-{bits}{mode}"
+            a, b = _t(runs.get(key)), _t(_bf16_ref(runs, key, runs.get(key)))
+            if a and b:
+                parts.append(f"{mode.strip('-') or 'eager'} {a / b:.2f}×")
+                oks.append((mode or "eager", a / b <= target))
+        if oks:
+            met = [m.strip("-") for m, ok in oks if ok]
+            verdict = "yes" if len(met) == len(oks) else ("no" if not met else f"{' & '.join(met)} only")
+            out.append((name, f"flashdiff {bits[0]}-bit ≤ {target}× flashdiff bf16 (same setting)", ", ".join(parts), verdict))
     for prec in ("bf16", "8bit", "4bit"):
-        ratios = [r["peak_memory_gib"] / r["weights_gib"] for k in (f"flashdiff-{prec}", f"flashdiff-{prec}-compiled")
-                  if (r := runs.get(k)) and r.get("ok") and r.get("peak_memory_gib") and r.get("weights_gib")]
+        ratios = [r["peak_memory_gib"] / r["weights_gib"] for k, r in runs.items()
+                  if (m := _FLASHDIFF_KEY.fullmatch(k)) and m.group(1) == prec
+                  and r.get("ok") and r.get("peak_memory_gib") and r.get("weights_gib")]
         if ratios:
-            out.append((name, f"flashdiff {prec} peak ≤ 1.15× weights", f"{max(ratios):.2f}× (worst mode)",
+            out.append((name, f"flashdiff {prec} peak ≤ 1.15× weights", f"{max(ratios):.2f}× (worst variant)",
                         "yes" if max(ratios) <= 1.15 else "no"))
     return out
+
+
+def render_probes(probes: dict) -> list:
+    """Markdown lines for the GEMM / attention layout probes (empty if none ran)."""
+    lines = []
+    gemm, sdpa = probes.get("gemm", {}), probes.get("sdpa", {})
+    if gemm.get("ok"):
+        lines += ["", f"#### Probe: GEMM forms ({gemm['m']} tokens × {gemm['k']} in, TFLOP/s)", "",
+                  "| out features | nn.Linear (bias epilogue) | no bias | pre-transposed weight |", "|---:|---:|---:|---:|"]
+        for shape, r in gemm["shapes"].items():
+            lines.append(f"| {shape.split('->')[1]} | {r['linear_tflops']:.4g} | {r['no_bias_tflops']:.4g} | "
+                         f"{r['pretransposed_tflops']:.4g} |")
+        rows = list(gemm["shapes"].values())
+        if len(rows) >= 2:
+            lines += ["", f"3 separate q/k/v Linears {3 * rows[0]['linear_s'] * 1e3:.3f} ms vs one fused "
+                          f"{rows[1]['linear_s'] * 1e3:.3f} ms."]
+    if sdpa.get("ok"):
+        lines += ["", f"#### Probe: RoPE + attention layout ({sdpa['heads']} heads × {sdpa['length']} tokens × "
+                      f"{sdpa['head_dim']}, output as (B, L, H·D))", "",
+                  f"RoPE then transposed views: {sdpa['rope_then_views_s'] * 1e3:.3f} ms; "
+                  f"transpose then RoPE (contiguous): {sdpa['transpose_then_rope_s'] * 1e3:.3f} ms."]
+    return lines
 
 
 def update_readme(readme, data: dict, json_path=None):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import re
 import sys
 import time
 from datetime import date
@@ -26,11 +27,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import mlx.core as mx  # noqa: E402
 
-from common import (GIB, elapsed, environment, free_all, init_random_mlx, init_random_torch, log, measure,  # noqa: E402
-                    mlx_peak_gib, mlx_reset_memory, mlx_sync, mlx_weight_bytes, time_calls, torch_device,
-                    torch_peak_gib, torch_reset_memory, torch_sync_fn, update_readme, write_json)
+from common import (GIB, elapsed, environment, free_all, gemm_probe, init_random_mlx, init_random_torch, log,  # noqa: E402
+                    measure, mlx_peak_gib, mlx_reset_memory, mlx_sync, mlx_weight_bytes, sdpa_layout_probe, time_calls,
+                    torch_device, torch_peak_gib, torch_reset_memory, torch_sync_fn, update_readme, write_json)
 
-from flashdiff.engine.quantization import QuantSpec, quantize_model  # noqa: E402
+from flashdiff.engine.quantization import QuantSpec, quantize_model, wants_block_streaming  # noqa: E402
 from flashdiff.models.flux import pipeline as flux_pipeline  # noqa: E402
 from flashdiff.models.flux.transformer import FluxTransformer, FluxTransformerConfig  # noqa: E402
 from flashdiff.models.qwen_image.transformer import QwenImageTransformer, QwenImageTransformerConfig  # noqa: E402
@@ -54,6 +55,15 @@ MODELS = {
 }
 RESOLUTION = (1024, 64)  # pixels (full, tiny); 1024² -> 4096 image tokens, 64² -> 16
 
+#: flashdiff bf16 settings measured side by side (run-time switches of the transformers):
+#: fused = one q/k/v(/MLP-in) GEMM per stream (constructor option, weight layout);
+#: head_major_rope = RoPE after the transpose to (B, H, L, Dh) instead of before (model attribute).
+SETTINGS = {
+    "unfused": dict(fused=False, head_major_rope=False),
+    "fused": dict(fused=True, head_major_rope=False),
+    "fused-hm": dict(fused=True, head_major_rope=True),
+}
+
 
 def quantization_skip(family: str) -> tuple[str, ...]:
     """The family pipeline's QUANTIZATION_SKIP; Qwen-Image has no pipeline module yet -> the FLUX rule
@@ -72,15 +82,19 @@ def quantization_skip(family: str) -> tuple[str, ...]:
 # flashdiff (MLX)
 
 
-def flashdiff_model(family: str, cfg: dict, dtype, quant: str):
-    """Random-weight model in `dtype`, quantized per `quant` ("bf16", "8", "4": affine, group 64)."""
+def flashdiff_model(family: str, cfg: dict, dtype, quant: str, setting: str | None = None):
+    """Random-weight model in `dtype`, quantized per `quant` ("bf16", "8", "4": affine, group 64), with the
+    switches of SETTINGS[setting] (None: the transformers' defaults)."""
     t0 = time.perf_counter()
+    sw = SETTINGS[setting] if setting else {}
     if family == "flux":
-        model = FluxTransformer(FluxTransformerConfig.from_dict(cfg))
+        model = FluxTransformer(FluxTransformerConfig.from_dict(cfg), fused=sw.get("fused"))
     else:
-        model = QwenImageTransformer(QwenImageTransformerConfig.from_dict(cfg))
+        model = QwenImageTransformer(QwenImageTransformerConfig.from_dict(cfg), fused=sw.get("fused"))
+    model.head_major_rope = sw.get("head_major_rope", model.head_major_rope)
     init_random_mlx(model, dtype)
-    info = {"build_s": time.perf_counter() - t0}
+    info = {"build_s": time.perf_counter() - t0, "setting": setting,
+            "switches": {"fused": model.fused, "head_major_rope": model.head_major_rope}}
     if quant != "bf16":
         t0 = time.perf_counter()
         spec = QuantSpec.make(int(quant), 64, "affine")
@@ -125,39 +139,90 @@ def flashdiff_forward(family: str, model, cfg: dict, res: int, n_txt: int, dtype
     return lambda: fn(*args)
 
 
+_MODULATION = re.compile(r"(.*\.)?(norm1|norm1_context|norm|norm_out)\.linear|.*\.(img_mod|txt_mod)\.1")
+
+
+def modulation_forward(model, dtype):
+    """Only the modulation Linears of every block (+ the output norm) on SiLU(temb): the work that
+    depends on the timestep alone, to measure its share of a forward (hoisting/batching candidates)."""
+    mods = [m for p, m in model.named_modules() if _MODULATION.fullmatch(p)]
+    cond = mx.random.normal((1, mods[0].weight.shape[1]), key=mx.random.key(5)).astype(dtype)
+    mx.eval(cond)
+    return (lambda: [m(cond) for m in mods]), len(mods)
+
+
 def run_flashdiff(results, name, spec, args, dtype):
+    """bf16 in every --settings entry (eager / compiled side by side), then the quantized precisions
+    with the fastest bf16 setting (or --quant-setting)."""
     family, res, n_txt = spec["family"], _res(args), _txt(spec, args)
     cfg = spec["tiny"] if args.tiny else spec["config"]
-    for quant in args.quant:
-        label = "flashdiff-bf16" if quant == "bf16" else f"flashdiff-{quant}bit"
-        keys = [label + ("-compiled" if m == "compile" else "") for m in args.flashdiff]
-        todo = [k for k in keys if _wanted(args, name, k)]
-        for k in [k for k in keys if k not in todo]:
-            _skip(results, k, _why_skipped(args))
-        if not todo:
-            continue
-        built = {}
+    if "bf16" in args.quant:
+        for i, setting in enumerate(args.settings):
+            _run_precision(results, name, family, cfg, res, n_txt, args, dtype, "bf16", setting,
+                           modulation=(i == 0))
+    setting = args.quant_setting
+    if setting == "auto":
+        setting = _best_setting(results, args.settings) or STATE.setdefault("best", {}).get(family) or "fused"
+    STATE.setdefault("best", {}).setdefault(family, setting)
+    log(f"  {name}: quantized variants use the bf16 setting {setting!r}")
+    for quant in [q for q in args.quant if q != "bf16"]:
+        _run_precision(results, name, family, cfg, res, n_txt, args, dtype, quant, setting)
 
-        def build():
-            if "model" not in built:
-                log(f"  building {name} {label} ({'tiny' if args.tiny else 'full size'})")
-                built["model"], built["info"] = flashdiff_model(family, cfg, dtype, quant)
-            return built["model"], built["info"]
 
-        for key in todo:
+def _best_setting(results, settings):
+    """The bf16 setting with the lowest median (compiled if measured, else eager)."""
+    timed = []
+    for st in settings:
+        for mode, rank in (("-compiled", 0), ("", 1)):
+            run = results.get(f"flashdiff-bf16-{st}{mode}", {})
+            if run.get("ok"):
+                timed.append((rank, run["median_s"], st))
+    return min(timed)[2] if timed else None
+
+
+def _run_precision(results, name, family, cfg, res, n_txt, args, dtype, quant, setting, modulation=False):
+    label = f"flashdiff-bf16-{setting}" if quant == "bf16" else f"flashdiff-{quant}bit"
+    keys = [label + ("-compiled" if m == "compile" else "") for m in args.flashdiff]
+    if quant != "bf16" and "eager" in args.flashdiff:
+        keys.append(label + "-stream")  # eager with BlockStream: what the pipeline runs on CUDA
+    if modulation and args.probes:
+        keys.append("flashdiff-bf16-modulation")
+    todo = [k for k in keys if _wanted(args, name, k)]
+    for k in [k for k in keys if k not in todo]:
+        _skip(results, k, _why_skipped(args))
+    if not todo:
+        return
+    built = {}
+
+    def build():
+        if "model" not in built:
+            log(f"  building {name} {label} [{setting}] ({'tiny' if args.tiny else 'full size'})")
+            built["model"], built["info"] = flashdiff_model(family, cfg, dtype, quant, setting)
+        return built["model"], built["info"]
+
+    for key in todo:
+
+        def one(key=key):
+            model, info = build()
+            mlx_reset_memory()
+            if key.endswith("-modulation"):
+                fn, n = modulation_forward(model, dtype)
+                stats = time_calls(fn, mlx_sync, args.warmup, args.iters)
+                return {**stats, **info, "modulation_layers": n, "peak_memory_gib": mlx_peak_gib(), "mx_compile": False}
             compiled = key.endswith("-compiled")
-
-            def one(compiled=compiled):
-                model, info = build()
-                mlx_reset_memory()
+            model.stream_blocks = key.endswith("-stream")
+            try:
                 fn = flashdiff_forward(family, model, cfg, res, n_txt, dtype, compiled)
                 stats = time_calls(fn, mlx_sync, args.warmup, args.iters)
-                return {**stats, **info, "peak_memory_gib": mlx_peak_gib(), "mx_compile": compiled}
+            finally:
+                model.stream_blocks = False
+            return {**stats, **info, "peak_memory_gib": mlx_peak_gib(), "mx_compile": compiled,
+                    "stream_blocks": key.endswith("-stream")}
 
-            measure(results, key, one)
-            save(args)
-        built.clear()
-        free_all()
+        measure(results, key, one)
+        save(args)
+    built.clear()
+    free_all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,6 +400,8 @@ def run_e2e(args, quant: str, dtype) -> dict:
     sched = FlowMatchEulerScheduler(FlowMatchEulerConfig(shift=1.0, use_dynamic_shifting=False))
 
     def denoise(model):
+        model.stream_blocks = wants_block_streaming(model)  # as the pipeline sets it
+        out["stream_blocks"] = model.stream_blocks
         latents = flux_pipeline.pack_latents(noise)
         sched.set_timesteps(steps, image_seq_len=latents.shape[1])
         rope = model.rotary_embedding(txt_ids, img_ids)
@@ -347,7 +414,9 @@ def run_e2e(args, quant: str, dtype) -> dict:
             mx.eval(latents)
         return latents
 
-    latents = stage("transformer", lambda: (flashdiff_model("flux", cfg, dtype, quant)[0],), denoise)
+    setting = STATE.get("best", {}).get("flux") if args.quant_setting == "auto" else args.quant_setting
+    out["setting"] = setting
+    latents = stage("transformer", lambda: (flashdiff_model("flux", cfg, dtype, quant, setting)[0],), denoise)
 
     def vae():
         model = AutoencoderKL(AutoencoderKLConfig.from_dict(_VAE_TINY if tiny else _VAE))
@@ -428,6 +497,12 @@ def parse_args(argv):
     p.add_argument("--tiny", action="store_true", help="tiny configs at 64x64 (CPU test); default: published sizes at 1024x1024")
     p.add_argument("--quant", default="bf16,8,4", help="flashdiff weight precisions: bf16, 8, 4 (affine, group 64)")
     p.add_argument("--flashdiff", default="eager,compile", help="flashdiff modes: eager, compile (mx.compile of the forward)")
+    p.add_argument("--settings", default=",".join(SETTINGS),
+                   help=f"flashdiff bf16 switch settings measured side by side: {', '.join(SETTINGS)}")
+    p.add_argument("--quant-setting", default="auto",
+                   help="setting for the 8/4-bit variants and the end-to-end run: auto (fastest bf16 one) or a name")
+    p.add_argument("--no-probes", dest="probes", action="store_false",
+                   help="skip the micro-probes (GEMM layouts, SDPA layouts, modulation share)")
     p.add_argument("--diffusers", default="eager,compile", help="diffusers modes: eager, compile (torch.compile); 'none' skips")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (the CPU test uses 'eager')")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
@@ -464,6 +539,10 @@ def parse_args(argv):
         if any(m not in ("eager", "compile") for m in modes):
             p.error(f"{name} takes eager and/or compile (or none), got {modes}")
     args.skip = _csv(args.skip)
+    args.settings = _csv(args.settings)
+    for st in args.settings + ([] if args.quant_setting == "auto" else [args.quant_setting]):
+        if st not in SETTINGS:
+            p.error(f"unknown setting {st!r}; choose from {', '.join(SETTINGS)}")
     if args.warmup < 0 or args.iters < 1:
         p.error("--warmup must be >= 0 and --iters >= 1")
     suffix = "-tiny" if args.tiny else ""
@@ -483,11 +562,12 @@ def main(argv=None):
     env = environment(["benchmarks/models.py", *argv])
     data = {"meta": {**env, "tiny": args.tiny, "warmup": args.warmup, "iters": args.iters,
                      "resolution": _res(args), "dtype": args.dtype, "commands": [env["command"]]},
-            "models": {}, "e2e": {}}
+            "models": {}, "e2e": {}, "probes": {}}
     if args.merge and args.out.exists():
         old = json.loads(args.out.read_text())
         data["meta"]["commands"] = old.get("meta", {}).get("commands", []) + [env["command"]]
         data["models"], data["e2e"] = old.get("models", {}), old.get("e2e", {})
+        data["probes"] = old.get("probes", {})
     STATE["data"] = data
     log(f"flashdiff model benchmark on {env['device']} (mlx {env['mlx_version']}, torch {env.get('torch_version')}, "
         f"diffusers {env.get('diffusers_version')}) -> {args.out}")
@@ -500,6 +580,14 @@ def main(argv=None):
             torch_dtype = getattr(torch, args.dtype)
         except ImportError as e:
             log(f"PyTorch unavailable ({e}); diffusers measurements will record the error")
+
+    if args.probes:  # seconds: GEMM and attention layouts at FLUX 1024² shapes
+        m, k, tok = (24, 64, 24) if args.tiny else (4608, 3072, 4608)
+        for key, fn in (("gemm", lambda: gemm_probe(m, k, dtype, args.iters)),
+                        ("sdpa", lambda: sdpa_layout_probe(2 if args.tiny else 24, tok, 32 if args.tiny else 128, dtype, args.iters))):
+            if _wanted(args, "probes", key):
+                measure(data["probes"], key, fn)
+        save(args)
 
     for name in args.models:
         spec = MODELS[name]

@@ -17,7 +17,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # noqa: E402
 import models  # noqa: E402
 
-FLASHDIFF = [f"flashdiff-{q}{m}" for q in ("bf16", "8bit", "4bit") for m in ("", "-compiled")]
+BF16 = [f"flashdiff-bf16-{s}{m}" for s in ("unfused", "fused", "fused-hm") for m in ("", "-compiled")]
+FLASHDIFF = BF16 + ["flashdiff-bf16-modulation"] + [f"flashdiff-{q}{m}" for q in ("8bit", "4bit") for m in ("", "-compiled", "-stream")]
 DIFFUSERS = ["diffusers-eager", "diffusers-compile"]
 ITERS = 2
 
@@ -59,11 +60,29 @@ def test_json_has_every_measurement(tiny_run):
             if key.startswith("flashdiff"):
                 assert _positive(run["peak_memory_gib"]), (name, key)
                 assert run["mx_compile"] == key.endswith("-compiled")
+                assert run["switches"] == models.SETTINGS[run["setting"]], (name, key)
+            if key in BF16:
+                assert key.removesuffix("-compiled") == f"flashdiff-bf16-{run['setting']}"
             if "bit" in key:
                 assert run["quantized_layers"] > 0 and run["quantization"]["group_size"] == 64, (name, key)
-        # same architecture on both sides: identical bf16 weight bytes
-        assert runs["flashdiff-bf16"]["weights_gib"] == pytest.approx(runs["diffusers-eager"]["weights_gib"], rel=1e-9)
-        assert runs["flashdiff-4bit"]["weights_gib"] < runs["flashdiff-8bit"]["weights_gib"] < runs["flashdiff-bf16"]["weights_gib"]
+                # quantized variants use the fastest bf16 setting
+                assert run["setting"] == models._best_setting(runs, list(models.SETTINGS)), (name, key)
+        # img + txt modulation per double block, one per single block, the output norm
+        cfg = entry["config"]
+        n_mod = 2 * cfg["num_layers"] + cfg.get("num_single_layers", 0) + 1
+        assert runs["flashdiff-bf16-modulation"]["modulation_layers"] == n_mod
+        # same architecture on both sides (fused or not): identical bf16 weight bytes
+        for key in BF16:
+            assert runs[key]["weights_gib"] == pytest.approx(runs["diffusers-eager"]["weights_gib"], rel=1e-9), key
+        assert runs["flashdiff-4bit"]["weights_gib"] < runs["flashdiff-8bit"]["weights_gib"] < runs["flashdiff-bf16-fused"]["weights_gib"]
+    for key, shapes in (("gemm", 4), ("sdpa", None)):
+        probe = data["probes"][key]
+        assert probe["ok"], probe.get("error")
+        if shapes:
+            assert len(probe["shapes"]) == shapes
+            assert all(_positive(v) for r in probe["shapes"].values() for v in r.values())
+        else:
+            assert _positive(probe["rope_then_views_s"]) and _positive(probe["transpose_then_rope_s"])
     for key in ("bf16", "4bit"):
         run = data["e2e"][key]
         assert run["ok"], run.get("error")
@@ -82,10 +101,17 @@ def test_readme_table_regenerated(tiny_run):
     assert readme[readme.index(end):] == original[original.index(end):]
     table = readme[readme.index(start): readme.index(end)]
     assert "Not measured yet" not in table
-    for name in data["models"]:
-        for label in ("flashdiff bf16 + mx.compile", "flashdiff 4-bit", "diffusers torch.compile"):
-            assert f"| {name} | {label} |" in table
+    for name, entry in data["models"].items():
+        best = entry["runs"]["flashdiff-4bit"]["setting"]
+        best = {"unfused": "unfused", "fused": "fused qkv", "fused-hm": "fused qkv, head-major RoPE"}[best]
+        for label in ("flashdiff bf16 (unfused)", "flashdiff bf16 (fused qkv) + mx.compile",
+                      "flashdiff bf16 (fused qkv, head-major RoPE)", "flashdiff bf16: modulation Linears only",
+                      f"flashdiff 4-bit ({best}) + mx.compile", "diffusers torch.compile"):
+            assert f"| {name} | {label} |" in table, label
+        # bf16 settings are compared with the unfused baseline of the same mode
+        assert f"| {name} | flashdiff bf16 (unfused) + mx.compile |" in table
     assert "Issue 4 targets" in table and "End to end" in table and data["meta"]["mlx_version"] in table
+    assert "Probe: GEMM forms" in table and "Probe: RoPE + attention layout" in table
     assert "failed" not in table and "skipped" not in table
 
 
@@ -111,6 +137,22 @@ def test_bad_arguments_name_the_fix():
         models.parse_args(["--models", "flux-pro"])
     with pytest.raises(SystemExit):
         models.parse_args(["--quant", "3"])
+    with pytest.raises(SystemExit):
+        models.parse_args(["--settings", "fused,turbo"])
+    with pytest.raises(SystemExit):
+        models.parse_args(["--quant-setting", "turbo"])
+
+
+def test_best_setting_prefers_compiled_and_old_results_still_render():
+    ok = lambda t: {"ok": True, "median_s": t}  # noqa: E731
+    runs = {"flashdiff-bf16-unfused": ok(0.9), "flashdiff-bf16-unfused-compiled": ok(1.0),
+            "flashdiff-bf16-fused": ok(0.5), "flashdiff-bf16-fused-compiled": ok(0.8), "flashdiff-bf16-fused-hm": ok(0.1)}
+    assert models._best_setting(runs, list(models.SETTINGS)) == "fused"  # compiled runs rank first
+    assert models._best_setting({}, list(models.SETTINGS)) is None
+    # a results file from before the settings existed (plain flashdiff-bf16 keys) still renders its ratios
+    old = {"flashdiff-bf16": ok(0.2), "flashdiff-8bit": ok(0.4), "diffusers-compile": ok(0.1)}
+    table = common.render_table({"meta": {}, "models": {"flux-dev": {"runs": old}}})
+    assert "| flux-dev | flashdiff 8-bit | 0.4000 | 4.00× | 2.00× |" in table
 
 
 def test_random_init_is_bf16_everywhere_and_bounded():

@@ -4,6 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
 from helpers import assert_close, torch_state_to_mx
 
 from flashdiff.models.flux.bfl import bfl_to_diffusers, config_from_bfl
@@ -36,10 +37,10 @@ def _torch_model(guidance: bool):
     return m
 
 
-def _mx_model(tm, dtype=mx.float32):
+def _mx_model(tm, dtype=mx.float32, fused=True):
     cfg = FluxTransformerConfig.from_dict(dict(tm.config))
-    model = FluxTransformer(cfg)
-    weights = FluxTransformer.sanitize(torch_state_to_mx(tm.state_dict()))
+    model = FluxTransformer(cfg, fused=fused)
+    weights = model.sanitize(torch_state_to_mx(tm.state_dict()))
     model.load_weights(list(weights.items()), strict=True)
     if dtype != mx.float32:
         model.set_dtype(dtype)
@@ -77,12 +78,16 @@ def _reference(tm, inp, guidance):
         return tm(**kw, return_dict=False)[0]
 
 
+FUSED = pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+
+
+@FUSED
 @pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
-def test_parity_with_diffusers(guidance):
+def test_parity_with_diffusers(guidance, fused):
     tm = _torch_model(guidance)
     inp = _inputs()
     ref = _reference(tm, inp, guidance)
-    model = _mx_model(tm)
+    model = _mx_model(tm, fused=fused)
     out = model(**_to_mx(inp, guidance))
     # Measured max abs error: 1.0e-4 (dev) / 2.4e-5 (schnell) on outputs of magnitude ~4. The dev
     # excess comes from the guidance sinusoid: g*1000 = 3500 rad in fp32 (ulp 2.4e-4), where a one-ulp
@@ -90,11 +95,14 @@ def test_parity_with_diffusers(guidance):
     assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_precomputed_rope_and_compile_match():
+@FUSED
+@pytest.mark.parametrize("head_major_rope", [False, True], ids=["blhd", "bhld"])
+def test_precomputed_rope_and_compile_match(fused, head_major_rope):
     tm = _torch_model(True)
     inp = _inputs()
     ref = _reference(tm, inp, True)
-    model = _mx_model(tm)
+    model = _mx_model(tm, fused=fused)
+    model.head_major_rope = head_major_rope
     x = _to_mx(inp, True)
     rope = model.rotary_embedding(x["txt_ids"], x["img_ids"])
     # The usual MLX pattern: weights are captured state, every per-step tensor is an argument.
@@ -107,7 +115,8 @@ def test_precomputed_rope_and_compile_match():
     assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_bf16_close_to_diffusers_bf16():
+@FUSED
+def test_bf16_close_to_diffusers_bf16(fused):
     """bf16 weights and activations, compared with diffusers run in bf16 (and with fp32).
 
     diffusers casts the timestep to the activation dtype before multiplying by 1000, so in bf16
@@ -122,7 +131,7 @@ def test_bf16_close_to_diffusers_bf16():
     acts = ("hidden_states", "encoder_hidden_states", "pooled_projections")
     bf = {k: v.to(torch.bfloat16) if k in acts else v for k, v in inp.items()}
     ref = _reference(tm.to(torch.bfloat16), bf, True).float().numpy()
-    model = _mx_model(_torch_model(True), mx.bfloat16)
+    model = _mx_model(_torch_model(True), mx.bfloat16, fused=fused)
     out = model(**_to_mx(inp, True))
     assert out.dtype == mx.bfloat16
     a = np.array(out.astype(mx.float32))
@@ -203,8 +212,9 @@ def _diffusers_to_bfl(sd: dict, n_double: int, n_single: int, prefix: str = "") 
     return out
 
 
+@FUSED
 @pytest.mark.parametrize("guidance,prefix", [(True, ""), (False, "model.diffusion_model.")])
-def test_bfl_mapping_roundtrip(guidance, prefix):
+def test_bfl_mapping_roundtrip(guidance, prefix, fused):
     tm = _torch_model(guidance)
     sd = tm.state_dict()
     bfl = torch_state_to_mx(_diffusers_to_bfl(sd, TINY["num_layers"], TINY["num_single_layers"], prefix))
@@ -221,8 +231,8 @@ def test_bfl_mapping_roundtrip(guidance, prefix):
     assert cfg == {"_class_name": "FluxTransformer2DModel", **TINY, "guidance_embeds": guidance}
 
     # sanitize() recognises BFL keys and the loaded model matches diffusers.
-    model = FluxTransformer(FluxTransformerConfig.from_dict(cfg))
-    model.load_weights(list(FluxTransformer.sanitize(bfl).items()), strict=True)
+    model = FluxTransformer(FluxTransformerConfig.from_dict(cfg), fused=fused)
+    model.load_weights(list(model.sanitize(bfl).items()), strict=True)
     inp = _inputs()
     assert_close(model(**_to_mx(inp, guidance)), _reference(tm, inp, guidance), atol=1e-4, rtol=1e-4)
 
@@ -248,3 +258,74 @@ def test_bfl_rejects_non_flux_files():
     with pytest.raises(ValueError, match="not mapped"):
         bfl_to_diffusers(bfl)
     assert "double_blocks.0.lora_A.weight" not in bfl_to_diffusers(bfl, strict=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused layout: sanitize / to_checkpoint are exact inverses, also for quantized layers, and a
+# quantized fused model saved in diffusers names reloads (fused or not) to the same outputs.
+
+QCFG = {**TINY, "in_channels": 64, "attention_head_dim": 32, "axes_dims_rope": [8, 12, 12],
+        "joint_attention_dim": 64, "pooled_projection_dim": 64, "guidance_embeds": True}
+
+
+def _q_inputs():
+    k = mx.random.split(mx.random.key(4), 3)
+    return dict(hidden_states=mx.random.normal((1, 12, 64), key=k[0]),
+                encoder_hidden_states=mx.random.normal((1, 5, 64), key=k[1]),
+                pooled_projections=mx.random.normal((1, 64), key=k[2]), timestep=mx.array([0.4]),
+                img_ids=mx.array(_inputs(1)["img_ids"].numpy()), txt_ids=mx.zeros((5, 3)), guidance=mx.array([3.0]))
+
+
+def test_to_checkpoint_inverts_sanitize():
+    sd = torch_state_to_mx(_torch_model(True).state_dict())
+    for fused in (True, False):
+        model = FluxTransformer(FluxTransformerConfig.from_dict({**TINY, "guidance_embeds": True}), fused=fused)
+        params = model.sanitize(sd)
+        assert ("transformer_blocks.0.attn.to_qkv.weight" in params) == fused
+        assert ("single_transformer_blocks.1.attn.to_qkv_mlp_proj.bias" in params) == fused
+        model.load_weights(list(params.items()), strict=True)
+        back = FluxTransformer.to_checkpoint(dict(tree_flatten(model.parameters())))
+        assert sorted(back) == sorted(sd)
+        for k in sd:
+            np.testing.assert_array_equal(np.array(back[k]), np.array(sd[k]), err_msg=k)
+        # sanitize accepts its own output (already fused / unfused weights) unchanged
+        again = model.sanitize(params)
+        assert sorted(again) == sorted(params)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_fused_save_reload(tmp_path, bits):
+    from functools import partial
+
+    from flashdiff.engine.components import build_model, load_component, save_component
+    from flashdiff.engine.quantization import QuantSpec, quantize_model
+    from flashdiff.engine.weights import load_folder
+    from flashdiff.models.flux.pipeline import QUANTIZATION_SKIP
+
+    spec = QuantSpec.make(bits, 32)
+    mx.random.seed(3)
+    model = FluxTransformer(FluxTransformerConfig.from_dict(QCFG), fused=True)
+    unfused = FluxTransformer(FluxTransformerConfig.from_dict(QCFG), fused=False)
+    sd = FluxTransformer.to_checkpoint(dict(tree_flatten(model.parameters())))
+    unfused.load_weights(list(unfused.sanitize(sd).items()), strict=True)
+    assert quantize_model(model, spec, QUANTIZATION_SKIP) > 0
+    quantize_model(unfused, spec, QUANTIZATION_SKIP)
+    kinds = {p: type(m).__name__ for p, m in model.named_modules()}
+    assert kinds["transformer_blocks.0.attn.to_qkv"] == kinds["single_transformer_blocks.0.attn.to_qkv_mlp_proj"] == "QuantizedLinear"
+    assert kinds["x_embedder"] == kinds["proj_out"] == "Linear"
+    x = _q_inputs()
+    ref = model(**x)
+    assert_close(unfused(**x), ref, atol=1e-5, rtol=1e-5)  # same quantized rows, fused or not
+
+    folder = tmp_path / "transformer"
+    save_component(model, QCFG, folder, spec, to_checkpoint=model.to_checkpoint)
+    saved = load_folder(folder)
+    assert "transformer_blocks.0.attn.to_q.scales" in saved and "single_transformer_blocks.1.proj_mlp.biases" in saved
+    assert not any("to_qkv" in k for k in saved)  # diffusers names on disk
+    reloaded = load_component(partial(FluxTransformer, fused=True), FluxTransformerConfig, folder, mx.float32,
+                              name="transformer")
+    assert reloaded.fused and np.array_equal(np.array(reloaded(**x)), np.array(ref))
+    config = {**QCFG, "quantization": spec.to_dict()}
+    plain = build_model(partial(FluxTransformer, fused=False), FluxTransformerConfig, config, load_folder(folder),
+                        mx.float32, name="transformer")
+    assert_close(plain(**x), ref, atol=1e-5, rtol=1e-5)

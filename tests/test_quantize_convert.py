@@ -79,3 +79,14 @@ def test_quantize_model_skips_layers_that_do_not_fit_the_group():
     assert quantize_model(model, QuantSpec.make(4, 64)) == 1
     assert isinstance(model.layers[0], nn.QuantizedLinear)
     assert isinstance(model.layers[1], nn.Linear) and isinstance(model.layers[2], nn.Linear)
+
+
+def test_block_streaming_does_not_change_the_output(demo):
+    model = Pipeline.from_pretrained(str(demo), dtype="float32", quantize=4, group_size=32).transformer()
+    x = mx.random.normal((1, 16, 64), key=mx.random.key(1))
+    ctx, pooled = mx.random.normal((1, 8, 64), key=mx.random.key(2)), mx.random.normal((1, 64), key=mx.random.key(3))
+    args = (x, ctx, pooled, mx.array([0.5]), mx.zeros((16, 3)), mx.zeros((8, 3)))
+    plain = model(*args)
+    model.stream_blocks = True
+    streamed = model(*args)
+    assert np.array_equal(np.array(plain), np.array(streamed))

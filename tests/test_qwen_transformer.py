@@ -29,7 +29,10 @@ DUMMY = dict(
 )
 
 
-def build(cfg=DUMMY, dtype=torch.float32):
+FUSED = pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+
+
+def build(cfg=DUMMY, dtype=torch.float32, fused=True):
     torch.manual_seed(0)
     ref = QwenImageTransformer2DModel(**cfg).eval()
     # Default init for matrices; perturb norm weights (init 1) and biases so every parameter matters.
@@ -41,7 +44,7 @@ def build(cfg=DUMMY, dtype=torch.float32):
                 p.copy_(torch.randn_like(p) * 0.1)
     ref = ref.to(dtype)
     config = QwenImageTransformerConfig.from_dict(json.loads(json.dumps({**cfg, "_class_name": "x"})))
-    ours = QwenImageTransformer(config)
+    ours = QwenImageTransformer(config, fused=fused)
     ours.load_weights(list(ours.sanitize(torch_state_to_mx(ref.state_dict())).items()), strict=True)
     if dtype != torch.float32:
         ours.set_dtype({torch.bfloat16: mx.bfloat16, torch.float16: mx.float16}[dtype])
@@ -67,9 +70,10 @@ def run_both(ref, ours, x, c, mask, t, img_shapes, **kw):
     return got, want
 
 
+@FUSED
 @pytest.mark.parametrize("grid", [(1, 4, 4), (1, 3, 5), (1, 4, 6)])
-def test_parity_no_mask(grid):
-    ref, ours = build()
+def test_parity_no_mask(grid, fused):
+    ref, ours = build(fused=fused)
     x, c, t = inputs(2, grid, 7)
     got, want = run_both(ref, ours, x, c, None, t, [[grid]] * 2)
     assert got.shape == (2, grid[0] * grid[1] * grid[2], 16)
@@ -87,9 +91,12 @@ def test_parity_full_mask_and_old_img_shapes_style():
     assert_close(got_nomask, want, atol=1e-4, rtol=1e-4)
 
 
-def test_parity_padded_batch():
+@FUSED
+@pytest.mark.parametrize("head_major_rope", [False, True], ids=["blhd", "bhld"])
+def test_parity_padded_batch(fused, head_major_rope):
     """Two prompts of valid lengths 7 and 3, right-padded to 7 (as the pipeline builds them)."""
-    ref, ours = build()
+    ref, ours = build(fused=fused)
+    ours.head_major_rope = head_major_rope
     grid = (1, 4, 6)
     x, c, t = inputs(2, grid, 7)
     mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4], dtype=torch.long)
@@ -106,9 +113,10 @@ def test_parity_padded_batch():
     assert_close(derived, want, atol=1e-4, rtol=1e-4)
 
 
-def test_parity_multi_image_and_precomputed_rope():
+@FUSED
+def test_parity_multi_image_and_precomputed_rope(fused):
     """Edit-style img_shapes: two images in one sample (frame index 0 and 1), RoPE tables passed in."""
-    ref, ours = build()
+    ref, ours = build(fused=fused)
     shapes = [(1, 4, 4), (1, 2, 6)]
     L_img = 16 + 12
     torch.manual_seed(1)
@@ -134,12 +142,13 @@ def test_rope_positions_match_diffusers_tables():
     assert sorted(set(pos[L_txt:, 1].tolist())) == [-2, -1, 0]
 
 
-def test_bf16_smoke():
+@FUSED
+def test_bf16_smoke(fused):
     """bf16 weights and activations on both sides (the timestep is rounded to bf16 on both, as diffusers does).
     bf16 keeps 8 mantissa bits (~4e-3 relative) and the two implementations round at different points (fused
     norms in fp32, GELU, matmul accumulation) through 2 blocks of residual updates. Each side is ~5% (of max
     |output|) away from its own fp32 result; against each other they agree to ~0.4%, so we require < 2%."""
-    ref, ours = build(dtype=torch.bfloat16)
+    ref, ours = build(dtype=torch.bfloat16, fused=fused)
     grid = (1, 4, 4)
     x, c, t = inputs(2, grid, 5)
     mask = torch.tensor([[1] * 5, [1] * 2 + [0] * 3])
@@ -179,3 +188,50 @@ def test_parity_additional_t_cond():
     got = ours(mx.array(x.numpy()), mx.array(c.numpy()), None, mx.array(t.numpy()), [[grid]] * 2,
                additional_t_cond=mx.array(cond.numpy()))
     assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_fused_layout_roundtrip_and_quantized_reload(tmp_path, bits):
+    """sanitize / to_checkpoint are exact inverses; a quantized fused model saved in diffusers names
+    reloads (fused or not) to the same output. dim 64 so that the attention layers get quantized."""
+    from functools import partial
+
+    from mlx.utils import tree_flatten
+
+    from flashdiff.engine.components import build_model, load_component, save_component
+    from flashdiff.engine.quantization import QuantSpec, quantize_model
+    from flashdiff.engine.weights import load_folder
+    from flashdiff.models.qwen_image.pipeline import QUANTIZATION_SKIP
+
+    cfg = {**DUMMY, "in_channels": 64, "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 64,
+           "axes_dims_rope": (8, 12, 12)}
+    mx.random.seed(2)
+    model = QwenImageTransformer(QwenImageTransformerConfig.from_dict(cfg), fused=True)
+    sd = QwenImageTransformer.to_checkpoint(dict(tree_flatten(model.parameters())))
+    assert "transformer_blocks.1.attn.add_v_proj.bias" in sd and not any("qkv" in k for k in sd)
+    params = model.sanitize(sd)
+    assert sorted(params) == sorted(dict(tree_flatten(model.parameters())))
+    unfused = QwenImageTransformer(QwenImageTransformerConfig.from_dict(cfg), fused=False)
+    unfused.load_weights(list(unfused.sanitize(params).items()), strict=True)  # fused weights split on load
+    back = QwenImageTransformer.to_checkpoint(dict(tree_flatten(unfused.parameters())))
+    assert sorted(back) == sorted(sd) and all(np.array_equal(np.array(back[k]), np.array(sd[k])) for k in sd)
+
+    k = mx.random.split(mx.random.key(5), 2)
+    x, c = mx.random.normal((1, 16, 64), key=k[0]), mx.random.normal((1, 5, 64), key=k[1])
+    args = (x, c, None, mx.array([0.3]), [[(1, 4, 4)]])
+    if bits is None:
+        assert_close(unfused(*args), model(*args), atol=1e-5, rtol=1e-5)
+        return
+    spec = QuantSpec.make(bits, 32)
+    quantize_model(model, spec, QUANTIZATION_SKIP)
+    assert type(model.transformer_blocks[0].attn.to_added_qkv).__name__ == "QuantizedLinear"
+    ref = model(*args)
+    folder = tmp_path / "transformer"
+    save_component(model, cfg, folder, spec, to_checkpoint=model.to_checkpoint)
+    assert "transformer_blocks.0.attn.to_q.scales" in load_folder(folder)
+    reloaded = load_component(partial(QwenImageTransformer, fused=True), QwenImageTransformerConfig, folder, mx.float32,
+                              name="transformer")
+    assert reloaded.fused and np.array_equal(np.array(reloaded(*args)), np.array(ref))
+    plain = build_model(partial(QwenImageTransformer, fused=False), QwenImageTransformerConfig,
+                        {**cfg, "quantization": spec.to_dict()}, load_folder(folder), mx.float32, name="transformer")
+    assert_close(plain(*args), ref, atol=1e-5, rtol=1e-5)

@@ -5,6 +5,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels import attention
+
 
 def timestep_sinusoid(
     t: mx.array,
@@ -75,3 +77,100 @@ def apply_rope_interleaved(x: mx.array, cos: mx.array, sin: mx.array) -> mx.arra
     x0, x1 = xf[..., 0], xf[..., 1]
     out = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
     return out.reshape(shape).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused projections and joint attention, shared by the MMDiT transformers (FLUX, Qwen-Image, ...).
+
+_LINEAR_KEYS = ("weight", "scales", "biases", "bias")  # nn.Linear and nn.QuantizedLinear parameter names
+
+
+def fuse_linears(weights: dict, fused: str, parts) -> dict:
+    """Concatenate the Linear layers `parts` (key prefixes) along their output rows into `fused`.
+
+    Exact for plain and quantized layers alike (weight / scales / biases rows are output features).
+    Changes `weights` in place and returns it; does nothing if none of the parts is present.
+    """
+    present = [p for p in parts if f"{p}.weight" in weights]
+    if not present:
+        return weights
+    if len(present) != len(parts):
+        missing = [f"{p}.weight" for p in parts if p not in present]
+        raise ValueError(f"cannot build the fused layer {fused}: missing {', '.join(missing)}; the checkpoint is incomplete")
+    for s in _LINEAR_KEYS:
+        have = [f"{p}.{s}" in weights for p in parts]
+        if not any(have):
+            continue
+        if not all(have):
+            raise ValueError(
+                f"cannot build the fused layer {fused}: only some of {', '.join(parts)} have a `{s}` "
+                "(mixing quantized and unquantized, or biased and bias-free layers); re-convert the checkpoint"
+            )
+        weights[f"{fused}.{s}"] = mx.concatenate([weights.pop(f"{p}.{s}") for p in parts], axis=0)
+    return weights
+
+
+def split_linear(weights: dict, fused: str, parts, sizes) -> dict:
+    """Exact inverse of `fuse_linears`: split `fused` into `parts` with `sizes` output rows each."""
+    for s in _LINEAR_KEYS:
+        w = weights.pop(f"{fused}.{s}", None)
+        if w is None:
+            continue
+        if w.shape[0] != sum(sizes):
+            raise ValueError(f"{fused}.{s} has {w.shape[0]} rows, expected {sum(sizes)} = {' + '.join(map(str, sizes))}")
+        start = 0
+        for p, n in zip(parts, sizes):
+            weights[f"{p}.{s}"] = w[start : start + n]
+            start += n
+    return weights
+
+
+@mx.compile
+def _rope_fp32(x, cos, sin):
+    return apply_rope_interleaved(x, cos, sin)
+
+
+def rope_attention(q, k, v, cos, sin, scale: float, mask=None, head_major_rope: bool = False):
+    """Interleaved RoPE on q, k then attention; q, k, v (B, L, H, Dh); cos, sin (L, Dh/2) or (L, 1, Dh/2).
+
+    Returns (B, L, H * Dh). Two equivalent layouts (same numbers):
+    - head_major_rope=False (default): RoPE in (B, L, H, Dh), then q/k/v go to attention as transposed
+      views. MLX's CUDA SDPA (cuDNN) takes strided inputs and allocates its output in q's memory
+      layout, so the output is (B, L, H, Dh) in memory and the final reshape is free: no copies.
+    - head_major_rope=True: transpose first and apply RoPE in (B, H, L, Dh), so q, k reach attention
+      contiguous; the output is then head-major and the final transpose + reshape copies it.
+    """
+    B, L, H, Dh = q.shape
+    cos, sin = cos.reshape(L, Dh // 2), sin.reshape(L, Dh // 2)
+    if head_major_rope:
+        q = _rope_fp32(q.transpose(0, 2, 1, 3), cos, sin)
+        k = _rope_fp32(k.transpose(0, 2, 1, 3), cos, sin)
+    else:
+        cos, sin = cos[:, None], sin[:, None]
+        q = _rope_fp32(q, cos, sin).transpose(0, 2, 1, 3)
+        k = _rope_fp32(k, cos, sin).transpose(0, 2, 1, 3)
+    out = attention(q, k, v.transpose(0, 2, 1, 3), scale, mask)
+    return out.transpose(0, 2, 1, 3).reshape(B, L, H * Dh)
+
+
+class BlockStream:
+    """Keeps at most two transformer blocks queued on the GPU during an eager forward pass.
+
+    MLX's host thread can queue many blocks ahead of the GPU; with quantized weights each queued
+    layer holds a dequantized scratch until the GPU reaches it, so the peak grows towards the bf16
+    size. Calling `stream(x, ...)` after each block starts evaluating that block's outputs
+    (async) and waits for the previous block's, so the GPU never idles and memory stays bounded.
+    Disabled (a no-op) unless `enabled`; must not be used inside mx.compile.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.previous = ()
+
+    def __call__(self, *arrays):
+        if not self.enabled:
+            return
+        mx.async_eval(*arrays)
+        if self.previous:
+            mx.eval(*self.previous)
+        self.previous = arrays

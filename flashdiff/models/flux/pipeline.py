@@ -14,7 +14,7 @@ from tqdm import tqdm
 from ...engine.components import build_model, copy_folder, load_component, save_component
 from ...engine.errors import FlashdiffError
 from ...engine.pipeline import GenerationParams, Pipeline
-from ...engine.quantization import QuantSpec
+from ...engine.quantization import QuantSpec, wants_block_streaming
 from ...engine.schedulers import FlowMatchEulerScheduler
 from ...engine.weights import load_folder, load_safetensors, read_json, read_safetensors_header, write_json_atomic
 from ..clip import CLIPTextConfig, CLIPTextModel
@@ -120,6 +120,7 @@ class FluxPipeline(Pipeline):
                 weights = load_folder(self.root / "transformer")
             self._transformer = build_model(FluxTransformer, FluxTransformerConfig, config, weights, self.dtype,
                                             name="transformer", quantize=self.quantize, skip=QUANTIZATION_SKIP)
+            self._transformer.stream_blocks = wants_block_streaming(self._transformer)
         return self._transformer
 
     def vae(self) -> AutoencoderKL:
@@ -214,7 +215,8 @@ class FluxPipeline(Pipeline):
                     self.release_text_encoders()
             elif step == "transformer":
                 model = self.transformer()
-                save_component(model, self.transformer_config(), folder / step, self.quantize)
+                save_component(model, self.transformer_config(), folder / step, self.quantize,
+                               to_checkpoint=model.to_checkpoint)
                 self._transformer = None
                 mx.clear_cache()
             else:

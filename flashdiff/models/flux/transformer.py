@@ -2,24 +2,34 @@
 `FluxTransformer2DModel` (diffusers/models/transformers/transformer_flux.py).
 
 Parameter names are the diffusers state-dict keys, so a diffusers `transformer/` checkpoint loads
-with `model.load_weights(list(FluxTransformer.sanitize(weights).items()))`. BFL single-file
+with `model.load_weights(list(model.sanitize(weights).items()))`. BFL single-file
 checkpoints (flux1-dev.safetensors) are recognised by `sanitize` and mapped through `bfl.py`.
 
-Layouts: tokens are (B, L, C) packed latents exactly as the diffusers pipeline passes them; inside
-attention q, k, v are (B, H, L, Dh). The joint sequence order is [text, image].
+Layouts: tokens are (B, L, C) packed latents exactly as the diffusers pipeline passes them; q, k, v
+are produced as (B, L, H, Dh) and handed to attention as (B, H, L, Dh) views (common.rope_attention).
+The joint sequence order is [text, image]. With fused=True (see FUSED_DEFAULT) the q/k/v projections
+are fused: `sanitize` concatenates diffusers' to_q/to_k/to_v (etc.) and `to_checkpoint` splits them back.
 """
 
+import re
 from dataclasses import dataclass, field, fields
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ...kernels import attention
-from ..common import TextProjection, TimestepEmbedding, rope_angles, timestep_sinusoid
+from ..common import (BlockStream, TextProjection, TimestepEmbedding, fuse_linears, rope_angles, rope_attention, split_linear,
+                      timestep_sinusoid)
 from .bfl import bfl_to_diffusers, is_bfl_flux
 
 _NORM_EPS = 1e-6  # LayerNorms (no affine) and q/k RMSNorms all use 1e-6 in FLUX
+
+#: Default of FluxTransformer(config, fused=...). fused=True: one Linear per stream for q/k/v (double
+#: blocks) and one for q/k/v/MLP-in (single blocks, BFL's `linear1`), so each stream runs one large
+#: GEMM; parity-tested like the unfused layout. Off until the H200 benchmark (flashdiff-bf16-fused vs
+#: -unfused) confirms the gain: tests/test_quantize_convert.py and tests/test_qwen_pipeline.py look up
+#: the unfused module names (attn.to_q, proj_mlp) and need the fused names when this is flipped.
+FUSED_DEFAULT = False
 
 
 @dataclass
@@ -80,20 +90,6 @@ def _gelu_tanh(x):
     return nn.gelu_approx(x.astype(mx.float32)).astype(x.dtype)
 
 
-@mx.compile
-def _rope(x, cos, sin):
-    """Rotate interleaved pairs; x (B, L, H, Dh), cos/sin (L, 1, Dh/2) float32.
-
-    Same math as common.apply_rope_interleaved (fp32 compute, result in x.dtype), laid out for
-    the (B, L, H, Dh) tensors used here so no transpose is needed before the rotation.
-    """
-    shape = x.shape
-    xf = x.astype(mx.float32).reshape(*shape[:-1], shape[-1] // 2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
-    return out.reshape(shape).astype(x.dtype)
-
-
 def _split(x, n):
     """(B, n*D) modulation vector -> n arrays of shape (B, 1, D)."""
     return mx.split(x[:, None, :], n, axis=-1)
@@ -137,77 +133,100 @@ class FeedForward(nn.Module):
 
 
 class FluxAttention(nn.Module):
-    """Projections and q/k norms of diffusers' FluxAttention; the attention itself is `_attend`."""
+    """Projections and q/k norms of diffusers' FluxAttention; the attention itself is `rope_attention`.
 
-    def __init__(self, dim: int, heads: int, head_dim: int, dual: bool):
+    fused=True replaces to_q/to_k/to_v by one `to_qkv` and add_*_proj by one `to_added_qkv` (diffusers'
+    `fuse_qkv_projections` names); in a single block (dual=False) q/k/v and the block's proj_mlp become
+    one `to_qkv_mlp_proj` (BFL's `linear1`, diffusers FLUX.2's name), rows [q, k, v, mlp].
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, dual: bool, fused: bool = False, mlp_dim: int = 0):
         super().__init__()
-        self.heads, self.head_dim = heads, head_dim
+        self.heads, self.head_dim, self.fused = heads, head_dim, fused
         inner = heads * head_dim
         self.norm_q = nn.RMSNorm(head_dim, eps=_NORM_EPS)
         self.norm_k = nn.RMSNorm(head_dim, eps=_NORM_EPS)
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(dim, inner)
-        self.to_v = nn.Linear(dim, inner)
+        if not fused:
+            self.to_q = nn.Linear(dim, inner)
+            self.to_k = nn.Linear(dim, inner)
+            self.to_v = nn.Linear(dim, inner)
+        elif dual:
+            self.to_qkv = nn.Linear(dim, 3 * inner)
+        else:
+            self.to_qkv_mlp_proj = nn.Linear(dim, 3 * inner + mlp_dim)
         if dual:
             self.to_out = [nn.Linear(inner, dim), nn.Identity()]
             self.norm_added_q = nn.RMSNorm(head_dim, eps=_NORM_EPS)
             self.norm_added_k = nn.RMSNorm(head_dim, eps=_NORM_EPS)
-            self.add_q_proj = nn.Linear(dim, inner)
-            self.add_k_proj = nn.Linear(dim, inner)
-            self.add_v_proj = nn.Linear(dim, inner)
+            if fused:
+                self.to_added_qkv = nn.Linear(dim, 3 * inner)
+            else:
+                self.add_q_proj = nn.Linear(dim, inner)
+                self.add_k_proj = nn.Linear(dim, inner)
+                self.add_v_proj = nn.Linear(dim, inner)
             self.to_add_out = nn.Linear(inner, dim)
 
     def _heads(self, x):
         B, L, _ = x.shape
         return x.reshape(B, L, self.heads, self.head_dim)
 
+    def _split_qkv(self, t, norm_q, norm_k):
+        """(B, L, 3*H*Dh) fused projection (or a column slice of one) -> normed q, k and v (B, L, H, Dh)."""
+        B, L, _ = t.shape
+        t = t.reshape(B, L, 3, self.heads, self.head_dim)
+        return norm_q(t[:, :, 0]), norm_k(t[:, :, 1]), t[:, :, 2]
+
     def qkv(self, x):
-        """(B, L, D) -> q, k, v each (B, L, H, Dh), q and k RMS-normed per head."""
+        """(B, L, D) -> q, k, v each (B, L, H, Dh), q and k RMS-normed per head (double blocks)."""
+        if self.fused:
+            return self._split_qkv(self.to_qkv(x), self.norm_q, self.norm_k)
         q = self.norm_q(self._heads(self.to_q(x)))
         k = self.norm_k(self._heads(self.to_k(x)))
         return q, k, self._heads(self.to_v(x))
 
     def added_qkv(self, c):
+        if self.fused:
+            return self._split_qkv(self.to_added_qkv(c), self.norm_added_q, self.norm_added_k)
         q = self.norm_added_q(self._heads(self.add_q_proj(c)))
         k = self.norm_added_k(self._heads(self.add_k_proj(c)))
         return q, k, self._heads(self.add_v_proj(c))
 
-
-def _attend(q, k, v, cos, sin, scale):
-    """RoPE + attention on (B, L, H, Dh) inputs; returns (B, L, H*Dh)."""
-    B, L, H, Dh = q.shape
-    q = _rope(q, cos, sin).transpose(0, 2, 1, 3)
-    k = _rope(k, cos, sin).transpose(0, 2, 1, 3)
-    out = attention(q, k, v.transpose(0, 2, 1, 3), scale)
-    return out.transpose(0, 2, 1, 3).reshape(B, L, H * Dh)
+    def qkv_mlp(self, x, proj_mlp=None):
+        """Single blocks: (q, k, v), MLP pre-activation, from one fused GEMM or four separate ones."""
+        if self.fused:
+            t = self.to_qkv_mlp_proj(x)
+            n = 3 * self.heads * self.head_dim
+            return self._split_qkv(t[..., :n], self.norm_q, self.norm_k), t[..., n:]
+        return self.qkv(x), proj_mlp(x)
 
 
 class FluxTransformerBlock(nn.Module):
     """Double-stream block: separate weights for text and image, joint attention over [text, image]."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int):
+    def __init__(self, dim: int, heads: int, head_dim: int, fused: bool = False):
         super().__init__()
         self.norm1 = AdaNormLinear(dim, 6)
         self.norm1_context = AdaNormLinear(dim, 6)
-        self.attn = FluxAttention(dim, heads, head_dim, dual=True)
+        self.attn = FluxAttention(dim, heads, head_dim, dual=True, fused=fused)
         self.ff = FeedForward(dim)
         self.ff_context = FeedForward(dim)
         self.scale = head_dim**-0.5
 
-    def __call__(self, x, c, cond, cos, sin):
+    def __call__(self, x, c, cond, cos, sin, head_major_rope=False):
         shift, scale, gate, shift_m, scale_m, gate_m = _split(self.norm1(cond), 6)
         c_shift, c_scale, c_gate, c_shift_m, c_scale_m, c_gate_m = _split(self.norm1_context(cond), 6)
 
         q, k, v = self.attn.qkv(_modulate(x, shift, scale))
         cq, ck, cv = self.attn.added_qkv(_modulate(c, c_shift, c_scale))
         Lc = c.shape[1]
-        out = _attend(
+        out = rope_attention(
             mx.concatenate([cq, q], axis=1),
             mx.concatenate([ck, k], axis=1),
             mx.concatenate([cv, v], axis=1),
             cos,
             sin,
             self.scale,
+            head_major_rope=head_major_rope,
         )
         c_attn, x_attn = out[:, :Lc], out[:, Lc:]
 
@@ -221,21 +240,21 @@ class FluxTransformerBlock(nn.Module):
 class FluxSingleTransformerBlock(nn.Module):
     """Single-stream block on the joint [text, image] sequence: parallel attention and MLP."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0, fused: bool = False):
         super().__init__()
+        mlp_dim = int(dim * mlp_ratio)
         self.norm = AdaNormLinear(dim, 3)
-        self.proj_mlp = nn.Linear(dim, int(dim * mlp_ratio))
-        self.proj_out = nn.Linear(dim + int(dim * mlp_ratio), dim)
-        self.attn = FluxAttention(dim, heads, head_dim, dual=False)
+        if not fused:
+            self.proj_mlp = nn.Linear(dim, mlp_dim)
+        self.proj_out = nn.Linear(dim + mlp_dim, dim)
+        self.attn = FluxAttention(dim, heads, head_dim, dual=False, fused=fused, mlp_dim=mlp_dim)
         self.scale = head_dim**-0.5
 
-    def __call__(self, h, cond, cos, sin):
+    def __call__(self, h, cond, cos, sin, head_major_rope=False):
         shift, scale, gate = _split(self.norm(cond), 3)
-        n = _modulate(h, shift, scale)
-        q, k, v = self.attn.qkv(n)
-        a = _attend(q, k, v, cos, sin, self.scale)
-        m = _gelu_tanh(self.proj_mlp(n))
-        return _gated_add(h, gate, self.proj_out(mx.concatenate([a, m], axis=-1)))
+        (q, k, v), m = self.attn.qkv_mlp(_modulate(h, shift, scale), getattr(self, "proj_mlp", None))
+        a = rope_attention(q, k, v, cos, sin, self.scale, head_major_rope=head_major_rope)
+        return _gated_add(h, gate, self.proj_out(mx.concatenate([a, _gelu_tanh(m)], axis=-1)))
 
 
 class TimeTextEmbed(nn.Module):
@@ -257,19 +276,31 @@ class TimeTextEmbed(nn.Module):
 
 
 class FluxTransformer(nn.Module):
-    def __init__(self, config: FluxTransformerConfig):
+    """FLUX.1 transformer.
+
+    fused (constructor; default FUSED_DEFAULT): fused q/k/v(/MLP-in) projections, see FluxAttention.
+    `sanitize` turns diffusers (or BFL) checkpoints into this layout and `to_checkpoint` turns
+    parameters back into diffusers names, so saved folders stay diffusers-compatible either way.
+    head_major_rope (attribute, default False; read at call/trace time): see common.rope_attention.
+    """
+
+    def __init__(self, config: FluxTransformerConfig, fused: bool | None = None):
         super().__init__()
         self.config = config
+        self.fused = FUSED_DEFAULT if fused is None else bool(fused)
+        self.head_major_rope = False
+        self.stream_blocks = False  # see common.BlockStream; set by the pipeline for quantized models on CUDA
         c = config
         dim = c.inner_dim
         self.time_text_embed = TimeTextEmbed(dim, c.pooled_projection_dim, c.guidance_embeds)
         self.context_embedder = nn.Linear(c.joint_attention_dim, dim)
         self.x_embedder = nn.Linear(c.in_channels, dim)
         self.transformer_blocks = [
-            FluxTransformerBlock(dim, c.num_attention_heads, c.attention_head_dim) for _ in range(c.num_layers)
+            FluxTransformerBlock(dim, c.num_attention_heads, c.attention_head_dim, fused=self.fused)
+            for _ in range(c.num_layers)
         ]
         self.single_transformer_blocks = [
-            FluxSingleTransformerBlock(dim, c.num_attention_heads, c.attention_head_dim)
+            FluxSingleTransformerBlock(dim, c.num_attention_heads, c.attention_head_dim, fused=self.fused)
             for _ in range(c.num_single_layers)
         ]
         self.norm_out = AdaNormLinear(dim, 2)
@@ -328,14 +359,18 @@ class FluxTransformer(nn.Module):
 
         x = self.x_embedder(hidden_states.astype(dt))
         c = self.context_embedder(encoder_hidden_states.astype(dt))
+        hm = self.head_major_rope
+        stream = BlockStream(self.stream_blocks)
         for block in self.transformer_blocks:
-            x, c = block(x, c, cond, cos, sin)
+            x, c = block(x, c, cond, cos, sin, hm)
+            stream(x, c)
 
         # Single blocks run on the joint sequence; diffusers re-concatenates and re-splits it in
         # every block, which is the same thing done once here.
         h = mx.concatenate([c, x], axis=1)
         for block in self.single_transformer_blocks:
-            h = block(h, cond, cos, sin)
+            h = block(h, cond, cos, sin, hm)
+            stream(h)
         x = h[:, L_txt:]
 
         scale, shift = _split(self.norm_out(cond), 2)  # AdaLayerNormContinuous: scale first
@@ -361,9 +396,13 @@ class FluxTransformer(nn.Module):
         if not cfg.guidance_embeds and guidance is not None:
             raise ValueError("this FLUX model has no guidance embedding (e.g. schnell): pass guidance=None")
 
-    @staticmethod
-    def sanitize(weights: dict) -> dict:
-        """diffusers keys pass through; BFL single-file keys are mapped first; unused keys dropped."""
+    def sanitize(self, weights: dict) -> dict:
+        """diffusers keys (or BFL single-file keys, mapped first) -> this model's parameters.
+
+        Unused keys are dropped; q/k/v(/proj_mlp) are concatenated into the fused layers when the
+        model is fused, and fused-layout weights are split when it is not. Quantized layers
+        (weight/scales/biases) are fused and split along output rows like plain ones.
+        """
         if is_bfl_flux(weights):
             weights = bfl_to_diffusers(weights)
         tops = (
@@ -375,7 +414,47 @@ class FluxTransformer(nn.Module):
             "norm_out.",
             "proj_out.",
         )
-        return {k: v for k, v in weights.items() if k.startswith(tops)}
+        weights = {k: v for k, v in weights.items() if k.startswith(tops)}
+        if not self.fused:
+            return self.to_checkpoint(weights)
+        for fused, parts in _fusion_groups(weights):
+            fuse_linears(weights, fused, parts)
+        return weights
+
+    @staticmethod
+    def to_checkpoint(weights: dict) -> dict:
+        """Parameters (fused or not, quantized or not) -> diffusers key names (fused layers split).
+
+        Sizes come from the weights themselves: the output rows of a layer are the same quantized
+        or not (`to_qkv` rows = 3 * inner; `to_qkv_mlp_proj` rows - 3 * dim = MLP width, where dim
+        is the row count of the block's proj_out).
+        """
+        weights = dict(weights)
+        for key in [k for k in weights if k.endswith((".attn.to_qkv.weight", ".attn.to_added_qkv.weight"))]:
+            fused = key[: -len(".weight")]
+            a = fused.rsplit(".", 1)[0] + "."
+            names = ("to_q", "to_k", "to_v") if fused.endswith(".to_qkv") else ("add_q_proj", "add_k_proj", "add_v_proj")
+            split_linear(weights, fused, [a + n for n in names], [weights[key].shape[0] // 3] * 3)
+        for key in [k for k in weights if k.endswith(".attn.to_qkv_mlp_proj.weight")]:
+            b = key[: -len("attn.to_qkv_mlp_proj.weight")]
+            if b + "proj_out.weight" not in weights:
+                raise ValueError(f"{key} needs {b}proj_out.weight to infer the hidden size; the weights are incomplete")
+            dim = weights[b + "proj_out.weight"].shape[0]
+            parts = [b + "attn.to_q", b + "attn.to_k", b + "attn.to_v", b + "proj_mlp"]
+            split_linear(weights, b + "attn.to_qkv_mlp_proj", parts, [dim] * 3 + [weights[key].shape[0] - 3 * dim])
+        return weights
+
+
+def _fusion_groups(weights: dict):
+    """(fused name, diffusers layer names) for every block whose unfused q projection is in `weights`."""
+    for key in list(weights):
+        if m := re.fullmatch(r"(transformer_blocks\.\d+\.attn\.)to_q\.weight", key):
+            a = m.group(1)
+            yield a + "to_qkv", [a + "to_q", a + "to_k", a + "to_v"]
+            yield a + "to_added_qkv", [a + "add_q_proj", a + "add_k_proj", a + "add_v_proj"]
+        elif m := re.fullmatch(r"(single_transformer_blocks\.\d+\.)attn\.to_q\.weight", key):
+            b = m.group(1)
+            yield b + "attn.to_qkv_mlp_proj", [b + "attn.to_q", b + "attn.to_k", b + "attn.to_v", b + "proj_mlp"]
 
 
 def _ids2d(ids, name):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ...engine.components import copy_folder, load_component, save_component
 from ...engine.errors import FlashdiffError
 from ...engine.pipeline import GenerationParams, Pipeline
-from ...engine.quantization import QuantSpec
+from ...engine.quantization import QuantSpec, wants_block_streaming
 from ...engine.schedulers import FlowMatchEulerScheduler
 from ...engine.weights import read_json, write_json_atomic
 from ..flux.pipeline import pack_latents, unpack_latents_nhwc
@@ -92,6 +92,7 @@ class QwenImagePipeline(Pipeline):
             self._transformer = load_component(QwenImageTransformer, QwenImageTransformerConfig, self.root / "transformer",
                                                self.dtype, name="transformer", quantize=self.quantize,
                                                skip=QUANTIZATION_SKIP)
+            self._transformer.stream_blocks = wants_block_streaming(self._transformer)
         return self._transformer
 
     def vae(self) -> WanVAE:
@@ -213,7 +214,8 @@ class QwenImagePipeline(Pipeline):
                 save_component(self.text_encoder(), read_json(self.root / step / "config.json"), folder / step, self.quantize)
                 self.release_text_encoders()
             elif step == "transformer":
-                save_component(self.transformer(), self.transformer_config, folder / step, self.quantize)
+                save_component(self.transformer(), self.transformer_config, folder / step, self.quantize,
+                               to_checkpoint=QwenImageTransformer.to_checkpoint)
                 self._transformer = None
                 mx.clear_cache()
             else:

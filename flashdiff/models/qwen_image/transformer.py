@@ -23,14 +23,21 @@ Semantics kept from diffusers:
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from flashdiff.kernels import attention
-from flashdiff.models.common import TimestepEmbedding, apply_rope_interleaved, rope_angles, timestep_sinusoid
+from ..common import (BlockStream, TimestepEmbedding, fuse_linears, rope_angles, rope_attention, split_linear,
+                      timestep_sinusoid)
+
+#: Default of QwenImageTransformer(config, fused=...). fused=True: one Linear for q/k/v per stream
+#: (`attn.to_qkv`, `attn.to_added_qkv`), one large GEMM instead of three. Off until the H200 benchmark
+#: confirms the gain (see FUSED_DEFAULT in models/flux/transformer.py).
+FUSED_DEFAULT = False
 
 
 @dataclass
@@ -66,6 +73,22 @@ class QwenImageTransformerConfig:
         return self.out_channels or self.in_channels
 
 
+# Element-wise helpers compiled once each, so that eager mode runs each as one kernel (the ops and
+# dtypes are exactly the unfused ones; inside an outer mx.compile they are simply inlined).
+_gelu_tanh = mx.compile(nn.gelu_approx, shapeless=True)
+
+
+@mx.compile
+def _gated_add(x, gate, y):
+    return x + gate * y
+
+
+@lru_cache
+def _modulate(eps: float):
+    """LayerNorm (no affine) then x * (1 + scale) + shift, as one compiled function per eps."""
+    return mx.compile(lambda x, shift, scale: mx.fast.layer_norm(x, None, None, eps) * (1 + scale) + shift)
+
+
 class FeedForward(nn.Module):
     """diffusers FeedForward(activation_fn="gelu-approximate"): net.0.proj -> GELU(tanh) -> net.2."""
 
@@ -77,23 +100,31 @@ class FeedForward(nn.Module):
         self.net = [proj, nn.Identity(), nn.Linear(dim * mult, dim)]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.net[2](nn.gelu_approx(self.net[0].proj(x)))
+        return self.net[2](_gelu_tanh(self.net[0].proj(x)))
 
 
 class JointAttention(nn.Module):
-    """Projections and qk-norms of diffusers' Attention as used by QwenDoubleStreamAttnProcessor2_0."""
+    """Projections and qk-norms of diffusers' Attention as used by QwenDoubleStreamAttnProcessor2_0.
 
-    def __init__(self, dim: int, heads: int, head_dim: int, eps: float):
+    fused=True holds q/k/v of each stream in one Linear: `to_qkv` (image) and `to_added_qkv` (text),
+    rows [q, k, v] (diffusers' fuse_qkv_projections names).
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, eps: float, fused: bool = False):
         super().__init__()
-        self.heads, self.head_dim = heads, head_dim
+        self.heads, self.head_dim, self.fused = heads, head_dim, fused
         self.scale = head_dim**-0.5
         inner = heads * head_dim
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(dim, inner)
-        self.to_v = nn.Linear(dim, inner)
-        self.add_q_proj = nn.Linear(dim, inner)
-        self.add_k_proj = nn.Linear(dim, inner)
-        self.add_v_proj = nn.Linear(dim, inner)
+        if fused:
+            self.to_qkv = nn.Linear(dim, 3 * inner)
+            self.to_added_qkv = nn.Linear(dim, 3 * inner)
+        else:
+            self.to_q = nn.Linear(dim, inner)
+            self.to_k = nn.Linear(dim, inner)
+            self.to_v = nn.Linear(dim, inner)
+            self.add_q_proj = nn.Linear(dim, inner)
+            self.add_k_proj = nn.Linear(dim, inner)
+            self.add_v_proj = nn.Linear(dim, inner)
         self.norm_q = nn.RMSNorm(head_dim, eps=eps)
         self.norm_k = nn.RMSNorm(head_dim, eps=eps)
         self.norm_added_q = nn.RMSNorm(head_dim, eps=eps)
@@ -101,57 +132,60 @@ class JointAttention(nn.Module):
         self.to_out = [nn.Linear(inner, dim)]
         self.to_add_out = nn.Linear(inner, dim)
 
-    def __call__(self, x, c, cos, sin, mask):
-        """x: image (B, Li, D), c: text (B, Lt, D); cos/sin: (Lt + Li, head_dim/2) in [text, image] order."""
-        B, Li, _ = x.shape
-        Lt = c.shape[1]
+    def _qkv(self, x, fused: str, unfused: tuple, norm_q, norm_k):
+        """(B, L, D) -> RMS-normed q, k and v, each (B, L, H, Dh), from the fused or the separate layers."""
+        B, L, _ = x.shape
         H, Dh = self.heads, self.head_dim
+        if self.fused:
+            t = self[fused](x).reshape(B, L, 3, H, Dh)
+            q, k, v = t[:, :, 0], t[:, :, 1], t[:, :, 2]
+        else:
+            q, k, v = (self[name](x).reshape(B, L, H, Dh) for name in unfused)
+        return norm_q(q), norm_k(k), v
 
-        def split_heads(t, L):
-            return t.reshape(B, L, H, Dh)
-
-        q = mx.concatenate(
-            [self.norm_added_q(split_heads(self.add_q_proj(c), Lt)), self.norm_q(split_heads(self.to_q(x), Li))], axis=1
-        )
-        k = mx.concatenate(
-            [self.norm_added_k(split_heads(self.add_k_proj(c), Lt)), self.norm_k(split_heads(self.to_k(x), Li))], axis=1
-        )
-        v = mx.concatenate([split_heads(self.add_v_proj(c), Lt), split_heads(self.to_v(x), Li)], axis=1)
-        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, L, Dh)
+    def __call__(self, x, c, cos, sin, mask, head_major_rope=False):
+        """x: image (B, Li, D), c: text (B, Lt, D); cos/sin: (Lt + Li, head_dim/2) in [text, image] order."""
+        Lt = c.shape[1]
+        q, k, v = self._qkv(x, "to_qkv", ("to_q", "to_k", "to_v"), self.norm_q, self.norm_k)
+        cq, ck, cv = self._qkv(c, "to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"),
+                               self.norm_added_q, self.norm_added_k)
         # One rotation over the joint sequence == diffusers' separate text / image rotations.
-        q = apply_rope_interleaved(q, cos, sin)
-        k = apply_rope_interleaved(k, cos, sin)
-        out = attention(q, k, v, self.scale, mask).transpose(0, 2, 1, 3).reshape(B, Lt + Li, H * Dh)
+        out = rope_attention(
+            mx.concatenate([cq, q], axis=1),
+            mx.concatenate([ck, k], axis=1),
+            mx.concatenate([cv, v], axis=1),
+            cos,
+            sin,
+            self.scale,
+            mask,
+            head_major_rope=head_major_rope,
+        )
         return self.to_out[0](out[:, Lt:]), self.to_add_out(out[:, :Lt])
 
 
 class QwenImageTransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, head_dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, heads: int, head_dim: int, eps: float = 1e-6, fused: bool = False):
         super().__init__()
         self.eps = eps
         # img_mod / txt_mod are Sequential(SiLU, Linear) in diffusers: index 0 has no parameters.
         self.img_mod = [nn.Identity(), nn.Linear(dim, 6 * dim)]
         self.txt_mod = [nn.Identity(), nn.Linear(dim, 6 * dim)]
-        self.attn = JointAttention(dim, heads, head_dim, eps)
+        self.attn = JointAttention(dim, heads, head_dim, eps, fused)
         self.img_mlp = FeedForward(dim)
         self.txt_mlp = FeedForward(dim)
 
-    def _norm(self, x):
-        return mx.fast.layer_norm(x, None, None, self.eps)
-
-    def __call__(self, x, c, silu_temb, cos, sin, mask):
+    def __call__(self, x, c, silu_temb, cos, sin, mask, head_major_rope=False):
         """x: (B, Li, D), c: (B, Lt, D), silu_temb: SiLU(temb) (B, D) shared by all blocks."""
         # (shift, scale, gate) for norm1, then for norm2; each (B, 1, D).
         i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = mx.split(self.img_mod[1](silu_temb)[:, None], 6, axis=-1)
         t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = mx.split(self.txt_mod[1](silu_temb)[:, None], 6, axis=-1)
+        mod = _modulate(self.eps)
 
-        img_attn, txt_attn = self.attn(
-            self._norm(x) * (1 + i_sc1) + i_sh1, self._norm(c) * (1 + t_sc1) + t_sh1, cos, sin, mask
-        )
-        x = x + i_g1 * img_attn
-        c = c + t_g1 * txt_attn
-        x = x + i_g2 * self.img_mlp(self._norm(x) * (1 + i_sc2) + i_sh2)
-        c = c + t_g2 * self.txt_mlp(self._norm(c) * (1 + t_sc2) + t_sh2)
+        img_attn, txt_attn = self.attn(mod(x, i_sh1, i_sc1), mod(c, t_sh1, t_sc1), cos, sin, mask, head_major_rope)
+        x = _gated_add(x, i_g1, img_attn)
+        c = _gated_add(c, t_g1, txt_attn)
+        x = _gated_add(x, i_g2, self.img_mlp(mod(x, i_sh2, i_sc2)))
+        c = _gated_add(c, t_g2, self.txt_mlp(mod(c, t_sh2, t_sc2)))
         if x.dtype == mx.float16:  # diffusers clips fp16 activations to avoid inf
             x = mx.clip(x, -65504, 65504)
             c = mx.clip(c, -65504, 65504)
@@ -188,7 +222,7 @@ class AdaLayerNormContinuous(nn.Module):
 
     def __call__(self, x: mx.array, silu_cond: mx.array) -> mx.array:
         scale, shift = mx.split(self.linear(silu_cond).astype(x.dtype)[:, None], 2, axis=-1)
-        return mx.fast.layer_norm(x, None, None, self.eps) * (1 + scale) + shift
+        return _modulate(self.eps)(x, shift, scale)
 
 
 def _normalize_img_shapes(img_shapes) -> list[tuple[int, int, int]]:
@@ -230,8 +264,18 @@ def qwen_rope_positions(shapes: list[tuple[int, int, int]], txt_len: int) -> mx.
 
 
 class QwenImageTransformer(nn.Module):
-    def __init__(self, config: QwenImageTransformerConfig):
+    """Qwen-Image MMDiT.
+
+    fused (constructor; default FUSED_DEFAULT): fused q/k/v projections per stream, see JointAttention.
+    `sanitize` turns diffusers checkpoints into this layout, `to_checkpoint` gives diffusers names back.
+    head_major_rope (attribute, default False; read at call/trace time): see common.rope_attention.
+    """
+
+    def __init__(self, config: QwenImageTransformerConfig, fused: bool | None = None):
         super().__init__()
+        self.fused = FUSED_DEFAULT if fused is None else bool(fused)
+        self.head_major_rope = False
+        self.stream_blocks = False  # see common.BlockStream; set by the pipeline for quantized models on CUDA
         if config.zero_cond_t or config.use_layer3d_rope:
             raise NotImplementedError(
                 "zero_cond_t / use_layer3d_rope (variant options of newer checkpoints) are not implemented; "
@@ -248,7 +292,7 @@ class QwenImageTransformer(nn.Module):
         self.img_in = nn.Linear(config.in_channels, D)
         self.txt_in = nn.Linear(config.joint_attention_dim, D)
         self.transformer_blocks = [
-            QwenImageTransformerBlock(D, config.num_attention_heads, config.attention_head_dim, config.eps)
+            QwenImageTransformerBlock(D, config.num_attention_heads, config.attention_head_dim, config.eps, self.fused)
             for _ in range(config.num_layers)
         ]
         self.norm_out = AdaLayerNormContinuous(D, eps=1e-6)
@@ -347,15 +391,36 @@ class QwenImageTransformer(nn.Module):
 
         n_ctrl = len(controlnet_block_samples) if controlnet_block_samples is not None else 0
         interval = -(-len(self.transformer_blocks) // n_ctrl) if n_ctrl else 0
+        stream = BlockStream(self.stream_blocks)
         for i, block in enumerate(self.transformer_blocks):
-            x, c = block(x, c, silu_temb, cos, sin, mask)
+            x, c = block(x, c, silu_temb, cos, sin, mask, self.head_major_rope)
+            stream(x, c)
             if n_ctrl:
                 x = x + controlnet_block_samples[i // interval]
 
         return self.proj_out(self.norm_out(x, silu_temb))
 
-    @staticmethod
-    def sanitize(weights: dict) -> dict:
-        """Diffusers keys load as-is; strip a ComfyUI ``model.diffusion_model.`` prefix if present."""
+    def sanitize(self, weights: dict) -> dict:
+        """Diffusers keys -> this model's parameters: strip a ComfyUI ``model.diffusion_model.`` prefix,
+        concatenate q/k/v into the fused layers when the model is fused (split fused weights when it is
+        not). Quantized layers (weight/scales/biases) are fused and split along output rows too."""
         prefix = "model.diffusion_model."
-        return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in weights.items()}
+        weights = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in weights.items()}
+        if not self.fused:
+            return self.to_checkpoint(weights)
+        for key in [k for k in weights if re.fullmatch(r"transformer_blocks\.\d+\.attn\.to_q\.weight", k)]:
+            a = key[: -len("to_q.weight")]
+            fuse_linears(weights, a + "to_qkv", [a + "to_q", a + "to_k", a + "to_v"])
+            fuse_linears(weights, a + "to_added_qkv", [a + "add_q_proj", a + "add_k_proj", a + "add_v_proj"])
+        return weights
+
+    @staticmethod
+    def to_checkpoint(weights: dict) -> dict:
+        """Parameters (fused or not, quantized or not) -> diffusers key names (fused layers split in 3)."""
+        weights = dict(weights)
+        for key in [k for k in weights if k.endswith((".attn.to_qkv.weight", ".attn.to_added_qkv.weight"))]:
+            fused = key[: -len(".weight")]
+            a = fused.rsplit(".", 1)[0] + "."
+            names = ("to_q", "to_k", "to_v") if fused.endswith(".to_qkv") else ("add_q_proj", "add_k_proj", "add_v_proj")
+            split_linear(weights, fused, [a + n for n in names], [weights[key].shape[0] // 3] * 3)
+        return weights
