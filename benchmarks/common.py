@@ -344,8 +344,9 @@ _LABELS = {"flashdiff-bf16": "flashdiff bf16", "flashdiff-bf16-compiled": "flash
            "diffusers-eager": "diffusers eager", "diffusers-compile": "diffusers torch.compile",
            "flashdiff-bf16-modulation": "flashdiff bf16: modulation Linears only"}
 _SETTING_LABELS = {"unfused": "unfused", "fused": "fused qkv", "fused-hm": "fused qkv, head-major RoPE"}
-_FLASHDIFF_KEY = re.compile(r"flashdiff-(bf16|\d+bit)(?:-(unfused|fused|fused-hm))?(-compiled|-stream)?")
-_MODE_LABELS = {"-compiled": " + mx.compile", "-stream": " + block streaming"}
+_FLASHDIFF_KEY = re.compile(r"flashdiff-(bf16|\d+bit)(?:-(unfused|fused|fused-hm))?(-compiled|-stream|-blocks)?")
+_MODE_LABELS = {"-compiled": " + mx.compile", "-stream": " + block streaming",
+                "-blocks": " + per-block compile & streaming"}
 
 
 def _label(key: str, run: dict) -> str:
@@ -386,7 +387,7 @@ def _f(v, fmt="{:.3f}"):
 def _bf16_ref(runs, key, run=None):
     """The flashdiff bf16 run that `key` is compared with, in the same mode (eager / compiled): for a bf16
     setting the unfused baseline, for a quantized run (or the modulation probe) bf16 with its setting."""
-    mode = "-compiled" if key.endswith("-compiled") else ""
+    mode = next((sfx for sfx in ("-compiled", "-blocks") if key.endswith(sfx)), "")
     m = _FLASHDIFF_KEY.fullmatch(key)
     setting = (run or {}).get("setting")
     if m and m.group(1) == "bf16" and m.group(2):
@@ -476,7 +477,7 @@ def _targets(name, runs):
                     f"{v / comp:.2f}× ({_label(k, runs[k])})", "yes" if v / comp <= 1.0 else "no"))
     for bits, target in (("8bit", 1.05), ("4bit", 1.1)):
         parts, oks = [], []
-        for mode in ("", "-compiled", "-stream"):
+        for mode in ("", "-compiled", "-stream", "-blocks"):
             key = f"flashdiff-{bits}{mode}"
             a, b = _t(runs.get(key)), _t(_bf16_ref(runs, key, runs.get(key)))
             if a and b:

@@ -31,7 +31,8 @@ from common import (GIB, elapsed, environment, free_all, gemm_probe, init_random
                     measure, mlx_peak_gib, mlx_reset_memory, mlx_sync, mlx_weight_bytes, sdpa_layout_probe, time_calls,
                     torch_device, torch_peak_gib, torch_reset_memory, torch_sync_fn, update_readme, write_json)
 
-from flashdiff.engine.quantization import QuantSpec, quantize_model, wants_block_streaming  # noqa: E402
+from flashdiff.engine.components import configure_execution  # noqa: E402
+from flashdiff.engine.quantization import QuantSpec, quantize_model  # noqa: E402
 from flashdiff.models.flux import pipeline as flux_pipeline  # noqa: E402
 from flashdiff.models.flux.transformer import FluxTransformer, FluxTransformerConfig  # noqa: E402
 from flashdiff.models.qwen_image.transformer import QwenImageTransformer, QwenImageTransformerConfig  # noqa: E402
@@ -182,9 +183,10 @@ def _best_setting(results, settings):
 
 def _run_precision(results, name, family, cfg, res, n_txt, args, dtype, quant, setting, modulation=False):
     label = f"flashdiff-bf16-{setting}" if quant == "bf16" else f"flashdiff-{quant}bit"
-    keys = [label + ("-compiled" if m == "compile" else "") for m in args.flashdiff]
+    suffix = {"eager": "", "compile": "-compiled", "blocks": "-blocks"}
+    keys = [label + suffix[m] for m in args.flashdiff]
     if quant != "bf16" and "eager" in args.flashdiff:
-        keys.append(label + "-stream")  # eager with BlockStream: what the pipeline runs on CUDA
+        keys.append(label + "-stream")  # eager with BlockStream
     if modulation and args.probes:
         keys.append("flashdiff-bf16-modulation")
     todo = [k for k in keys if _wanted(args, name, k)]
@@ -210,14 +212,16 @@ def _run_precision(results, name, family, cfg, res, n_txt, args, dtype, quant, s
                 stats = time_calls(fn, mlx_sync, args.warmup, args.iters)
                 return {**stats, **info, "modulation_layers": n, "peak_memory_gib": mlx_peak_gib(), "mx_compile": False}
             compiled = key.endswith("-compiled")
-            model.stream_blocks = key.endswith("-stream")
+            blocks = key.endswith("-blocks")  # compiled per block type + BlockStream: the pipelines' GPU mode
+            model.stream_blocks = blocks or key.endswith("-stream")
+            model.compile_blocks = blocks
             try:
                 fn = flashdiff_forward(family, model, cfg, res, n_txt, dtype, compiled)
                 stats = time_calls(fn, mlx_sync, args.warmup, args.iters)
             finally:
-                model.stream_blocks = False
+                model.stream_blocks = model.compile_blocks = False
             return {**stats, **info, "peak_memory_gib": mlx_peak_gib(), "mx_compile": compiled,
-                    "stream_blocks": key.endswith("-stream")}
+                    "stream_blocks": blocks or key.endswith("-stream"), "compile_blocks": blocks}
 
         measure(results, key, one)
         save(args)
@@ -400,8 +404,8 @@ def run_e2e(args, quant: str, dtype) -> dict:
     sched = FlowMatchEulerScheduler(FlowMatchEulerConfig(shift=1.0, use_dynamic_shifting=False))
 
     def denoise(model):
-        model.stream_blocks = wants_block_streaming(model)  # as the pipeline sets it
-        out["stream_blocks"] = model.stream_blocks
+        configure_execution(model)  # as the pipeline sets it
+        out["stream_blocks"], out["compile_blocks"] = model.stream_blocks, model.compile_blocks
         latents = flux_pipeline.pack_latents(noise)
         sched.set_timesteps(steps, image_seq_len=latents.shape[1])
         rope = model.rotary_embedding(txt_ids, img_ids)
@@ -496,7 +500,9 @@ def parse_args(argv):
     p.add_argument("--models", default="flux-dev,flux-schnell,qwen-image", help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--tiny", action="store_true", help="tiny configs at 64x64 (CPU test); default: published sizes at 1024x1024")
     p.add_argument("--quant", default="bf16,8,4", help="flashdiff weight precisions: bf16, 8, 4 (affine, group 64)")
-    p.add_argument("--flashdiff", default="eager,compile", help="flashdiff modes: eager, compile (mx.compile of the forward)")
+    p.add_argument("--flashdiff", default="eager,compile,blocks",
+                   help="flashdiff modes: eager, compile (mx.compile of the forward), blocks (per-block compile + "
+                        "streaming, the pipelines' GPU mode)")
     p.add_argument("--settings", default=",".join(SETTINGS),
                    help=f"flashdiff bf16 switch settings measured side by side: {', '.join(SETTINGS)}")
     p.add_argument("--quant-setting", default="auto",
@@ -535,9 +541,10 @@ def parse_args(argv):
         if q not in ("bf16", "8", "4"):
             p.error(f"--quant/--e2e-quant take bf16, 8 or 4, got {q!r}")
     args.flashdiff, args.diffusers = _csv(args.flashdiff), _csv(args.diffusers)
-    for name, modes in (("--flashdiff", args.flashdiff), ("--diffusers", args.diffusers)):
-        if any(m not in ("eager", "compile") for m in modes):
-            p.error(f"{name} takes eager and/or compile (or none), got {modes}")
+    for name, modes, allowed in (("--flashdiff", args.flashdiff, ("eager", "compile", "blocks")),
+                                 ("--diffusers", args.diffusers, ("eager", "compile"))):
+        if any(m not in allowed for m in modes):
+            p.error(f"{name} takes {', '.join(allowed)} (or none), got {modes}")
     args.skip = _csv(args.skip)
     args.settings = _csv(args.settings)
     for st in args.settings + ([] if args.quant_setting == "auto" else [args.quant_setting]):

@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # noqa: E402
 import models  # noqa: E402
 
-BF16 = [f"flashdiff-bf16-{s}{m}" for s in ("unfused", "fused", "fused-hm") for m in ("", "-compiled")]
-FLASHDIFF = BF16 + ["flashdiff-bf16-modulation"] + [f"flashdiff-{q}{m}" for q in ("8bit", "4bit") for m in ("", "-compiled", "-stream")]
+BF16 = [f"flashdiff-bf16-{s}{m}" for s in ("unfused", "fused", "fused-hm") for m in ("", "-compiled", "-blocks")]
+FLASHDIFF = BF16 + ["flashdiff-bf16-modulation"] + [f"flashdiff-{q}{m}" for q in ("8bit", "4bit") for m in ("", "-compiled", "-blocks", "-stream")]
 DIFFUSERS = ["diffusers-eager", "diffusers-compile"]
 ITERS = 2
 
@@ -62,7 +62,8 @@ def test_json_has_every_measurement(tiny_run):
                 assert run["mx_compile"] == key.endswith("-compiled")
                 assert run["switches"] == models.SETTINGS[run["setting"]], (name, key)
             if key in BF16:
-                assert key.removesuffix("-compiled") == f"flashdiff-bf16-{run['setting']}"
+                assert key.removesuffix("-compiled").removesuffix("-blocks") == f"flashdiff-bf16-{run['setting']}"
+                assert run["compile_blocks"] == key.endswith("-blocks")
             if "bit" in key:
                 assert run["quantized_layers"] > 0 and run["quantization"]["group_size"] == 64, (name, key)
                 # quantized variants use the fastest bf16 setting

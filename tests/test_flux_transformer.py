@@ -329,3 +329,15 @@ def test_quantized_fused_save_reload(tmp_path, bits):
     plain = build_model(partial(FluxTransformer, fused=False), FluxTransformerConfig, config, load_folder(folder),
                         mx.float32, name="transformer")
     assert_close(plain(**x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
+def test_compiled_blocks_with_streaming_match_diffusers(guidance):
+    """The GPU execution mode (one compiled trace per block type + BlockStream) against diffusers."""
+    tm = _torch_model(guidance)
+    inp = _inputs()
+    ref = _reference(tm, inp, guidance)
+    model = _mx_model(tm, fused=True)
+    model.compile_blocks = model.stream_blocks = True
+    for _ in range(2):  # the second call replays the cached traces
+        assert_close(model(**_to_mx(inp, guidance)), ref, atol=1e-4, rtol=1e-4)

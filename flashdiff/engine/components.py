@@ -1,6 +1,7 @@
 """Building a model component from a config dict and a weights dict (diffusers layout or our own)."""
 
 import gc
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -71,6 +72,20 @@ def load_component(model_cls, config_cls, folder: Path, dtype: mx.Dtype, *, name
         raise FlashdiffError(f"the model has no {name} folder ({folder}); the download is incomplete or the path is wrong")
     config = read_json(folder / "config.json")
     return build_model(model_cls, config_cls, config, load_folder(folder), dtype, name=name, quantize=quantize, skip=skip)
+
+
+def configure_execution(model: nn.Module) -> nn.Module:
+    """How a transformer runs its blocks. On a GPU: each block type is compiled once (fused
+    elementwise kernels, a cached graph) and blocks are evaluated as a stream, two in flight, so
+    activations and quantized-weight scratch of the whole forward never pile up (see
+    models/common.BlockStream and compiled_block_fn; benchmarks/README.md has the H200 numbers).
+    On the CPU blocks run eagerly. FLASHDIFF_COMPILE=0 forces eager execution everywhere."""
+    gpu = mx.default_device() == mx.gpu and os.environ.get("FLASHDIFF_COMPILE", "1") != "0"
+    if hasattr(model, "compile_blocks"):
+        model.compile_blocks = gpu
+    if hasattr(model, "stream_blocks"):
+        model.stream_blocks = gpu
+    return model
 
 
 def model_weights(model: nn.Module) -> dict:

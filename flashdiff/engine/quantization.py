@@ -116,9 +116,3 @@ def _set_module(root: nn.Module, path: str, new: nn.Module):
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
 
-
-def wants_block_streaming(model: nn.Module) -> bool:
-    """Quantized transformers on CUDA dequantize each layer into a scratch buffer; stream the blocks
-    (models/common.BlockStream) so only two blocks' scratch is alive at once. Metal uses MLX's
-    quantized_matmul (no scratch) and the CPU evaluates in order, so neither needs it."""
-    return is_quantized(model) and mx.cuda.is_available()

@@ -174,3 +174,20 @@ class BlockStream:
         if self.previous:
             mx.eval(*self.previous)
         self.previous = arrays
+
+
+def compiled_block_fn(template: nn.Module, *static):
+    """One mx.compile trace that runs any block shaped like `template`, its weights passed as inputs:
+    `fn(block.parameters(), *arrays)` == `block(*arrays, *static)`. Lets a forward pass compile each
+    block type once (fused elementwise kernels, cached graph) while still evaluating block by block
+    (BlockStream), which a whole-model mx.compile cannot do."""
+
+    def apply(params, *arrays):
+        saved = template.parameters()
+        template.update(params)
+        try:
+            return template(*arrays, *static)
+        finally:
+            template.update(saved)
+
+    return mx.compile(apply)

@@ -11,10 +11,10 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from ...engine.components import build_model, copy_folder, load_component, save_component
+from ...engine.components import configure_execution, build_model, copy_folder, load_component, save_component
 from ...engine.errors import FlashdiffError
 from ...engine.pipeline import GenerationParams, Pipeline
-from ...engine.quantization import QuantSpec, wants_block_streaming
+from ...engine.quantization import QuantSpec
 from ...engine.schedulers import FlowMatchEulerScheduler
 from ...engine.weights import load_folder, load_safetensors, read_json, read_safetensors_header, write_json_atomic
 from ..clip import CLIPTextConfig, CLIPTextModel
@@ -120,7 +120,7 @@ class FluxPipeline(Pipeline):
                 weights = load_folder(self.root / "transformer")
             self._transformer = build_model(FluxTransformer, FluxTransformerConfig, config, weights, self.dtype,
                                             name="transformer", quantize=self.quantize, skip=QUANTIZATION_SKIP)
-            self._transformer.stream_blocks = wants_block_streaming(self._transformer)
+            configure_execution(self._transformer)
         return self._transformer
 
     def vae(self) -> AutoencoderKL:

@@ -18,8 +18,8 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..common import (BlockStream, TextProjection, TimestepEmbedding, fuse_linears, rope_angles, rope_attention, split_linear,
-                      timestep_sinusoid)
+from ..common import (BlockStream, TextProjection, TimestepEmbedding, compiled_block_fn, fuse_linears, rope_angles,
+                      rope_attention, split_linear, timestep_sinusoid)
 from .bfl import bfl_to_diffusers, is_bfl_flux
 
 _NORM_EPS = 1e-6  # LayerNorms (no affine) and q/k RMSNorms all use 1e-6 in FLUX
@@ -289,7 +289,9 @@ class FluxTransformer(nn.Module):
         self.config = config
         self.fused = FUSED_DEFAULT if fused is None else bool(fused)
         self.head_major_rope = False
-        self.stream_blocks = False  # see common.BlockStream; set by the pipeline for quantized models on CUDA
+        self.stream_blocks = False  # see common.BlockStream; the pipelines set it on GPUs
+        self.compile_blocks = False  # one mx.compile trace per block type (common.compiled_block_fn)
+        self._block_fns = {}
         c = config
         dim = c.inner_dim
         self.time_text_embed = TimeTextEmbed(dim, c.pooled_projection_dim, c.guidance_embeds)
@@ -361,20 +363,32 @@ class FluxTransformer(nn.Module):
         c = self.context_embedder(encoder_hidden_states.astype(dt))
         hm = self.head_major_rope
         stream = BlockStream(self.stream_blocks)
+        double, single = self._block_callers(hm)
         for block in self.transformer_blocks:
-            x, c = block(x, c, cond, cos, sin, hm)
+            x, c = double(block, x, c, cond, cos, sin)
             stream(x, c)
 
         # Single blocks run on the joint sequence; diffusers re-concatenates and re-splits it in
         # every block, which is the same thing done once here.
         h = mx.concatenate([c, x], axis=1)
         for block in self.single_transformer_blocks:
-            h = block(h, cond, cos, sin, hm)
+            h = single(block, h, cond, cos, sin)
             stream(h)
         x = h[:, L_txt:]
 
         scale, shift = _split(self.norm_out(cond), 2)  # AdaLayerNormContinuous: scale first
         return self.proj_out(_modulate(x, shift, scale))
+
+    def _block_callers(self, hm: bool):
+        """(double, single): call a block directly, or through its compiled per-type function."""
+        if not self.compile_blocks:
+            return (lambda b, *a: b(*a, hm)), (lambda b, *a: b(*a, hm))
+        if hm not in self._block_fns:
+            d = compiled_block_fn(self.transformer_blocks[0], hm) if self.transformer_blocks else None
+            s = compiled_block_fn(self.single_transformer_blocks[0], hm) if self.single_transformer_blocks else None
+            self._block_fns[hm] = (d, s)
+        d, s = self._block_fns[hm]
+        return (lambda b, *a: d(b.parameters(), *a)), (lambda b, *a: s(b.parameters(), *a))
 
     def _check_inputs(self, x, c, pooled, guidance):
         cfg = self.config

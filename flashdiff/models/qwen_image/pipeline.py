@@ -16,10 +16,10 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
-from ...engine.components import copy_folder, load_component, save_component
+from ...engine.components import configure_execution, copy_folder, load_component, save_component
 from ...engine.errors import FlashdiffError
 from ...engine.pipeline import GenerationParams, Pipeline
-from ...engine.quantization import QuantSpec, wants_block_streaming
+from ...engine.quantization import QuantSpec
 from ...engine.schedulers import FlowMatchEulerScheduler
 from ...engine.weights import read_json, write_json_atomic
 from ..flux.pipeline import pack_latents, unpack_latents_nhwc
@@ -92,7 +92,7 @@ class QwenImagePipeline(Pipeline):
             self._transformer = load_component(QwenImageTransformer, QwenImageTransformerConfig, self.root / "transformer",
                                                self.dtype, name="transformer", quantize=self.quantize,
                                                skip=QUANTIZATION_SKIP)
-            self._transformer.stream_blocks = wants_block_streaming(self._transformer)
+            configure_execution(self._transformer)
         return self._transformer
 
     def vae(self) -> WanVAE:

@@ -31,7 +31,7 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..common import (BlockStream, TimestepEmbedding, fuse_linears, rope_angles, rope_attention, split_linear,
+from ..common import (BlockStream, TimestepEmbedding, compiled_block_fn, fuse_linears, rope_angles, rope_attention, split_linear,
                       timestep_sinusoid)
 
 #: Default of QwenImageTransformer(config, fused=...). fused=True: one Linear for q/k/v per stream
@@ -275,7 +275,9 @@ class QwenImageTransformer(nn.Module):
         super().__init__()
         self.fused = FUSED_DEFAULT if fused is None else bool(fused)
         self.head_major_rope = False
-        self.stream_blocks = False  # see common.BlockStream; set by the pipeline for quantized models on CUDA
+        self.stream_blocks = False  # see common.BlockStream; the pipelines set it on GPUs
+        self.compile_blocks = False  # one mx.compile trace for all blocks (common.compiled_block_fn)
+        self._block_fns = {}
         if config.zero_cond_t or config.use_layer3d_rope:
             raise NotImplementedError(
                 "zero_cond_t / use_layer3d_rope (variant options of newer checkpoints) are not implemented; "
@@ -302,6 +304,19 @@ class QwenImageTransformer(nn.Module):
     def dtype(self):
         """Compute dtype: that of the (never quantized) txt_norm weight."""
         return self.txt_norm.weight.dtype
+
+    def _block_caller(self, no_mask: bool, hm: bool):
+        """Call a block directly, or through one compiled function shared by all blocks."""
+        if not self.compile_blocks or not self.transformer_blocks:
+            return lambda b, *a: b(*a, hm)
+        key = (no_mask, hm)
+        if key not in self._block_fns:
+            template = self.transformer_blocks[0]
+            self._block_fns[key] = compiled_block_fn(template, None, hm) if no_mask else compiled_block_fn(template, hm)
+        fn = self._block_fns[key]
+        if no_mask:
+            return lambda b, x, c, t, cos, sin, mask: fn(b.parameters(), x, c, t, cos, sin)
+        return lambda b, *a: fn(b.parameters(), *a)
 
     def rope(self, img_shapes, txt_len: int) -> tuple[mx.array, mx.array]:
         """(cos, sin), each (txt_len + L_img, head_dim / 2) float32, in [text, image] order.
@@ -392,8 +407,9 @@ class QwenImageTransformer(nn.Module):
         n_ctrl = len(controlnet_block_samples) if controlnet_block_samples is not None else 0
         interval = -(-len(self.transformer_blocks) // n_ctrl) if n_ctrl else 0
         stream = BlockStream(self.stream_blocks)
+        run = self._block_caller(mask is None, self.head_major_rope)
         for i, block in enumerate(self.transformer_blocks):
-            x, c = block(x, c, silu_temb, cos, sin, mask, self.head_major_rope)
+            x, c = run(block, x, c, silu_temb, cos, sin, mask)
             stream(x, c)
             if n_ctrl:
                 x = x + controlnet_block_samples[i // interval]
