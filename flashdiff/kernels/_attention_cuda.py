@@ -6,7 +6,7 @@ with the O accumulator kept in shared memory (float32) so that per-row rescaling
 Keys beyond Lk are masked, so odd lengths need no padding. Supports an optional per-key additive
 bias (B, Lk) (boolean key masks become 0 / -inf biases). D in {64, 128}; GQA by head division.
 
-Measured on the H200 this is slower than cuDNN's SDPA (see benchmarks/KERNELS.md), so
+Measured on the H200 this is slower than cuDNN's SDPA (see benchmarks/README.md, Kernels), so
 ``attention`` keeps ``mx.fast.scaled_dot_product_attention`` on CUDA; this kernel stays as the
 tested baseline for fusions (RoPE / q-k norm prologues) that cuDNN cannot take.
 """

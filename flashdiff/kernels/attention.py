@@ -7,7 +7,7 @@ key_multiplier (optional), (B, Lk): multiplies the keys before the scores (HiDre
 
 Dispatch (see ``_dispatch``): CUDA and Metal use ``mx.fast.scaled_dot_product_attention`` (cuDNN on
 CUDA, MLX's fused steel kernel on Metal): on the H200 the custom CUDA kernel in
-``_attention_cuda`` is slower than cuDNN (benchmarks/KERNELS.md), so it is not the default; pass
+``_attention_cuda`` is slower than cuDNN (benchmarks/README.md, Kernels), so it is not the default; pass
 ``backend="cuda_flash"`` to force it (mask=None or a key-only mask). CPU uses the reference.
 """
 

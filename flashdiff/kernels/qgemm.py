@@ -7,7 +7,7 @@
 Design: MLX's ``quantized_matmul`` is built for LLM decoding (small M) and ran at 0.15-0.38x of bf16
 speed at diffusion sizes on the H200. For M >= ``SMALL_M`` we dequantize the weight into an x.dtype
 scratch with one memory-bound kernel (``_dequant``) and run the dense GEMM (cuBLAS / MLX steel):
-0.81-1.00x of bf16 at M >= 4608 (benchmarks/KERNELS.md). The dequantization is made to *depend on x*
+0.81-1.00x of bf16 at M >= 4608 (benchmarks/README.md, Kernels). The dequantization is made to *depend on x*
 (``mx.depends``), so MLX's lazy scheduler cannot run every layer's dequantization ahead of the
 GEMMs. Measured limit: on CUDA the host still queues many layers ahead of the GPU and their scratch
 buffers stay allocated until the GPU reaches them (FLUX-dev-shaped 4-bit forward: peak 18.9 GiB for
