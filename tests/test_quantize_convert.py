@@ -59,8 +59,8 @@ def test_skip_list_keeps_embedders_in_full_precision(demo):
     model = Pipeline.from_pretrained(str(demo), dtype="float32", quantize=4, group_size=32).transformer()
     kinds = {path: type(m).__name__ for path, m in model.named_modules()}
     assert kinds["x_embedder"] == "Linear" and kinds["proj_out"] == "Linear" and kinds["norm_out.linear"] == "Linear"
-    assert kinds["transformer_blocks.0.attn.to_q"] == "QuantizedLinear"
-    assert kinds["single_transformer_blocks.0.proj_mlp"] == "QuantizedLinear"
+    assert kinds["transformer_blocks.0.attn.to_qkv"] == "QuantizedLinear"
+    assert kinds["single_transformer_blocks.0.attn.to_qkv_mlp_proj"] == "QuantizedLinear"
 
 
 @pytest.mark.parametrize("bits,group,mode,message", [

@@ -153,7 +153,7 @@ def test_quantized_save_reloads_to_the_same_output(full, tmp_path):
     kw = dict(steps=2, height=32, width=32, seed=5, max_sequence_length=16, progress=False)
     pipe = Pipeline.from_pretrained(str(path), dtype="float32", quantize=8, group_size=32)
     kinds = {k: type(m).__name__ for k, m in pipe.transformer().named_modules()}
-    assert kinds["transformer_blocks.0.attn.to_q"] == "QuantizedLinear"
+    assert kinds["transformer_blocks.0.attn.to_qkv"] == "QuantizedLinear"
     assert all(kinds[k] == "Linear" for k in ("img_in", "txt_in", "proj_out", "norm_out.linear",
                                               "time_text_embed.timestep_embedder.linear_1"))
     on_load = pipe.generate(PROMPT, **kw)

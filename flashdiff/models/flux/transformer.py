@@ -26,10 +26,10 @@ _NORM_EPS = 1e-6  # LayerNorms (no affine) and q/k RMSNorms all use 1e-6 in FLUX
 
 #: Default of FluxTransformer(config, fused=...). fused=True: one Linear per stream for q/k/v (double
 #: blocks) and one for q/k/v/MLP-in (single blocks, BFL's `linear1`), so each stream runs one large
-#: GEMM; parity-tested like the unfused layout. Off until the H200 benchmark (flashdiff-bf16-fused vs
-#: -unfused) confirms the gain: tests/test_quantize_convert.py and tests/test_qwen_pipeline.py look up
-#: the unfused module names (attn.to_q, proj_mlp) and need the fused names when this is flipped.
-FUSED_DEFAULT = False
+#: GEMM; parity-tested like the unfused layout. On since the H200 run of 2026-11-28: the fused q/k/v
+#: GEMM took 0.441 ms vs 0.539 ms for three; FLUX-dev bf16 eager 0.291 s vs 0.342 s, compiled 0.183 s
+#: vs 0.185 s (benchmarks/README.md). Checkpoints keep diffusers names (sanitize / to_checkpoint).
+FUSED_DEFAULT = True
 
 
 @dataclass
