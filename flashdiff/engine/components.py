@@ -75,7 +75,7 @@ def load_component(model_cls, config_cls, folder: Path, dtype: mx.Dtype, *, name
 
 
 def configure_execution(model: nn.Module) -> nn.Module:
-    """How a transformer runs its blocks. On a GPU: each block type is compiled once (fused
+    """How a transformer (or VAE) runs its blocks. On a GPU: each block type is compiled once (fused
     elementwise kernels, a cached graph) and blocks are evaluated as a stream, two in flight, so
     activations and quantized-weight scratch of the whole forward never pile up (see
     models/common.BlockStream and compiled_block_fn; benchmarks/README.md has the H200 numbers).
@@ -85,6 +85,8 @@ def configure_execution(model: nn.Module) -> nn.Module:
         model.compile_blocks = gpu
     if hasattr(model, "stream_blocks"):
         model.stream_blocks = gpu
+    if hasattr(model, "stream"):  # VAEs: decode layer by layer
+        model.stream = gpu
     return model
 
 

@@ -125,7 +125,8 @@ class FluxPipeline(Pipeline):
 
     def vae(self) -> AutoencoderKL:
         if self._vae is None:
-            self._vae = load_component(AutoencoderKL, AutoencoderKLConfig, self.root / "vae", self.dtype, name="vae")
+            self._vae = configure_execution(
+                load_component(AutoencoderKL, AutoencoderKLConfig, self.root / "vae", self.dtype, name="vae"))
         return self._vae
 
     def release_text_encoders(self):

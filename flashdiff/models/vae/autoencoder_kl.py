@@ -17,7 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from flashdiff.kernels import attention
+from ...kernels import attention
+from ..common import BlockStream
 
 # Largest number of attention scores (queries x keys) materialised at once in the mid-block
 # attention. The head dim equals the channel count (512 for FLUX), which the fused kernels do not
@@ -238,10 +239,16 @@ class Decoder(nn.Module):
         self.conv_norm_out = _group_norm(rev[-1], g)
         self.conv_out = nn.Conv2d(rev[-1], cfg.out_channels, 3, padding=1)
 
-    def __call__(self, z: mx.array) -> mx.array:
+    def __call__(self, z: mx.array, stream: bool = False) -> mx.array:
+        """stream: evaluate layer by layer, two in flight (models/common.BlockStream), so a GPU never
+        holds the whole decode's intermediates at once (the full-resolution layers dominate)."""
+        step = BlockStream(stream)
         x = self.mid_block(self.conv_in(z))
+        step(x)
         for block in self.up_blocks:
-            x = block(x)
+            for layer in block.resnets + block.upsamplers:
+                x = layer(x)
+                step(x)
         return self.conv_out(self.act(self.conv_norm_out(x)))
 
 
@@ -258,6 +265,7 @@ class AutoencoderKL(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        self.stream = False  # layer-by-layer evaluation in decode (the pipelines turn it on on GPUs)
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         lc = config.latent_channels
@@ -290,7 +298,7 @@ class AutoencoderKL(nn.Module):
         z = z.astype(self.dtype)
         if "post_quant_conv" in self:
             z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return self.decoder(z, stream=self.stream)
 
     def decode_tiled(self, z: mx.array, tile: int = 64, overlap: int = 16) -> mx.array:
         """Decode in overlapping latent tiles (sizes in latent pixels), blended linearly.
