@@ -155,3 +155,11 @@ def test_models_lists_presets(capsys):
     assert run_cli("models") == 0
     out = capsys.readouterr().out
     assert "flux-schnell" in out and "flux-dev" in out and "demo" in out
+
+
+def test_top_level_help_lists_models_with_defaults(capsys):
+    with pytest.raises(SystemExit):
+        run_cli("--help")
+    out = capsys.readouterr().out
+    assert "qwen-image" in out and "Qwen/Qwen-Image" in out and "steps 50" in out and "true_cfg 4.0" in out
+    assert "flux-schnell" in out and "steps 4" in out

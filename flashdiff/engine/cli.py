@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser = argparse.ArgumentParser(prog="flashdiff", description="MLX diffusion engine: FLUX.1 and Qwen-Image text-to-image.",
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=f"models (presets) and their defaults:\n{models_text()}\n\n{EPILOG}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"flashdiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{generate,convert,models}")
 
@@ -152,20 +153,28 @@ def cmd_convert(args):
     print(f"wrote {out} ({q}); use it with: flashdiff generate --model {out} --prompt ...")
 
 
-def cmd_models(args):
+def models_text() -> str:
+    """The presets with their defaults (for `flashdiff models` and `flashdiff --help`)."""
     from .sources import presets
 
+    lines = []
     for name, p in sorted(presets().items()):
         d = p.get("defaults", {})
         where = p.get("repo_id", "built locally")
         cfg = f"guidance {d.get('guidance')}" if "guidance" in d else ""
         if d.get("true_cfg", 1.0) > 1:
             cfg = f"true_cfg {d['true_cfg']} (negative prompt {d.get('negative_prompt')!r})"
-        print(f"{name:14s} {where:36s} steps {d.get('steps')}, {cfg}, {d.get('width')}x{d.get('height')}\n"
-              f"{'':14s} {p.get('description', '')}")
+        lines.append(f"{name:14s} {where:36s} steps {d.get('steps')}, {cfg}, {d.get('width')}x{d.get('height')}")
+        lines.append(f"{'':14s} {p.get('description', '')}")
         if p.get("aspect_ratios"):
-            sizes = ", ".join(f"{k} {w}x{h}" for k, (w, h) in p["aspect_ratios"].items())
-            print(f"{'':14s} --aspect: {sizes}")
+            # rendered at multiples of 16, as diffusers does (the card's 1472x1140 renders 1472x1136)
+            sizes = ", ".join(f"{k} {w // 16 * 16}x{h // 16 * 16}" for k, (w, h) in p["aspect_ratios"].items())
+            lines.append(f"{'':14s} --aspect: {sizes}")
+    return "\n".join(lines)
+
+
+def cmd_models(args):
+    print(models_text())
 
 
 def main(argv=None):
