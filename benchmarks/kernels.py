@@ -8,7 +8,6 @@ each followed by mx.synchronize()). bf16 throughout.
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time

@@ -1,7 +1,6 @@
 """The `flashdiff` command line: generate, convert, models."""
 
 import argparse
-import os
 import sys
 
 from .errors import FlashdiffError

@@ -1,14 +1,12 @@
 """Writing images: atomic, with the generation parameters embedded (PNG text chunks)."""
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
 from .errors import FlashdiffError
-from .weights import default_file_mode
+from .weights import atomic_path
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
@@ -46,16 +44,8 @@ def save_image(image: Image.Image, path, metadata: dict | None = None):
     elif metadata and fmt == "JPEG":
         kwargs["comment"] = json.dumps(metadata, ensure_ascii=False).encode()
         kwargs["quality"] = 95
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format=fmt, **kwargs)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_metadata(path) -> dict:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from .components import parse_dtype
 from .errors import FlashdiffError
@@ -192,6 +193,23 @@ class Pipeline:
 
     def _generate(self, p: GenerationParams, progress=True, callback=None) -> mx.array:
         raise NotImplementedError
+
+    def denoise(self, latents: mx.array, predict, progress=True, callback=None) -> mx.array:
+        """The sampling loop every family shares: for each scheduler step, `predict(latents, t)` gives the
+        velocity (t in the scheduler's 0..1000 scale), the scheduler steps in float32, the result is
+        evaluated (one step's graph at a time) and `callback(i, steps, latents)` sees it. With
+        low_memory the transformer is released afterwards."""
+        timesteps = self.scheduler.timesteps
+        for i in tqdm(range(len(timesteps)), desc="denoising", unit="step", disable=not progress, leave=False):
+            v = predict(latents, float(timesteps[i]))
+            latents = self.scheduler.step(v, i, latents)
+            mx.eval(latents)
+            if callback is not None:
+                callback(i, len(timesteps), latents)
+        if self.low_memory:
+            self._transformer = None
+            mx.clear_cache()
+        return latents
 
     def save_pretrained(self, folder, progress=True):
         """Write every component (quantized if this pipeline quantizes) as a self-contained folder."""

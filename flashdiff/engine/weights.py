@@ -4,6 +4,7 @@ import json
 import os
 import struct
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -105,18 +106,27 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def _atomic_save(path: Path, weights: dict, metadata: dict | None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".safetensors")
+@contextmanager
+def atomic_path(path: Path):
+    """A temporary file name beside `path` (same suffix); on success it is renamed over `path`, on any
+    failure removed, so `path` is never half-written."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     try:
-        mx.save_safetensors(tmp, weights, metadata=metadata or {})
+        yield tmp
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _atomic_save(path: Path, weights: dict, metadata: dict | None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        mx.save_safetensors(tmp, weights, metadata=metadata or {})
 
 
 def save_weights(folder, weights: dict[str, mx.array], name: str = "diffusion_pytorch_model",
@@ -153,17 +163,9 @@ def save_weights(folder, weights: dict[str, mx.array], name: str = "diffusion_py
 def write_json_atomic(path, obj):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def read_json(path) -> dict:

@@ -8,7 +8,6 @@ before the transformer is loaded, so peak memory is one component, not the sum.
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 from tqdm import tqdm
 
 from ...engine.components import configure_execution, build_model, copy_folder, load_component, save_component
@@ -149,10 +148,13 @@ class FluxPipeline(Pipeline):
         unique = sorted(set(p.prompt + (p.negative_prompt or [] if do_true_cfg else [])))
         embeds, pooled = self.encode_prompt(unique, p.max_sequence_length)
         row = {s: i for i, s in enumerate(unique)}
-        take = lambda prompts: (embeds[mx.array([row[s] for s in prompts])], pooled[mx.array([row[s] for s in prompts])])
+
+        def take(prompts):  # each prompt is encoded once, however many images or CFG branches use it
+            idx = mx.array([row[s] for s in prompts])
+            return embeds[idx], pooled[idx]
+
         cond = take(p.prompt)
         neg = take(p.negative_prompt) if do_true_cfg else None
-        del embeds, pooled
         if not self.keep_text_encoders:
             self.release_text_encoders()
 
@@ -168,21 +170,16 @@ class FluxPipeline(Pipeline):
         cond = (cond[0].astype(dt), cond[1].astype(dt))
         neg = (neg[0].astype(dt), neg[1].astype(dt)) if neg else None
 
-        timesteps = self.scheduler.timesteps
-        for i in tqdm(range(len(timesteps)), desc="denoising", unit="step", disable=not progress, leave=False):
-            t = mx.full((latents.shape[0],), float(timesteps[i]) / 1000.0, mx.float32)
+        def predict(latents, t):
+            t = mx.full((latents.shape[0],), t / 1000.0, mx.float32)
             x = latents.astype(dt)
             v = model(x, cond[0], cond[1], t, img_ids, txt_ids, guidance=guidance, rope=rope)
             if do_true_cfg:
                 v_neg = model(x, neg[0], neg[1], t, img_ids, txt_ids, guidance=guidance, rope=rope)
                 v = v_neg + p.true_cfg * (v - v_neg)
-            latents = self.scheduler.step(v, i, latents)
-            mx.eval(latents)
-            if callback is not None:
-                callback(i, len(timesteps), latents)
-        if self.low_memory:
-            self._transformer = None
-            mx.clear_cache()
+            return v
+
+        latents = self.denoise(latents, predict, progress, callback)
         return self.decode(latents, p.height, p.width)
 
     def decode(self, latents: mx.array, height: int, width: int) -> mx.array:

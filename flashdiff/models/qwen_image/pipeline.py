@@ -149,7 +149,6 @@ class QwenImagePipeline(Pipeline):
 
         cond = take(p.prompt)
         neg = take(p.negative_prompt) if do_true_cfg else None
-        del embeds, mask
         if not self.keep_text_encoders:
             self.release_text_encoders()
 
@@ -166,9 +165,8 @@ class QwenImagePipeline(Pipeline):
             neg_rope = model.rope(img_shapes, neg[0].shape[1])
             neg = (neg[0].astype(dt), neg[1])
 
-        timesteps = self.scheduler.timesteps
-        for i in tqdm(range(len(timesteps)), desc="denoising", unit="step", disable=not progress, leave=False):
-            t = mx.full((latents.shape[0],), timesteps[i], mx.float32) / 1000
+        def predict(latents, t):
+            t = mx.full((latents.shape[0],), t, mx.float32) / 1000
             x = latents.astype(dt)
             v = model(x, cond[0], cond[1], t, rope=cond_rope)
             if do_true_cfg:
@@ -177,13 +175,9 @@ class QwenImagePipeline(Pipeline):
                 comb = v_neg + p.true_cfg * (v - v_neg)
                 # per-token rescale: the guided prediction keeps the conditional one's norm over channels
                 v = comb * (mx.linalg.norm(v, axis=-1, keepdims=True) / mx.linalg.norm(comb, axis=-1, keepdims=True))
-            latents = self.scheduler.step(v, i, latents)
-            mx.eval(latents)
-            if callback is not None:
-                callback(i, len(timesteps), latents)
-        if self.low_memory:
-            self._transformer = None
-            mx.clear_cache()
+            return v
+
+        latents = self.denoise(latents, predict, progress, callback)
         return self.decode(latents, p.height, p.width)
 
     def decode(self, latents: mx.array, height: int, width: int) -> mx.array:
