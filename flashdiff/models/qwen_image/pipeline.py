@@ -97,7 +97,7 @@ class QwenImagePipeline(Pipeline):
 
     def vae(self) -> WanVAE:
         if self._vae is None:
-            self._vae = load_component(WanVAE, WanVAEConfig, self.root / "vae", self.dtype, name="vae")
+            self._vae = configure_execution(load_component(WanVAE, WanVAEConfig, self.root / "vae", self.dtype, name="vae"))
         return self._vae
 
     def release_text_encoders(self):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..common import BlockStream
 from .wan_blocks import (
     AttentionBlock,
     CausalCache,
@@ -138,11 +139,17 @@ class Decoder3d(nn.Module):
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], out_channels, 3, padding=1)
 
-    def __call__(self, x: mx.array, cache: CausalCache | None = None, first_chunk: bool = False) -> mx.array:
+    def __call__(self, x: mx.array, cache: CausalCache | None = None, first_chunk: bool = False,
+                 stream: bool = False) -> mx.array:
+        """stream: evaluate block by block, two in flight (models/common.BlockStream), so a GPU never
+        holds all of one chunk's intermediates at once."""
+        step = BlockStream(stream)
         x = self.conv_in(x) if cache is None else cache.run(self.conv_in, x)
         x = self.mid_block(x, cache)
+        step(x)
         for block in self.up_blocks:
             x = block(x, cache, first_chunk=first_chunk)
+            step(x)
         x = nn.silu(self.norm_out(x))
         return self.conv_out(x) if cache is None else cache.run(self.conv_out, x)
 
@@ -169,6 +176,7 @@ class WanVAE(nn.Module):
     def __init__(self, config: WanVAEConfig):
         super().__init__()
         self.config = config
+        self.stream = False  # block-by-block evaluation in decode (the pipelines turn it on on GPUs)
         # in/out_channels count the patchified channels (Wan 2.2: 12 = 3 pixels x 2 x 2)
         self.encoder = Encoder3d(config, config.in_channels)
         self.quant_conv = CausalConv3d(config.z_dim * 2, config.z_dim * 2, 1)
@@ -228,7 +236,7 @@ class WanVAE(nn.Module):
         cache = CausalCache()
         for i in range(z.shape[1]):
             cache.begin_chunk()
-            out = self.decoder(z[:, i : i + 1], cache, first_chunk=i == 0)
+            out = self.decoder(z[:, i : i + 1], cache, first_chunk=i == 0, stream=self.stream)
             if cfg.patch_size:
                 out = unpatchify(out, cfg.patch_size)
             out = mx.clip(out, -1.0, 1.0)
