@@ -425,6 +425,8 @@ def run_e2e(args, quant: str, dtype) -> dict:
     def vae():
         model = AutoencoderKL(AutoencoderKLConfig.from_dict(_VAE_TINY if tiny else _VAE))
         init_random_mlx(model, dtype)
+        configure_execution(model)  # streamed decode on GPUs, as the pipeline sets it
+        out["vae_stream"] = model.stream
         return (model,)
 
     def decode(model):
