@@ -81,18 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args):
-    from .images import output_paths, save_image
+    from .images import check_output_path, output_paths, save_image
     from .pipeline import Pipeline
 
     seeds = args.seed
     n = args.num_images or (len(seeds) if seeds else 1)
     if seeds and len(seeds) > 1 and args.num_images and args.num_images != len(seeds):
         raise FlashdiffError(f"--num-images {args.num_images} does not match the {len(seeds)} seeds given")
+    if seeds and len(seeds) == 1 and n > 1:  # --seed S -n N: seeds S, S+1, ... (what the pipeline does), named so
+        seeds = [seeds[0] + i for i in range(n)]
     seed = seeds if seeds and len(seeds) > 1 else (seeds[0] if seeds else None)
     paths = output_paths(args.output, n, seeds if seeds and len(seeds) == n else None)
-    for path in paths:
-        if not path.parent.exists():
-            raise FlashdiffError(f"output folder {path.parent} does not exist")
+    for path in paths:  # fail before any model is loaded, not after the images are made
+        check_output_path(path)
     if args.aspect is not None:
         _check_aspect(args)
     pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
@@ -129,7 +130,9 @@ def cmd_convert(args):
     from .pipeline import Pipeline
 
     out = Path(args.output).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise FlashdiffError(f"{out} is a file; --output of convert is a folder (new, or empty)")
+    if out.exists() and any(out.iterdir()):
         raise FlashdiffError(f"{out} already exists and is not empty; choose a new folder")
     pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
                                     mode=args.mode, base=args.base)
@@ -148,7 +151,7 @@ def cmd_convert(args):
 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    q = f"{pipe.quantize.bits}-bit {pipe.quantize.mode}" if pipe.quantize else args.dtype
+    q = f"{pipe.quantization.bits}-bit {pipe.quantization.mode}" if pipe.quantization else args.dtype
     print(f"wrote {out} ({q}); use it with: flashdiff generate --model {out} --prompt ...")
 
 

@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import FlashdiffError
-from .quantization import QuantSpec, apply_saved_quantization, is_quantized, quantize_model
+from .quantization import QuantSpec, apply_saved_quantization, is_quantized, model_quantization, quantize_model
 from .weights import load_folder, read_json, save_weights, write_json_atomic
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -35,7 +35,14 @@ def build_model(model_cls, config_cls, config: dict, weights: dict, dtype: mx.Dt
         weights = model.sanitize(weights)
     saved = config.get("quantization")
     if saved:
-        apply_saved_quantization(model, QuantSpec.make(**saved), weights)
+        saved_spec = QuantSpec.make(**saved)
+        if quantize is not None and quantize != saved_spec:
+            raise FlashdiffError(
+                f"the {name} is stored quantized ({saved_spec.bits}-bit {saved_spec.mode}, group size "
+                f"{saved_spec.group_size}) and loads as saved; it cannot be re-quantized to {quantize.bits}-bit "
+                f"{quantize.mode}, group size {quantize.group_size} (that would stack two rounding errors). Drop "
+                "--quantize, or convert the original model with the new setting.")
+        apply_saved_quantization(model, saved_spec, weights)
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -106,8 +113,14 @@ def save_component(model: nn.Module, config: dict, folder: Path, quantize: Quant
         weights = to_checkpoint(weights)
     config = dict(config)
     config.pop("quantization", None)
-    if quantize is not None:
-        config["quantization"] = quantize.to_dict()
+    # Record what the weights are, not what was asked: a component loaded already quantized keeps its setting.
+    actual = model_quantization(model)
+    if actual is not None and quantize is not None and actual != quantize:
+        raise FlashdiffError(f"cannot save {folder.name} as {quantize.bits}-bit {quantize.mode}: its weights are "
+                             f"quantized as {actual.bits}-bit {actual.mode}, group size {actual.group_size}")
+    spec = actual or quantize
+    if spec is not None:
+        config["quantization"] = spec.to_dict()
     name = "diffusion_pytorch_model" if "transformer" in folder.name or "vae" in folder.name else "model"
     save_weights(folder, weights, name=name)
     write_json_atomic(folder / "config.json", config)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .errors import FlashdiffError
 from .weights import save_weights, write_json_atomic
 
 DEMO_VERSION = 1
@@ -93,18 +94,24 @@ def build_demo(home: Path | None = None) -> Path:
     """Return the demo model folder, building it first if needed (atomically: a half-built folder is never used)."""
     from .sources import flashdiff_home
 
-    folder = Path(home or flashdiff_home()) / f"demo-flux-v{DEMO_VERSION}"
+    folder = Path(home or flashdiff_home()).expanduser() / f"demo-flux-v{DEMO_VERSION}"
     if (folder / "model_index.json").exists():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".demo-build-"))
+    tmp = None
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".demo-build-"))
         write_demo(tmp / "model")
         try:
             (tmp / "model").rename(folder)
         except OSError:  # another process finished first
             if not (folder / "model_index.json").exists():
                 raise
+    except OSError as e:  # unwritable or full FLASHDIFF_HOME: one line, not a traceback
+        raise FlashdiffError(
+            f"cannot build the demo model in {folder.parent} ({e.strerror or e}); set FLASHDIFF_HOME to a writable "
+            "folder with a few MB free (e.g. FLASHDIFF_HOME=/tmp/flashdiff)") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder

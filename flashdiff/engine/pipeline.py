@@ -5,9 +5,11 @@ Family pipelines (flashdiff/models/<family>/pipeline.py) subclass `Pipeline` and
 checks, seeds and noise, progress, and turning decoded pixels into PIL images with metadata.
 """
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -53,7 +55,10 @@ class Pipeline:
                  keep_text_encoders: bool = False, low_memory: bool = False):
         self.source = source
         self.dtype = dtype
+        #: the quantization asked for on load (None: none, or a converted folder that loads as saved)
         self.quantize = quantize
+        #: the setting a `flashdiff convert --quantize` folder was saved with (a different `quantize` is an error)
+        self.saved_quantization = _saved_quantization(source, quantize)
         self.keep_text_encoders = keep_text_encoders
         self.low_memory = low_memory
         self.defaults = {**self.DEFAULTS, **source.preset.get("defaults", {})}
@@ -67,9 +72,11 @@ class Pipeline:
         local diffusers-layout folder, `flashdiff convert` output or single-file checkpoint.
 
         quantize: bits (3, 4, 5, 6, 8; 4 or 8 for the fp modes) to quantize on load; a converted
-        folder that is already quantized loads as saved. keep_text_encoders: keep the text encoders
-        in memory between calls (faster repeated prompts, more memory). low_memory: also release the
-        transformer between calls, so peak memory is the largest single component.
+        folder that is already quantized loads as saved (asking it for a different setting is an error:
+        re-quantizing quantized weights is lossy; `pipe.quantization` tells the setting in use).
+        keep_text_encoders: keep the text encoders in memory between calls (faster repeated prompts, more
+        memory). low_memory: also release the transformer between calls, so peak memory is the largest
+        single component.
         """
         dtype = parse_dtype(dtype)
         spec = QuantSpec.make(quantize, group_size, mode) if (quantize is not None or mode not in (None, "affine")) else None
@@ -89,6 +96,11 @@ class Pipeline:
         w, h = table[aspect]
         m = self.SIZE_MULTIPLE
         return h // m * m, w // m * m
+
+    @property
+    def quantization(self) -> QuantSpec | None:
+        """The quantization the pipeline runs with: asked for on load, or as a converted folder was saved."""
+        return self.quantize or self.saved_quantization
 
     def _params(self, prompt, negative_prompt, steps, guidance, true_cfg, height, width, seed, num_images, latents,
                 max_sequence_length, aspect=None, **extra) -> GenerationParams:
@@ -110,6 +122,8 @@ class Pipeline:
         num_images = int(num_images)
         if isinstance(negative_prompt, str):
             negative_prompt = [negative_prompt]
+        if negative_prompt is not None and (len(negative_prompt) != 1 or not isinstance(negative_prompt[0], str)):
+            raise FlashdiffError("negative_prompt must be one string (it applies to every image of the call)")
         steps = d["steps"] if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise FlashdiffError(f"steps must be a positive integer, got {steps!r}")
@@ -132,7 +146,15 @@ class Pipeline:
             raise FlashdiffError(f"max_sequence_length must be between 1 and {self.MAX_SEQUENCE_LENGTH}, got {msl!r}")
         if seed is None:
             seed = random.randrange(2**31)
-        seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(num_images)]
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+        for s in seeds:  # mx.random.key takes an unsigned 64-bit integer
+            if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < 2**64:
+                raise FlashdiffError(f"seeds must be integers from 0 to 2**64 - 1, got {s!r}")
+        seeds = [int(s) for s in seeds]
+        if not isinstance(seed, (list, tuple)):
+            seeds = [seeds[0] + i for i in range(num_images)]
+            if seeds[-1] >= 2**64:
+                raise FlashdiffError(f"seed {seeds[0]} + {num_images - 1} images passes 2**64 - 1; use a smaller seed")
         if len(seeds) != num_images:
             raise FlashdiffError(f"got {len(seeds)} seeds for {num_images} images")
         if latents is not None:
@@ -181,7 +203,7 @@ class Pipeline:
             "family": self.family, "prompt": p.prompt[i], "seed": p.seeds[i] if p.latents is None else None,
             "steps": p.steps, "guidance": p.guidance, "height": p.height, "width": p.width,
             "max_sequence_length": p.max_sequence_length, "dtype": str(self.dtype).split(".")[-1],
-            "quantize": self.quantize.to_dict() if self.quantize else None,
+            "quantize": self.quantization.to_dict() if self.quantization else None,
             "seconds": round(elapsed, 2), "flashdiff": __version__,
         }
         if p.negative_prompt is not None:
@@ -214,6 +236,33 @@ class Pipeline:
     def save_pretrained(self, folder, progress=True):
         """Write every component (quantized if this pipeline quantizes) as a self-contained folder."""
         raise NotImplementedError
+
+
+def _saved_quantization(source: ModelSource, requested: QuantSpec | None) -> QuantSpec | None:
+    """The setting a folder written by `flashdiff convert --quantize` records in model_index.json (None if
+    none). Such a folder always loads exactly as saved; asking for a different setting is an error, since
+    re-quantizing already-quantized weights would stack a second rounding error on the first (convert the
+    original model instead). Checked here, before anything loads."""
+    if source.transformer_file is not None:  # a single-file transformer: the folder only supplies the rest
+        return None
+    index = Path(source.path) / "model_index.json"
+    try:
+        saved = json.loads(index.read_text()).get("_flashdiff", {}).get("quantization")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    if not saved:
+        return None
+    saved = QuantSpec.make(**saved)
+    if requested is not None and requested != saved:
+        raise FlashdiffError(
+            f"{source.path} is already quantized ({_describe(saved)}) and loads as saved, so it cannot run as "
+            f"{_describe(requested)}: re-quantizing quantized weights would add a second rounding error. Drop "
+            f"--quantize (or pass the same setting), or convert the original model with the new setting.")
+    return saved
+
+
+def _describe(spec: QuantSpec) -> str:
+    return f"{spec.bits}-bit {spec.mode}, group size {spec.group_size}"
 
 
 def to_pil(pixels: mx.array) -> list[Image.Image]:

@@ -113,6 +113,14 @@ def _set_module(root: nn.Module, path: str, new: nn.Module):
         setattr(parent, last, new)
 
 
+def model_quantization(model: nn.Module) -> QuantSpec | None:
+    """The setting of a model's quantized layers (None if it has none)."""
+    for _, m in model.named_modules():
+        if isinstance(m, nn.QuantizedLinear):
+            return QuantSpec(int(m.bits), int(m.group_size), getattr(m, "mode", "affine") or "affine")
+    return None
+
+
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
 

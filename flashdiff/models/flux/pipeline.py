@@ -3,8 +3,15 @@
 Follows diffusers' FluxPipeline step for step (packing, ids, sigmas, dynamic shift, true CFG,
 unpacking, VAE scaling). Components are loaded when first needed; the text encoders are released
 before the transformer is loaded, so peak memory is one component, not the sum.
+
+Precision (bf16/fp16): the transformer gets sigma = t/1000 computed in float32 and rounds it once to the
+compute dtype, as Black Forest Labs' reference sampler does (diffusers rounds t to bf16 first and divides
+after, which moves about a third of the timesteps by one bf16 step). The latents stay float32 between steps
+(diffusers and BFL keep them in bf16), and the VAE scaling/shift is applied in float32 before the VAE's cast.
+In float32 all of this is identical to diffusers.
 """
 
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
@@ -89,6 +96,7 @@ class FluxPipeline(Pipeline):
         self._text_encoders = None
         self._transformer = None
         self._vae = None
+        self._guidance_embeds = None
 
     # ---- components ----
     def text_encoders(self):
@@ -109,6 +117,12 @@ class FluxPipeline(Pipeline):
         header = {k: _Shape(v["shape"]) for k, v in read_safetensors_header(self.source.transformer_file).items()
                   if k != "__metadata__"}
         return config_from_bfl(header, axes_dims_rope=axes)
+
+    def uses_guidance(self) -> bool:
+        """True for guidance-distilled transformers (dev), which take the `guidance` scale as an input."""
+        if self._guidance_embeds is None:
+            self._guidance_embeds = bool(self.transformer_config().get("guidance_embeds", False))
+        return self._guidance_embeds
 
     def transformer(self) -> FluxTransformer:
         if self._transformer is None:
@@ -132,9 +146,43 @@ class FluxPipeline(Pipeline):
         self._text_encoders = None
         mx.clear_cache()
 
+    # ---- arguments ----
+    def _params(self, prompt, negative_prompt, steps, guidance, true_cfg, height, width, seed, num_images, latents,
+                max_sequence_length, aspect=None, **extra) -> GenerationParams:
+        # diffusers ignores these silently; we say so, and keep unused settings out of the image metadata
+        if guidance is not None and not self.uses_guidance():
+            warnings.warn("guidance is ignored: this FLUX model (schnell) has no guidance embedding; "
+                          "use true_cfg with a negative prompt for classifier-free guidance", stacklevel=3)
+        p = super()._params(prompt, negative_prompt, steps, guidance, true_cfg, height, width, seed, num_images, latents,
+                            max_sequence_length, aspect=aspect, **extra)
+        if p.negative_prompt is not None and p.true_cfg <= 1:
+            warnings.warn("negative_prompt is ignored: true CFG needs true_cfg > 1", stacklevel=3)
+            p.negative_prompt = None
+        elif p.negative_prompt is None and p.true_cfg > 1:
+            warnings.warn("true_cfg is ignored: true CFG needs a negative prompt", stacklevel=3)
+        return p
+
+    def metadata(self, p: GenerationParams, i: int, elapsed: float) -> dict:
+        meta = super().metadata(p, i, elapsed)
+        if not self.uses_guidance():
+            meta.pop("guidance", None)  # not an input of this model
+        return meta
+
     # ---- steps ----
+    def warn_truncation(self, prompts: list[str], max_sequence_length: int):
+        """Warn, as diffusers does, when a prompt is longer than CLIP's 77 tokens or T5's max_sequence_length."""
+        for name, tok, limit, fix in (
+                ("CLIP", self.clip_tokenizer, CLIP_MAX_LENGTH, "CLIP only gives the pooled embedding; T5 reads the rest"),
+                ("T5", self.t5_tokenizer, max_sequence_length,
+                 f"raise max_sequence_length (at most {self.MAX_SEQUENCE_LENGTH})")):
+            _, mask = tok.encode(prompts, padding="longest", truncation=False)
+            longest = int(mask.sum(axis=1).max()) if mask.size else 0
+            if longest > limit:
+                warnings.warn(f"the prompt has {longest} {name} tokens; only the first {limit} are used ({fix})", stacklevel=5)
+
     def encode_prompt(self, prompts: list[str], max_sequence_length: int):
         """-> (T5 prompt_embeds (B, L, 4096), CLIP pooled (B, 768)), evaluated."""
+        self.warn_truncation(prompts, max_sequence_length)
         clip, t5 = self.text_encoders()
         clip_ids, _ = self.clip_tokenizer.encode(prompts, max_length=CLIP_MAX_LENGTH)
         t5_ids, _ = self.t5_tokenizer.encode(prompts, max_length=max_sequence_length)
@@ -145,7 +193,7 @@ class FluxPipeline(Pipeline):
 
     def _generate(self, p: GenerationParams, progress=True, callback=None) -> mx.array:
         do_true_cfg = p.true_cfg > 1 and p.negative_prompt is not None
-        unique = sorted(set(p.prompt + (p.negative_prompt or [] if do_true_cfg else [])))
+        unique = sorted(set(p.prompt + (p.negative_prompt if do_true_cfg else [])))
         embeds, pooled = self.encode_prompt(unique, p.max_sequence_length)
         row = {s: i for i, s in enumerate(unique)}
 
@@ -222,7 +270,7 @@ class FluxPipeline(Pipeline):
                                to_checkpoint=self.vae().to_checkpoint)
         index = read_json(self.root / "model_index.json")
         index["_flashdiff"] = {"preset": self.source.preset.get("name"), "dtype": str(self.dtype).split(".")[-1],
-                               "quantization": self.quantize.to_dict() if self.quantize else None}
+                               "quantization": self.quantization.to_dict() if self.quantization else None}
         write_json_atomic(folder / "model_index.json", index)
 
 

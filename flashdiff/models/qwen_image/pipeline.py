@@ -6,6 +6,11 @@ in 2x2 patches like FLUX, `img_shapes = [(1, H/16, W/16)]`, sigmas linspace(1, 1
 scheduler's (dynamic) shift and shift_terminal, the timestep passed as t/1000, true CFG with the
 per-token norm rescale, and the VAE decode of `z * latents_std + latents_mean`, frame 0.
 
+Precision (bf16/fp16) against diffusers: the timestep is rounded to the compute dtype before `/ 1000` as
+diffusers does. Deliberately more precise than diffusers: the latents stay float32 between steps (diffusers
+rounds them to bf16 after every scheduler step), the true-CFG combination and norm rescale run in float32,
+and the VAE input is denormalized in float32 before the VAE's own cast.
+
 Components load when first needed; the text encoder is released before the transformer is loaded,
 so peak memory is one component, not the sum.
 """
@@ -166,7 +171,9 @@ class QwenImagePipeline(Pipeline):
             neg = (neg[0].astype(dt), neg[1])
 
         def predict(latents, t):
-            t = mx.full((latents.shape[0],), t, mx.float32) / 1000
+            # As diffusers (Qwen-Image's reference code): t is cast to the compute dtype *before* the division, so in
+            # bf16 the model sees bf16(bf16(t) / 1000), one bf16 step off bf16(t / 1000) on ~1/3 of the steps.
+            t = mx.full((latents.shape[0],), t, mx.float32).astype(dt) / 1000
             x = latents.astype(dt)
             v = model(x, cond[0], cond[1], t, rope=cond_rope)
             if do_true_cfg:
@@ -218,7 +225,7 @@ class QwenImagePipeline(Pipeline):
                                to_checkpoint=vae.to_checkpoint)
         index = read_json(self.root / "model_index.json")
         index["_flashdiff"] = {"preset": self.source.preset.get("name"), "dtype": str(self.dtype).split(".")[-1],
-                               "quantization": self.quantize.to_dict() if self.quantize else None}
+                               "quantization": self.quantization.to_dict() if self.quantization else None}
         write_json_atomic(folder / "model_index.json", index)
 
 
