@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text tokens (default: the model's; at most 512 for FLUX's T5, 1024 for Qwen-Image)")
     g.add_argument("--keep-text-encoders", action="store_true", help="keep text encoders in memory")
     g.add_argument("--low-memory", action="store_true", help="release each component after use")
+    g.add_argument("--vae-tiling", action="store_true",
+                   help="decode in overlapping 512-pixel tiles: bounded VAE memory at large sizes")
     g.add_argument("--output", "-o", default="image.png", help="output file (.png keeps the parameters as metadata)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -98,7 +100,7 @@ def cmd_generate(args):
         _check_aspect(args)
     pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
                                     mode=args.mode, base=args.base, keep_text_encoders=args.keep_text_encoders,
-                                    low_memory=args.low_memory)
+                                    low_memory=args.low_memory, vae_tiling=args.vae_tiling)
     images = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, steps=args.steps,
                            guidance=args.guidance, height=args.height, width=args.width, seed=seed, num_images=n,
                            max_sequence_length=args.max_sequence_length, aspect=args.aspect, progress=not args.quiet)

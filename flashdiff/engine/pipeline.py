@@ -22,6 +22,10 @@ from .quantization import QuantSpec
 from .sources import ModelSource, family_module, resolve
 
 
+#: (tile, overlap) in latent pixels for vae_tiling: 512-pixel tiles overlapping by 128 pixels
+VAE_TILE = (64, 16)
+
+
 @dataclass
 class GenerationParams:
     prompt: list[str]
@@ -52,7 +56,7 @@ class Pipeline:
     ASPECT_RATIOS: dict = {}
 
     def __init__(self, source: ModelSource, dtype=mx.bfloat16, quantize: QuantSpec | None = None,
-                 keep_text_encoders: bool = False, low_memory: bool = False):
+                 keep_text_encoders: bool = False, low_memory: bool = False, vae_tiling: bool = False):
         self.source = source
         self.dtype = dtype
         #: the quantization asked for on load (None: none, or a converted folder that loads as saved)
@@ -61,13 +65,15 @@ class Pipeline:
         self.saved_quantization = _saved_quantization(source, quantize)
         self.keep_text_encoders = keep_text_encoders
         self.low_memory = low_memory
+        #: decode in overlapping tiles (VAE_TILE) to bound VAE memory at large sizes
+        self.vae_tiling = vae_tiling
         self.defaults = {**self.DEFAULTS, **source.preset.get("defaults", {})}
         self.aspect_ratios = dict(source.preset.get("aspect_ratios") or self.ASPECT_RATIOS)
 
     @staticmethod
     def from_pretrained(model: str, *, dtype: str = "bfloat16", quantize: int | None = None, group_size: int | None = None,
                         mode: str = "affine", base: str | None = None, keep_text_encoders: bool = False,
-                        low_memory: bool = False) -> "Pipeline":
+                        low_memory: bool = False, vae_tiling: bool = False) -> "Pipeline":
         """Load a model by preset name ("flux-schnell", "flux-dev", "qwen-image", "demo"), Hugging Face repo id,
         local diffusers-layout folder, `flashdiff convert` output or single-file checkpoint.
 
@@ -76,13 +82,15 @@ class Pipeline:
         re-quantizing quantized weights is lossy; `pipe.quantization` tells the setting in use).
         keep_text_encoders: keep the text encoders in memory between calls (faster repeated prompts, more
         memory). low_memory: also release the transformer between calls, so peak memory is the largest
-        single component.
+        single component. vae_tiling: decode the image in overlapping 512-pixel tiles (bounded VAE memory
+        at large sizes; seams are blended, results differ slightly from an untiled decode).
         """
         dtype = parse_dtype(dtype)
         spec = QuantSpec.make(quantize, group_size, mode) if (quantize is not None or mode not in (None, "affine")) else None
         source = resolve(model, base)
         cls = family_module(source.family).PIPELINE
-        return cls(source, dtype, spec, keep_text_encoders=keep_text_encoders, low_memory=low_memory)
+        return cls(source, dtype, spec, keep_text_encoders=keep_text_encoders, low_memory=low_memory,
+                   vae_tiling=vae_tiling)
 
     # ---- argument handling shared by all families ----
     def size_for_aspect(self, aspect: str) -> tuple[int, int]:
@@ -206,6 +214,8 @@ class Pipeline:
             "quantize": self.quantization.to_dict() if self.quantization else None,
             "seconds": round(elapsed, 2), "flashdiff": __version__,
         }
+        if self.vae_tiling:
+            meta["vae_tiling"] = True
         if p.negative_prompt is not None:
             meta["negative_prompt"] = p.negative_prompt[i]
             meta["true_cfg"] = p.true_cfg

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ...engine.components import configure_execution, build_model, copy_folder, load_component, save_component
 from ...engine.errors import FlashdiffError
-from ...engine.pipeline import GenerationParams, Pipeline
+from ...engine.pipeline import VAE_TILE, GenerationParams, Pipeline
 from ...engine.quantization import QuantSpec
 from ...engine.schedulers import FlowMatchEulerScheduler
 from ...engine.weights import load_folder, load_safetensors, read_json, read_safetensors_header, write_json_atomic
@@ -80,8 +80,9 @@ class FluxPipeline(Pipeline):
     DEFAULTS = {"steps": 28, "guidance": 3.5, "true_cfg": 1.0, "height": 1024, "width": 1024, "max_sequence_length": 512}
     MAX_SEQUENCE_LENGTH = 512
 
-    def __init__(self, source, dtype=mx.bfloat16, quantize: QuantSpec | None = None, keep_text_encoders=False, low_memory=False):
-        super().__init__(source, dtype, quantize, keep_text_encoders, low_memory)
+    def __init__(self, source, dtype=mx.bfloat16, quantize: QuantSpec | None = None, keep_text_encoders=False,
+                 low_memory=False, vae_tiling=False):
+        super().__init__(source, dtype, quantize, keep_text_encoders, low_memory, vae_tiling)
         root = Path(source.path)
         self.root = root
         for sub in ("scheduler", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae"):
@@ -236,7 +237,7 @@ class FluxPipeline(Pipeline):
         z = z / self.vae_config.scaling_factor + (self.vae_config.shift_factor or 0.0)
         out = []
         for b in range(z.shape[0]):  # one image at a time bounds VAE activation memory
-            img = vae.decode(z[b : b + 1])
+            img = vae.decode_tiled(z[b : b + 1], *VAE_TILE) if self.vae_tiling else vae.decode(z[b : b + 1])
             mx.eval(img)
             out.append(img)
         return mx.concatenate(out, axis=0)

@@ -23,13 +23,14 @@ from tqdm import tqdm
 
 from ...engine.components import configure_execution, copy_folder, load_component, save_component
 from ...engine.errors import FlashdiffError
-from ...engine.pipeline import GenerationParams, Pipeline
+from ...engine.pipeline import VAE_TILE, GenerationParams, Pipeline
 from ...engine.quantization import QuantSpec
 from ...engine.schedulers import FlowMatchEulerScheduler
 from ...engine.weights import read_json, write_json_atomic
 from ..flux.pipeline import pack_latents, unpack_latents_nhwc
 from ..qwen2_5_vl import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
 from ..tokenizers import load_qwen2_tokenizer
+from ..vae.tiling import decode_in_tiles
 from ..vae.wan import WanVAE, WanVAEConfig
 from .text_encoder import MAX_SEQUENCE_LENGTH_CAP, encode_prompts
 from .transformer import QwenImageTransformer, QwenImageTransformerConfig
@@ -56,8 +57,8 @@ class QwenImagePipeline(Pipeline):
     ASPECT_RATIOS = ASPECT_RATIOS
 
     def __init__(self, source, dtype=mx.bfloat16, quantize: QuantSpec | None = None, keep_text_encoders=False,
-                 low_memory=False):
-        super().__init__(source, dtype, quantize, keep_text_encoders, low_memory)
+                 low_memory=False, vae_tiling=False):
+        super().__init__(source, dtype, quantize, keep_text_encoders, low_memory, vae_tiling)
         root = Path(source.path)
         self.root = root
         for sub in _COMPONENTS:
@@ -194,8 +195,12 @@ class QwenImagePipeline(Pipeline):
         z = unpack_latents_nhwc(latents, height // grid * 16, width // grid * 16)  # (N, h, w, C)
         out = []
         for b in range(z.shape[0]):  # one image at a time bounds VAE activation memory
-            zb = vae.denormalize(z[b : b + 1, None].astype(mx.float32))  # (1, T=1, h, w, C)
-            img = vae.decode(zb)[:, 0]  # frame 0
+            zb = vae.denormalize(z[b : b + 1].astype(mx.float32))  # (1, h, w, C)
+            decode_frame0 = lambda t: vae.decode(t[:, None])[:, 0]  # noqa: E731  (T=1 video -> its frame)
+            if self.vae_tiling:
+                img = decode_in_tiles(decode_frame0, zb, vae.config.scale_factor_spatial, 3, *VAE_TILE)
+            else:
+                img = decode_frame0(zb)
             mx.eval(img)
             out.append(img)
         return mx.concatenate(out, axis=0)

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 
 from ...kernels import attention
 from ..common import BlockStream
+from .tiling import decode_in_tiles
 
 # Largest number of attention scores (queries x keys) materialised at once in the mid-block
 # attention. The head dim equals the channel count (512 for FLUX), which the fused kernels do not
@@ -301,33 +302,14 @@ class AutoencoderKL(nn.Module):
         return self.decoder(z, stream=self.stream)
 
     def decode_tiled(self, z: mx.array, tile: int = 64, overlap: int = 16) -> mx.array:
-        """Decode in overlapping latent tiles (sizes in latent pixels), blended linearly.
+        """Decode in overlapping latent tiles (sizes in latent pixels), blended linearly (vae/tiling.py).
 
-        Peak memory is that of decoding one `tile` x `tile` latent, plus the output image. Each
-        tile is evaluated before the next one starts. Results differ slightly from `decode`
-        (the mid-block attention and the zero padding see only the tile); overlap hides seams.
+        Peak memory is that of decoding one `tile` x `tile` latent, plus the output image. Results
+        differ slightly from `decode` (the mid-block attention and the zero padding see only the tile).
         """
         _check_nhwc(z, self.config.latent_channels, "decode_tiled")
-        if not 0 <= overlap < tile:
-            raise ValueError(f"decode_tiled: need 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
-        b, h, w, _ = z.shape
-        if h <= tile and w <= tile:
-            return self.decode(z)
-        f = self.config.scale_factor
-        ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
-        out = mx.zeros((b, h * f, w * f, self.config.out_channels), dtype=mx.float32)
-        total = mx.zeros((1, h * f, w * f, 1), dtype=mx.float32)
-        for yi, y0 in enumerate(ys):
-            y1 = min(y0 + tile, h)
-            wy = _ramp(ys, yi, tile, h, f)
-            for xi, x0 in enumerate(xs):
-                x1 = min(x0 + tile, w)
-                wgt = (wy[:, None] * _ramp(xs, xi, tile, w, f)[None, :])[None, :, :, None]
-                dec = self.decode(z[:, y0:y1, x0:x1]).astype(mx.float32)
-                out[:, y0 * f : y1 * f, x0 * f : x1 * f] += dec * wgt
-                total[:, y0 * f : y1 * f, x0 * f : x1 * f] += wgt
-                mx.eval(out, total)
-        return (out / total).astype(self.dtype)
+        return decode_in_tiles(lambda t: self.decode(t), z, self.config.scale_factor, self.config.out_channels,
+                               tile, overlap, dtype=self.dtype)
 
     # ---- weights ---------------------------------------------------------------------------
     def sanitize(self, weights: dict) -> dict:
@@ -388,26 +370,3 @@ def _conv_layout(weights: dict) -> str:
     if len(votes) > 1:
         raise ValueError("AutoencoderKL.sanitize: conv kernels mix PyTorch (O,I,kh,kw) and MLX (O,kh,kw,I) layouts")
     return votes.pop() if votes else "torch"
-
-
-def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Tile start offsets covering [0, size), evenly spread, neighbours overlapping >= `overlap`."""
-    if size <= tile:
-        return [0]
-    n = -(-(size - overlap) // (tile - overlap))
-    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
-
-
-def _ramp(starts: list[int], i: int, tile: int, size: int, f: int) -> mx.array:
-    """1-D blend weight (in output pixels) of tile i: linear ramps over the overlaps with its neighbours."""
-    s, e = starts[i], min(starts[i] + tile, size)
-    n = (e - s) * f
-    pos = mx.arange(n, dtype=mx.float32) + 0.5
-    wgt = mx.ones((n,), dtype=mx.float32)
-    if i > 0:
-        left = (min(starts[i - 1] + tile, size) - s) * f
-        wgt = mx.minimum(wgt, pos / left)
-    if i < len(starts) - 1:
-        right = (e - starts[i + 1]) * f
-        wgt = mx.minimum(wgt, (n - pos) / right)
-    return wgt
