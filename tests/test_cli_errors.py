@@ -163,3 +163,32 @@ def test_top_level_help_lists_models_with_defaults(capsys):
     out = capsys.readouterr().out
     assert "qwen-image" in out and "Qwen/Qwen-Image" in out and "steps 50" in out and "true_cfg 4.0" in out
     assert "flux-schnell" in out and "steps 4" in out
+
+
+def test_from_image_reruns_the_recorded_generation(tmp_path):
+    first = tmp_path / "first.png"
+    assert run_cli("generate", "-m", "demo", "-p", "a quiet harbour", "-s", 2, "--seed", 11, "--height", 32,
+                   "--width", 48, "-q", 8, "--group-size", 32, "-o", first, "--quiet") == 0
+    again = tmp_path / "again.png"
+    assert run_cli("generate", "--from-image", first, "-o", again, "--quiet") == 0
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    meta = read_metadata(again)
+    assert (meta["prompt"], meta["seed"], meta["steps"], meta["width"], meta["height"]) == ("a quiet harbour", 11, 2, 48, 32)
+    assert meta["quantize"] == {"bits": 8, "group_size": 32, "mode": "affine"}
+    # command-line options override the record
+    other = tmp_path / "other.png"
+    assert run_cli("generate", "--from-image", first, "--seed", 12, "-o", other, "--quiet") == 0
+    assert read_metadata(other)["seed"] == 12 and read_metadata(other)["prompt"] == "a quiet harbour"
+
+
+def test_generate_without_prompt_or_record_is_an_error(capsys, tmp_path):
+    assert run_cli("generate", "-m", "demo", "-o", tmp_path / "a.png") == 2
+    assert "needs --model and --prompt" in capsys.readouterr().err
+    plain = tmp_path / "plain.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(plain)
+    assert run_cli("generate", "--from-image", plain, "-o", tmp_path / "b.png") == 2
+    assert "has no flashdiff metadata" in capsys.readouterr().err

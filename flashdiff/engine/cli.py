@@ -26,16 +26,16 @@ def _positive_int(s):
     return v
 
 
-def _add_model_args(p, quant_help):
-    p.add_argument("--model", "-m", required=True,
+def _add_model_args(p, quant_help, model_required=True):
+    p.add_argument("--model", "-m", required=model_required,
                    help="preset (see `flashdiff models`: flux-schnell, flux-dev, qwen-image), Hugging Face repo id, "
                         "local diffusers/convert folder, or a BFL single-file checkpoint (flux1-dev.safetensors)")
     p.add_argument("--base", help="for a single-file checkpoint: a diffusers folder with its text encoders, tokenizers and VAE "
                                    "(default: download them from the matching repo)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="compute dtype (default bfloat16)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype (default bfloat16)")
     p.add_argument("--quantize", "-q", type=int, choices=[2, 3, 4, 5, 6, 8], help=quant_help)
     p.add_argument("--group-size", type=int, help="quantization group size (default 64 for affine; fixed by the fp modes)")
-    p.add_argument("--mode", default="affine", choices=["affine", "mxfp4", "nvfp4", "mxfp8"], help="quantization mode")
+    p.add_argument("--mode", choices=["affine", "mxfp4", "nvfp4", "mxfp8"], help="quantization mode (default affine)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images from a prompt", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_args(g, "quantize weights on load to this many bits")
-    g.add_argument("--prompt", "-p", required=True)
+    _add_model_args(g, "quantize weights on load to this many bits", model_required=False)
+    g.add_argument("--prompt", "-p", help="the prompt (required unless --from-image gives it)")
+    g.add_argument("--from-image", metavar="PNG",
+                   help="re-run the generation recorded in a flashdiff PNG (model, prompt, seed, sizes, steps, ...); "
+                        "options given on the command line override what it recorded")
     g.add_argument("--negative-prompt", help="negative prompt, used with --true-cfg > 1 (default: the model's; "
                                              "Qwen-Image: \" \")")
     g.add_argument("--true-cfg", type=float, help="true classifier-free guidance scale; > 1 enables it with a negative "
@@ -82,9 +85,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# metadata field -> command-line option, for --from-image
+_RERUN_FIELDS = ("model", "prompt", "negative_prompt", "true_cfg", "steps", "guidance", "height", "width",
+                 "max_sequence_length", "dtype")
+
+
+def apply_recorded_settings(args):
+    """Fill the options not given on the command line from the PNG named by --from-image."""
+    from .images import read_metadata
+
+    meta = read_metadata(args.from_image)
+    for field in _RERUN_FIELDS:
+        if field in ("height", "width") and args.aspect is not None:
+            continue  # a new --aspect replaces the recorded size
+        if getattr(args, field) is None and meta.get(field) is not None:
+            setattr(args, field, meta[field])
+    if meta.get("transformer_file") and args.model == meta.get("model"):
+        args.model = meta["transformer_file"]  # a single-file checkpoint; its base comes from --base or the Hub
+    if args.seed is None and meta.get("seed") is not None:
+        args.seed = [meta["seed"]]
+    if args.quantize is None and meta.get("quantize"):
+        q = meta["quantize"] if isinstance(meta["quantize"], dict) else {}
+        args.quantize, args.group_size, args.mode = q.get("bits"), args.group_size or q.get("group_size"), args.mode or q.get("mode")
+    if meta.get("vae_tiling"):
+        args.vae_tiling = True
+
+
 def cmd_generate(args):
     from .images import check_output_path, output_paths, save_image
     from .pipeline import Pipeline
+
+    if args.from_image:
+        apply_recorded_settings(args)
+    if not args.model or args.prompt is None:
+        raise FlashdiffError("generate needs --model and --prompt (or --from-image with a PNG that flashdiff wrote)")
 
     seeds = args.seed
     n = args.num_images or (len(seeds) if seeds else 1)
@@ -98,8 +132,9 @@ def cmd_generate(args):
         check_output_path(path)
     if args.aspect is not None:
         _check_aspect(args)
-    pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
-                                    mode=args.mode, base=args.base, keep_text_encoders=args.keep_text_encoders,
+    pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype or "bfloat16", quantize=args.quantize,
+                                    group_size=args.group_size, mode=args.mode or "affine", base=args.base,
+                                    keep_text_encoders=args.keep_text_encoders,
                                     low_memory=args.low_memory, vae_tiling=args.vae_tiling)
     images = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg, steps=args.steps,
                            guidance=args.guidance, height=args.height, width=args.width, seed=seed, num_images=n,
@@ -136,8 +171,8 @@ def cmd_convert(args):
         raise FlashdiffError(f"{out} is a file; --output of convert is a folder (new, or empty)")
     if out.exists() and any(out.iterdir()):
         raise FlashdiffError(f"{out} already exists and is not empty; choose a new folder")
-    pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
-                                    mode=args.mode, base=args.base)
+    pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype or "bfloat16", quantize=args.quantize,
+                                    group_size=args.group_size, mode=args.mode or "affine", base=args.base)
     tmp = out.with_name(f".{out.name}.partial")
     if tmp.exists():
         import shutil
@@ -153,7 +188,7 @@ def cmd_convert(args):
 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    q = f"{pipe.quantization.bits}-bit {pipe.quantization.mode}" if pipe.quantization else args.dtype
+    q = f"{pipe.quantization.bits}-bit {pipe.quantization.mode}" if pipe.quantization else (args.dtype or "bfloat16")
     print(f"wrote {out} ({q}); use it with: flashdiff generate --model {out} --prompt ...")
 
 
