@@ -33,3 +33,27 @@ def _seed():
     mx.random.seed(0)
     np.random.seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory):
+    """A FLASHDIFF_HOME with the offline demo model built once per test session (per xdist worker)."""
+    from flashdiff.engine.demo import build_demo
+
+    home = tmp_path_factory.mktemp("flashdiff-home")
+    build_demo(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def demo(demo_home):
+    """The demo model folder (tests that change files work on a copy)."""
+    from flashdiff.engine.demo import build_demo
+
+    return build_demo(demo_home)
+
+
+@pytest.fixture
+def demo_home_env(demo_home, monkeypatch):
+    """FLASHDIFF_HOME pointing at `demo_home`, so `--model demo` finds the built model."""
+    monkeypatch.setenv("FLASHDIFF_HOME", str(demo_home))

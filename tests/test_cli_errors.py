@@ -8,26 +8,16 @@ import pytest
 
 from flashdiff import Pipeline
 from flashdiff.engine.cli import main
-from flashdiff.engine.demo import build_demo
 from flashdiff.engine.errors import FlashdiffError
 from flashdiff.engine.images import read_metadata
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    build_demo(home)
-    return home
-
-
-@pytest.fixture(autouse=True)
-def _home_env(home, monkeypatch):
-    monkeypatch.setenv("FLASHDIFF_HOME", str(home))
+pytestmark = pytest.mark.usefixtures("demo_home_env")  # demo_home / demo / demo_home_env: tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def demo_pipe(home):
-    return Pipeline.from_pretrained(str(build_demo(home)), dtype="float32")
+def demo_pipe(demo):
+    return Pipeline.from_pretrained(str(demo), dtype="float32")
 
 
 def run_cli(*args):
@@ -101,17 +91,17 @@ def test_folder_without_model_index(tmp_path):
         Pipeline.from_pretrained(str(tmp_path))
 
 
-def test_missing_component_folder(home, tmp_path):
+def test_missing_component_folder(demo, tmp_path):
     copy = tmp_path / "model"
-    shutil.copytree(build_demo(home), copy)
+    shutil.copytree(demo, copy)
     shutil.rmtree(copy / "vae")
     with pytest.raises(FlashdiffError, match="has no vae/ folder"):
         Pipeline.from_pretrained(str(copy))
 
 
-def test_corrupt_weights_are_named(home, tmp_path):
+def test_corrupt_weights_are_named(demo, tmp_path):
     copy = tmp_path / "model"
-    shutil.copytree(build_demo(home), copy)
+    shutil.copytree(demo, copy)
     f = copy / "transformer" / "diffusion_pytorch_model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     pipe = Pipeline.from_pretrained(str(copy))
@@ -119,9 +109,9 @@ def test_corrupt_weights_are_named(home, tmp_path):
         pipe.generate("x", steps=1, height=32, width=32, progress=False)
 
 
-def test_weights_not_matching_config(home, tmp_path):
+def test_weights_not_matching_config(demo, tmp_path):
     copy = tmp_path / "model"
-    shutil.copytree(build_demo(home), copy)
+    shutil.copytree(demo, copy)
     cfg = json.loads((copy / "transformer" / "config.json").read_text())
     cfg["num_single_layers"] = 3
     (copy / "transformer" / "config.json").write_text(json.dumps(cfg))

@@ -8,16 +8,10 @@ import numpy as np
 import pytest
 
 from flashdiff import Pipeline
-from flashdiff.engine.demo import build_demo
 from flashdiff.engine.errors import FlashdiffError
 from flashdiff.engine.quantization import QuantSpec, quantize_model
 
 KW = dict(steps=2, height=64, width=64, seed=5, max_sequence_length=16, progress=False)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("home"))
 
 
 def pixels(images):

@@ -18,28 +18,13 @@ from PIL import Image
 
 from flashdiff import Pipeline
 from flashdiff.engine.cli import main
-from flashdiff.engine.demo import build_demo
 from flashdiff.engine.errors import FlashdiffError
 from flashdiff.engine.images import read_metadata, save_image
 
 SMALL = ("--steps", 1, "--height", 32, "--width", 32, "--quiet")
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    build_demo(home)
-    return home
-
-
-@pytest.fixture(autouse=True)
-def _home_env(home, monkeypatch):
-    monkeypatch.setenv("FLASHDIFF_HOME", str(home))
-
-
-@pytest.fixture(scope="module")
-def demo(home):
-    return build_demo(home)
+pytestmark = pytest.mark.usefixtures("demo_home_env")  # demo_home / demo / demo_home_env: tests/conftest.py
 
 
 def run_cli(*args):

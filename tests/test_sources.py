@@ -8,7 +8,6 @@ import pytest
 
 from flashdiff import Pipeline
 from flashdiff.engine import sources
-from flashdiff.engine.demo import build_demo
 from flashdiff.engine.errors import FlashdiffError
 
 KW = dict(steps=1, height=32, width=32, seed=1, max_sequence_length=16, progress=False)
@@ -34,11 +33,6 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     return cache
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return build_demo(tmp_path_factory.mktemp("home"))
 
 
 def test_preset_loads_from_the_hub_cache(hub, demo):
