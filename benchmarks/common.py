@@ -220,20 +220,39 @@ def gemm_probe(m: int, k: int, dtype, iters: int) -> dict:
 
 
 def sdpa_layout_probe(heads: int, length: int, head_dim: int, dtype, iters: int) -> dict:
-    """RoPE + attention + (B, L, H*Dh) output through flashdiff.models.common.rope_attention, with RoPE
-    before the transpose (q/k/v reach attention as strided views) and after it (contiguous)."""
-    from flashdiff.models.common import rope_attention
+    """Attention from a fused (1, L, 3*H*Dh) q/k/v projection to the (1, L, H*Dh) output through
+    flashdiff.models.common.joint_attention (q/k RMSNorm + RoPE prologue, attention), with the fused
+    prologue kernel (default) and with the plain-MLX prologue; plus SDPA alone on ready q/k/v."""
+    from flashdiff.kernels import qk_norm_rope_reference
+    from flashdiff.models import common
 
-    keys = mx.random.split(mx.random.key(8), 3)
-    q, k, v = (mx.random.normal((1, length, heads, head_dim), key=kk).astype(dtype) for kk in keys)
+    keys = mx.random.split(mx.random.key(8), 4)
+    t = mx.random.normal((1, length, 3 * heads * head_dim), key=keys[0]).astype(dtype)
+    norm_q, norm_k = nn.RMSNorm(head_dim, eps=1e-6), nn.RMSNorm(head_dim, eps=1e-6)
+    norm_q.weight, norm_k.weight = norm_q.weight.astype(dtype), norm_k.weight.astype(dtype)
+    q, k, v = (mx.random.normal((1, heads, length, head_dim), key=kk).astype(dtype) for kk in keys[1:])
     ang = mx.arange(length, dtype=mx.float32)[:, None] * mx.ones((1, head_dim // 2))
     cos, sin = mx.cos(ang), mx.sin(ang)
-    mx.eval(q, k, v, cos, sin)
+    mx.eval(t, q, k, v, cos, sin, norm_q.parameters(), norm_k.parameters())
     flop = 4 * length * length * head_dim * heads
     out = {"heads": heads, "length": length, "head_dim": head_dim}
-    for name, hm in (("rope_then_views", False), ("transpose_then_rope", True)):
-        t = _median_call(lambda hm=hm: rope_attention(q, k, v, cos, sin, head_dim**-0.5, head_major_rope=hm), iters)
-        out[f"{name}_s"], out[f"{name}_tflops"] = t, flop / t / 1e12
+    fused = common.qk_norm_rope
+
+    def run(hm, prologue):
+        common.qk_norm_rope = prologue
+        try:
+            return common.joint_attention([(t, norm_q, norm_k)], heads, head_dim, cos, sin, head_dim**-0.5,
+                                          head_major_rope=hm)
+        finally:
+            common.qk_norm_rope = fused
+
+    variants = (("sdpa_only", lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5)),
+                ("fused_prologue", lambda: run(False, fused)),
+                ("fused_prologue_head_major", lambda: run(True, fused)),
+                ("mlx_prologue", lambda: run(False, qk_norm_rope_reference)))
+    for name, fn in variants:
+        tm = _median_call(fn, iters)
+        out[f"{name}_s"], out[f"{name}_tflops"] = tm, flop / tm / 1e12
     return out
 
 
@@ -521,9 +540,18 @@ def render_probes(probes: dict) -> list:
     if sdpa.get("ok"):
         lines += ["", f"#### Probe: RoPE + attention layout ({sdpa['heads']} heads × {sdpa['length']} tokens × "
                       f"{sdpa['head_dim']}, output as (B, L, H·D))", "",
-                  f"RoPE then transposed views: {sdpa['rope_then_views_s'] * 1e3:.3f} ms; "
-                  f"transpose then RoPE (contiguous): {sdpa['transpose_then_rope_s'] * 1e3:.3f} ms."]
+                  _sdpa_probe_line(sdpa)]
     return lines
+
+
+def _sdpa_probe_line(sdpa: dict) -> str:
+    if "fused_prologue_s" not in sdpa:  # results written before the fused prologue kernel
+        return (f"RoPE then transposed views: {sdpa['rope_then_views_s'] * 1e3:.3f} ms; "
+                f"transpose then RoPE (contiguous): {sdpa['transpose_then_rope_s'] * 1e3:.3f} ms.")
+    return (f"SDPA alone {sdpa['sdpa_only_s'] * 1e3:.3f} ms; q/k norm + RoPE + attention with the fused "
+            f"prologue kernel {sdpa['fused_prologue_s'] * 1e3:.3f} ms (head-major "
+            f"{sdpa['fused_prologue_head_major_s'] * 1e3:.3f} ms), with plain MLX ops "
+            f"{sdpa['mlx_prologue_s'] * 1e3:.3f} ms.")
 
 
 def update_readme(readme, data: dict, json_path=None):

@@ -83,7 +83,8 @@ def test_json_has_every_measurement(tiny_run):
             assert len(probe["shapes"]) == shapes
             assert all(_positive(v) for r in probe["shapes"].values() for v in r.values())
         else:
-            assert _positive(probe["rope_then_views_s"]) and _positive(probe["transpose_then_rope_s"])
+            for name in ("sdpa_only", "fused_prologue", "fused_prologue_head_major", "mlx_prologue"):
+                assert _positive(probe[f"{name}_s"]) and _positive(probe[f"{name}_tflops"]), name
     for key in ("bf16", "4bit"):
         run = data["e2e"][key]
         assert run["ok"], run.get("error")

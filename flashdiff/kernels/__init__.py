@@ -9,6 +9,7 @@ from ._dequant import dequantize
 from ._dispatch import resolve_backend
 from .attention import attention, attention_reference
 from .moe import moe_gemm
+from .qk_rope import qk_norm_rope, qk_norm_rope_reference
 from .qgemm import QuantizedLinear, quantize_model, quantized_linear, swap_quantized_linears
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "attention_reference",
     "dequantize",
     "moe_gemm",
+    "qk_norm_rope",
+    "qk_norm_rope_reference",
     "quantize_model",
     "quantized_linear",
     "QuantizedLinear",

@@ -88,6 +88,35 @@ def moe_sorted(x, w, expert_ids):
     return y.reshape(t, top_k, n)
 
 
+def moe_windowed(x, w, expert_ids, window: int = 128):
+    """Grouped GEMM with static shapes and no host sync: the (token, slot) rows are sorted by expert
+    into a padded layout where each expert's segment is a whole number of `window`-row windows; one
+    ``mx.gather_mm`` multiplies every window by its expert's weight; the rows are gathered back.
+
+    Rows computed: at most T*k + E*(window-1) (HiDream, 8192 routed rows, window 128: 1.06x the
+    routed FLOPs) instead of E/k times them. w: (E, N, K) float.
+    """
+    t, top_k = expert_ids.shape
+    e, n, k_in = w.shape
+    r = t * top_k
+    flat = expert_ids.reshape(-1).astype(mx.int32)
+    onehot = (flat[:, None] == mx.arange(e, dtype=mx.int32)[None, :]).astype(mx.int32)  # (R, E)
+    padded = (onehot.sum(0) + window - 1) // window * window
+    seg_end = mx.cumsum(padded)
+    rank = mx.take_along_axis(mx.cumsum(onehot, axis=0), flat[:, None], axis=1)[:, 0] - 1
+    pos = (seg_end - padded)[flat] + rank  # each row's place in the padded layout
+    n_win = (r + e * (window - 1)) // window + 1  # static bound on the windows in use
+    src = mx.full((n_win * window,), r, dtype=mx.int32)  # padded slot -> routed row (r = empty)
+    src[pos] = mx.arange(r, dtype=mx.int32)
+    rows = x.reshape(-1, k_in) if x.ndim == 3 else x
+    rows = mx.concatenate([rows, mx.zeros((1, k_in), dtype=x.dtype)], axis=0)
+    take = src if x.ndim == 3 else mx.where(src < r, src // top_k, t)
+    starts = mx.arange(n_win, dtype=mx.int32) * window
+    win_expert = mx.minimum((seg_end[None, :] <= starts[:, None]).astype(mx.int32).sum(1), e - 1)
+    y = mx.gather_mm(rows[take].reshape(n_win, window, k_in), w.swapaxes(-1, -2), rhs_indices=win_expert)
+    return y.reshape(n_win * window, n)[pos].reshape(t, top_k, n)
+
+
 def _moe_reference(x, w, expert_ids, scales, biases, bits, group_size, mode):
     """Readable oracle: dequantize with mx.dequantize, then every expert on every row."""
     if scales is not None:

@@ -5,7 +5,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..kernels import attention
+from ..kernels import attention, qk_norm_rope
+from ..kernels.qk_rope import apply_rope_interleaved  # noqa: F401  (re-exported)
 
 
 def timestep_sinusoid(
@@ -67,18 +68,6 @@ def rope_angles(positions: mx.array, axes_dims, theta: float = 10000.0) -> mx.ar
     return mx.concatenate(parts, axis=-1)
 
 
-def apply_rope_interleaved(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate interleaved pairs (2k, 2k+1) of the last axis.
-
-    x: (..., L, D); cos, sin: (L, D/2) broadcastable. Computed in float32, returned in x.dtype.
-    """
-    shape = x.shape
-    xf = x.astype(mx.float32).reshape(*shape[:-1], shape[-1] // 2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
-    return out.reshape(shape).astype(x.dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # Fused projections and joint attention, shared by the MMDiT transformers (FLUX, Qwen-Image, ...).
 
@@ -125,32 +114,32 @@ def split_linear(weights: dict, fused: str, parts, sizes) -> dict:
     return weights
 
 
-@mx.compile
-def _rope_fp32(x, cos, sin):
-    return apply_rope_interleaved(x, cos, sin)
+def joint_attention(sources, heads: int, head_dim: int, cos, sin, scale: float, mask=None,
+                    head_major_rope: bool = False):
+    """Attention of the MMDiT blocks, from the fused q/k/v projection outputs of each stream.
 
+    sources: [(t, norm_q, norm_k), ...] in joint-sequence order (text first), t (B, L_i, >= 3*H*Dh)
+    with columns [q | k | v | anything]; norm_q / norm_k the stream's per-head nn.RMSNorm (one eps for all).
+    cos, sin: (L, Dh/2) or (L, 1, Dh/2) for the joint sequence. Returns (B, L, H * Dh).
 
-def rope_attention(q, k, v, cos, sin, scale: float, mask=None, head_major_rope: bool = False):
-    """Interleaved RoPE on q, k then attention; q, k, v (B, L, H, Dh); cos, sin (L, Dh/2) or (L, 1, Dh/2).
-
-    Returns (B, L, H * Dh). Two equivalent layouts (same numbers):
-    - head_major_rope=False (default): RoPE in (B, L, H, Dh), then q/k/v go to attention as transposed
+    q/k RMSNorm, RoPE and the text+image concatenation are one fused kernel on CUDA
+    (kernels.qk_norm_rope). Layouts (same numbers):
+    - head_major_rope=False (default): q/k/v come out (B, L, H, Dh) and go to attention as transposed
       views. MLX's CUDA SDPA (cuDNN) takes strided inputs and allocates its output in q's memory
       layout, so the output is (B, L, H, Dh) in memory and the final reshape is free: no copies.
-    - head_major_rope=True: transpose first and apply RoPE in (B, H, L, Dh), so q, k reach attention
-      contiguous; the output is then head-major and the final transpose + reshape copies it.
+    - head_major_rope=True: q/k/v are made contiguous (B, H, L, Dh) first; the output is then
+      head-major and the final transpose + reshape copies it (kept to compare in benchmarks).
     """
-    B, L, H, Dh = q.shape
-    cos, sin = cos.reshape(L, Dh // 2), sin.reshape(L, Dh // 2)
+    length = sum(t.shape[1] for t, _, _ in sources)
+    cos, sin = cos.reshape(length, head_dim // 2), sin.reshape(length, head_dim // 2)
+    eps = sources[0][1].eps
+    q, k, v = qk_norm_rope([(t, nq.weight, nk.weight) for t, nq, nk in sources], heads, head_dim, cos, sin, eps)
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
     if head_major_rope:
-        q = _rope_fp32(q.transpose(0, 2, 1, 3), cos, sin)
-        k = _rope_fp32(k.transpose(0, 2, 1, 3), cos, sin)
-    else:
-        cos, sin = cos[:, None], sin[:, None]
-        q = _rope_fp32(q, cos, sin).transpose(0, 2, 1, 3)
-        k = _rope_fp32(k, cos, sin).transpose(0, 2, 1, 3)
-    out = attention(q, k, v.transpose(0, 2, 1, 3), scale, mask)
-    return out.transpose(0, 2, 1, 3).reshape(B, L, H * Dh)
+        q, k, v = (mx.contiguous(a) for a in (q, k, v))
+    out = attention(q, k, v, scale, mask)
+    b = out.shape[0]
+    return out.transpose(0, 2, 1, 3).reshape(b, length, heads * head_dim)
 
 
 class BlockStream:

@@ -6,7 +6,7 @@ with `model.load_weights(list(model.sanitize(weights).items()))`. BFL single-fil
 checkpoints (flux1-dev.safetensors) are recognised by `sanitize` and mapped through `bfl.py`.
 
 Layouts: tokens are (B, L, C) packed latents exactly as the diffusers pipeline passes them; q, k, v
-are produced as (B, L, H, Dh) and handed to attention as (B, H, L, Dh) views (common.rope_attention).
+are produced as (B, L, H, Dh) and handed to attention as (B, H, L, Dh) views (common.joint_attention).
 The joint sequence order is [text, image]. With fused=True (see FUSED_DEFAULT) the q/k/v projections
 are fused: `sanitize` concatenates diffusers' to_q/to_k/to_v (etc.) and `to_checkpoint` splits them back.
 """
@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..common import (BlockStream, TextProjection, TimestepEmbedding, compiled_block_fn, fuse_linears, rope_angles,
-                      rope_attention, split_linear, timestep_sinusoid)
+                      joint_attention, split_linear, timestep_sinusoid)
 from .bfl import bfl_to_diffusers, is_bfl_flux
 
 _NORM_EPS = 1e-6  # LayerNorms (no affine) and q/k RMSNorms all use 1e-6 in FLUX
@@ -133,7 +133,7 @@ class FeedForward(nn.Module):
 
 
 class FluxAttention(nn.Module):
-    """Projections and q/k norms of diffusers' FluxAttention; the attention itself is `rope_attention`.
+    """Projections and q/k norms of diffusers' FluxAttention; the attention itself is `common.joint_attention`.
 
     fused=True replaces to_q/to_k/to_v by one `to_qkv` and add_*_proj by one `to_added_qkv` (diffusers'
     `fuse_qkv_projections` names); in a single block (dual=False) q/k/v and the block's proj_mlp become
@@ -166,38 +166,23 @@ class FluxAttention(nn.Module):
                 self.add_v_proj = nn.Linear(dim, inner)
             self.to_add_out = nn.Linear(inner, dim)
 
-    def _heads(self, x):
-        B, L, _ = x.shape
-        return x.reshape(B, L, self.heads, self.head_dim)
-
-    def _split_qkv(self, t, norm_q, norm_k):
-        """(B, L, 3*H*Dh) fused projection (or a column slice of one) -> normed q, k and v (B, L, H, Dh)."""
-        B, L, _ = t.shape
-        t = t.reshape(B, L, 3, self.heads, self.head_dim)
-        return norm_q(t[:, :, 0]), norm_k(t[:, :, 1]), t[:, :, 2]
-
-    def qkv(self, x):
-        """(B, L, D) -> q, k, v each (B, L, H, Dh), q and k RMS-normed per head (double blocks)."""
+    def qkv_proj(self, x):
+        """(B, L, D) -> (B, L, 3*H*Dh) projections [q | k | v] of the image stream (one GEMM when fused)."""
         if self.fused:
-            return self._split_qkv(self.to_qkv(x), self.norm_q, self.norm_k)
-        q = self.norm_q(self._heads(self.to_q(x)))
-        k = self.norm_k(self._heads(self.to_k(x)))
-        return q, k, self._heads(self.to_v(x))
+            return self.to_qkv(x)
+        return mx.concatenate([self.to_q(x), self.to_k(x), self.to_v(x)], axis=-1)
 
-    def added_qkv(self, c):
+    def added_qkv_proj(self, c):
+        """The text stream's [q | k | v] projections (double blocks)."""
         if self.fused:
-            return self._split_qkv(self.to_added_qkv(c), self.norm_added_q, self.norm_added_k)
-        q = self.norm_added_q(self._heads(self.add_q_proj(c)))
-        k = self.norm_added_k(self._heads(self.add_k_proj(c)))
-        return q, k, self._heads(self.add_v_proj(c))
+            return self.to_added_qkv(c)
+        return mx.concatenate([self.add_q_proj(c), self.add_k_proj(c), self.add_v_proj(c)], axis=-1)
 
-    def qkv_mlp(self, x, proj_mlp=None):
-        """Single blocks: (q, k, v), MLP pre-activation, from one fused GEMM or four separate ones."""
+    def qkv_mlp_proj(self, x, proj_mlp=None):
+        """Single blocks: (B, L, 3*H*Dh + mlp_dim) = [q | k | v | MLP pre-activation]."""
         if self.fused:
-            t = self.to_qkv_mlp_proj(x)
-            n = 3 * self.heads * self.head_dim
-            return self._split_qkv(t[..., :n], self.norm_q, self.norm_k), t[..., n:]
-        return self.qkv(x), proj_mlp(x)
+            return self.to_qkv_mlp_proj(x)
+        return mx.concatenate([self.qkv_proj(x), proj_mlp(x)], axis=-1)
 
 
 class FluxTransformerBlock(nn.Module):
@@ -216,18 +201,13 @@ class FluxTransformerBlock(nn.Module):
         shift, scale, gate, shift_m, scale_m, gate_m = _split(self.norm1(cond), 6)
         c_shift, c_scale, c_gate, c_shift_m, c_scale_m, c_gate_m = _split(self.norm1_context(cond), 6)
 
-        q, k, v = self.attn.qkv(_modulate(x, shift, scale))
-        cq, ck, cv = self.attn.added_qkv(_modulate(c, c_shift, c_scale))
-        Lc = c.shape[1]
-        out = rope_attention(
-            mx.concatenate([cq, q], axis=1),
-            mx.concatenate([ck, k], axis=1),
-            mx.concatenate([cv, v], axis=1),
-            cos,
-            sin,
-            self.scale,
-            head_major_rope=head_major_rope,
+        a = self.attn
+        out = joint_attention(
+            [(a.added_qkv_proj(_modulate(c, c_shift, c_scale)), a.norm_added_q, a.norm_added_k),
+             (a.qkv_proj(_modulate(x, shift, scale)), a.norm_q, a.norm_k)],
+            a.heads, a.head_dim, cos, sin, self.scale, head_major_rope=head_major_rope,
         )
+        Lc = c.shape[1]
         c_attn, x_attn = out[:, :Lc], out[:, Lc:]
 
         x = _gated_add(x, gate, self.attn.to_out[0](x_attn))
@@ -252,8 +232,11 @@ class FluxSingleTransformerBlock(nn.Module):
 
     def __call__(self, h, cond, cos, sin, head_major_rope=False):
         shift, scale, gate = _split(self.norm(cond), 3)
-        (q, k, v), m = self.attn.qkv_mlp(_modulate(h, shift, scale), getattr(self, "proj_mlp", None))
-        a = rope_attention(q, k, v, cos, sin, self.scale, head_major_rope=head_major_rope)
+        at = self.attn
+        t = at.qkv_mlp_proj(_modulate(h, shift, scale), getattr(self, "proj_mlp", None))
+        a = joint_attention([(t, at.norm_q, at.norm_k)], at.heads, at.head_dim, cos, sin, self.scale,
+                            head_major_rope=head_major_rope)
+        m = t[..., 3 * at.heads * at.head_dim :]
         return _gated_add(h, gate, self.proj_out(mx.concatenate([a, _gelu_tanh(m)], axis=-1)))
 
 
@@ -281,7 +264,7 @@ class FluxTransformer(nn.Module):
     fused (constructor; default FUSED_DEFAULT): fused q/k/v(/MLP-in) projections, see FluxAttention.
     `sanitize` turns diffusers (or BFL) checkpoints into this layout and `to_checkpoint` turns
     parameters back into diffusers names, so saved folders stay diffusers-compatible either way.
-    head_major_rope (attribute, default False; read at call/trace time): see common.rope_attention.
+    head_major_rope (attribute, default False; read at call/trace time): see common.joint_attention.
     """
 
     def __init__(self, config: FluxTransformerConfig, fused: bool | None = None):

@@ -31,7 +31,7 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..common import (BlockStream, TimestepEmbedding, compiled_block_fn, fuse_linears, rope_angles, rope_attention, split_linear,
+from ..common import (BlockStream, TimestepEmbedding, compiled_block_fn, fuse_linears, rope_angles, joint_attention, split_linear,
                       timestep_sinusoid)
 
 #: Default of QwenImageTransformer(config, fused=...). fused=True: one Linear for q/k/v per stream
@@ -132,33 +132,21 @@ class JointAttention(nn.Module):
         self.to_out = [nn.Linear(inner, dim)]
         self.to_add_out = nn.Linear(inner, dim)
 
-    def _qkv(self, x, fused: str, unfused: tuple, norm_q, norm_k):
-        """(B, L, D) -> RMS-normed q, k and v, each (B, L, H, Dh), from the fused or the separate layers."""
-        B, L, _ = x.shape
-        H, Dh = self.heads, self.head_dim
+    def _qkv_proj(self, x, fused: str, unfused: tuple):
+        """(B, L, D) -> (B, L, 3*H*Dh) projections [q | k | v] (one GEMM when fused)."""
         if self.fused:
-            t = self[fused](x).reshape(B, L, 3, H, Dh)
-            q, k, v = t[:, :, 0], t[:, :, 1], t[:, :, 2]
-        else:
-            q, k, v = (self[name](x).reshape(B, L, H, Dh) for name in unfused)
-        return norm_q(q), norm_k(k), v
+            return self[fused](x)
+        return mx.concatenate([self[name](x) for name in unfused], axis=-1)
 
     def __call__(self, x, c, cos, sin, mask, head_major_rope=False):
         """x: image (B, Li, D), c: text (B, Lt, D); cos/sin: (Lt + Li, head_dim/2) in [text, image] order."""
         Lt = c.shape[1]
-        q, k, v = self._qkv(x, "to_qkv", ("to_q", "to_k", "to_v"), self.norm_q, self.norm_k)
-        cq, ck, cv = self._qkv(c, "to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"),
-                               self.norm_added_q, self.norm_added_k)
         # One rotation over the joint sequence == diffusers' separate text / image rotations.
-        out = rope_attention(
-            mx.concatenate([cq, q], axis=1),
-            mx.concatenate([ck, k], axis=1),
-            mx.concatenate([cv, v], axis=1),
-            cos,
-            sin,
-            self.scale,
-            mask,
-            head_major_rope=head_major_rope,
+        out = joint_attention(
+            [(self._qkv_proj(c, "to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")),
+              self.norm_added_q, self.norm_added_k),
+             (self._qkv_proj(x, "to_qkv", ("to_q", "to_k", "to_v")), self.norm_q, self.norm_k)],
+            self.heads, self.head_dim, cos, sin, self.scale, mask, head_major_rope=head_major_rope,
         )
         return self.to_out[0](out[:, Lt:]), self.to_add_out(out[:, :Lt])
 
@@ -268,7 +256,7 @@ class QwenImageTransformer(nn.Module):
 
     fused (constructor; default FUSED_DEFAULT): fused q/k/v projections per stream, see JointAttention.
     `sanitize` turns diffusers checkpoints into this layout, `to_checkpoint` gives diffusers names back.
-    head_major_rope (attribute, default False; read at call/trace time): see common.rope_attention.
+    head_major_rope (attribute, default False; read at call/trace time): see common.joint_attention.
     """
 
     def __init__(self, config: QwenImageTransformerConfig, fused: bool | None = None):
