@@ -10,7 +10,7 @@ import torch
 
 from flashdiff.kernels import (QuantizedLinear, attention, moe_gemm, quantize_model, quantized_linear,
                                resolve_backend, swap_quantized_linears)
-from flashdiff.kernels.moe import moe_sorted
+from flashdiff.kernels.moe import _moe_stacked_experts, moe_sorted, moe_windowed
 
 QMODES = [("affine", b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)] + [
     ("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)]
@@ -247,9 +247,11 @@ def test_moe_gemm_dense(per_slot, dtype):
     w = (mx.random.normal((e, n, k_in)) * 0.1).astype(dtype)
     ids = mx.stack([mx.random.permutation(e)[:top_k] for _ in range(t)]).astype(mx.int32)
     ref = naive_moe(x, w, ids)
-    outs = [moe_gemm(x, w, ids)]
-    if dtype == mx.float32:  # the GPU algorithm (MLX's CPU gather_mm is float32-only)
-        outs.append(moe_sorted(x, w, ids))
+    outs = [moe_gemm(x, w, ids), _moe_stacked_experts(x, w, ids)]  # reference, then the GPU algorithm
+    if dtype == mx.float32:  # the rejected alternatives (MLX's CPU gather_mm is float32-only)
+        outs += [moe_sorted(x, w, ids), moe_windowed(x, w, ids, window=8)]
+        skewed = mx.zeros_like(ids) + mx.arange(top_k, dtype=ids.dtype)  # every token to experts 0..k-1
+        assert rel_err(np32(moe_windowed(x, w, skewed, window=8)), naive_moe(x, w, skewed)) < TOL[dtype]
     for out in outs:
         assert out.shape == (t, top_k, n) and out.dtype == dtype
         assert rel_err(np32(out), ref) < TOL[dtype]
@@ -286,3 +288,12 @@ def test_moe_gemm_bad_arguments():
     q, s, b = mx.quantize(mx.zeros((4, 32, 64)), 64, 4)
     with pytest.raises(ValueError, match="bits=5"):
         moe_gemm(x, q, ids, scales=s, biases=b, bits=5, group_size=64)
+
+
+def test_dequant_launch_shapes():
+    from flashdiff.kernels._dequant import MAX_GRID_Y, dequant_launch
+
+    assert dequant_launch(3072, 3072) == ((384, 3072, 1), (128, 1, 1))  # 3 full blocks per row
+    assert dequant_launch(27648, 2560) == ((320, 27648, 1), (64, 1, 1))
+    assert dequant_launch(100000, 64) == ((8, MAX_GRID_Y, 1), (8, 1, 1))  # rows looped beyond grid y
+    assert dequant_launch(40, 384) == ((48, 40, 1), (48, 1, 1))

@@ -105,3 +105,11 @@ def test_attention_cuda_flash_gqa_and_key_multiplier():
                     backend="reference")
     for backend in ("cuda", "cuda_flash"):
         assert rel_err(attention(q, k, v, 0.1, key_multiplier=km, backend=backend), ref) < 1e-2
+
+
+def test_dequantize_kernel_more_rows_than_grid_y():
+    """Rows beyond CUDA's gridDim.y limit (65535) are covered by the kernel's row loop."""
+    w, s, b = quant((70001, 64), "affine", 4, 32)
+    ref = mx.dequantize(w, s, b, group_size=32, bits=4, dtype=mx.float32, stream=mx.cpu)
+    out = dequantize(w, s, b, 4, 32, "affine", dtype=mx.float32, backend="cuda")
+    assert mx.array_equal(out, ref).item()

@@ -85,13 +85,12 @@ __device__ __forceinline__ float fd_e8m0(unsigned int c) {
 }
 """
 
-# One thread: 8 consecutive elements of one row, read from BITS bytes.
+# One thread: 8 consecutive elements (chunk c) of a row, read from BITS bytes. Grid: x = chunks of a
+# row, y = rows (a block loops over rows y, y + gridDim.y, ... when there are more than 65535).
 _CUDA_SOURCE = r"""
-  const unsigned long long tid = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-  const unsigned long long chunks_per_row = (unsigned long long)K / 8;
-  if (tid >= (unsigned long long)ROWS * chunks_per_row) return;
-  const unsigned long long row = tid / chunks_per_row;
-  const unsigned int c = (unsigned int)(tid % chunks_per_row);
+  const unsigned int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= (unsigned int)(K / 8)) return;
+  for (unsigned long long row = blockIdx.y; row < (unsigned long long)ROWS; row += gridDim.y) {
   const unsigned char* src = reinterpret_cast<const unsigned char*>(w) + row * (K / 8) * BITS + (unsigned long long)c * BITS;
   unsigned long long packed = 0;
   if (BITS == 4) {
@@ -130,6 +129,7 @@ _CUDA_SOURCE = r"""
 #pragma unroll
     for (int i = 0; i < 8; ++i) dst[i] = vals[i];
   }
+  }
 """
 
 # ---------------------------------------------------------------- Metal (untested: no Apple GPU here)
@@ -151,11 +151,9 @@ inline float fd_e8m0(uint c) {
 """
 
 _METAL_SOURCE = r"""
-  const ulong tid = thread_position_in_grid.x;
-  const ulong chunks_per_row = ulong(K) / 8;
-  if (tid >= ulong(ROWS) * chunks_per_row) return;
-  const ulong row = tid / chunks_per_row;
-  const uint c = uint(tid % chunks_per_row);
+  const uint c = thread_position_in_grid.x;
+  if (c >= uint(K / 8)) return;
+  for (ulong row = thread_position_in_grid.y; row < ulong(ROWS); row += threads_per_grid.y) {
   const device uchar* src = (const device uchar*)(w) + row * (K / 8) * BITS + ulong(c) * BITS;
   ulong packed = 0;
   for (int i = 0; i < BITS; ++i) packed |= ulong(src[i]) << (8 * i);
@@ -177,6 +175,7 @@ _METAL_SOURCE = r"""
     else if (MODE == 3) v = fd_e4m3(q) * s;
     else v = fd_e2m1(q) * s;
     dst[i] = T(v);
+  }
   }
 """
 
@@ -207,12 +206,23 @@ def dequantize(w, scales, biases=None, bits=None, group_size=None, mode="affine"
         rows *= d
     affine = mode == "affine"
     inputs = [w, scales, biases if affine else mx.zeros((1,), dtype=mx.float32)]
-    total = rows * (k // 8)
+    grid, group = dequant_launch(rows, k)
     (out,) = _kernel(backend, affine)(
         inputs=inputs,
         template=[("T", dtype), ("ST", scales.dtype if affine else mx.float32), ("ROWS", rows), ("K", k), ("BITS", bits), ("GROUP", group_size),
                   ("MODE", MODES[mode])],
         output_shapes=[(*w.shape[:-1], k)], output_dtypes=[dtype],
-        grid=(total, 1, 1), threadgroup=(256, 1, 1), stream=stream,
+        grid=grid, threadgroup=group, stream=stream,
     )
     return out
+
+
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y; the kernels loop over rows beyond it
+
+
+def dequant_launch(rows: int, k: int):
+    """Grid (in threads: x = 8-element chunks of a row, y = rows) and threadgroup of the kernels.
+    The threadgroup width divides the chunks of a row when it can (no idle threads at row ends)."""
+    chunks = k // 8
+    width = next((t for t in (256, 128, 64, 32) if chunks % t == 0), min(chunks, 256))
+    return (chunks, min(rows, MAX_GRID_Y), 1), (width, 1, 1)
