@@ -4,16 +4,19 @@
 
 GPU path (CUDA and Metal), no host synchronisation and static shapes: quantized experts are first
 dequantized into one x.dtype scratch of all experts (E*N*K, 141 MB for HiDream's 4 x 6912 x 2560)
-by the dequantization kernel, after x exists; then all experts run as ONE dense GEMM against the
-experts' weights stacked along N ((E*N, K), a free reshape), and each (token, slot) takes its
-expert's N columns (one gather). That costs E/top_k (HiDream: 2x) the routed FLOPs for a shared
-input and E x for per-slot inputs, but runs at dense-GEMM speed and never gathers a weight per
-token (``gather_qmm`` runs out of memory at these sizes on CUDA).
+by the dequantization kernel, after x exists; then every expert runs as one dense GEMM over all
+rows and each slot keeps its expert's rows (``mx.where``). That costs E/top_k (HiDream: 2x) the
+routed FLOPs for a shared input and E x for per-slot inputs, and never gathers a weight per token
+(``gather_qmm`` runs out of memory at these sizes on CUDA). Measured on the H200: 0.33x of a dense
+GEMM of the routed FLOPs (benchmarks/README.md, Kernels); the 0.8x target needs a grouped GEMM
+that runs near cuBLAS speed, which MLX does not provide on CUDA and we have not written.
 
-Measured and rejected on the H200 (MLX 0.32.4; benchmarks/results/explore-2026-11-28-h200.json):
-- a per-expert GEMM + ``mx.where`` select per expert: 0.27x of a dense GEMM of the routed FLOPs;
+Measured and rejected on the H200 (MLX 0.32.4; benchmarks/results/kernels-h200-run5.json,
+explore-2026-11-28-h200.json):
+- all experts as one GEMM against the weights stacked along N + one ``take_along_axis``: 0.27x
+  (MLX's CUDA gather over the (T, E, N) output costs as much as the GEMM);
 - rows sorted by expert into padded windows + ``mx.gather_mm`` (``moe_windowed``, 1.06x the routed
-  FLOPs): 0.28x; MLX's CUDA gather_mm kernel runs at 0.5x of the dense GEMM even with no routing;
+  FLOPs): 0.28-0.32x; MLX's CUDA gather_mm kernel runs at 0.5x of the dense GEMM even unrouted;
 - sort + ``mx.gather_mm(..., sorted_indices=True)`` (``moe_sorted``): 0.27x, and wrong results in
   tests/test_kernels_cuda.py on CUDA.
 The reference (CPU and test oracle) is a readable per-expert loop with ``mx.dequantize``.
@@ -65,23 +68,11 @@ def moe_gemm(x, expert_weights, expert_ids, *, scales=None, biases=None, bits=No
     w = expert_weights
     if quantized:
         w = dequantize(mx.depends(w, x), scales, biases, bits, group_size, mode, dtype=x.dtype, backend=impl)
-    return _moe_stacked_experts(x, w.astype(x.dtype), expert_ids)
-
-
-def _moe_stacked_experts(x, w, expert_ids):
-    """One GEMM of every row against all experts stacked along N, then each slot's N columns."""
-    t, top_k = expert_ids.shape
-    e, n, k_in = w.shape
-    if x.ndim == 2:
-        y = (x @ w.reshape(e * n, k_in).T).reshape(t, e, n)
-        return mx.take_along_axis(y, expert_ids[..., None].astype(mx.int32), axis=1)
-    y = (x.reshape(t * top_k, k_in) @ w.reshape(e * n, k_in).T).reshape(t * top_k, e, n)
-    out = mx.take_along_axis(y, expert_ids.reshape(-1, 1, 1).astype(mx.int32), axis=1)
-    return out.reshape(t, top_k, n)
+    return _moe_dense_experts(x, w.astype(x.dtype), expert_ids)
 
 
 def _moe_dense_experts(x, w, expert_ids):
-    """Readable: every expert as one dense GEMM over all rows; each (token, slot) keeps its expert's row."""
+    """Every expert as one dense GEMM over all rows; each (token, slot) keeps its expert's row."""
     t, top_k = expert_ids.shape
     xs = x[:, None, :] if x.ndim == 2 else x
     out = None
