@@ -13,8 +13,9 @@ one or two streams and returns the q, k, v that attention needs:
 Unfused, this is a slice, reshape, two RMSNorms, three concatenations and two RoPE passes per
 stream: about ten reads and writes of each (B, L, H*Dh) tensor. The CUDA kernel does it in one pass
 (one warp per (b, l, h) row of Dh values; the RMS reduction is a warp shuffle). The Metal kernel is
-its twin (one simdgroup per row) and has never run (no Apple GPU here): on Metal the reference runs
-unless backend="metal" / FLASHDIFF_KERNELS=metal. Head dims that are not a multiple of 64, and CPU,
+its twin (one simdgroup per row) and has never run on a GPU (no Apple GPU here; its body runs in a
+CPU emulation in tests/test_metal_emulated_kernels.py): on Metal the reference runs unless
+backend="metal" / FLASHDIFF_KERNELS=metal. Head dims that are not a multiple of 64, and CPU,
 use the reference (plain MLX ops, also the test oracle).
 """
 
