@@ -215,6 +215,29 @@ def prologue_section():
     del nn
 
 
+def smallm_section():
+    """quantized_linear (dequantize + GEMM) against mx.quantized_matmul at small token counts (text
+    streams: Qwen-Image 128 tokens, FLUX 512), to place the dispatch threshold SMALL_M."""
+    totals = {}
+    for m in (64, 128, 256, 512, 1024):
+        for k, n in ((3072, 9216), (3072, 3072), (3072, 12288), (12288, 3072)):
+            x = mx.random.normal((m, k)).astype(mx.bfloat16)
+            w = (mx.random.normal((n, k)) * 0.02).astype(mx.bfloat16)
+            for bits in (4, 8):
+                wq, s, b = mx.quantize(w, 64, bits)
+                mx.eval(x, wq, s, b)
+                t_deq = timed(lambda: quantized_linear(x, wq, s, b, bits, 64), 10)
+                t_qmm = timed(lambda: mx.quantized_matmul(x, wq, s, b, True, 64, bits), 10)
+                tot = totals.setdefault((m, bits), [0.0, 0.0])
+                tot[0] += t_deq
+                tot[1] += t_qmm
+                record(section="smallm", m=m, shape=f"{k}->{n}", bits=bits, dequant_gemm_ms=t_deq * 1e3,
+                       qmm_ms=t_qmm * 1e3, qmm_faster=t_qmm < t_deq)
+    for (m, bits), (a, b) in sorted(totals.items()):
+        record(section="smallm", m=m, bits=bits, total_dequant_gemm_ms=a * 1e3, total_qmm_ms=b * 1e3)
+    mx.clear_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
