@@ -1,6 +1,6 @@
 """Exploratory H200 measurements that decide kernel designs (not the published benchmark).
 
-    python benchmarks/explore.py --out $OUT/explore.json [--sections gemm,qgemm,moe,attn,prologue]
+    python benchmarks/explore.py --out $OUT/explore.json [--sections prologue,attn,moe,qgemm,gemm,smallm]
 
 "Pipelined" timings queue `reps` independent calls and synchronise once (the GPU queue stays full,
 as inside a model forward); "isolated" timings synchronise after every call.
@@ -20,11 +20,14 @@ from flashdiff.kernels import dequantize, moe_gemm, qk_norm_rope, qk_norm_rope_r
 from flashdiff.kernels.moe import moe_windowed  # noqa: E402
 
 RESULTS = []
+OUT = {}  # path and environment, set by main(): every record rewrites the JSON (a killed run keeps its rows)
 
 
 def record(**row):
     RESULTS.append(row)
     print(json.dumps(row), flush=True)
+    if OUT:
+        Path(OUT["path"]).write_text(json.dumps(dict(env=OUT["env"], rows=RESULTS), indent=1))
 
 
 def timed(fn, reps, iters=7, warmup=2):
@@ -244,6 +247,7 @@ def main():
     ap.add_argument("--sections", default="prologue,attn,moe,qgemm,gemm")
     args = ap.parse_args()
     env = dict(mlx=mx.__version__, device=str(mx.default_device()), command=" ".join(sys.argv))
+    OUT.update(path=args.out, env=env)
     for name in args.sections.split(","):
         t0 = time.time()
         try:
