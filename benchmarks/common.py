@@ -191,9 +191,10 @@ def free_all():
 # Micro-probes: a few seconds that say where the next speed-up is (GEMM layout and size, attention layout)
 
 
-def _median_call(fn, iters: int, reps: int = 5) -> float:
-    """Median seconds of one fn() call, timing `reps` back-to-back calls per sample."""
-    stats = time_calls(lambda: [fn() for _ in range(reps)], mlx_sync, 2, iters)
+def median_call(fn, iters: int, reps: int = 5, warmup: int = 2, sync=mlx_sync) -> float:
+    """Median seconds of one fn() call, timing `reps` back-to-back calls per sample (reps > 1: the
+    GPU queue stays full, as inside a model; reps = 1: isolated latency, host launch cost included)."""
+    stats = time_calls(lambda: [fn() for _ in range(reps)], sync, warmup, iters)
     return stats["median_s"] / reps
 
 
@@ -212,7 +213,7 @@ def gemm_probe(m: int, k: int, dtype, iters: int) -> dict:
         flop = 2 * m * k * n
         row = {}
         for form, fn in (("linear", lambda: mx.addmm(b, x, w.T)), ("no_bias", lambda: x @ w.T), ("pretransposed", lambda: x @ wt)):
-            t = _median_call(fn, iters)
+            t = median_call(fn, iters)
             row[f"{form}_s"], row[f"{form}_tflops"] = t, flop / t / 1e12
         out["shapes"][f"{m}x{k}->{n}"] = row
     mx.clear_cache()
@@ -251,7 +252,7 @@ def sdpa_layout_probe(heads: int, length: int, head_dim: int, dtype, iters: int)
                 ("fused_prologue_head_major", lambda: run(True, fused)),
                 ("mlx_prologue", lambda: run(False, qk_norm_rope_reference)))
     for name, fn in variants:
-        tm = _median_call(fn, iters)
+        tm = median_call(fn, iters)
         out[f"{name}_s"], out[f"{name}_tflops"] = tm, flop / tm / 1e12
     return out
 

@@ -8,7 +8,6 @@ as inside a model forward); "isolated" timings synchronise after every call.
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashdiff.kernels import dequantize, moe_gemm, qk_norm_rope, qk_norm_rope_reference, quantized_linear  # noqa: E402
 from flashdiff.kernels.moe import moe_windowed  # noqa: E402
+from common import median_call, torch_sync_fn  # noqa: E402
 
 RESULTS = []
 OUT = {}  # path and environment, set by main(): every record rewrites the JSON (a killed run keeps its rows)
@@ -32,31 +32,11 @@ def record(**row):
 
 def timed(fn, reps, iters=7, warmup=2):
     """Median seconds per call of fn(), `reps` calls queued per synchronisation."""
-    for _ in range(warmup):
-        mx.eval([fn() for _ in range(reps)])
-    mx.synchronize()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        mx.eval([fn() for _ in range(reps)])
-        mx.synchronize()
-        ts.append((time.perf_counter() - t0) / reps)
-    return statistics.median(ts)
+    return median_call(fn, iters, reps, warmup)
 
 
 def torch_timed(fn, reps, iters=7, warmup=2):
-    import torch
-
-    for _ in range(warmup):
-        [fn() for _ in range(reps)]
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        [fn() for _ in range(reps)]
-        torch.cuda.synchronize()
-        ts.append((time.perf_counter() - t0) / reps)
-    return statistics.median(ts)
+    return median_call(fn, iters, reps, warmup, sync=torch_sync_fn("cuda"))
 
 
 GEMM_SHAPES = [(4608, 3072, 3072), (4608, 3072, 12288), (4608, 12288, 3072), (4608, 3072, 21504),

@@ -8,9 +8,7 @@ throughput rows queue several independent calls per mx.synchronize(), see `bench
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,22 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashdiff.kernels import (attention, moe_gemm, qk_norm_rope, qk_norm_rope_reference, quantize_model,  # noqa: E402
                                quantized_linear)
 from flashdiff.kernels.moe import moe_windowed  # noqa: E402
+from common import median_call  # noqa: E402
 
 
 def bench(fn, warmup=3, iters=10, reps=1):
-    """Median seconds per fn() call; `reps` independent calls are queued per synchronisation
-    (reps > 1: throughput with the GPU queue kept full, as inside a model; reps = 1: isolated latency,
-    which adds the host's per-call launch cost whenever the GPU work is short)."""
-    for _ in range(warmup):
-        mx.eval([fn() for _ in range(reps)])
-    mx.synchronize()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        mx.eval([fn() for _ in range(reps)])
-        mx.synchronize()
-        times.append((time.perf_counter() - t0) / reps)
-    return statistics.median(times)
+    """Median seconds per fn() call (common.median_call); reps > 1 queues that many independent calls
+    per synchronisation (throughput), reps = 1 measures isolated latency."""
+    return median_call(fn, iters, reps, warmup)
 
 
 def qlinear_rows(quick):

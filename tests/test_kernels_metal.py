@@ -21,6 +21,7 @@ import pytest
 from flashdiff.kernels import _attention_metal as am
 from flashdiff.kernels import attention, attention_reference, dequantize, moe_gemm, quantized_linear
 from flashdiff.kernels._dequant import _METAL_SOURCE as DEQUANT_METAL_SOURCE
+from helpers import compile_and_run_cpp
 
 metal_only = pytest.mark.skipif(
     not mx.metal.is_available(),
@@ -259,11 +260,7 @@ def emulate(tmp_path, q, k, v, scale, key_bias, ctype="float"):
     body = re.sub(r"^(\s*)threadgroup (float \w+\[)", r"\1static \2", am._SOURCE, flags=re.M)  # shared arrays
     header = "\n".join(ln for ln in am._HEADER.splitlines() if not ln.startswith("#include"))
     src = "".join(f"#define {n} {val}\n" for n, val in defines.items())
-    (tmp_path / "emu.cpp").write_text(src + _SHIM + header + _MAIN.replace("BODY", body))
-    cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas", "emu.cpp", "-o", "emu"]
-    build = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr[-3000:]
-    subprocess.run(["./emu"], cwd=tmp_path, check=True, timeout=300)
+    compile_and_run_cpp(tmp_path, src + _SHIM + header + _MAIN.replace("BODY", body), ["-Wno-unknown-pragmas"])
     return np.fromfile(tmp_path / "out.bin", np.float32).reshape(q.shape)
 
 

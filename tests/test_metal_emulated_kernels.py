@@ -9,13 +9,13 @@ Metal compiler accepts or how fast the kernels run (see tests/test_kernels_metal
 """
 
 import shutil
-import subprocess
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from flashdiff.kernels import _dequant, qk_rope
+from helpers import compile_and_run_cpp, qk_rope_sources
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU emulation needs g++ (C++20)")
 
@@ -60,14 +60,6 @@ template <typename T> void write(const char* path, const std::vector<T>& x) {
 """
 
 
-def _build_and_run(tmp_path, source):
-    (tmp_path / "emu.cpp").write_text(source)
-    cmd = ["g++", "-std=c++20", "-O1", "-pthread", "-Wall", "-Werror", "-Wno-unused-variable", "emu.cpp", "-o", "emu"]
-    build = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr[-3000:]
-    subprocess.run(["./emu"], cwd=tmp_path, check=True, timeout=300)
-
-
 # ---------------------------------------------------------------- dequantize
 
 _DEQUANT_MAIN = r"""
@@ -103,7 +95,8 @@ def emulate_dequantize(tmp_path, w, scales, biases, bits, group, mode):
     defines = dict(EMU_ROWS=rows, EMU_K=k, EMU_BITS=bits, EMU_GROUP=group, EMU_MODE=_dequant.MODES[mode],
                    EMU_ST=stype, EMU_GX=gx, EMU_GY=gy)
     src = "".join(f"#define {n} {v}\n" for n, v in defines.items())
-    _build_and_run(tmp_path, src + _SHIM + _dequant._METAL_HEADER + _DEQUANT_MAIN.replace("BODY", _dequant._METAL_SOURCE))
+    compile_and_run_cpp(tmp_path, src + _SHIM + _dequant._METAL_HEADER + _DEQUANT_MAIN.replace("BODY", _dequant._METAL_SOURCE),
+                        ["-Wno-unused-variable"])
     return np.fromfile(tmp_path / "out.bin", np.float32).reshape(rows, k)
 
 
@@ -169,13 +162,7 @@ int main() {
 
 @pytest.mark.parametrize("lengths,heads,dh,extra", [((3, 5), 2, 64, 0), ((4,), 1, 128, 40), ((1, 2), 3, 64, 0)])
 def test_emulated_metal_qk_norm_rope(tmp_path, lengths, heads, dh, extra):
-    mx.random.seed(6)
-    sources = []
-    for i, length in enumerate(lengths):
-        t = mx.random.normal((2, length, 3 * heads * dh + (extra if i == 0 else 0)))
-        sources.append((t, 1 + 0.3 * mx.random.normal((dh,)), 1 + 0.3 * mx.random.normal((dh,))))
-    ang = mx.random.uniform(-9, 9, (sum(lengths), dh // 2))
-    cos, sin = mx.cos(ang), mx.sin(ang)
+    sources, cos, sin = qk_rope_sources(lengths, heads, dh, extra, seed=6)
     template, shape, grid, _ = qk_rope.launch_config(sources, heads, dh)
     t = dict(template)
     (ta, wqa, wka), (tb, wqb, wkb) = sources[0], sources[-1]
@@ -185,7 +172,8 @@ def test_emulated_metal_qk_norm_rope(tmp_path, lengths, heads, dh, extra):
     defines = dict(EMU_NB=t["NB"], EMU_LA=t["LA"], EMU_LB=t["LB"], EMU_SA=t["SA"], EMU_SB=t["SB"], EMU_H=t["H"],
                    EMU_DH=t["DH"], EMU_GRID_X=grid[0])
     src = "".join(f"#define {n} {v}\n" for n, v in defines.items())
-    _build_and_run(tmp_path, src + _SHIM + _ROPE_MAIN.replace("BODY", qk_rope._METAL_SOURCE))
+    compile_and_run_cpp(tmp_path, src + _SHIM + _ROPE_MAIN.replace("BODY", qk_rope._METAL_SOURCE),
+                        ["-Wno-unused-variable"])
     ref = qk_rope.qk_norm_rope_reference(sources, heads, dh, cos, sin, 1e-6)
     for name, r in zip("qkv", ref):
         out = np.fromfile(tmp_path / f"{name}.bin", np.float32).reshape(shape)

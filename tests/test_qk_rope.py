@@ -7,6 +7,7 @@ import pytest
 
 from flashdiff.kernels import qk_norm_rope, qk_norm_rope_reference
 from flashdiff.kernels.qk_rope import launch_config
+from helpers import qk_rope_sources
 
 
 def naive(sources, heads, dh, cos, sin, eps):
@@ -34,21 +35,9 @@ def naive(sources, heads, dh, cos, sin, eps):
     return rot(q), rot(k), v
 
 
-def make(lengths, heads, dh, extra=0, dtype=mx.float32, seed=0):
-    mx.random.seed(seed)
-    sources = []
-    for i, length in enumerate(lengths):
-        t = mx.random.normal((2, length, 3 * heads * dh + (extra if i == 0 else 0))).astype(dtype)
-        wq, wk = (1.0 + 0.3 * mx.random.normal((dh,))).astype(dtype), (1.0 + 0.3 * mx.random.normal((dh,))).astype(dtype)
-        sources.append((t, wq, wk))
-    total = sum(lengths)
-    ang = mx.random.uniform(-20, 20, (total, dh // 2))
-    return sources, mx.cos(ang), mx.sin(ang)
-
-
 @pytest.mark.parametrize("lengths,heads,dh,extra", [((5, 11), 3, 16, 0), ((7,), 2, 64, 40), ((1, 4), 1, 128, 0)])
 def test_reference_matches_naive(lengths, heads, dh, extra):
-    sources, cos, sin = make(lengths, heads, dh, extra)
+    sources, cos, sin = qk_rope_sources(lengths, heads, dh, extra)
     q, k, v = qk_norm_rope(sources, heads, dh, cos, sin, 1e-6)
     nq, nk, nv = naive(sources, heads, dh, cos, sin, 1e-6)
     for ours, want in ((q, nq), (k, nk), (v, nv)):
@@ -57,7 +46,7 @@ def test_reference_matches_naive(lengths, heads, dh, extra):
 
 
 def test_reference_bf16_close_to_naive():
-    sources, cos, sin = make((9, 13), 2, 64, dtype=mx.bfloat16)
+    sources, cos, sin = qk_rope_sources((9, 13), 2, 64, dtype=mx.bfloat16)
     q, k, _ = qk_norm_rope(sources, 2, 64, cos, sin, 1e-6)
     nq, nk, _ = naive(sources, 2, 64, cos, sin, 1e-6)
     assert q.dtype == mx.bfloat16
@@ -67,7 +56,7 @@ def test_reference_bf16_close_to_naive():
 
 
 def test_bad_arguments():
-    sources, cos, sin = make((5, 6), 2, 16)
+    sources, cos, sin = qk_rope_sources((5, 6), 2, 16)
     with pytest.raises(ValueError, match="one or two"):
         qk_norm_rope(sources * 2, 2, 16, cos, sin, 1e-6)
     with pytest.raises(ValueError, match="cos/sin"):
@@ -84,7 +73,7 @@ def test_bad_arguments():
 
 
 def test_launch_config():
-    sources, _, _ = make((5, 11), 3, 64, extra=8)
+    sources, _, _ = qk_rope_sources((5, 11), 3, 64, extra=8)
     template, shape, grid, group = launch_config(sources, 3, 64)
     t = dict(template)
     assert (t["NB"], t["LA"], t["LB"], t["SA"], t["SB"], t["H"], t["DH"]) == (2, 5, 11, 3 * 3 * 64 + 8, 3 * 3 * 64, 3, 64)
@@ -97,7 +86,7 @@ GPU_CASES = [((5, 11), 3, 64, 0), ((512, 4096), 2, 128, 0), ((37,), 3, 128, 96),
 
 
 def _gpu_case(backend, lengths, heads, dh, extra, dtype):
-    sources, cos, sin = make(lengths, heads, dh, extra, dtype=dtype, seed=3)
+    sources, cos, sin = qk_rope_sources(lengths, heads, dh, extra, dtype=dtype, seed=3)
     ref = qk_norm_rope_reference(sources, heads, dh, cos, sin, 1e-6)
     out = qk_norm_rope(sources, heads, dh, cos, sin, 1e-6, backend=backend)
     for o, r in zip(out, ref):

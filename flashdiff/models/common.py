@@ -6,7 +6,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..kernels import attention, qk_norm_rope
-from ..kernels.qk_rope import apply_rope_interleaved  # noqa: F401  (re-exported)
 
 
 def timestep_sinusoid(
