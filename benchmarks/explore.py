@@ -1,12 +1,13 @@
 """Exploratory H200 measurements that decide kernel designs (not the published benchmark).
 
-    python benchmarks/explore.py --out $OUT/explore.json [--sections prologue,attn,moe,qgemm,gemm,smallm]
+    python benchmarks/explore.py --out $OUT/explore.json [--sections grouped,prologue,attn,moe,qgemm,gemm,smallm]
 
 "Pipelined" timings queue `reps` independent calls and synchronise once (the GPU queue stays full,
 as inside a model forward); "isolated" timings synchronise after every call.
 """
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -127,6 +128,62 @@ def moe_section():
     zeros = mx.zeros((64,), mx.int32)
     tg = timed(lambda: mx.gather_mm(xw, wt, rhs_indices=zeros), 5)
     record(section="moe", variant="gather_mm 64x(128x2560) @ one expert", ms=tg * 1e3, ratio=t_dense / tg)
+    mx.clear_cache()
+
+
+def grouped_section():
+    """The grouped tensor-core GEMM (kernels/_gemm_cuda.py): raw speed on dense problems (one expert,
+    identity rows) next to MLX's GEMM, then moe_gemm at HiDream shapes (random and skewed routing)."""
+    from flashdiff.kernels import _gemm_cuda
+    from flashdiff.kernels.moe import grouped_layout
+    engines = ["mma"] + (["wgmma", "wgmma wait"] if _gemm_cuda.is_sm90() else [])
+    for m, k, n in [(8192, 2560, 6912), (8192, 6912, 2560), (4608, 3072, 3072), (4608, 3072, 12288),
+                    (4608, 12288, 3072), (4608, 3072, 21504), (1024, 3072, 3072), (512, 3072, 3072),
+                    (512, 4096, 3072), (32760, 5120, 13824)]:
+        x = mx.random.normal((m, k)).astype(mx.bfloat16)
+        w = (mx.random.normal((n, k)) * 0.02).astype(mx.bfloat16)
+        mx.eval(x, w)
+        ref = x @ w.T
+        reps = 10 if m < 10000 else 3
+        t_mlx = timed(lambda: x @ w.T, reps)
+        flop = 2 * m * k * n
+        for name in engines:
+            gemm = functools.partial(_gemm_cuda.dense_gemm, engine=name)
+            out = gemm(x, w)
+            err = float(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)).max())
+            t_ours = timed(lambda: gemm(x, w), reps)
+            record(section="grouped", engine=name, shape=f"{m}x{k}->{n}", mlx_ms=t_mlx * 1e3, ours_ms=t_ours * 1e3,
+                   mlx_tflops=flop / t_mlx / 1e12, ours_tflops=flop / t_ours / 1e12, ratio=t_mlx / t_ours,
+                   max_abs_err=err, ref_max=float(mx.abs(ref).max()))
+    t, k, n, e, top_k = 4096, 2560, 6912, 4, 2
+    x = mx.random.normal((t, k)).astype(mx.bfloat16)
+    w = (mx.random.normal((e, n, k)) * 0.02).astype(mx.bfloat16)
+    ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :top_k].astype(mx.int32)
+    skew = mx.concatenate([mx.zeros((t, 1), mx.int32), mx.random.randint(1, e, (t, 1)).astype(mx.int32)], axis=1)
+    dense_x = mx.random.normal((t * top_k, k)).astype(mx.bfloat16)
+    mx.eval(x, w, ids, skew, dense_x)
+    flop = 2 * t * top_k * k * n
+    w0 = mx.contiguous(w[0])
+    mx.eval(w0)
+    t_dense = min(timed(lambda: dense_x @ w[0].T, 5), timed(lambda: dense_x @ w0.T, 5))
+    record(section="grouped", variant="dense references", slice_ms=timed(lambda: dense_x @ w[0].T, 5) * 1e3,
+           contiguous_ms=timed(lambda: dense_x @ w0.T, 5) * 1e3, isolated_ms=timed(lambda: dense_x @ w0.T, 1) * 1e3,
+           ours_ms=timed(lambda: _gemm_cuda.dense_gemm(dense_x, w0), 5) * 1e3)
+    for name, r in (("random", ids), ("skewed", skew)):
+        ref = moe_gemm(x, w, r, backend="reference")
+        out = moe_gemm(x, w, r)
+        err = float(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)).max())
+        tm = timed(lambda: moe_gemm(x, w, r), 5)
+        tl = timed(lambda: _gemm_cuda.layout(r, e), 5)
+        tl_mlx = timed(lambda: grouped_layout(r, e), 5)
+        record(section="grouped", variant=f"moe_gemm bf16 {name}", ms=tm * 1e3, ratio=t_dense / tm,
+               layout_kernel_ms=tl * 1e3, layout_mlx_ops_ms=tl_mlx * 1e3, dense_ms=t_dense * 1e3, tflops=flop / tm / 1e12, max_abs_err=err,
+               ref_max=float(mx.abs(ref).max()))
+    for bits in (4, 8):
+        wq, s, b = mx.quantize(w, 64, bits)
+        mx.eval(wq, s, b)
+        tq = timed(lambda: moe_gemm(x, wq, ids, scales=s, biases=b, bits=bits, group_size=64), 5)
+        record(section="grouped", variant=f"moe_gemm affine{bits} g64 random", ms=tq * 1e3, ratio=t_dense / tq)
     mx.clear_cache()
 
 

@@ -78,6 +78,74 @@ def test_moe_gemm_cuda(quantized, per_slot):
     assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("t, e, k_in, n, routing", [
+    (300, 4, 256, 192, "random"), (1000, 4, 72, 40, "random"), (129, 8, 2560, 264, "random"),
+    (500, 4, 256, 128, "one expert"), (3, 4, 64, 64, "random")])
+@pytest.mark.parametrize("engine", ["mma", "wgmma", "wgmma wait"])
+def test_grouped_gemm_cuda(t, e, k_in, n, routing, engine):
+    """The grouped tensor-core GEMM (MoE path) against MLX ops on the same schedule: K tails
+    (K % 32 != 0), N tails (N % 128 != 0), experts with no rows, a single routed row per expert."""
+    import functools
+    from flashdiff.kernels import _gemm_cuda
+    from flashdiff.kernels.moe import grouped_gemm_reference, grouped_layout, moe_grouped
+    if engine != "mma" and not _gemm_cuda.is_sm90():
+        pytest.skip("wgmma needs an sm_90 GPU")
+    gemm = functools.partial(_gemm_cuda.grouped_gemm, engine=engine)
+    mx.random.seed(5)
+    top_k = 2
+    x = mx.random.normal((t, k_in)).astype(mx.bfloat16)
+    w = (mx.random.normal((e, n, k_in)) * 0.05).astype(mx.bfloat16)
+    if routing == "one expert":
+        ids = mx.stack([mx.zeros((t,), mx.int32), mx.full((t,), 2, mx.int32)], axis=1)
+    else:
+        ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :top_k].astype(mx.int32)
+    ref = moe_grouped(x.astype(mx.float32), w.astype(mx.float32), ids, grouped_gemm_reference, grouped_layout)
+    out = moe_grouped(x, w, ids, gemm)
+    assert out.shape == (t, top_k, n) and out.dtype == mx.bfloat16
+    assert rel_err(out, ref) < 1e-2
+    out16 = moe_grouped(x.astype(mx.float16), w.astype(mx.float16), ids, gemm)
+    assert rel_err(out16, ref) < 2e-3
+    x3 = mx.random.normal((t, top_k, k_in)).astype(mx.bfloat16)  # one input row per slot
+    ref3 = moe_grouped(x3.astype(mx.float32), w.astype(mx.float32), ids, grouped_gemm_reference, grouped_layout)
+    assert rel_err(moe_grouped(x3, w, ids, gemm), ref3) < 1e-2
+
+
+@pytest.mark.parametrize("t, top_k, e", [(4096, 2, 4), (77, 1, 1), (1000, 4, 64), (300, 2, 300)])
+def test_moe_layout_cuda(t, top_k, e):
+    """The one-block layout kernel places rows as grouped_layout does: same tile experts, padding
+    in the same slots, and each expert's segment holds the same routed rows (their order within a
+    segment is free: each row's result does not depend on its place)."""
+    from flashdiff.kernels import _gemm_cuda
+    from flashdiff.kernels.moe import grouped_layout
+    mx.random.seed(6)
+    ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :top_k].astype(mx.int32)
+    slot_ref, tiles_ref = grouped_layout(ids, e)
+    slot, tiles = _gemm_cuda.layout(ids, e)
+    assert tiles.tolist() == tiles_ref.tolist()
+    assert (slot >= 0).tolist() == (slot_ref >= 0).tolist()
+    slot_expert = mx.repeat(tiles, _gemm_cuda.BM).tolist()
+    for j in range(e):
+        got = sorted(s for s, x in zip(slot.tolist(), slot_expert) if x == j)
+        want = sorted(s for s, x in zip(slot_ref.tolist(), slot_expert) if x == j)
+        assert got == want
+
+
+@pytest.mark.parametrize("m, k_in, n", [(1024, 3072, 3072), (777, 72, 40), (129, 2560, 264), (5, 64, 8)])
+@pytest.mark.parametrize("engine", ["mma", "wgmma"])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_dense_gemm_cuda(m, k_in, n, engine, dtype):
+    from flashdiff.kernels import _gemm_cuda
+    if engine != "mma" and not _gemm_cuda.is_sm90():
+        pytest.skip("wgmma needs an sm_90 GPU")
+    mx.random.seed(7)
+    x = mx.random.normal((m, k_in)).astype(dtype)
+    w = (mx.random.normal((n, k_in)) * 0.05).astype(dtype)
+    ref = x.astype(mx.float32) @ w.astype(mx.float32).T
+    out = _gemm_cuda.dense_gemm(x, w, engine=engine)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert rel_err(out, ref) < (1e-2 if dtype == mx.bfloat16 else 2e-3)
+
+
 @pytest.mark.parametrize("backend", ["cuda", "cuda_flash"])
 @pytest.mark.parametrize("shape", [(1, 2, 300, 300, 128), (2, 3, 129, 77, 64), (1, 4, 64, 1000, 128)])
 @pytest.mark.parametrize("masked", [False, True])

@@ -24,6 +24,7 @@ The reference (CPU and test oracle) is a readable per-expert loop with ``mx.dequ
 
 import mlx.core as mx
 
+from . import _gemm_cuda
 from ._dequant import check_quantized, dequantize
 from ._dispatch import metal_kernels_requested, resolve_backend
 
@@ -68,7 +69,63 @@ def moe_gemm(x, expert_weights, expert_ids, *, scales=None, biases=None, bits=No
     w = expert_weights
     if quantized:
         w = dequantize(mx.depends(w, x), scales, biases, bits, group_size, mode, dtype=x.dtype, backend=impl)
-    return _moe_dense_experts(x, w.astype(x.dtype), expert_ids)
+    w = w.astype(x.dtype)
+    if impl == "cuda" and _gemm_cuda.supported(x, w):
+        return moe_grouped(x, w, expert_ids)
+    return _moe_dense_experts(x, w, expert_ids)
+
+
+def grouped_layout(expert_ids, num_experts: int, tile: int = _gemm_cuda.BM):
+    """Device-side schedule of a grouped GEMM (no host sync, static shapes).
+
+    The routed rows r = t * k + j are sorted by expert into padded slots: each expert's segment
+    starts on a tile boundary and spans whole tiles. Returns
+      slot_row (tiles * tile,) int32: the routed row in each slot, -1 for padding;
+      tile_expert (tiles,) int32: each tile's expert, -1 for tiles past the last segment.
+    tiles = (R + E * (tile - 1)) // tile bounds the tiles in use for any routing.
+    """
+    t, top_k = expert_ids.shape
+    r, e = t * top_k, num_experts
+    flat = expert_ids.reshape(-1).astype(mx.int32)
+    onehot = (flat[:, None] == mx.arange(e, dtype=mx.int32)[None, :]).astype(mx.int32)  # (R, E)
+    padded = (onehot.sum(0) + tile - 1) // tile * tile
+    seg_end = mx.cumsum(padded)
+    rank = mx.take_along_axis(mx.cumsum(onehot, axis=0), flat[:, None], axis=1)[:, 0] - 1
+    pos = (seg_end - padded)[flat] + rank
+    tiles = (r + e * (tile - 1)) // tile
+    slot_row = mx.full((tiles * tile,), -1, dtype=mx.int32)
+    slot_row[pos] = mx.arange(r, dtype=mx.int32)
+    starts = mx.arange(tiles, dtype=mx.int32) * tile
+    tile_expert = (seg_end[None, :] <= starts[:, None]).astype(mx.int32).sum(1)
+    return slot_row, mx.where(tile_expert < e, tile_expert, -1)
+
+
+def moe_grouped(x, w, expert_ids, gemm=None, layout=None):
+    """Routed rows only: a device-side layout + one grouped GEMM that writes each routed row in place.
+    gemm / layout: the CUDA kernels (default) or their MLX twins ``grouped_gemm_reference`` /
+    ``grouped_layout`` (CPU tests of the schedule)."""
+    gemm = gemm or _gemm_cuda.grouped_gemm
+    layout = layout or _gemm_cuda.layout
+    t, top_k = expert_ids.shape
+    n, k_in = w.shape[-2:]
+    slot_row, tile_expert = layout(expert_ids, w.shape[0])
+    rows = x if x.ndim == 2 else x.reshape(t * top_k, k_in)
+    out = gemm(rows, w, slot_row, tile_expert, t * top_k, top_k if x.ndim == 2 else 1)
+    return out.reshape(t, top_k, n)
+
+
+def grouped_gemm_reference(x, w, slot_row, tile_expert, out_rows, a_div=1):
+    """What the CUDA grouped GEMM computes, in MLX ops."""
+    tile = slot_row.shape[0] // tile_expert.shape[0]
+    slot_expert = mx.repeat(tile_expert, tile)
+    valid = (slot_row >= 0) & (slot_expert >= 0)
+    xs = x[mx.maximum(slot_row, 0) // a_div]
+    ys = mx.zeros((slot_row.shape[0], w.shape[1]), dtype=x.dtype)
+    for e in range(w.shape[0]):
+        ys = mx.where((valid & (slot_expert == e))[:, None], xs @ w[e].T, ys)
+    out = mx.zeros((out_rows + 1, w.shape[1]), dtype=x.dtype)
+    out[mx.where(valid, slot_row, out_rows)] = ys  # invalid slots land on a spare row
+    return out[:out_rows]
 
 
 def _moe_dense_experts(x, w, expert_ids):

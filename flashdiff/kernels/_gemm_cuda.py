@@ -1,0 +1,306 @@
+"""Tensor-core GEMMs for CUDA with row indirection: the grouped (MoE) GEMM and the dense GEMM.
+
+Grouped: for every padded slot s with slot_row[s] >= 0 (the routed row r)
+
+    out[r, n] = sum_k x[r // A_DIV, k] * w[tile_expert[s // BM], n, k]
+
+Slots come in tiles of BM = 128 rows and one tile multiplies by one expert's (N, K) weight
+(tile_expert[tile] < 0: the whole tile is skipped; slot_row[s] < 0: an empty slot, nothing
+written). ``layout`` builds slot_row and tile_expert on the device in one small kernel (rows grouped
+by expert, each expert's segment padded to whole tiles), so the GEMM runs only the routed rows (plus
+at most BM - 1 padding rows per expert) with static shapes and no host sync. A_DIV = top_k when all
+of a token's slots share its input row. Dense (``dense_gemm``): the same kernels with slot s = row s.
+
+Two engines behind ``grouped_gemm`` / ``dense_gemm``: ``_gemm_sm90`` (wgmma, Hopper only) and the
+Ampere-style kernel below (``mma.sync``, any sm_80+ GPU):
+- CTA tile BM x BN x BK = 128 x 128 x 32, 4 warps in 2 x 2, each warp 64 x 64 of the output as
+  4 x 8 ``mma.sync.m16n8k16`` tiles with float32 accumulators (128 per thread).
+- STAGES = 4 shared-memory stages filled by ``cp.async`` (16-byte chunks, zero-filled past K and
+  for empty slots), so global loads of tile k+3 overlap the MMAs of tile k.
+- Shared tiles are [rows][BK] with the 16-byte chunk index XOR-swizzled by (row >> 1) & 3: both the
+  cp.async stores and the ``ldmatrix.x4`` fragment loads are free of bank conflicts.
+- Epilogue: the accumulators go through shared memory (rows padded by 8 elements) so every output
+  row is written with 16-byte stores.
+Requirements (``supported``): x and w bf16 or fp16, K % 8 == 0, N % 8 == 0.
+No Metal twin yet: on Metal the callers keep MLX ops.
+"""
+
+import functools
+import os
+
+import mlx.core as mx
+
+BM, BN, BK, STAGES, THREADS = 128, 128, 32, 4, 128
+SMEM_BYTES = STAGES * (BM + BN) * BK * 2  # 64 KiB; the epilogue reuses it (BM * (BN + 8) * 2 bytes)
+
+_HEADER = r"""
+__device__ __forceinline__ unsigned fd_smem_addr(const void* p) {
+  return (unsigned)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void fd_cp_async16(unsigned dst, const void* src, bool valid) {
+  int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void fd_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void fd_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
+__device__ __forceinline__ void fd_ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+template <bool BF16>
+__device__ __forceinline__ void fd_mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  if (BF16) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+// element offset of (row, 16-byte chunk) in a [rows][32] tile, chunk XOR-swizzled
+__device__ __forceinline__ int fd_swz(int row, int chunk) { return row * 32 + ((chunk ^ ((row >> 1) & 3)) << 3); }
+"""
+
+_SOURCE = r"""
+  constexpr int BM = 128, BN = 128, BK = 32, STAGES = 4, WM = 64, WN = 64, MT = WM / 16, NT = WN / 8;
+  extern __shared__ __align__(128) unsigned char fd_smem[];
+  T* As = reinterpret_cast<T*>(fd_smem);        // [STAGES][BM][BK]
+  T* Bs = As + STAGES * BM * BK;                // [STAGES][BN][BK]
+
+  // Grouped raster: CTAs launched together cover GROUP_M row tiles x a run of column tiles, so
+  // both operands' tiles are reused from L2 (the plain order streams all of w once per row tile).
+  constexpr int GROUP_M = 8;
+  const int bid = blockIdx.y * gridDim.x + blockIdx.x, per_group = GROUP_M * gridDim.x;
+  const int first_m = bid / per_group * GROUP_M;
+  const int group_m = min((int)gridDim.y - first_m, GROUP_M);
+  const int tile_m = first_m + (bid % per_group) % group_m, tile_n = (bid % per_group) / group_m;
+  const int expert = DIRECT ? 0 : tile_expert[tile_m];
+  if (expert < 0) return;
+  // slot s -> routed row (output row; input row = routed row / A_DIV), or -1 for an empty slot
+  auto slot_of = [&](int s) -> int { return DIRECT ? (s < M_ROWS ? s : -1) : slot_row[s]; };
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp >> 1, warp_n = warp & 1;
+  const T* wexp = w + (size_t)expert * N * K;
+
+  // Loads: per stage each thread copies chunk kc = tid % 4 of rows tid / 4 + 32 * i (i < 4) of A and B.
+  const int kc = tid & 3;
+  const T* a_src[4];
+  const T* b_src[4];
+  bool a_ok[4], b_ok[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = (tid >> 2) + 32 * i;
+    const int slot = slot_of(tile_m * BM + r), src = slot < 0 ? -1 : slot / A_DIV;
+    a_ok[i] = src >= 0;
+    a_src[i] = x + (size_t)(src < 0 ? 0 : src) * K + kc * 8;
+    const int n = tile_n * BN + r;
+    b_ok[i] = n < N;
+    b_src[i] = wexp + (size_t)(n < N ? n : 0) * K + kc * 8;
+  }
+  const unsigned as_base = fd_smem_addr(As), bs_base = fd_smem_addr(Bs);
+  auto load_stage = [&](int stage, int kt) {
+    const int k0 = kt * BK + kc * 8;
+    const bool k_ok = k0 < K;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = (tid >> 2) + 32 * i;
+      const int off = (stage * BM * BK + fd_swz(r, kc)) * 2;
+      fd_cp_async16(as_base + off, k_ok && a_ok[i] ? a_src[i] + kt * BK : x, k_ok && a_ok[i]);
+      fd_cp_async16(bs_base + off, k_ok && b_ok[i] ? b_src[i] + kt * BK : w, k_ok && b_ok[i]);
+    }
+  };
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
+
+  constexpr int KT = (K + BK - 1) / BK;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < KT) load_stage(s, s);
+    fd_cp_async_commit();
+  }
+
+  // ldmatrix row/chunk of this lane: A (16 x 16 block): rows lane % 16, chunk + lane / 16;
+  // B (16 n x 16 k block): rows lane % 8 + 8 * (lane / 16), chunk + (lane / 8) % 2.
+  const int a_row = warp_m * WM + (lane & 15), a_chunk = lane >> 4;
+  const int b_row = warp_n * WN + (lane & 7) + ((lane >> 4) << 3), b_chunk = (lane >> 3) & 1;
+
+  for (int kt = 0; kt < KT; ++kt) {
+    fd_cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    const int next = kt + STAGES - 1;
+    if (next < KT) load_stage(next % STAGES, next);
+    fd_cp_async_commit();
+
+    const int stage = kt % STAGES;
+    const unsigned a_stage = as_base + stage * BM * BK * 2, b_stage = bs_base + stage * BN * BK * 2;
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      unsigned a[MT][4], b[NT][2];
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+        fd_ldmatrix_x4(a[i], a_stage + fd_swz(a_row + i * 16, kk * 2 + a_chunk) * 2);
+#pragma unroll
+      for (int j = 0; j < NT / 2; ++j) {
+        unsigned r[4];
+        fd_ldmatrix_x4(r, b_stage + fd_swz(b_row + j * 16, kk * 2 + b_chunk) * 2);
+        b[2 * j][0] = r[0]; b[2 * j][1] = r[1]; b[2 * j + 1][0] = r[2]; b[2 * j + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) fd_mma16816<IS_BF16>(acc[i][j], a[i], b[j][0], b[j][1]);
+    }
+  }
+  fd_cp_async_wait<0>();
+  __syncthreads();
+
+  // Epilogue: accumulators -> shared C tile [BM][BN + 8] in T -> 16-byte row stores through c_rows.
+  constexpr int LDC = BN + 8;
+  T* Cs = reinterpret_cast<T*>(fd_smem);
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int r = warp_m * WM + i * 16 + (lane >> 2), c = warp_n * WN + j * 8 + (lane & 3) * 2;
+      Cs[r * LDC + c] = (T)acc[i][j][0];
+      Cs[r * LDC + c + 1] = (T)acc[i][j][1];
+      Cs[(r + 8) * LDC + c] = (T)acc[i][j][2];
+      Cs[(r + 8) * LDC + c + 1] = (T)acc[i][j][3];
+    }
+  __syncthreads();
+  // 16 chunks of 8 per row; 128 threads write 8 rows per pass.
+  const int chunk = tid & 15;
+  const int col = tile_n * BN + chunk * 8;
+#pragma unroll 4
+  for (int r = tid >> 4; r < BM; r += THREADS / 16) {
+    const int dst = slot_of(tile_m * BM + r);
+    if (dst >= 0 && col < N)
+      *reinterpret_cast<uint4*>(out + (size_t)dst * N + col) = *reinterpret_cast<const uint4*>(Cs + r * LDC + chunk * 8);
+  }
+"""
+
+
+_LAYOUT_SOURCE = r"""
+  // One block: count rows per expert, pad each segment to whole tiles, then place every row.
+  __shared__ int count[MAX_E], fill[MAX_E], seg_start[MAX_E + 1];
+  const int tid = threadIdx.x;
+  for (int e = tid; e < E; e += blockDim.x) { count[e] = 0; fill[e] = 0; }
+  __syncthreads();
+  for (int r = tid; r < R; r += blockDim.x) {
+    const int e = expert_ids[r];
+    if (e >= 0 && e < E) atomicAdd(&count[e], 1);
+  }
+  __syncthreads();
+  if (tid == 0) {
+    int run = 0;
+    for (int e = 0; e < E; ++e) { seg_start[e] = run; run += (count[e] + TILE - 1) / TILE * TILE; }
+    seg_start[E] = run;
+  }
+  __syncthreads();
+  for (int s = tid; s < TILES * TILE; s += blockDim.x) slot_row[s] = -1;
+  for (int t = tid; t < TILES; t += blockDim.x) {
+    int e = -1;
+    for (int j = 0; j < E; ++j)
+      if (seg_start[j] <= t * TILE && t * TILE < seg_start[j + 1]) e = j;
+    tile_expert[t] = e;
+  }
+  __syncthreads();
+  for (int r = tid; r < R; r += blockDim.x) {
+    const int e = expert_ids[r];
+    if (e >= 0 && e < E) slot_row[seg_start[e] + atomicAdd(&fill[e], 1)] = r;
+  }
+"""
+
+MAX_EXPERTS = 1024
+
+
+@functools.cache
+def _layout_kernel():
+    return mx.fast.cuda_kernel(name="flashdiff_moe_layout", input_names=["expert_ids"],
+                               output_names=["slot_row", "tile_expert"], source=_LAYOUT_SOURCE)
+
+
+def layout(expert_ids, num_experts: int, stream=None):
+    """CUDA twin of ``moe.grouped_layout`` (same slot_row / tile_expert contract; rows within an
+    expert's segment in any order: each row's result does not depend on its place)."""
+    r = expert_ids.size
+    tiles = (r + num_experts * (BM - 1)) // BM
+    max_e = next(m for m in (8, 64, 256, MAX_EXPERTS) if num_experts <= m)
+    slot_row, tile_expert = _layout_kernel()(
+        inputs=[expert_ids.reshape(-1).astype(mx.int32)],
+        template=[("E", num_experts), ("MAX_E", max_e), ("R", r), ("TILE", BM), ("TILES", tiles)],
+        output_shapes=[(tiles * BM,), (tiles,)], output_dtypes=[mx.int32, mx.int32],
+        grid=(1024, 1, 1), threadgroup=(1024, 1, 1), stream=stream,
+    )
+    return slot_row, tile_expert
+
+
+@functools.cache
+def _kernel():
+    return mx.fast.cuda_kernel(
+        name="flashdiff_grouped_gemm", input_names=["x", "w", "slot_row", "tile_expert"],
+        output_names=["out"], source=_SOURCE, header=_HEADER, shared_memory=SMEM_BYTES,
+    )
+
+
+def supported(x, w) -> bool:
+    """Shapes and dtypes the kernels take (else the caller keeps MLX ops)."""
+    k, n = w.shape[-1], w.shape[-2]
+    return x.dtype in (mx.bfloat16, mx.float16) and w.dtype == x.dtype and k % 8 == 0 and n % 8 == 0
+
+
+@functools.cache
+def is_sm90() -> bool:
+    """Hopper (compute capability 9.0): the only architecture with wgmma.
+    FLASHDIFF_NO_WGMMA=1 forces the mma.sync kernel (debugging)."""
+    if os.environ.get("FLASHDIFF_NO_WGMMA"):
+        return False
+    info = mx.device_info()
+    return (info.get("compute_capability_major"), info.get("compute_capability_minor")) == (9, 0)
+
+
+def _launch(engine, x, w, slot_row, tile_expert, tiles, out_rows, a_div, direct, stream):
+    from . import _gemm_sm90
+    sm90 = is_sm90() if engine is None else engine != "mma"
+    kernel, bn, threads = (_gemm_sm90._kernel(), _gemm_sm90.BN, _gemm_sm90.THREADS) if sm90 else (_kernel(), BN, THREADS)
+    e, n, k = w.shape
+    template = [("T", x.dtype), ("IS_BF16", x.dtype == mx.bfloat16), ("K", k), ("N", n), ("A_DIV", a_div),
+                ("DIRECT", direct), ("M_ROWS", out_rows), ("THREADS", threads)]
+    if sm90:
+        template.append(("MMA_IN_FLIGHT", engine != "wgmma wait"))
+    (out,) = kernel(
+        inputs=[x, w, slot_row, tile_expert], template=template,
+        output_shapes=[(out_rows, n)], output_dtypes=[x.dtype],
+        grid=(((n + bn - 1) // bn) * threads, tiles, 1), threadgroup=(threads, 1, 1), stream=stream,
+    )
+    return out
+
+
+def grouped_gemm(x, w, slot_row, tile_expert, out_rows: int, a_div: int = 1, *, engine=None, stream=None):
+    """x (rows_x, K); w (E, N, K); slot_row (tiles * BM,) int32; tile_expert (tiles,) int32.
+    Returns (out_rows, N) in x.dtype: row slot_row[s] = x[slot_row[s] // a_div] @ w[tile_expert[s // BM]].T.
+    Output rows that no slot names are left unwritten (``layout`` names every routed row once).
+    engine: None (wgmma on sm_90, else mma.sync), "mma", "wgmma" or "wgmma wait" (no MMA in flight)."""
+    tiles = tile_expert.shape[0]
+    if slot_row.shape != (tiles * BM,):
+        raise ValueError(f"slot_row must be ({tiles * BM},) for {tiles} tiles, got {slot_row.shape}.")
+    return _launch(engine, x, w, slot_row.astype(mx.int32), tile_expert.astype(mx.int32), tiles, out_rows,
+                   a_div, False, stream)
+
+
+def dense_gemm(x, w, *, engine=None, stream=None):
+    """x (M, K) @ w (N, K).T -> (M, N) in x.dtype with the same kernels (slot s = row s)."""
+    m = x.shape[0]
+    dummy = mx.zeros((1,), mx.int32)
+    return _launch(engine, x, w.reshape(1, *w.shape[-2:]), dummy, dummy, (m + BM - 1) // BM, m, 1, True, stream)

@@ -1,0 +1,178 @@
+"""The grouped GEMM of ``_gemm_cuda`` for Hopper (sm_90a): warpgroup MMA (``wgmma``).
+
+Same contract and template arguments as the mma.sync kernel in ``_gemm_cuda`` (slot rows, one
+expert per 128-row tile, tile_expert < 0 skips a tile); ``_gemm_cuda._launch`` runs either. Inside:
+- CTA tile BM x BN x BK = 128 x 256 x 64, two warpgroups (256 threads); each warpgroup owns 64 rows
+  and issues ``wgmma.mma_async.m64n256k16`` with both operands read from shared memory through
+  matrix descriptors (K-major, 128-byte swizzle; 128 float32 accumulators per thread).
+- Shared tiles are [rows][64] bf16/fp16 = 128 bytes per row, 1024-byte aligned, the 16-byte chunk c
+  of row r stored at chunk c ^ (r % 8): the layout the 128B-swizzle descriptor expects.
+- Four stages filled by ``cp.async`` from all threads (two tiles ahead) while one wgmma group stays
+  in flight (MMA_IN_FLIGHT; ptxas then serialises consecutive wgmmas, warning C7514, and it still
+  measured as fast or faster): iteration k waits for tile k, fences the generic-proxy writes for the async proxy,
+  synchronises, issues the loads of tile k + 2 into the stage wgmma k - 2 has released, then the four
+  k16 wgmmas of tile k, and waits until at most one group (tile k) is pending.
+- Epilogue through shared memory (rows padded by 8 elements), 16-byte stores to the slots' rows.
+Only sm_90 has wgmma; ``_gemm_cuda`` picks this kernel there and its mma.sync kernel elsewhere.
+"""
+
+import functools
+
+import mlx.core as mx
+
+BM, BN, BK, STAGES, THREADS = 128, 256, 64, 4, 256
+SMEM_BYTES = STAGES * (BM + BN) * BK * 2 + 1024  # + room to align the tiles to 1024 bytes
+
+
+def _wgmma_asm(dtype: str) -> str:
+    regs = ", ".join(f"%{i}" for i in range(128))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(128))
+    return (
+        f"__device__ __forceinline__ void fd_wgmma_{dtype}(float (&d)[128], unsigned long long da, unsigned long long db) {{\n"
+        f'  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"\n'
+        f'    "wgmma.mma_async.sync.aligned.m64n256k16.f32.{dtype}.{dtype} {{{regs}}}, %128, %129, p, 1, 1, 0, 0;\\n}}\\n"\n'
+        f"    : {outs}\n"
+        f'    : "l"(da), "l"(db));\n'
+        "}\n"
+    )
+
+
+_HEADER = r"""
+__device__ __forceinline__ unsigned fd_smem_addr(const void* p) {
+  return (unsigned)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void fd_cp_async16(unsigned dst, const void* src, bool valid) {
+  int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void fd_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void fd_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ unsigned long long fd_desc(unsigned addr) {
+  return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void fd_fence_acc(float (&d)[128]) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
+}
+""" + _wgmma_asm("bf16") + _wgmma_asm("f16")
+
+_SOURCE = r"""
+  constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4;
+  constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = (BM + BN) * BK * 2;
+  extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
+  unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
+  const unsigned smem_base = fd_smem_addr(fd_smem);
+
+  // Grouped raster: CTAs launched together cover GROUP_M row tiles x a run of column tiles, so
+  // both operands' tiles are reused from L2 (the plain order streams all of w once per row tile).
+  constexpr int GROUP_M = 8;
+  const int bid = blockIdx.y * gridDim.x + blockIdx.x, per_group = GROUP_M * gridDim.x;
+  const int first_m = bid / per_group * GROUP_M;
+  const int group_m = min((int)gridDim.y - first_m, GROUP_M);
+  const int tile_m = first_m + (bid % per_group) % group_m, tile_n = (bid % per_group) / group_m;
+  const int expert = DIRECT ? 0 : tile_expert[tile_m];
+  if (expert < 0) return;
+  // slot s -> routed row (output row; input row = routed row / A_DIV), or -1 for an empty slot
+  auto slot_of = [&](int s) -> int { return DIRECT ? (s < M_ROWS ? s : -1) : slot_row[s]; };
+  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, warp_in_wg = (tid & 127) >> 5;
+  const T* wexp = w + (size_t)expert * N * K;
+
+  // Loads: chunk kc = tid % 8 of rows tid / 8 + 32 * i: 4 rows of A, 8 rows of B per thread.
+  const int kc = tid & 7, r0 = tid >> 3;
+  const T* a_src[4];
+  const T* b_src[8];
+  bool a_ok[4], b_ok[8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int slot = slot_of(tile_m * BM + r0 + 32 * i), src = slot < 0 ? -1 : slot / A_DIV;
+    a_ok[i] = src >= 0;
+    a_src[i] = x + (size_t)(src < 0 ? 0 : src) * K + kc * 8;
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int n = tile_n * BN + r0 + 32 * i;
+    b_ok[i] = n < N;
+    b_src[i] = wexp + (size_t)(n < N ? n : 0) * K + kc * 8;
+  }
+  auto load_tile = [&](int kt) {
+    const unsigned a_dst = smem_base + (kt % STAGES) * STAGE_BYTES, b_dst = a_dst + A_BYTES;
+    const bool k_ok = kt * BK + kc * 8 < K;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = r0 + 32 * i;
+      const bool ok = k_ok && a_ok[i];
+      fd_cp_async16(a_dst + r * 128 + ((kc ^ (r & 7)) << 4), ok ? a_src[i] + kt * BK : x, ok);
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int r = r0 + 32 * i;
+      const bool ok = k_ok && b_ok[i];
+      fd_cp_async16(b_dst + r * 128 + ((kc ^ (r & 7)) << 4), ok ? b_src[i] + kt * BK : w, ok);
+    }
+  };
+
+  float d[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+
+  constexpr int KT = (K + BK - 1) / BK;
+  load_tile(0);
+  fd_cp_async_commit();
+  if (KT > 1) load_tile(1);
+  fd_cp_async_commit();
+  for (int kt = 0; kt < KT; ++kt) {
+    fd_cp_async_wait<1>();  // tile kt has landed (tile kt + 1 may be in flight)
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();        // ... for every thread; and wgmma kt - 2 is done everywhere
+    if (kt + 2 < KT) load_tile(kt + 2);
+    fd_cp_async_commit();
+    const unsigned a_addr = smem_base + (kt % STAGES) * STAGE_BYTES + wg * 64 * 128;
+    const unsigned b_addr = smem_base + (kt % STAGES) * STAGE_BYTES + A_BYTES;
+    fd_fence_acc(d);
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      if (IS_BF16) fd_wgmma_bf16(d, fd_desc(a_addr + kk * 32), fd_desc(b_addr + kk * 32));
+      else fd_wgmma_f16(d, fd_desc(a_addr + kk * 32), fd_desc(b_addr + kk * 32));
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    if (MMA_IN_FLIGHT) asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+    else asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    fd_fence_acc(d);
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  fd_fence_acc(d);
+  fd_cp_async_wait<0>();
+  __syncthreads();
+
+  // Epilogue: d[4j + {0,1}] is (row, 8j + col0 + {0,1}), d[4j + {2,3}] the same 8 rows below.
+  constexpr int LDC = BN + 8;
+  T* Cs = reinterpret_cast<T*>(fd_smem);
+  const int row = wg * 64 + warp_in_wg * 16 + (lane >> 2), col0 = (lane & 3) * 2;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    const int c = 8 * j + col0;
+    Cs[row * LDC + c] = (T)d[4 * j];
+    Cs[row * LDC + c + 1] = (T)d[4 * j + 1];
+    Cs[(row + 8) * LDC + c] = (T)d[4 * j + 2];
+    Cs[(row + 8) * LDC + c + 1] = (T)d[4 * j + 3];
+  }
+  __syncthreads();
+  const int chunk = tid & 31, col = tile_n * BN + chunk * 8;  // 32 chunks of 8 per row, 8 rows per pass
+#pragma unroll 4
+  for (int r = tid >> 5; r < BM; r += 8) {
+    const int dst = slot_of(tile_m * BM + r);
+    if (dst >= 0 && col < N)
+      *reinterpret_cast<uint4*>(out + (size_t)dst * N + col) = *reinterpret_cast<const uint4*>(Cs + r * LDC + chunk * 8);
+  }
+"""
+
+
+@functools.cache
+def _kernel():
+    return mx.fast.cuda_kernel(
+        name="flashdiff_grouped_gemm_sm90", input_names=["x", "w", "slot_row", "tile_expert"],
+        output_names=["out"], source=_SOURCE, header=_HEADER, shared_memory=SMEM_BYTES,
+    )
