@@ -9,6 +9,7 @@ as inside a model forward); "isolated" timings synchronise after every call.
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -136,7 +137,9 @@ def grouped_section():
     identity rows) next to MLX's GEMM, then moe_gemm at HiDream shapes (random and skewed routing)."""
     from flashdiff.kernels import _gemm_cuda
     from flashdiff.kernels.moe import grouped_layout
-    engines = ["mma"] + (["wgmma", "wgmma wait"] if _gemm_cuda.is_sm90() else [])
+    engines = ["mma"] + (["wgmma", "wgmma wait", "wgmma ws"] if _gemm_cuda.is_sm90() else [])
+    if os.environ.get("EXPLORE_ENGINES"):  # e.g. "wgmma,wgmma ws"
+        engines = os.environ["EXPLORE_ENGINES"].split(",")
     for m, k, n in [(8192, 2560, 6912), (8192, 6912, 2560), (4608, 3072, 3072), (4608, 3072, 12288),
                     (4608, 12288, 3072), (4608, 3072, 21504), (1024, 3072, 3072), (512, 3072, 3072),
                     (512, 4096, 3072), (32760, 5120, 13824)]:

@@ -257,6 +257,36 @@ def test_moe_gemm_dense(per_slot, dtype):
         assert rel_err(np32(out), ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("t, top_k, e, routing", [(300, 2, 4, "random"), (1, 1, 3, "random"), (200, 4, 8, "random"),
+                                                   (150, 2, 4, "skewed"), (129, 1, 1, "random")])
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_moe_grouped_schedule(t, top_k, e, routing, per_slot):
+    """The grouped-GEMM schedule that the CUDA kernels run, with their MLX twins on the CPU: every
+    routed row sits in exactly one slot of its expert's tile-aligned segment, tiles past the last
+    segment are marked -1, and the grouped product equals the naive MoE."""
+    from flashdiff.kernels.moe import grouped_gemm_reference, grouped_layout, moe_grouped
+    mx.random.seed(8)
+    k_in, n, tile = 32, 24, 128
+    if routing == "skewed":  # experts 0 and 1 only: the others get no rows
+        ids = mx.stack([mx.zeros((t,), mx.int32), mx.ones((t,), mx.int32)], axis=1)
+    else:
+        ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :top_k].astype(mx.int32)
+    slot_row, tile_expert = grouped_layout(ids, e, tile)
+    slots, tiles, flat = slot_row.tolist(), tile_expert.tolist(), ids.reshape(-1).tolist()
+    assert len(slots) == len(tiles) * tile == (t * top_k + e * (tile - 1)) // tile * tile
+    assert sorted(r for r in slots if r >= 0) == list(range(t * top_k))
+    for s, r in enumerate(slots):
+        if r >= 0:
+            assert tiles[s // tile] == flat[r]
+    used = [x for x in tiles if x >= 0]
+    assert used == sorted(used) and all(x == -1 for x in tiles[len(used):])
+    x = mx.random.normal((t, top_k, k_in) if per_slot else (t, k_in))
+    w = mx.random.normal((e, n, k_in)) * 0.1
+    out = moe_grouped(x, w, ids, grouped_gemm_reference, grouped_layout)
+    assert out.shape == (t, top_k, n)
+    assert rel_err(np32(out), naive_moe(x, w, ids)) < TOL[mx.float32]
+
+
 @pytest.mark.parametrize("mode,bits,group", [("affine", 4, 64), ("affine", 3, 32), ("affine", 8, 128),
                                              ("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)])
 def test_moe_gemm_quantized(mode, bits, group):

@@ -211,6 +211,7 @@ _LAYOUT_SOURCE = r"""
   for (int s = tid; s < TILES * TILE; s += blockDim.x) slot_row[s] = -1;
   for (int t = tid; t < TILES; t += blockDim.x) {
     int e = -1;
+#pragma unroll 1
     for (int j = 0; j < E; ++j)
       if (seg_start[j] <= t * TILE && t * TILE < seg_start[j + 1]) e = j;
     tile_expert[t] = e;
@@ -241,7 +242,7 @@ def layout(expert_ids, num_experts: int, stream=None):
         inputs=[expert_ids.reshape(-1).astype(mx.int32)],
         template=[("E", num_experts), ("MAX_E", max_e), ("R", r), ("TILE", BM), ("TILES", tiles)],
         output_shapes=[(tiles * BM,), (tiles,)], output_dtypes=[mx.int32, mx.int32],
-        grid=(1024, 1, 1), threadgroup=(1024, 1, 1), stream=stream,
+        grid=(512, 1, 1), threadgroup=(512, 1, 1), stream=stream,
     )
     return slot_row, tile_expert
 
@@ -272,13 +273,18 @@ def is_sm90() -> bool:
 
 def _launch(engine, x, w, slot_row, tile_expert, tiles, out_rows, a_div, direct, stream):
     from . import _gemm_sm90
-    sm90 = is_sm90() if engine is None else engine != "mma"
-    kernel, bn, threads = (_gemm_sm90._kernel(), _gemm_sm90.BN, _gemm_sm90.THREADS) if sm90 else (_kernel(), BN, THREADS)
+    engine = engine or ("wgmma" if is_sm90() else "mma")
+    if engine == "mma":
+        kernel, bn, threads = _kernel(), BN, THREADS
+    elif engine == "wgmma ws":
+        kernel, bn, threads = _gemm_sm90._kernel(True), _gemm_sm90.BN, _gemm_sm90.THREADS_WS
+    else:
+        kernel, bn, threads = _gemm_sm90._kernel(), _gemm_sm90.BN, _gemm_sm90.THREADS
     e, n, k = w.shape
     template = [("T", x.dtype), ("IS_BF16", x.dtype == mx.bfloat16), ("K", k), ("N", n), ("A_DIV", a_div),
                 ("DIRECT", direct), ("M_ROWS", out_rows), ("THREADS", threads)]
-    if sm90:
-        template.append(("MMA_IN_FLIGHT", engine != "wgmma wait"))
+    if engine in ("wgmma", "wgmma wait"):
+        template.append(("MMA_IN_FLIGHT", engine == "wgmma"))
     (out,) = kernel(
         inputs=[x, w, slot_row, tile_expert], template=template,
         output_shapes=[(out_rows, n)], output_dtypes=[x.dtype],
@@ -291,7 +297,8 @@ def grouped_gemm(x, w, slot_row, tile_expert, out_rows: int, a_div: int = 1, *, 
     """x (rows_x, K); w (E, N, K); slot_row (tiles * BM,) int32; tile_expert (tiles,) int32.
     Returns (out_rows, N) in x.dtype: row slot_row[s] = x[slot_row[s] // a_div] @ w[tile_expert[s // BM]].T.
     Output rows that no slot names are left unwritten (``layout`` names every routed row once).
-    engine: None (wgmma on sm_90, else mma.sync), "mma", "wgmma" or "wgmma wait" (no MMA in flight)."""
+    engine: None (wgmma on sm_90, else mma.sync), "mma", "wgmma", "wgmma wait" (no MMA in flight)
+    or "wgmma ws" (warp-specialised)."""
     tiles = tile_expert.shape[0]
     if slot_row.shape != (tiles * BM,):
         raise ValueError(f"slot_row must be ({tiles * BM},) for {tiles} tiles, got {slot_row.shape}.")

@@ -56,7 +56,135 @@ __device__ __forceinline__ void fd_fence_acc(float (&d)[128]) {
 #pragma unroll
   for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
 }
+__device__ __forceinline__ void fd_mbar_init(unsigned bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count));
+}
+__device__ __forceinline__ void fd_mbar_wait(unsigned bar, int parity) {
+  asm volatile("{\n.reg .pred done;\nWAIT_%=:\n"
+               "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+               "@!done bra WAIT_%=;\n}\n" :: "r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void fd_mbar_arrive(unsigned bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
+}
+// arrives on the barrier once all earlier cp.async of this thread have landed
+__device__ __forceinline__ void fd_mbar_arrive_cp_async(unsigned bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(bar) : "memory");
+}
 """ + _wgmma_asm("bf16") + _wgmma_asm("f16")
+
+_RASTER = r"""
+  // Grouped raster: CTAs launched together cover GROUP_M row tiles x a run of column tiles, so
+  // both operands' tiles are reused from L2 (the plain order streams all of w once per row tile).
+  constexpr int GROUP_M = 8;
+  const int bid = blockIdx.y * gridDim.x + blockIdx.x, per_group = GROUP_M * gridDim.x;
+  const int first_m = bid / per_group * GROUP_M;
+  const int group_m = min((int)gridDim.y - first_m, GROUP_M);
+  const int tile_m = first_m + (bid % per_group) % group_m, tile_n = (bid % per_group) / group_m;
+"""
+
+_EPILOGUE = r"""
+  // Epilogue: d[4j + {0,1}] is (row, 8j + col0 + {0,1}), d[4j + {2,3}] the same 8 rows below.
+  constexpr int LDC = BN + 8;
+  T* Cs = reinterpret_cast<T*>(fd_smem);
+  const int row = wg * 64 + warp_in_wg * 16 + (lane >> 2), col0 = (lane & 3) * 2;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    const int c = 8 * j + col0;
+    Cs[row * LDC + c] = (T)d[4 * j];
+    Cs[row * LDC + c + 1] = (T)d[4 * j + 1];
+    Cs[(row + 8) * LDC + c] = (T)d[4 * j + 2];
+    Cs[(row + 8) * LDC + c + 1] = (T)d[4 * j + 3];
+  }
+  __syncthreads();
+  const int chunk = tid & 31, col = tile_n * BN + chunk * 8;  // 32 chunks of 8 per row, 8 rows per pass
+#pragma unroll 4
+  for (int r = tid >> 5; r < BM; r += 8) {
+    const int dst = slot_of(tile_m * BM + r);
+    if (dst >= 0 && col < N)
+      *reinterpret_cast<uint4*>(out + (size_t)dst * N + col) = *reinterpret_cast<const uint4*>(Cs + r * LDC + chunk * 8);
+  }
+"""
+
+# Warp-specialised variant: warpgroup 2 only loads (cp.async, completion signalled on a "full" mbarrier
+# per stage), warpgroups 0 and 1 only multiply (each releases a stage on its "empty" mbarrier), so
+# the two warpgroups are not lock-stepped by __syncthreads and one's wgmma fills the other's waits.
+_SOURCE_WS = r"""
+  constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4;
+  constexpr int A_BYTES = BM * BK * 2, STAGE_BYTES = (BM + BN) * BK * 2;
+  extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
+  __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
+  __shared__ int a_src_row[BM];
+  unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
+  const unsigned smem_base = fd_smem_addr(fd_smem);
+""" + _RASTER + r"""
+  const int expert = DIRECT ? 0 : tile_expert[tile_m];
+  if (expert < 0) return;
+  auto slot_of = [&](int s) -> int { return DIRECT ? (s < M_ROWS ? s : -1) : slot_row[s]; };
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int r = tid; r < BM; r += blockDim.x) {
+    const int slot = slot_of(tile_m * BM + r);
+    a_src_row[r] = slot < 0 ? -1 : slot / A_DIV;
+  }
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      fd_mbar_init(fd_smem_addr(&full_bar[s]), 128);   // one cp.async arrival per producer thread
+      fd_mbar_init(fd_smem_addr(&empty_bar[s]), 256);  // every consumer thread
+    }
+  }
+  __syncthreads();
+  constexpr int KT = (K + BK - 1) / BK;
+
+  if (warp >= 8) {  // producer thread p loads chunk p % 8 of rows p / 8 + 16 i
+    const T* wexp = w + (size_t)expert * N * K;
+    const int kc = tid & 7, r0 = (tid - 256) >> 3;
+    for (int kt = 0; kt < KT; ++kt) {
+      const int s = kt % STAGES;
+      fd_mbar_wait(fd_smem_addr(&empty_bar[s]), ((kt / STAGES) & 1) ^ 1);
+      const unsigned a_dst = smem_base + s * STAGE_BYTES, b_dst = a_dst + A_BYTES;
+      const int k = kt * BK + kc * 8;
+      const bool k_ok = k < K;
+#pragma unroll
+      for (int i = 0; i < BM / 16; ++i) {
+        const int r = r0 + 16 * i, src = a_src_row[r];
+        const bool ok = k_ok && src >= 0;
+        fd_cp_async16(a_dst + r * 128 + ((kc ^ (r & 7)) << 4), ok ? x + (size_t)src * K + k : x, ok);
+      }
+#pragma unroll
+      for (int i = 0; i < BN / 16; ++i) {
+        const int r = r0 + 16 * i, n = tile_n * BN + r;
+        const bool ok = k_ok && n < N;
+        fd_cp_async16(b_dst + r * 128 + ((kc ^ (r & 7)) << 4), ok ? wexp + (size_t)n * K + k : w, ok);
+      }
+      fd_mbar_arrive_cp_async(fd_smem_addr(&full_bar[s]));
+    }
+    return;
+  }
+
+  // consumers: warpgroup wg owns rows wg * 64 .. + 63 of the tile
+  const int wg = warp >> 2, warp_in_wg = warp & 3;
+  float d[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+  for (int kt = 0; kt < KT; ++kt) {
+    const int s = kt % STAGES;
+    fd_mbar_wait(fd_smem_addr(&full_bar[s]), (kt / STAGES) & 1);
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    const unsigned a_addr = smem_base + s * STAGE_BYTES + wg * 64 * 128, b_addr = smem_base + s * STAGE_BYTES + A_BYTES;
+    fd_fence_acc(d);
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      if (IS_BF16) fd_wgmma_bf16(d, fd_desc(a_addr + kk * 32), fd_desc(b_addr + kk * 32));
+      else fd_wgmma_f16(d, fd_desc(a_addr + kk * 32), fd_desc(b_addr + kk * 32));
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    fd_fence_acc(d);
+    fd_mbar_arrive(fd_smem_addr(&empty_bar[s]));
+  }
+  asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both warpgroups done reading the stages
+""" + _EPILOGUE.replace("__syncthreads();", r'asm volatile("bar.sync 1, 256;\n" ::: "memory");')
 
 _SOURCE = r"""
   constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4;
@@ -65,13 +193,7 @@ _SOURCE = r"""
   unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
   const unsigned smem_base = fd_smem_addr(fd_smem);
 
-  // Grouped raster: CTAs launched together cover GROUP_M row tiles x a run of column tiles, so
-  // both operands' tiles are reused from L2 (the plain order streams all of w once per row tile).
-  constexpr int GROUP_M = 8;
-  const int bid = blockIdx.y * gridDim.x + blockIdx.x, per_group = GROUP_M * gridDim.x;
-  const int first_m = bid / per_group * GROUP_M;
-  const int group_m = min((int)gridDim.y - first_m, GROUP_M);
-  const int tile_m = first_m + (bid % per_group) % group_m, tile_n = (bid % per_group) / group_m;
+""" + _RASTER + r"""
   const int expert = DIRECT ? 0 : tile_expert[tile_m];
   if (expert < 0) return;
   // slot s -> routed row (output row; input row = routed row / A_DIV), or -1 for an empty slot
@@ -147,32 +269,16 @@ _SOURCE = r"""
   fd_cp_async_wait<0>();
   __syncthreads();
 
-  // Epilogue: d[4j + {0,1}] is (row, 8j + col0 + {0,1}), d[4j + {2,3}] the same 8 rows below.
-  constexpr int LDC = BN + 8;
-  T* Cs = reinterpret_cast<T*>(fd_smem);
-  const int row = wg * 64 + warp_in_wg * 16 + (lane >> 2), col0 = (lane & 3) * 2;
-#pragma unroll
-  for (int j = 0; j < BN / 8; ++j) {
-    const int c = 8 * j + col0;
-    Cs[row * LDC + c] = (T)d[4 * j];
-    Cs[row * LDC + c + 1] = (T)d[4 * j + 1];
-    Cs[(row + 8) * LDC + c] = (T)d[4 * j + 2];
-    Cs[(row + 8) * LDC + c + 1] = (T)d[4 * j + 3];
-  }
-  __syncthreads();
-  const int chunk = tid & 31, col = tile_n * BN + chunk * 8;  // 32 chunks of 8 per row, 8 rows per pass
-#pragma unroll 4
-  for (int r = tid >> 5; r < BM; r += 8) {
-    const int dst = slot_of(tile_m * BM + r);
-    if (dst >= 0 && col < N)
-      *reinterpret_cast<uint4*>(out + (size_t)dst * N + col) = *reinterpret_cast<const uint4*>(Cs + r * LDC + chunk * 8);
-  }
-"""
+""" + _EPILOGUE
+
+
+THREADS_WS = 384  # two consumer warpgroups + one producer warpgroup
 
 
 @functools.cache
-def _kernel():
+def _kernel(warp_specialized: bool = False):
     return mx.fast.cuda_kernel(
-        name="flashdiff_grouped_gemm_sm90", input_names=["x", "w", "slot_row", "tile_expert"],
-        output_names=["out"], source=_SOURCE, header=_HEADER, shared_memory=SMEM_BYTES,
+        name="flashdiff_grouped_gemm_sm90" + ("_ws" if warp_specialized else ""),
+        input_names=["x", "w", "slot_row", "tile_expert"], output_names=["out"],
+        source=_SOURCE_WS if warp_specialized else _SOURCE, header=_HEADER, shared_memory=SMEM_BYTES,
     )

@@ -2,24 +2,28 @@
 
 ``moe_gemm(x, expert_weights, expert_ids)``: y[t, j] = x[t] @ W[expert_ids[t, j]].T
 
-GPU path (CUDA and Metal), no host synchronisation and static shapes: quantized experts are first
-dequantized into one x.dtype scratch of all experts (E*N*K, 141 MB for HiDream's 4 x 6912 x 2560)
-by the dequantization kernel, after x exists; then every expert runs as one dense GEMM over all
-rows and each slot keeps its expert's rows (``mx.where``). That costs E/top_k (HiDream: 2x) the
-routed FLOPs for a shared input and E x for per-slot inputs, and never gathers a weight per token
-(``gather_qmm`` runs out of memory at these sizes on CUDA). Measured on the H200: 0.33x of a dense
-GEMM of the routed FLOPs (benchmarks/README.md, Kernels); the 0.8x target needs a grouped GEMM
-that runs near cuBLAS speed, which MLX does not provide on CUDA and we have not written.
+CUDA path, no host synchronisation and static shapes: a one-block layout kernel groups the routed
+rows (t, j) by expert into 128-row tiles (each expert's segment padded to whole tiles; at most
+(R + E * 127) / 128 tiles for R routed rows) and writes each tile's expert; one grouped tensor-core
+GEMM (``_gemm_cuda``: wgmma on sm_90, mma.sync elsewhere) then multiplies only the routed rows and
+writes each result straight into its (t, j) row. Quantized experts are first dequantized into one
+x.dtype scratch of all experts (E*N*K, 141 MB for HiDream's 4 x 6912 x 2560) by the dequantization
+kernel, after x exists. Measured on the H200 (benchmarks/README.md, MoE): 0.74x of a dense GEMM of
+the routed FLOPs in bf16 (target 0.8x, not met: our GEMM runs ~480 TFLOP/s where cuBLAS reaches
+~700), 0.59-0.61x for 4/8-bit experts.
 
-Measured and rejected on the H200 (MLX 0.32.4; benchmarks/results/kernels-h200-run5.json,
+Elsewhere (Metal, unsupported shapes/dtypes) every expert runs as one dense GEMM over all rows and
+each slot keeps its expert's rows (``mx.where``): E/top_k times the routed FLOPs (0.23x on the H200).
+Measured and rejected on the H200 (MLX 0.32.4; benchmarks/results/kernels-h200-run5.json, -run6.json,
 explore-2026-11-28-h200.json):
 - all experts as one GEMM against the weights stacked along N + one ``take_along_axis``: 0.27x
   (MLX's CUDA gather over the (T, E, N) output costs as much as the GEMM);
 - rows sorted by expert into padded windows + ``mx.gather_mm`` (``moe_windowed``, 1.06x the routed
-  FLOPs): 0.28-0.32x; MLX's CUDA gather_mm kernel runs at 0.5x of the dense GEMM even unrouted;
+  FLOPs): 0.23-0.32x; MLX's CUDA gather_mm kernel runs at 0.5x of the dense GEMM even unrouted;
 - sort + ``mx.gather_mm(..., sorted_indices=True)`` (``moe_sorted``): 0.27x, and wrong results in
   tests/test_kernels_cuda.py on CUDA.
-The reference (CPU and test oracle) is a readable per-expert loop with ``mx.dequantize``.
+The reference (CPU and test oracle) is a readable per-expert loop with ``mx.dequantize``;
+``grouped_layout`` / ``grouped_gemm_reference`` are the MLX twins of the two CUDA kernels.
 """
 
 import mlx.core as mx
@@ -70,7 +74,7 @@ def moe_gemm(x, expert_weights, expert_ids, *, scales=None, biases=None, bits=No
     if quantized:
         w = dequantize(mx.depends(w, x), scales, biases, bits, group_size, mode, dtype=x.dtype, backend=impl)
     w = w.astype(x.dtype)
-    if impl == "cuda" and _gemm_cuda.supported(x, w):
+    if impl == "cuda" and _gemm_cuda.supported(x, w) and w.shape[0] <= _gemm_cuda.MAX_EXPERTS:
         return moe_grouped(x, w, expert_ids)
     return _moe_dense_experts(x, w, expert_ids)
 
@@ -108,6 +112,8 @@ def moe_grouped(x, w, expert_ids, gemm=None, layout=None):
     layout = layout or _gemm_cuda.layout
     t, top_k = expert_ids.shape
     n, k_in = w.shape[-2:]
+    if t * top_k == 0:
+        return mx.zeros((t, top_k, n), dtype=x.dtype)
     slot_row, tile_expert = layout(expert_ids, w.shape[0])
     rows = x if x.ndim == 2 else x.reshape(t * top_k, k_in)
     out = gemm(rows, w, slot_row, tile_expert, t * top_k, top_k if x.ndim == 2 else 1)
