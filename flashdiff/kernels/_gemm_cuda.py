@@ -271,9 +271,16 @@ def is_sm90() -> bool:
     return (info.get("compute_capability_major"), info.get("compute_capability_minor")) == (9, 0)
 
 
+ENGINES = ("mma", "wgmma", "wgmma wait", "wgmma ws")
+
+
 def _launch(engine, x, w, slot_row, tile_expert, tiles, out_rows, a_div, direct, stream):
     from . import _gemm_sm90
     engine = engine or ("wgmma" if is_sm90() else "mma")
+    if engine not in ENGINES:
+        raise ValueError(f"Unknown GEMM engine {engine!r}; use one of {ENGINES}.")
+    if tiles > 65535:  # CUDA's gridDim.y limit
+        raise ValueError(f"{tiles} row tiles of {BM} exceed the 65535 the kernels launch; split the rows.")
     if engine == "mma":
         kernel, bn, threads = _kernel(), BN, THREADS
     elif engine == "wgmma ws":
