@@ -33,7 +33,8 @@ import mlx.core as mx
 BM, BN, BK, STAGES, THREADS = 128, 128, 32, 4, 128
 SMEM_BYTES = STAGES * (BM + BN) * BK * 2  # 64 KiB; the epilogue reuses it (BM * (BN + 8) * 2 bytes)
 
-_HEADER = r"""
+# cp.async helpers shared by both GEMM engines (``_gemm_sm90`` includes them in its header)
+CP_ASYNC_HEADER = r"""
 __device__ __forceinline__ unsigned fd_smem_addr(const void* p) {
   return (unsigned)__cvta_generic_to_shared(p);
 }
@@ -43,7 +44,26 @@ __device__ __forceinline__ void fd_cp_async16(unsigned dst, const void* src, boo
 }
 __device__ __forceinline__ void fd_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
-__device__ __forceinline__ void fd_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
+__device__ __forceinline__ void fd_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
+"""
+
+# The first lines of every GEMM kernel body: which (row tile, column tile) this CTA computes, its
+# expert, and slot -> routed row. Grouped raster: CTAs launched together cover GROUP_M row tiles x a
+# run of column tiles, so both operands' tiles are reused from L2 (the plain order streams all of w
+# once per row tile).
+TILE_SETUP = r"""
+  constexpr int GROUP_M = 8;
+  const int bid = blockIdx.y * gridDim.x + blockIdx.x, per_group = GROUP_M * gridDim.x;
+  const int first_m = bid / per_group * GROUP_M;
+  const int group_m = min((int)gridDim.y - first_m, GROUP_M);
+  const int tile_m = first_m + (bid % per_group) % group_m, tile_n = (bid % per_group) / group_m;
+  const int expert = DIRECT ? 0 : tile_expert[tile_m];
+  if (expert < 0) return;
+  // slot s -> routed row (output row; input row = routed row / A_DIV), or -1 for an empty slot
+  auto slot_of = [&](int s) -> int { return DIRECT ? (s < M_ROWS ? s : -1) : slot_row[s]; };
+"""
+
+_HEADER = CP_ASYNC_HEADER + r"""
 __device__ __forceinline__ void fd_ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
@@ -72,17 +92,7 @@ _SOURCE = r"""
   T* As = reinterpret_cast<T*>(fd_smem);        // [STAGES][BM][BK]
   T* Bs = As + STAGES * BM * BK;                // [STAGES][BN][BK]
 
-  // Grouped raster: CTAs launched together cover GROUP_M row tiles x a run of column tiles, so
-  // both operands' tiles are reused from L2 (the plain order streams all of w once per row tile).
-  constexpr int GROUP_M = 8;
-  const int bid = blockIdx.y * gridDim.x + blockIdx.x, per_group = GROUP_M * gridDim.x;
-  const int first_m = bid / per_group * GROUP_M;
-  const int group_m = min((int)gridDim.y - first_m, GROUP_M);
-  const int tile_m = first_m + (bid % per_group) % group_m, tile_n = (bid % per_group) / group_m;
-  const int expert = DIRECT ? 0 : tile_expert[tile_m];
-  if (expert < 0) return;
-  // slot s -> routed row (output row; input row = routed row / A_DIV), or -1 for an empty slot
-  auto slot_of = [&](int s) -> int { return DIRECT ? (s < M_ROWS ? s : -1) : slot_row[s]; };
+""" + TILE_SETUP + r"""
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp >> 1, warp_n = warp & 1;
   const T* wexp = w + (size_t)expert * N * K;

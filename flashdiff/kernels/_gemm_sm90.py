@@ -25,6 +25,8 @@ import functools
 
 import mlx.core as mx
 
+from ._gemm_cuda import CP_ASYNC_HEADER, TILE_SETUP
+
 BM, BN, BK, STAGES, THREADS = 128, 256, 64, 4, 256
 SMEM_BYTES = STAGES * (BM + BN) * BK * 2 + 1024  # + room to align the tiles to 1024 bytes
 
@@ -42,17 +44,7 @@ def _wgmma_asm(dtype: str) -> str:
     )
 
 
-_HEADER = r"""
-__device__ __forceinline__ unsigned fd_smem_addr(const void* p) {
-  return (unsigned)__cvta_generic_to_shared(p);
-}
-__device__ __forceinline__ void fd_cp_async16(unsigned dst, const void* src, bool valid) {
-  int n = valid ? 16 : 0;  // 0 source bytes: the 16 destination bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(dst), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void fd_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void fd_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory"); }
+_HEADER = CP_ASYNC_HEADER + r"""
 // Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
 __device__ __forceinline__ unsigned long long fd_desc(unsigned addr) {
   return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
@@ -77,16 +69,6 @@ __device__ __forceinline__ void fd_mbar_arrive_cp_async(unsigned bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(bar) : "memory");
 }
 """ + _wgmma_asm("bf16") + _wgmma_asm("f16")
-
-_RASTER = r"""
-  // Grouped raster: CTAs launched together cover GROUP_M row tiles x a run of column tiles, so
-  // both operands' tiles are reused from L2 (the plain order streams all of w once per row tile).
-  constexpr int GROUP_M = 8;
-  const int bid = blockIdx.y * gridDim.x + blockIdx.x, per_group = GROUP_M * gridDim.x;
-  const int first_m = bid / per_group * GROUP_M;
-  const int group_m = min((int)gridDim.y - first_m, GROUP_M);
-  const int tile_m = first_m + (bid % per_group) % group_m, tile_n = (bid % per_group) / group_m;
-"""
 
 _EPILOGUE = r"""
   // Epilogue: d[4j + {0,1}] is (row, 8j + col0 + {0,1}), d[4j + {2,3}] the same 8 rows below.
@@ -122,10 +104,7 @@ _SOURCE_WS = r"""
   __shared__ int a_src_row[BM];
   unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
   const unsigned smem_base = fd_smem_addr(fd_smem);
-""" + _RASTER + r"""
-  const int expert = DIRECT ? 0 : tile_expert[tile_m];
-  if (expert < 0) return;
-  auto slot_of = [&](int s) -> int { return DIRECT ? (s < M_ROWS ? s : -1) : slot_row[s]; };
+""" + TILE_SETUP + r"""
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   for (int r = tid; r < BM; r += blockDim.x) {
     const int slot = slot_of(tile_m * BM + r);
@@ -198,11 +177,7 @@ _SOURCE = r"""
   unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
   const unsigned smem_base = fd_smem_addr(fd_smem);
 
-""" + _RASTER + r"""
-  const int expert = DIRECT ? 0 : tile_expert[tile_m];
-  if (expert < 0) return;
-  // slot s -> routed row (output row; input row = routed row / A_DIV), or -1 for an empty slot
-  auto slot_of = [&](int s) -> int { return DIRECT ? (s < M_ROWS ? s : -1) : slot_row[s]; };
+""" + TILE_SETUP + r"""
   const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, warp_in_wg = (tid & 127) >> 5;
   const T* wexp = w + (size_t)expert * N * K;
 
