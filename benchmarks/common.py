@@ -198,6 +198,22 @@ def median_call(fn, iters: int, reps: int = 5, warmup: int = 2, sync=mlx_sync) -
     return stats["median_s"] / reps
 
 
+def moe_problem(t: int = 4096, k: int = 2560, n: int = 6912, e: int = 4, top_k: int = 2):
+    """HiDream-shaped MoE inputs in bf16, evaluated: x (T, K); experts w (E, N, K); ids, a random
+    top-k routing; skew, every token to expert 0 + one other; dense_x (T*top_k, K) for the dense GEMM
+    of the same FLOPs; w0, a contiguous copy of expert 0 (MLX's GEMM on the slice w[0] measured
+    20-30% slower on CUDA); flop, the routed FLOPs."""
+    x = mx.random.normal((t, k)).astype(mx.bfloat16)
+    w = (mx.random.normal((e, n, k)) * 0.02).astype(mx.bfloat16)
+    ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :top_k].astype(mx.int32)
+    skew = mx.concatenate([mx.zeros((t, 1), mx.int32), mx.random.randint(1, e, (t, 1)).astype(mx.int32)], axis=1)
+    dense_x = mx.random.normal((t * top_k, k)).astype(mx.bfloat16)
+    w0 = mx.contiguous(w[0])
+    mx.eval(x, w, ids, skew, dense_x, w0)
+    return dict(t=t, k=k, n=n, e=e, top_k=top_k, x=x, w=w, ids=ids, skew=skew, dense_x=dense_x, w0=w0,
+                flop=2 * t * top_k * k * n)
+
+
 def gemm_probe(m: int, k: int, dtype, iters: int) -> dict:
     """(m, k) @ (k, n) for the FLUX projection widths n = k, 3k, 4k, 7k (q / fused qkv / MLP / fused
     qkv+MLP), in three forms: nn.Linear (weight (n, k), bias epilogue), the same without bias, and a

@@ -19,7 +19,7 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashdiff.kernels import dequantize, moe_gemm, qk_norm_rope, qk_norm_rope_reference, quantized_linear  # noqa: E402
 from flashdiff.kernels.moe import moe_windowed  # noqa: E402
-from common import median_call, torch_sync_fn  # noqa: E402
+from common import median_call, moe_problem, torch_sync_fn  # noqa: E402
 
 RESULTS = []
 OUT = {}  # path and environment, set by main(): every record rewrites the JSON (a killed run keeps its rows)
@@ -90,14 +90,8 @@ def qgemm_section():
 
 
 def moe_section():
-    t, k, n, e, top_k = 4096, 2560, 6912, 4, 2
-    x = mx.random.normal((t, k)).astype(mx.bfloat16)
-    w = (mx.random.normal((e, n, k)) * 0.02).astype(mx.bfloat16)
-    ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :top_k].astype(mx.int32)
-    skew = mx.concatenate([mx.zeros((t, 1), mx.int32), mx.random.randint(1, e, (t, 1)).astype(mx.int32)], axis=1)
-    dense_x = mx.random.normal((t * top_k, k)).astype(mx.bfloat16)
-    mx.eval(x, w, ids, skew, dense_x)
-    flop = 2 * t * top_k * k * n
+    p = moe_problem()
+    k, x, w, ids, skew, dense_x, flop = (p[key] for key in ("k", "x", "w", "ids", "skew", "dense_x", "flop"))
     t_dense = timed(lambda: dense_x @ w[0].T, 5)
     ref = moe_gemm(x, w, ids)
     ref_skew = moe_gemm(x, w, skew)
@@ -158,16 +152,8 @@ def grouped_section():
             record(section="grouped", engine=name, shape=f"{m}x{k}->{n}", mlx_ms=t_mlx * 1e3, ours_ms=t_ours * 1e3,
                    mlx_tflops=flop / t_mlx / 1e12, ours_tflops=flop / t_ours / 1e12, ratio=t_mlx / t_ours,
                    max_abs_err=err, ref_max=float(mx.abs(ref).max()))
-    t, k, n, e, top_k = 4096, 2560, 6912, 4, 2
-    x = mx.random.normal((t, k)).astype(mx.bfloat16)
-    w = (mx.random.normal((e, n, k)) * 0.02).astype(mx.bfloat16)
-    ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :top_k].astype(mx.int32)
-    skew = mx.concatenate([mx.zeros((t, 1), mx.int32), mx.random.randint(1, e, (t, 1)).astype(mx.int32)], axis=1)
-    dense_x = mx.random.normal((t * top_k, k)).astype(mx.bfloat16)
-    mx.eval(x, w, ids, skew, dense_x)
-    flop = 2 * t * top_k * k * n
-    w0 = mx.contiguous(w[0])
-    mx.eval(w0)
+    p = moe_problem()
+    e, x, w, ids, skew, dense_x, w0, flop = (p[key] for key in ("e", "x", "w", "ids", "skew", "dense_x", "w0", "flop"))
     t_dense = min(timed(lambda: dense_x @ w[0].T, 5), timed(lambda: dense_x @ w0.T, 5))
     record(section="grouped", variant="dense references", slice_ms=timed(lambda: dense_x @ w[0].T, 5) * 1e3,
            contiguous_ms=timed(lambda: dense_x @ w0.T, 5) * 1e3, isolated_ms=timed(lambda: dense_x @ w0.T, 1) * 1e3,

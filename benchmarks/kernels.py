@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashdiff.kernels import (attention, moe_gemm, qk_norm_rope, qk_norm_rope_reference, quantize_model,  # noqa: E402
                                quantized_linear)
 from flashdiff.kernels.moe import _moe_dense_experts, moe_windowed  # noqa: E402
-from common import median_call  # noqa: E402
+from common import median_call, moe_problem  # noqa: E402
 
 
 def bench(fn, warmup=3, iters=10, reps=1):
@@ -63,16 +63,9 @@ def qlinear_rows(quick):
 
 def moe_rows():
     rows = []
-    t, k, n, e, top_k = 4096, 2560, 6912, 4, 2
-    shape = f"T{t} K{k} N{n} E{e} top{top_k}"
-    x = mx.random.normal((t, k)).astype(mx.bfloat16)
-    w = (mx.random.normal((e, n, k)) * 0.02).astype(mx.bfloat16)
-    ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :top_k].astype(mx.int32)
-    skew = mx.concatenate([mx.zeros((t, 1), mx.int32), mx.random.randint(1, e, (t, 1)).astype(mx.int32)], axis=1)
-    dense_x = mx.random.normal((t * top_k, k)).astype(mx.bfloat16)
-    w0 = mx.contiguous(w[0])  # a slice w[0] as the dense operand measured 20-30% slower on MLX CUDA
-    mx.eval(x, w, ids, skew, dense_x, w0)
-    flops = 2 * t * top_k * k * n
+    p = moe_problem()
+    shape = "T{t} K{k} N{n} E{e} top{top_k}".format(**p)
+    x, w, ids, skew, dense_x, w0, flops = (p[key] for key in ("x", "w", "ids", "skew", "dense_x", "w0", "flop"))
     t_dense = bench(lambda: dense_x @ w0.T, reps=5)
     variants = [("bf16", lambda: moe_gemm(x, w, ids)), ("bf16, skewed routing (every token: expert 0 + one other)",
                                                         lambda: moe_gemm(x, w, skew))]
