@@ -68,7 +68,21 @@ __device__ __forceinline__ void fd_mbar_arrive(unsigned bar) {
 __device__ __forceinline__ void fd_mbar_arrive_cp_async(unsigned bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(bar) : "memory");
 }
-""" + _wgmma_asm("bf16") + _wgmma_asm("f16")
+""" + _wgmma_asm("bf16") + _wgmma_asm("f16") + r"""
+// One K tile of this warpgroup's 64 x 256 block: d += A . B^T as KSTEPS k16 wgmmas on the swizzled
+// shared tiles at a_addr / b_addr (rows of 128 bytes), committed as one wgmma group.
+template <bool BF16, int KSTEPS>
+__device__ __forceinline__ void fd_wgmma_tile(float (&d)[128], unsigned a_addr, unsigned b_addr) {
+  fd_fence_acc(d);
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+  for (int kk = 0; kk < KSTEPS; ++kk) {
+    if (BF16) fd_wgmma_bf16(d, fd_desc(a_addr + kk * 32), fd_desc(b_addr + kk * 32));
+    else fd_wgmma_f16(d, fd_desc(a_addr + kk * 32), fd_desc(b_addr + kk * 32));
+  }
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+"""
 
 _EPILOGUE = r"""
   // Epilogue: d[4j + {0,1}] is (row, 8j + col0 + {0,1}), d[4j + {2,3}] the same 8 rows below.
@@ -155,14 +169,7 @@ _SOURCE_WS = r"""
     fd_mbar_wait(fd_smem_addr(&full_bar[s]), (kt / STAGES) & 1);
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     const unsigned a_addr = smem_base + s * STAGE_BYTES + wg * 64 * 128, b_addr = smem_base + s * STAGE_BYTES + A_BYTES;
-    fd_fence_acc(d);
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      if (IS_BF16) fd_wgmma_bf16(d, fd_desc(a_addr + kk * 32), fd_desc(b_addr + kk * 32));
-      else fd_wgmma_f16(d, fd_desc(a_addr + kk * 32), fd_desc(b_addr + kk * 32));
-    }
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    fd_wgmma_tile<IS_BF16, BK / 16>(d, a_addr, b_addr);
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     fd_fence_acc(d);
     fd_mbar_arrive(fd_smem_addr(&empty_bar[s]));
@@ -232,14 +239,7 @@ _SOURCE = r"""
     fd_cp_async_commit();
     const unsigned a_addr = smem_base + (kt % STAGES) * STAGE_BYTES + wg * 64 * 128;
     const unsigned b_addr = smem_base + (kt % STAGES) * STAGE_BYTES + A_BYTES;
-    fd_fence_acc(d);
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      if (IS_BF16) fd_wgmma_bf16(d, fd_desc(a_addr + kk * 32), fd_desc(b_addr + kk * 32));
-      else fd_wgmma_f16(d, fd_desc(a_addr + kk * 32), fd_desc(b_addr + kk * 32));
-    }
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    fd_wgmma_tile<IS_BF16, BK / 16>(d, a_addr, b_addr);
     if (MMA_IN_FLIGHT) asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
     else asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     fd_fence_acc(d);
