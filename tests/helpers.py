@@ -2,6 +2,7 @@
 import subprocess
 
 import mlx.core as mx
+import numpy as np
 
 from conftest import assert_close, to_numpy, torch_state_to_mx  # noqa: F401
 
@@ -60,3 +61,74 @@ def nvcc_compile(tmp_path, source: str, arch: str = "sm_90a"):
                            "-o", str(tmp_path / "kernel.o"), "-Xptxas", "-v"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stderr
+
+
+# ---------------------------------------------------------------- GPU kernel cases shared by the CUDA
+# and Metal test files (tests/test_kernels_cuda.py, tests/test_kernels_metal.py): the same case,
+# the backend named by the caller, the pure-MLX reference as the oracle.
+
+QMODES = [("affine", b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)] + [
+    ("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)]  # every config mx.quantize makes
+QLINEAR_CASES = [("affine", 4, 64), ("affine", 8, 64), ("affine", 3, 32), ("affine", 5, 128), ("mxfp4", 4, 32),
+                 ("nvfp4", 4, 16), ("mxfp8", 8, 32)]
+MOE_QUANT_CASES = [None, ("affine", 4, 64), ("mxfp4", 4, 32), ("affine", 8, 64)]
+
+
+def f64(a):
+    return np.array(a.astype(mx.float32), dtype=np.float64)
+
+
+def rel_err(a, b):
+    """Relative L2 error of mx array a against mx array b (a must be finite)."""
+    a, b = f64(a), f64(b)
+    assert np.isfinite(a).all()
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def quant(shape, mode, bits, group, dtype=mx.bfloat16, seed=0):
+    mx.random.seed(seed)
+    w = (mx.random.normal(shape) * 0.05).astype(dtype)
+    q = mx.quantize(w, group, bits, mode=mode, stream=mx.cpu)
+    return q[0], q[1], (q[2] if len(q) > 2 else None)
+
+
+def check_dequantize(backend, mode, bits, group, dtype):
+    from flashdiff.kernels import dequantize
+    w, s, b = quant((3, 40, 384), mode, bits, group)
+    ref = mx.dequantize(w, s, b, group_size=group, bits=bits, mode=mode, dtype=mx.float32, stream=mx.cpu)
+    out = dequantize(w, s, b, bits, group, mode, dtype=dtype, backend=backend)
+    assert out.shape == ref.shape and out.dtype == dtype
+    # bf16: the reference rounds q*s and +b separately in bf16, the kernel once from float32: 1 ulp
+    tol = 0.0 if dtype == mx.float32 else 2 ** -7
+    np.testing.assert_allclose(f64(out), f64(ref), rtol=tol, atol=1e-7)
+
+
+def check_quantized_linear(backend, mode, bits, group, m):
+    from flashdiff.kernels import quantized_linear
+    w, s, b = quant((200, 512), mode, bits, group)
+    mx.random.seed(1)
+    x = mx.random.normal((m, 512)).astype(mx.bfloat16)
+    bias = mx.random.normal((200,)).astype(mx.bfloat16)
+    ref = quantized_linear(x, w, s, b, bits, group, mode, bias=bias, backend="reference")
+    mx.eval(ref)
+    out = quantized_linear(x, w, s, b, bits, group, mode, bias=bias, backend=backend)
+    assert out.dtype == mx.bfloat16 and out.shape == (m, 200)
+    assert rel_err(out, ref) < 1e-2
+
+
+def check_moe_gemm(backend, quantized, per_slot):
+    from flashdiff.kernels import moe_gemm
+    mx.random.seed(2)
+    t, top_k, e, k_in, n = 300, 2, 4, 256, 192
+    x = mx.random.normal((t, top_k, k_in) if per_slot else (t, k_in)).astype(mx.bfloat16)
+    ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :top_k].astype(mx.int32)
+    if quantized is None:
+        w, kw = (mx.random.normal((e, n, k_in)) * 0.05).astype(mx.bfloat16), {}
+    else:
+        mode, bits, group = quantized
+        w, s, b = quant((e, n, k_in), mode, bits, group)
+        kw = dict(scales=s, biases=b, bits=bits, group_size=group, mode=mode)
+    ref = moe_gemm(x.astype(mx.float32), w, ids, backend="reference", **kw)
+    out = moe_gemm(x, w, ids, backend=backend, **kw)
+    assert out.shape == (t, top_k, n) and out.dtype == mx.bfloat16
+    assert rel_err(out, ref) < 1e-2

@@ -11,9 +11,8 @@ import torch
 from flashdiff.kernels import (QuantizedLinear, attention, moe_gemm, quantize_model, quantized_linear,
                                resolve_backend, swap_quantized_linears)
 from flashdiff.kernels.moe import moe_sorted, moe_windowed
+from helpers import QMODES
 
-QMODES = [("affine", b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)] + [
-    ("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)]
 TOL = {mx.float32: 1e-4, mx.float16: 3e-3, mx.bfloat16: 2e-2}
 
 
