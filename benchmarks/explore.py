@@ -130,8 +130,8 @@ def grouped_section():
     """The grouped tensor-core GEMM (kernels/_gemm_cuda.py): raw speed on dense problems (one expert,
     identity rows) next to MLX's GEMM, then moe_gemm at HiDream shapes (random and skewed routing)."""
     from flashdiff.kernels import _gemm_cuda
-    from flashdiff.kernels.moe import grouped_layout
-    engines = ["mma"] + (["wgmma", "wgmma wait", "wgmma ws"] if _gemm_cuda.is_sm90() else [])
+    from flashdiff.kernels.moe import grouped_layout, moe_grouped
+    engines = ["mma"] + (["wgmma", "wgmma wait", "wgmma ws", "wgmma tma"] if _gemm_cuda.is_sm90() else [])
     if os.environ.get("EXPLORE_ENGINES"):  # e.g. "wgmma,wgmma ws"
         engines = os.environ["EXPLORE_ENGINES"].split(",")
     for m, k, n in [(8192, 2560, 6912), (8192, 6912, 2560), (4608, 3072, 3072), (4608, 3072, 12288),
@@ -168,11 +168,32 @@ def grouped_section():
         record(section="grouped", variant=f"moe_gemm bf16 {name}", ms=tm * 1e3, ratio=t_dense / tm,
                layout_kernel_ms=tl * 1e3, layout_mlx_ops_ms=tl_mlx * 1e3, dense_ms=t_dense * 1e3, tflops=flop / tm / 1e12, max_abs_err=err,
                ref_max=float(mx.abs(ref).max()))
+        for engine in engines:  # the routed product through each engine (moe_gemm uses the default)
+            gemm = functools.partial(_gemm_cuda.grouped_gemm, engine=engine)
+            out = moe_grouped(x, w, r, gemm)
+            err = float(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)).max())
+            te = timed(lambda: moe_grouped(x, w, r, gemm), 5)
+            record(section="grouped", variant=f"moe bf16 {name}", engine=engine, ms=te * 1e3, ratio=t_dense / te,
+                   max_abs_err=err)
+    # where moe_gemm's time goes (default engine): layout kernel, then the grouped GEMM call, which
+    # for "wgmma tma" is the slot gather (which also encodes the tensor maps) + the GEMM kernel
+    from flashdiff.kernels import _gemm_tma
+    slot_row, tile_expert = _gemm_cuda.layout(ids, e)
+    xs, _ = _gemm_tma.gather_slots(x, slot_row, ids.shape[1], w)
+    mx.eval(slot_row, tile_expert, xs)
+    rows = ids.size
+    record(section="grouped", variant="moe bf16 random breakdown", total_ms=timed(lambda: moe_gemm(x, w, ids), 5) * 1e3,
+           layout_ms=timed(lambda: _gemm_cuda.layout(ids, e), 5) * 1e3,
+           grouped_gemm_ms=timed(lambda: _gemm_cuda.grouped_gemm(x, w, slot_row, tile_expert, rows, ids.shape[1]), 5) * 1e3,
+           gather_and_maps_ms=timed(lambda: _gemm_tma.gather_slots(x, slot_row, ids.shape[1], w), 5) * 1e3,
+           tiles_used=int((tile_expert >= 0).sum()), tiles=tile_expert.shape[0])
     for bits in (4, 8):
         wq, s, b = mx.quantize(w, 64, bits)
         mx.eval(wq, s, b)
         tq = timed(lambda: moe_gemm(x, wq, ids, scales=s, biases=b, bits=bits, group_size=64), 5)
-        record(section="grouped", variant=f"moe_gemm affine{bits} g64 random", ms=tq * 1e3, ratio=t_dense / tq)
+        td = timed(lambda: dequantize(wq, s, b, bits, 64, backend="cuda"), 5)
+        record(section="grouped", variant=f"moe_gemm affine{bits} g64 random", ms=tq * 1e3, ratio=t_dense / tq,
+               dequantize_ms=td * 1e3)
     mx.clear_cache()
 
 

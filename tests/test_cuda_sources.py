@@ -13,7 +13,7 @@ import mlx.core as mx
 import pytest
 from helpers import cuda_kernel_source, nvcc_compile
 
-from flashdiff.kernels import _dequant, _gemm_cuda, _gemm_sm90
+from flashdiff.kernels import _dequant, _gemm_cuda, _gemm_sm90, _gemm_tma
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA toolkit (nvcc)")
 
@@ -52,6 +52,25 @@ def test_wgmma_gemm_compiles(tmp_path, variant):
     assert regs * threads <= 65536, f"{regs} registers x {threads} threads exceed the SM's register file"
     if variant != "in flight":  # only the in-flight form serialises its wgmmas (documented, measured)
         assert "C7514" not in text
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("direct", [False, True])
+def test_tma_gemm_compiles(tmp_path, dtype, direct):
+    """The TMA kernel fits 384 threads' register budget (ptxas's choice here is fragile: see the
+    comment in _gemm_tma._SOURCE), and its tensor-map and gather kernels compile."""
+    inputs = [(n, dtype if n in ("x", "w") else t) for n, t in GEMM_INPUTS] + [("tmaps", mx.uint8)]
+    text = report(tmp_path, "gemm_tma", _gemm_tma._GEMM_HEADER, _gemm_tma._SOURCE, inputs, [("out", dtype)],
+                  gemm_template(dtype, _gemm_tma.THREADS, direct))
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    assert regs * _gemm_tma.THREADS <= 65536, f"{regs} registers x {_gemm_tma.THREADS} threads exceed the register file"
+    assert "C7514" not in text
+    maps = [("IS_BF16", dtype == mx.bfloat16), ("K", 2560), ("W_ROWS", 4 * 6912)]
+    report(tmp_path, "maps", _gemm_tma._MAP_HEADER, _gemm_tma._MAPS_SOURCE, inputs[:2], [("tmaps", mx.uint8)],
+           maps + [("X_ROWS", 4096)])
+    report(tmp_path, "gather", _gemm_tma._MAP_HEADER, _gemm_tma._GATHER_SOURCE,
+           [("x", dtype), ("slot_row", mx.int32), ("w", dtype)], [("xs", dtype), ("tmaps", mx.uint8)],
+           [("T", dtype), ("SLOTS", 8576), ("A_DIV", 2), ("CPT", 4)] + maps)
 
 
 def test_layout_kernel_compiles(tmp_path):

@@ -5,12 +5,12 @@
 CUDA path, no host synchronisation and static shapes: a one-block layout kernel groups the routed
 rows (t, j) by expert into 128-row tiles (each expert's segment padded to whole tiles; at most
 (R + E * 127) / 128 tiles for R routed rows) and writes each tile's expert; one grouped tensor-core
-GEMM (``_gemm_cuda``: wgmma on sm_90, mma.sync elsewhere) then multiplies only the routed rows and
-writes each result straight into its (t, j) row. Quantized experts are first dequantized into one
-x.dtype scratch of all experts (E*N*K, 141 MB for HiDream's 4 x 6912 x 2560) by the dequantization
-kernel, after x exists. Measured on the H200 (benchmarks/README.md, MoE): 0.74x of a dense GEMM of
-the routed FLOPs in bf16 (target 0.8x, not met: our GEMM runs ~480 TFLOP/s where cuBLAS reaches
-~700), 0.59-0.61x for 4/8-bit experts.
+GEMM (``_gemm_cuda``: on sm_90 wgmma fed by TMA after the routed rows are gathered into slot order,
+mma.sync elsewhere) then multiplies only the routed rows and writes each result straight into its
+(t, j) row. Quantized experts are first dequantized into one x.dtype scratch of all experts (E*N*K,
+141 MB for HiDream's 4 x 6912 x 2560) by the dequantization kernel, after x exists. Measured on the
+H200 (benchmarks/README.md, MoE): 0.69-0.82x of a dense GEMM of the routed FLOPs in bf16 across
+four runs (target 0.8x, not reliably met), 0.59-0.62x for 4/8-bit experts.
 
 Elsewhere (Metal, unsupported shapes/dtypes) every expert runs as one dense GEMM over all rows and
 each slot keeps its expert's rows (``mx.where``): E/top_k times the routed FLOPs (0.23x on the H200).

@@ -1,0 +1,249 @@
+"""The sm_90 grouped GEMM with both operands loaded by TMA (engine "wgmma tma").
+
+Same contract and tiles as ``_gemm_sm90`` (128 x 256 x 64, two consumer warpgroups issuing
+``wgmma.m64n256k16`` from 128B-swizzled shared tiles, grouped raster, shared-memory epilogue that
+writes each slot's row), with a third, producer warpgroup of which one thread works:
+- per stage it issues two ``cp.async.bulk.tensor.2d`` (TMA) loads, the input tile (128 rows x 64 k)
+  and the weight tile (256 rows x 64 k of the tile's expert); the tensor-memory unit writes the
+  128B-swizzled layout the wgmma descriptors read, zero-fills past K and past the tensors' last
+  rows, and completes a "full" mbarrier with the bytes written. No thread spends issue slots or
+  registers on addresses, which is what held the cp.async kernels at ~480 TFLOP/s;
+- consumers keep one wgmma group in flight and release the previous stage on its "empty" mbarrier.
+TMA reads boxes of consecutive rows, so for the grouped (MoE) form a small kernel first gathers x's
+routed rows into slot order (``gather_slots``: tiles * 128 rows of K, 16-byte copies); the dense form
+reads x as it is.
+
+Tensor maps (the 128-byte descriptors TMA reads) are normally encoded on the host by the driver;
+``mx.fast.cuda_kernel`` gives no host hook, so one warp encodes them on the device (warp 0 of the
+gather kernel, or a one-warp kernel ``tensor_maps`` for the dense form): a zeroed map in shared
+memory, every field set with ``tensormap.replace``, copied to global memory with a release fence;
+the GEMM acquires it (``fence.proxy.tensormap``) before use. Hopper only (sm_90a PTX).
+Measured on the H200 (benchmarks/README.md): 596-702 TFLOP/s on dense problems at M >= 4608 (MLX's
+cuBLAS GEMM 0.86-1.01x of it on the same leases), bit-identical to MLX's GEMM; the cp.async kernels
+of ``_gemm_sm90`` reached 456-505.
+"""
+
+import functools
+
+import mlx.core as mx
+
+from ._gemm_cuda import TILE_SETUP
+from ._gemm_sm90 import _EPILOGUE, _HEADER, BN, BK, BM, STAGES
+
+THREADS = 384  # two consumer warpgroups + one producer warpgroup
+SMEM_BYTES = STAGES * (BM + BN) * BK * 2 + 1024
+MAP_BYTES = 3 * 128  # two 128-byte maps + room to align them to 128 bytes
+
+_MAP_HEADER = r"""
+// Fill a zeroed 2D tile-mode tensor map in shared memory: a row-major (rows, cols) tensor of 2-byte
+// elements, row_bytes apart, read in boxes of box_rows x 64 columns with the 128-byte swizzle.
+template <bool BF16>
+__device__ void fd_tmap_fill(unsigned map, const void* base, unsigned cols, unsigned rows,
+                             unsigned long long row_bytes, unsigned box_rows) {
+  asm volatile("tensormap.replace.tile.global_address.shared::cta.b1024.b64 [%0], %1;" :: "r"(map), "l"(base) : "memory");
+  asm volatile("tensormap.replace.tile.rank.shared::cta.b1024.b32 [%0], 1;" :: "r"(map) : "memory");  // rank - 1
+  asm volatile("tensormap.replace.tile.global_dim.shared::cta.b1024.b32 [%0], 0, %1;" :: "r"(map), "r"(cols) : "memory");
+  asm volatile("tensormap.replace.tile.global_dim.shared::cta.b1024.b32 [%0], 1, %1;" :: "r"(map), "r"(rows) : "memory");
+  asm volatile("tensormap.replace.tile.global_stride.shared::cta.b1024.b64 [%0], 0, %1;" :: "r"(map), "l"(row_bytes) : "memory");
+  asm volatile("tensormap.replace.tile.box_dim.shared::cta.b1024.b32 [%0], 0, 64;" :: "r"(map) : "memory");
+  asm volatile("tensormap.replace.tile.box_dim.shared::cta.b1024.b32 [%0], 1, %1;" :: "r"(map), "r"(box_rows) : "memory");
+  asm volatile("tensormap.replace.tile.element_stride.shared::cta.b1024.b32 [%0], 0, 1;" :: "r"(map) : "memory");
+  asm volatile("tensormap.replace.tile.element_stride.shared::cta.b1024.b32 [%0], 1, 1;" :: "r"(map) : "memory");
+  if (BF16) asm volatile("tensormap.replace.tile.elemtype.shared::cta.b1024.b32 [%0], 10;" :: "r"(map) : "memory");
+  else asm volatile("tensormap.replace.tile.elemtype.shared::cta.b1024.b32 [%0], 6;" :: "r"(map) : "memory");
+  asm volatile("tensormap.replace.tile.interleave_layout.shared::cta.b1024.b32 [%0], 0;" :: "r"(map) : "memory");
+  asm volatile("tensormap.replace.tile.swizzle_mode.shared::cta.b1024.b32 [%0], 3;" :: "r"(map) : "memory");  // 128B
+  asm volatile("tensormap.replace.tile.fill_mode.shared::cta.b1024.b32 [%0], 0;" :: "r"(map) : "memory");    // zeros
+}
+// The maps live in a byte buffer at the first 128-byte boundary.
+__device__ __forceinline__ unsigned long long fd_maps_addr(const void* buf) {
+  return ((unsigned long long)buf + 127) & ~127ull;
+}
+"""
+
+def _maps_code(a: str, a_rows: str) -> str:
+    """One warp encodes the GEMM's tensor maps into `tmaps`: map 0 = `a` as (a_rows, K), boxes of 128
+    rows; map 1 = w as (W_ROWS = E * N, K), boxes of 256 rows."""
+    return r"""
+  {
+    __shared__ __align__(128) unsigned maps[64];
+    const int lane = threadIdx.x & 31;
+    maps[lane] = 0u;
+    maps[lane + 32] = 0u;
+    __syncwarp();
+    const unsigned s0 = (unsigned)__cvta_generic_to_shared(maps);
+    if (lane == 0) {
+      fd_tmap_fill<IS_BF16>(s0, A_PTR, K, A_ROWS, 2ull * K, 128);
+      fd_tmap_fill<IS_BF16>(s0 + 128, w, K, W_ROWS, 2ull * K, 256);
+    }
+    __syncwarp();
+    const unsigned long long g = fd_maps_addr(tmaps);
+    asm volatile("tensormap.cp_fenceproxy.global.shared::cta.tensormap::generic.release.gpu.sync.aligned [%0], [%1], 128;"
+                 :: "l"(g), "r"(s0) : "memory");
+    asm volatile("tensormap.cp_fenceproxy.global.shared::cta.tensormap::generic.release.gpu.sync.aligned [%0], [%1], 128;"
+                 :: "l"(g + 128), "r"(s0 + 128) : "memory");
+  }
+""".replace("A_PTR", a).replace("A_ROWS", a_rows)
+
+
+_MAPS_SOURCE = _maps_code("x", "X_ROWS")  # dense form: launched with one warp
+
+# Grouped form: xs[s] = x[slot_row[s] / A_DIV] for every slot naming a row, CPT 16-byte chunks per
+# thread (empty slots are left as they are: their products are never stored); warp 0 of block 0
+# first encodes the maps over xs and w.
+_GATHER_SOURCE = r"""
+  if (blockIdx.x == 0 && threadIdx.x < 32)
+""" + _maps_code("xs", "SLOTS") + r"""
+  constexpr int CHUNKS = K / 8, SPAN = CHUNKS / CPT;  // a thread copies chunks c, c + SPAN, ...
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (size_t)SLOTS * SPAN) return;
+  const int s = i / SPAN, c = i % SPAN, r = slot_row[s];
+  if (r < 0) return;
+  const uint4* src = reinterpret_cast<const uint4*>(x + (size_t)(r / A_DIV) * K) + c;
+  uint4* dst = reinterpret_cast<uint4*>(xs + (size_t)s * K) + c;
+  uint4 v[CPT];
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) v[j] = src[j * SPAN];
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) dst[j * SPAN] = v[j];
+"""
+
+_GEMM_HEADER = _HEADER + _MAP_HEADER + r"""
+__device__ __forceinline__ void fd_mbar_expect_tx(unsigned bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void fd_tma_load(unsigned dst, unsigned long long map, int col, int row, unsigned bar) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+               :: "r"(dst), "l"(map), "r"(col), "r"(row), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void fd_acquire_map(unsigned long long map) {
+  asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" :: "l"(map) : "memory");
+}
+"""
+
+_SOURCE = r"""
+  constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4;
+  constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+  extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
+  __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
+  __shared__ int slot_rows[BM];
+  unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
+  const unsigned smem_base = fd_smem_addr(fd_smem);
+""" + TILE_SETUP + r"""
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const unsigned long long maps = fd_maps_addr(tmaps);
+  // Never read. Register allocation: with this loop ptxas (nvcc 13.0) gives the TMA form 154 registers;
+  // without it, or with the epilogue reading these instead of slot_of, 201-203: over the 170 that each
+  // of 384 threads may have, and the launch would fail (tests/test_cuda_sources.py checks the count).
+  for (int r = tid; r < BM; r += blockDim.x) slot_rows[r] = slot_of(tile_m * BM + r);
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      fd_mbar_init(fd_smem_addr(&full_bar[s]), 1);     // the TMA thread's expect_tx arrival
+      fd_mbar_init(fd_smem_addr(&empty_bar[s]), 256);  // every consumer thread
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  constexpr int KT = (K + BK - 1) / BK;
+
+  if (warp >= 8) {  // producer warpgroup: one thread issues both loads of each stage
+    if (tid == 256) {
+      fd_acquire_map(maps);
+      fd_acquire_map(maps + 128);
+      const int b_row = expert * N + tile_n * BN;
+      for (int kt = 0; kt < KT; ++kt) {
+        const int s = kt % STAGES;
+        const unsigned full = fd_smem_addr(&full_bar[s]), a_dst = smem_base + s * STAGE_BYTES;
+        fd_mbar_wait(fd_smem_addr(&empty_bar[s]), ((kt / STAGES) & 1) ^ 1);
+        fd_mbar_expect_tx(full, STAGE_BYTES);
+        fd_tma_load(a_dst, maps, kt * BK, tile_m * BM, full);
+        fd_tma_load(a_dst + A_BYTES, maps + 128, kt * BK, b_row, full);
+      }
+    }
+    return;
+  }
+
+  // consumers: warpgroup wg owns rows wg * 64 .. + 63 of the tile
+  const int wg = warp >> 2, warp_in_wg = warp & 3;
+  float d[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+  for (int kt = 0; kt < KT; ++kt) {
+    const int s = kt % STAGES;
+    fd_mbar_wait(fd_smem_addr(&full_bar[s]), (kt / STAGES) & 1);
+    const unsigned a_addr = smem_base + s * STAGE_BYTES + wg * 64 * 128, b_addr = smem_base + s * STAGE_BYTES + A_BYTES;
+    fd_wgmma_tile<IS_BF16, BK / 16>(d, a_addr, b_addr);
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // tile kt - 1 is done with its stage
+    fd_fence_acc(d);
+    if (kt > 0) fd_mbar_arrive(fd_smem_addr(&empty_bar[(kt - 1) % STAGES]));
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  fd_fence_acc(d);
+  asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both warpgroups done reading the stages
+""" + _EPILOGUE.replace("__syncthreads();", r'asm volatile("bar.sync 1, 256;\n" ::: "memory");')
+
+
+
+@functools.cache
+def _maps_kernel():
+    return mx.fast.cuda_kernel(name="flashdiff_gemm_tensor_maps", input_names=["x", "w"], output_names=["tmaps"],
+                               source=_MAPS_SOURCE, header=_MAP_HEADER)
+
+
+@functools.cache
+def _gather_kernel():
+    return mx.fast.cuda_kernel(name="flashdiff_gather_slots", input_names=["x", "slot_row", "w"],
+                               output_names=["xs", "tmaps"], source=_GATHER_SOURCE, header=_MAP_HEADER)
+
+
+@functools.cache
+def _kernel():
+    return mx.fast.cuda_kernel(
+        name="flashdiff_grouped_gemm_tma", input_names=["x", "w", "slot_row", "tile_expert", "tmaps"],
+        output_names=["out"], source=_SOURCE, header=_GEMM_HEADER, shared_memory=SMEM_BYTES,
+    )
+
+
+def _map_template(x, w):
+    return [("IS_BF16", x.dtype == mx.bfloat16), ("K", x.shape[-1]), ("W_ROWS", w.shape[0] * w.shape[1])]
+
+
+def tensor_maps(x, w, stream=None):
+    """The dense form's TMA tensor maps, encoded on the device by one warp: (MAP_BYTES,) uint8 with
+    x as (rows, K) and w (E, N, K) as (E * N, K)."""
+    (maps,) = _maps_kernel()(
+        inputs=[x, w], template=_map_template(x, w) + [("X_ROWS", x.shape[0])],
+        output_shapes=[(MAP_BYTES,)], output_dtypes=[mx.uint8], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+        stream=stream,
+    )
+    return maps
+
+
+def gather_slots(x, slot_row, a_div, w, stream=None):
+    """The grouped form's input: x's rows in slot order (slots * BM rows; rows of empty slots unset), so
+    TMA reads each tile as one box, and the tensor maps over it and w (as ``tensor_maps``)."""
+    slots, k = slot_row.shape[0], x.shape[-1]
+    cpt = next(c for c in (4, 2, 1) if (k // 8) % c == 0)
+    xs, maps = _gather_kernel()(
+        inputs=[x, slot_row, w], template=[("T", x.dtype), ("SLOTS", slots), ("A_DIV", a_div), ("CPT", cpt)]
+        + _map_template(x, w),
+        output_shapes=[(slots, k), (MAP_BYTES,)], output_dtypes=[x.dtype, mx.uint8],
+        grid=(max(slots * k // 8 // cpt, 32), 1, 1), threadgroup=(256, 1, 1), stream=stream,
+    )
+    return xs, maps
+
+
+def launch(x, w, slot_row, tile_expert, tiles, out_rows, template, direct, a_div, stream):
+    """Run the TMA kernel with ``_gemm_cuda._launch``'s template: x is used as it is for the dense
+    form (row s = slot s), gathered into slot order first for the grouped one."""
+    n = w.shape[1]
+    if direct:
+        maps = tensor_maps(x, w, stream)
+    else:
+        x, maps = gather_slots(x, slot_row, a_div, w, stream)
+    (out,) = _kernel()(
+        inputs=[x, w, slot_row, tile_expert, maps], template=template, output_shapes=[(out_rows, n)],
+        output_dtypes=[x.dtype], grid=(((n + BN - 1) // BN) * THREADS, tiles, 1), threadgroup=(THREADS, 1, 1),
+        stream=stream,
+    )
+    return out
