@@ -256,6 +256,27 @@ def test_moe_gemm_dense(per_slot, dtype):
         assert rel_err(np32(out), ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("mode,bits,group", [("affine", 4, 64), ("affine", 8, 32), ("affine", 3, 128), ("mxfp4", 4, 32),
+                                             ("nvfp4", 4, 16), ("mxfp8", 8, 32)])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_moe_sorted_quantized(mode, bits, group, dtype, per_slot):
+    """The Metal dispatch of moe_gemm (``moe_sorted``: rows sorted by expert, mx.gather_qmm on the packed
+    experts) against a naive product with the dequantized weights, skewed and random routing.
+    (On the CPU: MLX's CPU gather kernels run float32 / float16; bf16 accumulates in bf16 there.)"""
+    mx.random.seed(11)
+    t, top_k, e, k_in, n = 45, 2, 4, 128, 40
+    x = mx.random.normal((t, top_k, k_in) if per_slot else (t, k_in)).astype(dtype)
+    q = mx.quantize((mx.random.normal((e, n, k_in)) * 0.1).astype(dtype), group, bits, mode=mode)
+    wq, s, b = q[0], q[1], (q[2] if len(q) > 2 else None)
+    wd = mx.dequantize(wq, s, b, group, bits, mode=mode).astype(mx.float32)
+    for ids in (mx.stack([mx.random.permutation(e)[:top_k] for _ in range(t)]).astype(mx.int32),
+                mx.zeros((t, top_k), mx.int32) + mx.arange(top_k, dtype=mx.int32)):
+        out = moe_sorted(x, wq, ids, s, b, bits, group, mode)
+        assert out.shape == (t, top_k, n) and out.dtype == dtype
+        assert rel_err(np32(out), naive_moe(x.astype(mx.float32), wd, ids)) < TOL[dtype]
+
+
 @pytest.mark.parametrize("t, top_k, e, routing", [(300, 2, 4, "random"), (1, 1, 3, "random"), (200, 4, 8, "random"),
                                                    (150, 2, 4, "skewed"), (129, 1, 1, "random")])
 @pytest.mark.parametrize("per_slot", [False, True])

@@ -344,3 +344,11 @@ def test_quantized_linear_metal(mode, bits, group, m):
 @pytest.mark.parametrize("per_slot", [False, True])
 def test_moe_gemm_metal(quantized, per_slot):
     check_moe_gemm("metal", quantized, per_slot)
+
+
+@metal_only
+@pytest.mark.parametrize("quantized", MOE_QUANT_CASES)
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_moe_gemm_metal_default(quantized, per_slot):
+    """The default Metal path (moe_sorted: MLX's gather_mm / gather_qmm), not our Metal kernels."""
+    check_moe_gemm(None, quantized, per_slot)

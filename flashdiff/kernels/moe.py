@@ -12,8 +12,12 @@ mma.sync elsewhere) then multiplies only the routed rows and writes each result 
 H200 (benchmarks/README.md, MoE): 0.69-0.82x of a dense GEMM of the routed FLOPs in bf16 across
 four runs (target 0.8x, not reliably met), 0.59-0.62x for 4/8-bit experts.
 
-Elsewhere (Metal, unsupported shapes/dtypes) every expert runs as one dense GEMM over all rows and
-each slot keeps its expert's rows (``mx.where``): E/top_k times the routed FLOPs (0.23x on the H200).
+On Metal (default): ``moe_sorted``, MLX's own tested kernels as mlx-lm uses them for MoE on Apple
+silicon: rows sorted by expert, ``mx.gather_mm`` / ``mx.gather_qmm(..., sorted_indices=True)`` over
+the segments (quantized experts are never dequantized into a copy). Not measured here (no Apple GPU).
+Elsewhere (CUDA with unsupported shapes/dtypes, or backend="metal" with our untested Metal dequantize
+kernel) every expert runs as one dense GEMM over all rows and each slot keeps its expert's rows
+(``mx.where``): E/top_k times the routed FLOPs (0.23x on the H200).
 Measured and rejected on the H200 (MLX 0.32.4; benchmarks/results/kernels-h200-run5.json, -run6.json,
 explore-2026-11-28-h200.json):
 - all experts as one GEMM against the weights stacked along N + one ``take_along_axis``: 0.27x
@@ -67,8 +71,11 @@ def moe_gemm(x, expert_weights, expert_ids, *, scales=None, biases=None, bits=No
             f"expert_ids {expert_ids.shape} and experts {expert_weights.shape}."
         )
     impl = resolve_backend(backend)
-    if impl == "reference" or (impl == "metal" and not metal_kernels_requested(backend)):
+    if impl == "reference":
         return _moe_reference(x, expert_weights, expert_ids, scales, biases, bits, group_size, mode)
+    if impl == "metal" and not metal_kernels_requested(backend):  # MLX's own MoE kernels
+        w = expert_weights if quantized else expert_weights.astype(x.dtype)
+        return moe_sorted(x, w, expert_ids, scales, biases, bits, group_size, mode)
 
     w = expert_weights
     if quantized:
@@ -145,15 +152,21 @@ def _moe_dense_experts(x, w, expert_ids):
     return out
 
 
-def moe_sorted(x, w, expert_ids):
-    """Sort (token, slot) rows by expert, one grouped GEMM over the segments, un-sort (no host sync).
-    Not dispatched: slower than dense and wrong on CUDA in MLX 0.32.4 (see the module docstring)."""
+def moe_sorted(x, w, expert_ids, scales=None, biases=None, bits=None, group_size=None, mode="affine"):
+    """Sort (token, slot) rows by expert, one ``mx.gather_mm`` over the segments (``mx.gather_qmm`` on
+    quantized experts: no dequantized copy), un-sort; no host sync. MLX's own MoE path (mlx-lm's
+    SwitchLinear does the same): the Metal dispatch. On CUDA (MLX 0.32.4) slower than dense and wrong
+    in tests/test_kernels_cuda.py (see the module docstring)."""
     t, top_k = expert_ids.shape
-    n, k_in = w.shape[-2:]
+    n, k_in = w.shape[-2], x.shape[-1]
     flat = expert_ids.reshape(-1)
     order = mx.argsort(flat)
     rows = x[order // top_k] if x.ndim == 2 else x.reshape(t * top_k, k_in)[order]
-    y = mx.gather_mm(rows[:, None, :], w.swapaxes(-1, -2), rhs_indices=flat[order], sorted_indices=True)
+    if scales is None:
+        y = mx.gather_mm(rows[:, None, :], w.swapaxes(-1, -2), rhs_indices=flat[order], sorted_indices=True)
+    else:
+        y = mx.gather_qmm(rows[:, None, :], w, scales, biases, rhs_indices=flat[order], transpose=True,
+                          group_size=group_size, bits=bits, mode=mode, sorted_indices=True)
     y = y.reshape(t * top_k, n)[mx.argsort(order)]
     return y.reshape(t, top_k, n)
 
