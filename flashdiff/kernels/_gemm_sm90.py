@@ -108,6 +108,9 @@ _EPILOGUE = r"""
   }
 """
 
+# The epilogue when a producer warpgroup has left: only the 256 consumer threads synchronise (named barrier 1).
+_EPILOGUE_CONSUMERS = _EPILOGUE.replace("__syncthreads();", r'asm volatile("bar.sync 1, 256;\n" ::: "memory");')
+
 # Warp-specialised variant: warpgroup 2 only loads (cp.async, completion signalled on a "full" mbarrier
 # per stage), warpgroups 0 and 1 only multiply (each releases a stage on its "empty" mbarrier), so
 # the two warpgroups are not lock-stepped by __syncthreads and one's wgmma fills the other's waits.
@@ -176,7 +179,7 @@ _SOURCE_WS = r"""
     fd_mbar_arrive(fd_smem_addr(&empty_bar[s]));
   }
   asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both warpgroups done reading the stages
-""" + _EPILOGUE.replace("__syncthreads();", r'asm volatile("bar.sync 1, 256;\n" ::: "memory");')
+""" + _EPILOGUE_CONSUMERS
 
 _SOURCE = r"""
   constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4;

@@ -28,7 +28,7 @@ import functools
 import mlx.core as mx
 
 from ._gemm_cuda import TILE_SETUP
-from ._gemm_sm90 import _EPILOGUE, _HEADER, BN, BK, BM, STAGES
+from ._gemm_sm90 import _EPILOGUE_CONSUMERS, _HEADER, BN, BK, BM, STAGES
 
 THREADS = 384  # two consumer warpgroups + one producer warpgroup
 SMEM_BYTES = STAGES * (BM + BN) * BK * 2 + 1024
@@ -60,6 +60,7 @@ __device__ __forceinline__ unsigned long long fd_maps_addr(const void* buf) {
   return ((unsigned long long)buf + 127) & ~127ull;
 }
 """
+
 
 def _maps_code(a: str, a_rows: str) -> str:
     """One warp encodes the GEMM's tensor maps into `tmaps`: map 0 = `a` as (a_rows, K), boxes of 128
@@ -180,8 +181,7 @@ _SOURCE = r"""
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
   fd_fence_acc(d);
   asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both warpgroups done reading the stages
-""" + _EPILOGUE.replace("__syncthreads();", r'asm volatile("bar.sync 1, 256;\n" ::: "memory");')
-
+""" + _EPILOGUE_CONSUMERS
 
 
 @functools.cache
