@@ -8,6 +8,7 @@ for CUDA-only spellings, the clear errors on non-Metal machines, and a CPU emula
 kernel body (compiled as C++ with a shim for the Metal builtins, 256 host threads per threadgroup).
 """
 
+import functools
 import math
 import re
 import shutil
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from flashdiff.kernels import _attention_metal as am
+from flashdiff.kernels import _gemm_metal as gm
 from flashdiff.kernels import attention, attention_reference
 from flashdiff.kernels._dequant import _METAL_SOURCE as DEQUANT_METAL_SOURCE
 from helpers import (MOE_QUANT_CASES, QLINEAR_CASES, QMODES, check_dequantize, check_moe_gemm,
@@ -91,7 +93,8 @@ CUDA_ONLY = ["__syncthreads", "__shared__", "threadIdx", "blockIdx", "blockDim",
 
 
 @pytest.mark.parametrize("name,source", [("attention", am._HEADER + am._SOURCE),
-                                         ("dequantize", DEQUANT_METAL_SOURCE)])
+                                         ("dequantize", DEQUANT_METAL_SOURCE),
+                                         ("grouped gemm", gm._HEADER + gm._SOURCE)])
 def test_metal_source_has_no_cuda_spellings(name, source):
     code = re.sub(r"//[^\n]*", "", source)  # the comments quote the CUDA kernel on purpose
     assert [s for s in CUDA_ONLY if s in code] == []
@@ -103,6 +106,13 @@ def test_metal_source_has_no_cuda_spellings(name, source):
         for name_ in am.INPUT_NAMES + ("out",):  # every input/output is used by name
             assert re.search(rf"\b{name_}\b", am._SOURCE)
         assert "INFINITY" not in code and "inf" not in re.findall(r"\w+", code)  # masks are finite (MASKED)
+    if name == "grouped gemm":
+        for name_ in gm.INPUT_NAMES + ("out",):
+            assert re.search(rf"\b{name_}\b", gm._SOURCE)
+        consts = dict(re.findall(r"(\w+) = (\d+)", re.search(r"constexpr int ([^;]+);", gm._SOURCE).group(1)))
+        assert (int(consts["BM"]), int(consts["BN"]), int(consts["BK"]), int(consts["NT"])) == (gm.BM, gm.BN, gm.BK, gm.THREADS)
+        arrays = re.findall(r"threadgroup float \w+\[([^\]]+)\];", gm._SOURCE)
+        assert 4 * sum(eval(a, {}, {k: int(v) for k, v in consts.items()}) for a in arrays) <= am.MAX_THREADGROUP_BYTES
 
 
 def test_kernel_is_built_lazily():
@@ -330,6 +340,124 @@ def test_attention_metal_flash_gqa_and_key_multiplier():
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
 def test_dequantize_metal(mode, bits, group, dtype):
     check_dequantize("metal", mode, bits, group, dtype)
+
+
+# ---------------------------------------------------------------- CPU: emulation of the grouped GEMM
+
+_GEMM_MAIN = r"""
+template <typename T, int K, int N, int A_DIV>
+void fd_kernel(const T* x, const T* w, const int* slot_row, const int* tile_expert, T* out,
+               uint3 threadgroup_position_in_grid, uint thread_index_in_threadgroup,
+               uint simdgroup_index_in_threadgroup) {
+BODY
+}
+
+template <typename V> static std::vector<V> read_bin(const char* path, size_t n) {
+  std::vector<V> a(n);
+  FILE* f = std::fopen(path, "rb");
+  if (!f || std::fread(a.data(), sizeof(V), n, f) != n) { std::fprintf(stderr, "read %s\n", path); std::exit(2); }
+  std::fclose(f);
+  return a;
+}
+
+int main() {
+  constexpr int K = EMU_K, N = EMU_N, NT = EMU_THREADS;
+  auto x = read_bin<float>("x.bin", EMU_XN);
+  auto w = read_bin<float>("w.bin", EMU_WN);
+  auto slot_row = read_bin<int>("slot_row.bin", EMU_SLOTS);
+  auto tile_expert = read_bin<int>("tile_expert.bin", EMU_GRID_Y);
+  std::vector<float> out(size_t(EMU_OUT_ROWS) * N, NAN);  // rows no slot names stay NaN
+  for (uint gy = 0; gy < uint(EMU_GRID_Y); ++gy) for (uint gx = 0; gx < uint(EMU_GRID_X / NT); ++gx) {
+    std::barrier<> group(NT);
+    std::vector<std::unique_ptr<std::barrier<>>> bars;
+    std::vector<emu::Simd> simds(NT / 32);
+    for (int s = 0; s < NT / 32; ++s) { bars.emplace_back(new std::barrier<>(32)); simds[s].bar = bars[s].get(); }
+    std::vector<std::thread> threads;
+    for (int t = 0; t < NT; ++t) threads.emplace_back([&, t] {
+      emu::lane = t % 32; emu::simd = &simds[t / 32]; emu::group = &group;
+      fd_kernel<float, K, N, EMU_A_DIV>(x.data(), w.data(), slot_row.data(), tile_expert.data(), out.data(),
+                                        uint3{gx, gy, 0}, uint(t), uint(t / 32));
+    });
+    for (auto& th : threads) th.join();
+  }
+  FILE* f = std::fopen("out.bin", "wb");
+  std::fwrite(out.data(), 4, out.size(), f);
+  std::fclose(f);
+  return 0;
+}
+"""
+
+
+def emulate_grouped_gemm(tmp_path, x, w, slot_row, tile_expert, out_rows, a_div):
+    """The Metal grouped GEMM body on the CPU with the wrapper's template and grid (launch_params);
+    threadgroups one after another, their 128 threads concurrently."""
+    p = gm.launch_params(x.shape, w.shape, mx.float32, tile_expert.shape[0], out_rows, a_div)
+    for name, a in (("x", x), ("w", w)):
+        np.asarray(a.astype(mx.float32)).tofile(tmp_path / f"{name}.bin")
+    for name, a in (("slot_row", slot_row), ("tile_expert", tile_expert)):
+        np.asarray(a.astype(mx.int32)).tofile(tmp_path / f"{name}.bin")
+    t = dict(p["template"][1:])
+    defines = dict(EMU_K=t["K"], EMU_N=t["N"], EMU_A_DIV=t["A_DIV"], EMU_THREADS=p["threadgroup"][0],
+                   EMU_GRID_X=p["grid"][0], EMU_GRID_Y=p["grid"][1], EMU_XN=x.size, EMU_WN=w.size,
+                   EMU_SLOTS=slot_row.size, EMU_OUT_ROWS=out_rows)
+    body = re.sub(r"^(\s*)threadgroup (float \w+\[)", r"\1static \2", gm._SOURCE, flags=re.M)  # shared arrays
+    header = "\n".join(ln for ln in gm._HEADER.splitlines() if not ln.startswith("#include"))
+    src = "".join(f"#define {n} {val}\n" for n, val in defines.items())
+    compile_and_run_cpp(tmp_path, src + _SHIM + header + _GEMM_MAIN.replace("BODY", body), ["-Wno-unknown-pragmas"])
+    return np.fromfile(tmp_path / "out.bin", np.float32).reshape(out_rows, w.shape[1])
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU emulation needs g++ (C++20)")
+@pytest.mark.parametrize("t, top_k, e, k_in, n, per_slot, routing", [
+    (100, 2, 4, 40, 72, False, "random"),   # K % 16 != 0, N % 64 != 0, A_DIV = 2
+    (70, 2, 3, 64, 64, True, "random"),     # one input row per slot (A_DIV = 1)
+    (90, 2, 4, 48, 16, False, "skewed"),    # experts 2 and 3 get no rows: their tiles are skipped
+])
+def test_emulated_grouped_gemm_matches_reference(tmp_path, t, top_k, e, k_in, n, per_slot, routing):
+    from flashdiff.kernels.moe import grouped_gemm_reference, grouped_layout
+
+    mx.random.seed(12)
+    x = mx.random.normal((t * top_k if per_slot else t, k_in))
+    w = mx.random.normal((e, n, k_in)) * 0.1
+    if routing == "skewed":
+        ids = mx.zeros((t, top_k), mx.int32) + mx.arange(top_k, dtype=mx.int32)
+    else:
+        ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :top_k].astype(mx.int32)
+    slot_row, tile_expert = grouped_layout(ids, e, tile=gm.BM)
+    a_div = 1 if per_slot else top_k
+    out = emulate_grouped_gemm(tmp_path, x, w, slot_row, tile_expert, t * top_k, a_div)
+    ref = grouped_gemm_reference(x, w, slot_row, tile_expert, t * top_k, a_div)
+    assert np.isfinite(out).all()  # every routed row written once
+    np.testing.assert_allclose(out, np.array(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_gemm_metal_launch_and_errors():
+    p = gm.launch_params((300, 256), (4, 200, 256), mx.bfloat16, tiles=13, out_rows=600, a_div=2)
+    assert p["grid"] == (4 * gm.THREADS, 13, 1) and p["threadgroup"] == (gm.THREADS, 1, 1)
+    assert p["output_shapes"] == [(600, 200)] and dict(p["template"])["K"] == 256
+    with pytest.raises(ValueError, match="disagree on K"):
+        gm.launch_params((300, 128), (4, 200, 256), mx.bfloat16, 13, 600, 2)
+    if not mx.metal.is_available():
+        with pytest.raises(RuntimeError, match="Metal back-end"):
+            gm.grouped_gemm(mx.zeros((4, 8)), mx.zeros((1, 8, 8)), mx.zeros((64,), mx.int32),
+                            mx.zeros((1,), mx.int32), 4)
+
+
+@metal_only
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_grouped_gemm_metal(per_slot):
+    """The Metal grouped GEMM on the GPU against MLX ops on the same schedule (bf16, fp16)."""
+    from flashdiff.kernels.moe import grouped_gemm_reference, grouped_layout, moe_grouped
+
+    mx.random.seed(13)
+    t, top_k, e, k_in, n = 300, 2, 4, 200, 136
+    ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :top_k].astype(mx.int32)
+    layout = functools.partial(grouped_layout, tile=gm.BM)
+    for dtype in (mx.bfloat16, mx.float16):
+        x = mx.random.normal((t, top_k, k_in) if per_slot else (t, k_in)).astype(dtype)
+        w = (mx.random.normal((e, n, k_in)) * 0.05).astype(dtype)
+        ref = moe_grouped(x.astype(mx.float32), w.astype(mx.float32), ids, grouped_gemm_reference, layout)
+        assert rel_err(moe_grouped(x, w, ids, gm.grouped_gemm, layout), ref) < TOL[dtype]
 
 
 @metal_only

@@ -15,9 +15,11 @@ four runs (target 0.8x, not reliably met), 0.59-0.62x for 4/8-bit experts.
 On Metal (default): ``moe_sorted``, MLX's own tested kernels as mlx-lm uses them for MoE on Apple
 silicon: rows sorted by expert, ``mx.gather_mm`` / ``mx.gather_qmm(..., sorted_indices=True)`` over
 the segments (quantized experts are never dequantized into a copy). Not measured here (no Apple GPU).
-Elsewhere (CUDA with unsupported shapes/dtypes, or backend="metal" with our untested Metal dequantize
-kernel) every expert runs as one dense GEMM over all rows and each slot keeps its expert's rows
-(``mx.where``): E/top_k times the routed FLOPs (0.23x on the H200).
+With backend="metal" / FLASHDIFF_KERNELS=metal: our Metal kernels (never run on Apple hardware):
+the Metal dequantize kernel for quantized experts, then ``grouped_layout`` (MLX ops, 64-slot tiles)
++ the Metal twin of the grouped GEMM (``_gemm_metal``).
+Elsewhere (CUDA with unsupported shapes/dtypes) every expert runs as one dense GEMM over all rows and
+each slot keeps its expert's rows (``mx.where``): E/top_k times the routed FLOPs (0.23x on the H200).
 Measured and rejected on the H200 (MLX 0.32.4; benchmarks/results/kernels-h200-run5.json, -run6.json,
 explore-2026-11-28-h200.json):
 - all experts as one GEMM against the weights stacked along N + one ``take_along_axis``: 0.27x
@@ -30,9 +32,11 @@ The reference (CPU and test oracle) is a readable per-expert loop with ``mx.dequ
 ``grouped_layout`` / ``grouped_gemm_reference`` are the MLX twins of the two CUDA kernels.
 """
 
+import functools
+
 import mlx.core as mx
 
-from . import _gemm_cuda
+from . import _gemm_cuda, _gemm_metal
 from ._dequant import check_quantized, dequantize
 from ._dispatch import metal_kernels_requested, resolve_backend
 
@@ -83,6 +87,9 @@ def moe_gemm(x, expert_weights, expert_ids, *, scales=None, biases=None, bits=No
     w = w.astype(x.dtype)
     if impl == "cuda" and _gemm_cuda.supported(x, w) and w.shape[0] <= _gemm_cuda.MAX_EXPERTS:
         return moe_grouped(x, w, expert_ids)
+    if impl == "metal" and _gemm_metal.supported(x, w):  # asked for explicitly: never run on Apple hardware
+        return moe_grouped(x, w, expert_ids, _gemm_metal.grouped_gemm,
+                           functools.partial(grouped_layout, tile=_gemm_metal.BM))
     return _moe_dense_experts(x, w, expert_ids)
 
 
