@@ -198,6 +198,19 @@ inline void simdgroup_multiply(M8& d, const M8& a, const M8& b) {
   simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<float, 8, 8>(0.0f));
 }
 }
+// One threadgroup: nt host threads (lane = t % 32, simdgroup = t / 32) running body(t) concurrently.
+template <typename F> void emu_run_threadgroup(int nt, F body) {
+  std::barrier<> group(nt);
+  std::vector<std::unique_ptr<std::barrier<>>> bars;
+  std::vector<emu::Simd> simds(nt / 32);
+  for (int s = 0; s < nt / 32; ++s) { bars.emplace_back(new std::barrier<>(32)); simds[s].bar = bars[s].get(); }
+  std::vector<std::thread> threads;
+  for (int t = 0; t < nt; ++t) threads.emplace_back([&, t] {
+    emu::lane = t % 32; emu::simd = &simds[t / 32]; emu::group = &group;
+    body(t);
+  });
+  for (auto& th : threads) th.join();
+}
 """
 
 _MAIN = r"""
@@ -224,19 +237,11 @@ int main() {
   auto q = cast(read("q.bin", nq)), k = cast(read("k.bin", nk)), v = cast(read("v.bin", nk));
   auto scale = read("scale.bin", 1), bias = read("kbias.bin", EMU_NBIAS);
   std::vector<T> out(nq, T(NAN));  // rows the kernel forgets stay NaN
-  for (uint gy = 0; gy < uint(EMU_GRID_Y); ++gy) for (uint gx = 0; gx < uint(EMU_GRID_X / NT); ++gx) {
-    std::barrier<> group(NT);
-    std::vector<std::unique_ptr<std::barrier<>>> bars;
-    std::vector<emu::Simd> simds(NT / 32);
-    for (int s = 0; s < NT / 32; ++s) { bars.emplace_back(new std::barrier<>(32)); simds[s].bar = bars[s].get(); }
-    std::vector<std::thread> threads;
-    for (int t = 0; t < NT; ++t) threads.emplace_back([&, t] {
-      emu::lane = t % 32; emu::simd = &simds[t / 32]; emu::group = &group;
+  for (uint gy = 0; gy < uint(EMU_GRID_Y); ++gy) for (uint gx = 0; gx < uint(EMU_GRID_X / NT); ++gx)
+    emu_run_threadgroup(NT, [&](int t) {
       fd_kernel<T, D, H, HK, LQ, LK, EMU_HAS_BIAS>(q.data(), k.data(), v.data(), scale.data(), bias.data(),
           out.data(), uint3{gx, gy, 0}, uint(t), uint(t / 32), uint(t % 32));
     });
-    for (auto& th : threads) th.join();
-  }
   FILE* f = std::fopen("out.bin", "wb");
   for (size_t i = 0; i < nq; ++i) { float x = float(out[i]); std::fwrite(&x, 4, 1, f); }
   std::fclose(f);
@@ -367,19 +372,11 @@ int main() {
   auto slot_row = read_bin<int>("slot_row.bin", EMU_SLOTS);
   auto tile_expert = read_bin<int>("tile_expert.bin", EMU_GRID_Y);
   std::vector<float> out(size_t(EMU_OUT_ROWS) * N, NAN);  // rows no slot names stay NaN
-  for (uint gy = 0; gy < uint(EMU_GRID_Y); ++gy) for (uint gx = 0; gx < uint(EMU_GRID_X / NT); ++gx) {
-    std::barrier<> group(NT);
-    std::vector<std::unique_ptr<std::barrier<>>> bars;
-    std::vector<emu::Simd> simds(NT / 32);
-    for (int s = 0; s < NT / 32; ++s) { bars.emplace_back(new std::barrier<>(32)); simds[s].bar = bars[s].get(); }
-    std::vector<std::thread> threads;
-    for (int t = 0; t < NT; ++t) threads.emplace_back([&, t] {
-      emu::lane = t % 32; emu::simd = &simds[t / 32]; emu::group = &group;
+  for (uint gy = 0; gy < uint(EMU_GRID_Y); ++gy) for (uint gx = 0; gx < uint(EMU_GRID_X / NT); ++gx)
+    emu_run_threadgroup(NT, [&](int t) {
       fd_kernel<float, K, N, EMU_A_DIV>(x.data(), w.data(), slot_row.data(), tile_expert.data(), out.data(),
                                         uint3{gx, gy, 0}, uint(t), uint(t / 32));
     });
-    for (auto& th : threads) th.join();
-  }
   FILE* f = std::fopen("out.bin", "wb");
   std::fwrite(out.data(), 4, out.size(), f);
   std::fclose(f);
