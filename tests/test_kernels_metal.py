@@ -111,7 +111,8 @@ def test_metal_source_has_no_cuda_spellings(name, source):
             assert re.search(rf"\b{name_}\b", gm._SOURCE)
         consts = dict(re.findall(r"(\w+) = (\d+)", re.search(r"constexpr int ([^;]+);", gm._SOURCE).group(1)))
         assert (int(consts["BM"]), int(consts["BN"]), int(consts["BK"]), int(consts["NT"])) == (gm.BM, gm.BN, gm.BK, gm.THREADS)
-        arrays = re.findall(r"threadgroup float \w+\[([^\]]+)\];", gm._SOURCE)
+        arrays = re.findall(r"threadgroup (?:float|int) \w+\[([^\]]+)\];", gm._SOURCE)  # 4-byte elements
+        assert len(arrays) == 4
         assert 4 * sum(eval(a, {}, {k: int(v) for k, v in consts.items()}) for a in arrays) <= am.MAX_THREADGROUP_BYTES
 
 
@@ -250,6 +251,15 @@ int main() {
 """
 
 
+def run_emulation(tmp_path, defines, header, source, main):
+    """Build a Metal kernel body as C++ (threadgroup arrays become statics shared by the threadgroup's
+    host threads, the Metal includes dropped) inside `main` with `defines`, then run it in tmp_path."""
+    body = re.sub(r"^(\s*)threadgroup ((?:float|int) \w+\[)", r"\1static \2", source, flags=re.M)
+    header = "\n".join(ln for ln in header.splitlines() if not ln.startswith("#include"))
+    src = "".join(f"#define {n} {val}\n" for n, val in defines.items())
+    compile_and_run_cpp(tmp_path, src + _SHIM + header + main.replace("BODY", body), ["-Wno-unknown-pragmas"])
+
+
 def emulate(tmp_path, q, k, v, scale, key_bias, ctype="float"):
     """Run the kernel body on the CPU with the wrapper's own inputs (kernel_inputs), template and grid
     (launch_params); threadgroups run one after another, their 256 threads concurrently."""
@@ -261,10 +271,7 @@ def emulate(tmp_path, q, k, v, scale, key_bias, ctype="float"):
     defines = dict(EMU_T=ctype, EMU_B=q.shape[0], EMU_H=t["H"], EMU_HK=t["HK"], EMU_LQ=t["LQ"], EMU_LK=t["LK"],
                    EMU_D=t["D"], EMU_HAS_BIAS=str(t["HAS_BIAS"]).lower(), EMU_THREADS=p["threadgroup"][0],
                    EMU_GRID_X=p["grid"][0], EMU_GRID_Y=p["grid"][1], EMU_NBIAS=inputs[4].size)
-    body = re.sub(r"^(\s*)threadgroup (float \w+\[)", r"\1static \2", am._SOURCE, flags=re.M)  # shared arrays
-    header = "\n".join(ln for ln in am._HEADER.splitlines() if not ln.startswith("#include"))
-    src = "".join(f"#define {n} {val}\n" for n, val in defines.items())
-    compile_and_run_cpp(tmp_path, src + _SHIM + header + _MAIN.replace("BODY", body), ["-Wno-unknown-pragmas"])
+    run_emulation(tmp_path, defines, am._HEADER, am._SOURCE, _MAIN)
     return np.fromfile(tmp_path / "out.bin", np.float32).reshape(q.shape)
 
 
@@ -397,10 +404,7 @@ def emulate_grouped_gemm(tmp_path, x, w, slot_row, tile_expert, out_rows, a_div)
     defines = dict(EMU_K=t["K"], EMU_N=t["N"], EMU_A_DIV=t["A_DIV"], EMU_THREADS=p["threadgroup"][0],
                    EMU_GRID_X=p["grid"][0], EMU_GRID_Y=p["grid"][1], EMU_XN=x.size, EMU_WN=w.size,
                    EMU_SLOTS=slot_row.size, EMU_OUT_ROWS=out_rows)
-    body = re.sub(r"^(\s*)threadgroup (float \w+\[)", r"\1static \2", gm._SOURCE, flags=re.M)  # shared arrays
-    header = "\n".join(ln for ln in gm._HEADER.splitlines() if not ln.startswith("#include"))
-    src = "".join(f"#define {n} {val}\n" for n, val in defines.items())
-    compile_and_run_cpp(tmp_path, src + _SHIM + header + _GEMM_MAIN.replace("BODY", body), ["-Wno-unknown-pragmas"])
+    run_emulation(tmp_path, defines, gm._HEADER, gm._SOURCE, _GEMM_MAIN)
     return np.fromfile(tmp_path / "out.bin", np.float32).reshape(out_rows, w.shape[1])
 
 

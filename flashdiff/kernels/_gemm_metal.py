@@ -18,7 +18,8 @@ Algorithm, step by step the CUDA mma.sync kernel's with Metal's tools:
   each 32 x 32 as 4 x 4 ``simdgroup_matrix<float, 8, 8>`` accumulators (CUDA: 4 warps, 64 x 64 each);
 - per BK = 16 slice of K: the threadgroup stages the slots' rows of x (A, [row][k]) and the expert's
   rows of w transposed (B, [k][n], so ``simdgroup_load`` needs no transpose) as float in threadgroup
-  memory (12 KiB with the C tile below; CUDA stages bf16 with cp.async, four stages deep);
+  memory (24 KiB with the C tile below; CUDA stages bf16 with cp.async, four stages deep), the
+  tile's slot rows read once into threadgroup memory;
 - epilogue through a float C tile in threadgroup memory, written to each slot's output row.
 No double buffering and scalar staging loads: simple to review, not tuned.
 """
@@ -43,11 +44,14 @@ _SOURCE = r"""
   threadgroup float As[BM * BK];  // the tile's slots' rows of x, [row][k]
   threadgroup float Bs[BK * BN];  // the expert's rows of w transposed, [k][n]
   threadgroup float Cs[BM * BN];  // epilogue
+  threadgroup int rows[BM];       // each slot's routed row (CUDA: a_src_row / slot_of), read once
   const int tile_n = int(threadgroup_position_in_grid.x), tile_m = int(threadgroup_position_in_grid.y);
   const int expert = tile_expert[tile_m];
   if (expert < 0) return;  // the whole threadgroup: a tile past the last expert's segment
   const uint tid = thread_index_in_threadgroup;
   const int sm = int(simdgroup_index_in_threadgroup) / 2, sn = int(simdgroup_index_in_threadgroup) % 2;
+  for (uint r = tid; r < uint(BM); r += NT) rows[r] = slot_row[tile_m * BM + int(r)];
+  metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
 
   fd_mat acc[4][4];
   FD_UNROLL for (int i = 0; i < 4; ++i)
@@ -56,7 +60,7 @@ _SOURCE = r"""
   for (int k0 = 0; k0 < K; k0 += BK) {
     for (uint e = tid; e < uint(BM * BK); e += NT) {
       const int r = int(e) / BK, c = int(e) % BK, k = k0 + c;
-      const int src = slot_row[tile_m * BM + r];
+      const int src = rows[r];
       As[e] = (src >= 0 && k < K) ? float(x[ulong(src / A_DIV) * K + k]) : 0.0f;
       const int n = tile_n * BN + r;
       Bs[c * BN + r] = (n < N && k < K) ? float(w[(ulong(expert) * N + n) * K + k]) : 0.0f;
@@ -78,7 +82,7 @@ _SOURCE = r"""
   metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
   for (uint e = tid; e < uint(BM * BN); e += NT) {
     const int r = int(e) / BN, c = int(e) % BN, n = tile_n * BN + c;
-    const int dst = slot_row[tile_m * BM + r];
+    const int dst = rows[r];
     if (dst >= 0 && n < N) out[ulong(dst) * N + n] = T(Cs[e]);
   }
 """
