@@ -22,7 +22,7 @@ GEMM_INPUTS = [("x", mx.bfloat16), ("w", mx.bfloat16), ("slot_row", mx.int32), (
 
 def gemm_template(dtype, threads, direct, **extra):
     return ([("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("K", 2560), ("N", 6912), ("A_DIV", 2),
-             ("DIRECT", direct), ("M_ROWS", 8192), ("THREADS", threads)] + list(extra.items()))
+             ("DIRECT", direct), ("M_ROWS", 8192), ("THREADS", threads), ("GROUP_M", 8)] + list(extra.items()))
 
 
 def report(tmp_path, name, header, source, inputs, outputs, template, arch="sm_90a"):
@@ -73,16 +73,33 @@ def test_tma_gemm_compiles(tmp_path, dtype, direct):
            [("T", dtype), ("SLOTS", 8576), ("A_DIV", 2), ("CPT", 4)] + maps)
 
 
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("direct, gather_a", [(False, False), (True, False), (False, True)])
+def test_persistent_tma_gemm_compiles(tmp_path, dtype, direct, gather_a):
+    """The persistent TMA kernel (engine "wgmma persistent", and "... gather" with cp.async for the
+    input rows) fits 384 threads' register budget without spilling or serialising its wgmmas."""
+    inputs = [(n, dtype if n in ("x", "w") else t) for n, t in GEMM_INPUTS] + [("tmaps", mx.uint8)]
+    template = gemm_template(dtype, _gemm_tma.THREADS, direct, TILES_M=67, GATHER_A=gather_a)
+    text = report(tmp_path, "gemm_tma_persistent", _gemm_tma._GEMM_HEADER, _gemm_tma._SOURCE_PERSISTENT, inputs,
+                  [("out", dtype)], template)
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    assert regs * _gemm_tma.THREADS <= 65536, f"{regs} registers x {_gemm_tma.THREADS} threads exceed the register file"
+    assert "C7514" not in text
+
+
 def test_layout_kernel_compiles(tmp_path):
     report(tmp_path, "layout", "", _gemm_cuda._LAYOUT_SOURCE, [("expert_ids", mx.int32)],
            [("slot_row", mx.int32), ("tile_expert", mx.int32)],
            [("E", 300), ("MAX_E", 1024), ("R", 8192), ("TILE", 128), ("TILES", 364)])
 
 
-@pytest.mark.parametrize("bits, mode", [(4, 0), (8, 0), (3, 0), (4, 2)])
-def test_dequant_kernel_compiles(tmp_path, bits, mode):
-    report(tmp_path, "dequant", _dequant._CUDA_HEADER, _dequant._CUDA_SOURCE,
+@pytest.mark.parametrize("bits, mode", [(4, 0), (8, 0), (3, 0), (5, 0), (6, 0), (2, 0), (4, 2), (8, 3)])
+@pytest.mark.parametrize("flat", [True, False])
+def test_dequant_kernel_compiles(tmp_path, bits, mode, flat):
+    template = [("T", mx.bfloat16), ("ST", mx.bfloat16), ("ROWS", 3072), ("K", 3072), ("BITS", bits),
+                ("GROUP", {0: 64, 2: 16, 3: 32}[mode]), ("MODE", mode)]
+    if flat:
+        template.append(("CPT", _dequant.FLAT_CPT))
+    report(tmp_path, "dequant", _dequant._CUDA_HEADER, _dequant._CUDA_SOURCE_FLAT if flat else _dequant._CUDA_SOURCE,
            [("w", mx.uint32), ("scales", mx.bfloat16 if mode == 0 else mx.uint8), ("biases", mx.bfloat16)],
-           [("out", mx.bfloat16)],
-           [("T", mx.bfloat16), ("ST", mx.bfloat16), ("ROWS", 3072), ("K", 3072), ("BITS", bits),
-            ("GROUP", 64 if mode == 0 else 16), ("MODE", mode)])
+           [("out", mx.bfloat16)], template)

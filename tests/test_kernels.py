@@ -347,3 +347,38 @@ def test_dequant_launch_shapes():
     assert dequant_launch(27648, 2560) == ((320, 27648, 1), (64, 1, 1))
     assert dequant_launch(100000, 64) == ((8, MAX_GRID_Y, 1), (8, 1, 1))  # rows looped beyond grid y
     assert dequant_launch(40, 384) == ((48, 40, 1), (48, 1, 1))
+
+
+@pytest.mark.parametrize("rows, k", [(3072, 3072), (27648, 2560), (7, 72), (1, 16), (5, 40), (130, 4096)])
+def test_flat_dequant_launch_covers_every_chunk_once(rows, k):
+    """The flat CUDA dequantize kernel's grid against its chunk mapping (warp w, lane l: chunks
+    w * 32 * CPT + l + 32 j, j < CPT, those below ROWS * K / 8), emulated here: every 8-element chunk
+    of the weight is written by exactly one thread, whatever the tail."""
+    import numpy as np
+    from flashdiff.kernels import _dequant
+
+    src = _dequant._CUDA_SOURCE_FLAT
+    assert "* (32 * CPT)" in src and "+ (threadIdx.x & 31)" in src and "base + 32 * j" in src
+    (threads, gy, gz), (block, _, _) = _dequant.flat_launch(rows, k)
+    assert (gy, gz) == (1, 1) and threads % 32 == 0
+    launched = -(-threads // block) * block  # MLX launches whole threadgroups
+    t = np.arange(launched)
+    base = (t >> 5) * (32 * _dequant.FLAT_CPT) + (t & 31)
+    chunks = (base[:, None] + 32 * np.arange(_dequant.FLAT_CPT)[None, :]).ravel()
+    written = chunks[chunks < rows * k // 8]
+    assert np.array_equal(np.sort(written), np.arange(rows * k // 8))
+
+
+@pytest.mark.parametrize("name, sms", [("NVIDIA H200", 132), ("NVIDIA H100 80GB HBM3", 132),
+                                       ("NVIDIA H100 PCIe", 114), ("NVIDIA H20", 78), ("NVIDIA H200 NVL", 132)])
+def test_persistent_gemm_grid_size_by_device_name(monkeypatch, name, sms):
+    """The persistent GEMM's CTA count comes from the device name ("H20" must not match "H200")."""
+    from flashdiff.kernels import _gemm_tma
+
+    monkeypatch.delenv("FLASHDIFF_NUM_SMS", raising=False)
+    monkeypatch.setattr(mx, "device_info", lambda: {"device_name": name})
+    _gemm_tma.num_sms.cache_clear()
+    try:
+        assert _gemm_tma.num_sms() == sms
+    finally:
+        _gemm_tma.num_sms.cache_clear()

@@ -32,6 +32,7 @@ import os
 import mlx.core as mx
 
 BM, BN, BK, STAGES, THREADS = 128, 128, 32, 4, 128
+GROUP_M = 8  # row tiles per raster group (TILE_SETUP)
 SMEM_BYTES = STAGES * (BM + BN) * BK * 2  # 64 KiB; the epilogue reuses it (BM * (BN + 8) * 2 bytes)
 
 # cp.async helpers shared by both GEMM engines (``_gemm_sm90`` includes them in its header)
@@ -53,7 +54,6 @@ __device__ __forceinline__ void fd_cp_async_wait() { asm volatile("cp.async.wait
 # run of column tiles, so both operands' tiles are reused from L2 (the plain order streams all of w
 # once per row tile).
 TILE_SETUP = r"""
-  constexpr int GROUP_M = 8;
   const int bid = blockIdx.y * gridDim.x + blockIdx.x, per_group = GROUP_M * gridDim.x;
   const int first_m = bid / per_group * GROUP_M;
   const int group_m = min((int)gridDim.y - first_m, GROUP_M);
@@ -292,19 +292,31 @@ def is_sm90() -> bool:
     return (info.get("compute_capability_major"), info.get("compute_capability_minor")) == (9, 0)
 
 
-ENGINES = ("mma", "wgmma", "wgmma wait", "wgmma ws", "wgmma tma")
+ENGINES = ("mma", "wgmma", "wgmma wait", "wgmma ws", "wgmma tma", "wgmma persistent",
+           "wgmma persistent gather")
+
+
+def group_m() -> int:
+    """Row tiles per raster group (TILE_SETUP); FLASHDIFF_GEMM_GROUP_M overrides (measurements)."""
+    return int(os.environ.get("FLASHDIFF_GEMM_GROUP_M", GROUP_M))
+
+
+def default_engine() -> str:
+    """The engine used when none is named and FLASHDIFF_GEMM_ENGINE is unset."""
+    return "wgmma tma" if is_sm90() else "mma"
 
 
 def _launch(engine, x, w, slot_row, tile_expert, tiles, out_rows, a_div, direct, stream):
     from . import _gemm_sm90, _gemm_tma
-    engine = engine or os.environ.get("FLASHDIFF_GEMM_ENGINE") or ("wgmma tma" if is_sm90() else "mma")
+    engine = engine or os.environ.get("FLASHDIFF_GEMM_ENGINE") or default_engine()
     if engine not in ENGINES:
         raise ValueError(f"Unknown GEMM engine {engine!r}; use one of {ENGINES}.")
     if tiles > 65535:  # CUDA's gridDim.y limit
         raise ValueError(f"{tiles} row tiles of {BM} exceed the 65535 the kernels launch; split the rows.")
     if engine == "mma":
         kernel, bn, threads = _kernel(), BN, THREADS
-    elif engine == "wgmma tma":
+    elif engine in ("wgmma tma", "wgmma persistent",
+           "wgmma persistent gather"):
         kernel, bn, threads = None, _gemm_tma.BN, _gemm_tma.THREADS
     elif engine == "wgmma ws":
         kernel, bn, threads = _gemm_sm90._kernel(True), _gemm_sm90.BN, _gemm_sm90.THREADS_WS
@@ -312,11 +324,13 @@ def _launch(engine, x, w, slot_row, tile_expert, tiles, out_rows, a_div, direct,
         kernel, bn, threads = _gemm_sm90._kernel(), _gemm_sm90.BN, _gemm_sm90.THREADS
     e, n, k = w.shape
     template = [("T", x.dtype), ("IS_BF16", x.dtype == mx.bfloat16), ("K", k), ("N", n), ("A_DIV", a_div),
-                ("DIRECT", direct), ("M_ROWS", out_rows), ("THREADS", threads)]
+                ("DIRECT", direct), ("M_ROWS", out_rows), ("THREADS", threads), ("GROUP_M", group_m())]
     if engine in ("wgmma", "wgmma wait"):
         template.append(("MMA_IN_FLIGHT", engine == "wgmma"))
     if kernel is None:
-        return _gemm_tma.launch(x, w, slot_row, tile_expert, tiles, out_rows, template, direct, a_div, stream)
+        return _gemm_tma.launch(x, w, slot_row, tile_expert, tiles, out_rows, template, direct, a_div, stream,
+                                persistent=engine.startswith("wgmma persistent"),
+                                gather_a=engine == "wgmma persistent gather")
     (out,) = kernel(
         inputs=[x, w, slot_row, tile_expert], template=template,
         output_shapes=[(out_rows, n)], output_dtypes=[x.dtype],
@@ -331,7 +345,8 @@ def grouped_gemm(x, w, slot_row, tile_expert, out_rows: int, a_div: int = 1, *, 
     Output rows that no slot names are left unwritten (``layout`` names every routed row once).
     engine: None (FLASHDIFF_GEMM_ENGINE if set, else "wgmma tma" on sm_90, "mma" elsewhere), "mma"
     (mma.sync), "wgmma" / "wgmma wait" (cp.async loads, one / no MMA group in flight), "wgmma ws"
-    (warp-specialised cp.async) or "wgmma tma" (warp-specialised TMA, ``_gemm_tma``)."""
+    (warp-specialised cp.async), "wgmma tma" (warp-specialised TMA, ``_gemm_tma``), or its
+    persistent forms "wgmma persistent" / "wgmma persistent gather" (measured no faster; opt-in)."""
     tiles = tile_expert.shape[0]
     if slot_row.shape != (tiles * BM,):
         raise ValueError(f"slot_row must be ({tiles * BM},) for {tiles} tiles, got {slot_row.shape}.")

@@ -20,10 +20,20 @@ memory, every field set with ``tensormap.replace``, copied to global memory with
 the GEMM acquires it (``fence.proxy.tensormap``) before use. Hopper only (sm_90a PTX).
 Measured on the H200 (benchmarks/README.md): 596-702 TFLOP/s on dense problems at M >= 4608 (MLX's
 cuBLAS GEMM 0.86-1.01x of it on the same leases), bit-identical to MLX's GEMM; the cp.async kernels
-of ``_gemm_sm90`` reached 456-505.
+of ``_gemm_sm90`` reached 456-505. Nsight Compute at the MoE shape (session 5): this kernel keeps the
+tensor pipe 75.6% busy (446 us at 1.65 GHz) where cuBLAS's 192x192, 2x1-cluster kernel for the dense
+GEMM of the same FLOPs keeps it 90.6% busy (370 us at 1.62 GHz).
+
+``_SOURCE_PERSISTENT`` (engines "wgmma persistent" and "wgmma persistent gather", opt-in): one CTA
+per multiprocessor walks the tiles, the producer's stage ring running on across tiles, and the
+epilogue stores straight from registers; the gather form copies x's routed rows with cp.async in
+the producer warpgroup instead of running ``gather_slots``. Both are exact (GPU tests) but measured
+no faster: 456 us for the same MoE GEMM under Nsight Compute, and within the run-to-run noise of
+this kernel in the benchmarks (benchmarks/README.md, session 5), so the per-CTA kernel stays default.
 """
 
 import functools
+import os
 
 import mlx.core as mx
 
@@ -120,6 +130,12 @@ __device__ __forceinline__ void fd_tma_load(unsigned dst, unsigned long long map
 __device__ __forceinline__ void fd_acquire_map(unsigned long long map) {
   asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" :: "l"(map) : "memory");
 }
+// two floats rounded to T (bf16 / fp16), packed low then high: one 4-byte store
+template <typename T>
+__device__ __forceinline__ unsigned fd_pack2(float lo, float hi) {
+  __align__(4) T h[2] = {(T)lo, (T)hi};
+  return *reinterpret_cast<const unsigned*>(h);
+}
 """
 
 _SOURCE = r"""
@@ -184,6 +200,128 @@ _SOURCE = r"""
 """ + _EPILOGUE_CONSUMERS
 
 
+# Persistent form (engine "wgmma persistent"): one CTA per SM walks the tiles t = blockIdx.x,
+# + gridDim.x, ... in the same grouped-raster order. The producer's stage ring runs on across tiles,
+# so the loads of tile i + 1 are in flight while the consumers finish tile i and write it; the
+# epilogue stores each thread's accumulator pairs straight to the slots' rows (4-byte stores; no
+# shared-memory round trip, so the stages stay the producer's). Same MMA block and barriers as above;
+# the last stage of each tile is released after the final wgmma wait.
+_SOURCE_PERSISTENT = r"""
+  constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4;
+  constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+  constexpr int TILES_N = (N + BN - 1) / BN, TILES_ALL = TILES_M * TILES_N, KT = (K + BK - 1) / BK;
+  extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
+  __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
+  unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
+  const unsigned smem_base = fd_smem_addr(fd_smem);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const unsigned long long maps = fd_maps_addr(tmaps);
+  // tile t -> (row tile, column tile): groups of GROUP_M row tiles, column-major inside a group
+  auto coords = [](int t, int& tile_m, int& tile_n) {
+    const int first_m = t / (GROUP_M * TILES_N) * GROUP_M, group_m = min(TILES_M - first_m, GROUP_M);
+    const int r = t % (GROUP_M * TILES_N);
+    tile_m = first_m + r % group_m;
+    tile_n = r / group_m;
+  };
+  auto slot_of = [&](int s) -> int { return DIRECT ? (s < M_ROWS ? s : -1) : slot_row[s]; };
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      // the TMA thread's expect_tx arrival (+ one cp.async arrival per producer thread)
+      fd_mbar_init(fd_smem_addr(&full_bar[s]), GATHER_A ? 129 : 1);
+      fd_mbar_init(fd_smem_addr(&empty_bar[s]), 256);  // every consumer thread
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp >= 8) {  // producer warpgroup, tile after tile
+    // GATHER_A: all 128 threads copy the input tile from x's routed rows with cp.async (chunk kc of
+    // rows r0 + 16 i, 128B-swizzled as TMA would write it) and arrive when their copies land; thread
+    // 256 also issues the weight tile's TMA. Otherwise thread 256 alone issues both TMA loads.
+    const int p = tid - 256, kc = p & 7, r0 = p >> 3;
+    if (!GATHER_A && p != 0) return;
+    if (p == 0) {
+      fd_acquire_map(maps);
+      fd_acquire_map(maps + 128);
+    }
+    int it = 0;  // stages issued so far (the ring position runs on across tiles)
+    for (int t = blockIdx.x; t < TILES_ALL; t += gridDim.x) {
+      int tile_m, tile_n;
+      coords(t, tile_m, tile_n);
+      const int expert = DIRECT ? 0 : tile_expert[tile_m];
+      if (expert < 0) continue;
+      const int b_row = expert * N + tile_n * BN;
+      int src[GATHER_A ? BM / 16 : 1];
+      if (GATHER_A) {
+#pragma unroll
+        for (int i = 0; i < BM / 16; ++i) {
+          const int slot = slot_of(tile_m * BM + r0 + 16 * i);
+          src[i] = slot < 0 ? -1 : slot / A_DIV;
+        }
+      }
+      for (int kt = 0; kt < KT; ++kt, ++it) {
+        const int s = it % STAGES;
+        const unsigned full = fd_smem_addr(&full_bar[s]), a_dst = smem_base + s * STAGE_BYTES;
+        fd_mbar_wait(fd_smem_addr(&empty_bar[s]), ((it / STAGES) & 1) ^ 1);
+        if (p == 0) {
+          fd_mbar_expect_tx(full, GATHER_A ? B_BYTES : STAGE_BYTES);
+          if (!GATHER_A) fd_tma_load(a_dst, maps, kt * BK, tile_m * BM, full);
+          fd_tma_load(a_dst + A_BYTES, maps + 128, kt * BK, b_row, full);
+        }
+        if (GATHER_A) {
+          const int k = kt * BK + kc * 8;
+#pragma unroll
+          for (int i = 0; i < BM / 16; ++i) {
+            const int r = r0 + 16 * i;
+            const bool ok = k < K && src[i] >= 0;
+            fd_cp_async16(a_dst + r * 128 + ((kc ^ (r & 7)) << 4), ok ? x + (size_t)src[i] * K + k : x, ok);
+          }
+          fd_mbar_arrive_cp_async(full);
+        }
+      }
+    }
+    return;
+  }
+
+  // consumers: warpgroup wg owns rows wg * 64 .. + 63 of each tile
+  const int wg = warp >> 2, warp_in_wg = warp & 3;
+  const int row = wg * 64 + warp_in_wg * 16 + (lane >> 2), col0 = (lane & 3) * 2;
+  float d[128];
+  int it = 0;
+  for (int t = blockIdx.x; t < TILES_ALL; t += gridDim.x) {
+    int tile_m, tile_n;
+    coords(t, tile_m, tile_n);
+    if (!DIRECT && tile_expert[tile_m] < 0) continue;
+#pragma unroll
+    for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+    for (int kt = 0; kt < KT; ++kt, ++it) {
+      const int s = it % STAGES;
+      fd_mbar_wait(fd_smem_addr(&full_bar[s]), (it / STAGES) & 1);
+      if (GATHER_A) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // cp.async wrote A
+      const unsigned a_addr = smem_base + s * STAGE_BYTES + wg * 64 * 128, b_addr = smem_base + s * STAGE_BYTES + A_BYTES;
+      fd_wgmma_tile<IS_BF16, BK / 16>(d, a_addr, b_addr);
+      asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // stage it - 1 is read
+      fd_fence_acc(d);
+      if (kt > 0) fd_mbar_arrive(fd_smem_addr(&empty_bar[(it - 1) % STAGES]));
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    fd_fence_acc(d);
+    fd_mbar_arrive(fd_smem_addr(&empty_bar[(it - 1) % STAGES]));
+    // d[4j + {0,1}] is (row, 8j + col0 + {0,1}) of the tile, d[4j + {2,3}] the same 8 rows below
+    const int dst0 = slot_of(tile_m * BM + row), dst1 = slot_of(tile_m * BM + row + 8);
+    T* out0 = out + (size_t)(dst0 < 0 ? 0 : dst0) * N + tile_n * BN + col0;
+    T* out1 = out + (size_t)(dst1 < 0 ? 0 : dst1) * N + tile_n * BN + col0;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      if (tile_n * BN + 8 * j + col0 < N) {
+        if (dst0 >= 0) *reinterpret_cast<unsigned*>(out0 + 8 * j) = fd_pack2<T>(d[4 * j], d[4 * j + 1]);
+        if (dst1 >= 0) *reinterpret_cast<unsigned*>(out1 + 8 * j) = fd_pack2<T>(d[4 * j + 2], d[4 * j + 3]);
+      }
+    }
+  }
+"""
+
+
 @functools.cache
 def _maps_kernel():
     return mx.fast.cuda_kernel(name="flashdiff_gemm_tensor_maps", input_names=["x", "w"], output_names=["tmaps"],
@@ -197,11 +335,25 @@ def _gather_kernel():
 
 
 @functools.cache
-def _kernel():
+def _kernel(persistent: bool = False):
     return mx.fast.cuda_kernel(
-        name="flashdiff_grouped_gemm_tma", input_names=["x", "w", "slot_row", "tile_expert", "tmaps"],
-        output_names=["out"], source=_SOURCE, header=_GEMM_HEADER, shared_memory=SMEM_BYTES,
+        name="flashdiff_grouped_gemm_tma" + ("_persistent" if persistent else ""),
+        input_names=["x", "w", "slot_row", "tile_expert", "tmaps"], output_names=["out"],
+        source=_SOURCE_PERSISTENT if persistent else _SOURCE, header=_GEMM_HEADER, shared_memory=SMEM_BYTES,
     )
+
+
+@functools.cache
+def num_sms() -> int:
+    """Multiprocessors, from the device name (MLX's device_info gives no count): 132 on H100 SXM / H200,
+    114 on H100 PCIe, 78 on H20. The persistent grid is correct for any count; this only sizes it.
+    FLASHDIFF_NUM_SMS overrides."""
+    if os.environ.get("FLASHDIFF_NUM_SMS"):
+        return int(os.environ["FLASHDIFF_NUM_SMS"])
+    words = str(mx.device_info().get("device_name", "")).replace("-", " ").split()
+    if "H20" in words:
+        return 78
+    return 114 if "H100" in words and "PCIe" in words else 132
 
 
 def _map_template(x, w):
@@ -233,17 +385,25 @@ def gather_slots(x, slot_row, a_div, w, stream=None):
     return xs, maps
 
 
-def launch(x, w, slot_row, tile_expert, tiles, out_rows, template, direct, a_div, stream):
+def launch(x, w, slot_row, tile_expert, tiles, out_rows, template, direct, a_div, stream, persistent=False,
+           gather_a=False):
     """Run the TMA kernel with ``_gemm_cuda._launch``'s template: x is used as it is for the dense
-    form (row s = slot s), gathered into slot order first for the grouped one."""
+    form (row s = slot s), gathered into slot order first for the grouped one. persistent: one CTA
+    per multiprocessor walks the tiles (``_SOURCE_PERSISTENT``) instead of one CTA per tile;
+    gather_a (persistent only): the producer copies x's routed rows itself, no gather kernel."""
     n = w.shape[1]
-    if direct:
+    if direct or gather_a:
         maps = tensor_maps(x, w, stream)
     else:
         x, maps = gather_slots(x, slot_row, a_div, w, stream)
-    (out,) = _kernel()(
+    tiles_n = (n + BN - 1) // BN
+    if persistent:
+        template = template + [("TILES_M", tiles), ("GATHER_A", gather_a)]
+        grid = (min(tiles * tiles_n, num_sms()) * THREADS, 1, 1)
+    else:
+        grid = (tiles_n * THREADS, tiles, 1)
+    (out,) = _kernel(persistent)(
         inputs=[x, w, slot_row, tile_expert, maps], template=template, output_shapes=[(out_rows, n)],
-        output_dtypes=[x.dtype], grid=(((n + BN - 1) // BN) * THREADS, tiles, 1), threadgroup=(THREADS, 1, 1),
-        stream=stream,
+        output_dtypes=[x.dtype], grid=grid, threadgroup=(THREADS, 1, 1), stream=stream,
     )
     return out
