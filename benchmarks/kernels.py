@@ -8,6 +8,7 @@ throughput rows queue several independent calls per mx.synchronize(), see `bench
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import mlx.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashdiff.kernels import (attention, moe_gemm, qk_norm_rope, qk_norm_rope_reference, quantize_model,  # noqa: E402
                                quantized_linear)
+from flashdiff.kernels import _gemm_cuda  # noqa: E402
 from flashdiff.kernels.moe import _moe_dense_experts, moe_windowed  # noqa: E402
 from common import median_call, moe_problem  # noqa: E402
 
@@ -25,6 +27,21 @@ def bench(fn, warmup=3, iters=10, reps=1):
     """Median seconds per fn() call (common.median_call); reps > 1 queues that many independent calls
     per synchronisation (throughput), reps = 1 measures isolated latency."""
     return median_call(fn, iters, reps, warmup)
+
+
+def with_engine(engine, fn):
+    """fn with FLASHDIFF_GEMM_ENGINE set while it builds its graph (the GEMM launcher reads it then)."""
+    def run():
+        old = os.environ.get("FLASHDIFF_GEMM_ENGINE")
+        os.environ["FLASHDIFF_GEMM_ENGINE"] = engine
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["FLASHDIFF_GEMM_ENGINE"]
+            else:
+                os.environ["FLASHDIFF_GEMM_ENGINE"] = old
+    return run
 
 
 def qlinear_rows(quick):
@@ -69,11 +86,18 @@ def moe_rows():
     t_dense = bench(lambda: dense_x @ w0.T, reps=5)
     variants = [("bf16", lambda: moe_gemm(x, w, ids)), ("bf16, skewed routing (every token: expert 0 + one other)",
                                                         lambda: moe_gemm(x, w, skew))]
+    quantized = []
     for bits in (4, 8):
         wq, s, b = mx.quantize(w, 64, bits)
         mx.eval(wq, s, b)
-        variants.append((f"affine{bits} g64", lambda wq=wq, s=s, b=b, bits=bits: moe_gemm(
+        quantized.append((f"affine{bits} g64", lambda wq=wq, s=s, b=b, bits=bits: moe_gemm(
             x, wq, ids, scales=s, biases=b, bits=bits, group_size=64)))
+    variants += quantized
+    if _gemm_cuda.is_sm90():  # the other sm_90 GEMM engines side by side (moe_gemm uses the default)
+        for engine in [e for e in _gemm_cuda.ENGINES
+                       if e.startswith(("wgmma tma", "wgmma persistent")) and e != _gemm_cuda.default_engine()]:
+            for label, fn in variants[:1] + quantized[:1]:
+                variants.append((f"{label}, GEMM engine {engine!r}", with_engine(engine, fn)))
     variants += [("bf16, previous: every expert on all rows + select", lambda: _moe_dense_experts(x, w, ids)),
                  ("bf16, rejected: windowed gather_mm (128)", lambda: moe_windowed(x, w, ids, 128))]
     for mode, fn in variants:

@@ -1,0 +1,28 @@
+"""Where the MoE GEMM's time goes, kernel by kernel, under Nsight Compute (run on the GPU machine):
+
+    ncu --clock-control none --metrics gpu__time_duration.sum,... python3 benchmarks/probe_moe_ncu.py
+
+Runs moe_gemm at HiDream shapes (layout kernel, gather, grouped GEMM) and the dense reference GEMM of
+the same FLOPs, each a few times with a synchronisation after every call, so each kernel shows up
+separately in the profile. ENGINES (comma-separated, default: the default engine) picks GEMM engines.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flashdiff.kernels import moe_gemm  # noqa: E402
+from common import moe_problem  # noqa: E402
+
+p = moe_problem()
+for _ in range(3):
+    mx.eval(p["dense_x"] @ p["w0"].T)
+for engine in [e for e in os.environ.get("ENGINES", "").split(",") if e] or [None]:
+    if engine:
+        os.environ["FLASHDIFF_GEMM_ENGINE"] = engine
+    for _ in range(3):
+        mx.eval(moe_gemm(p["x"], p["w"], p["ids"]))
+print("done")
