@@ -63,6 +63,17 @@ def nvcc_compile(tmp_path, source: str, arch: str = "sm_90a"):
     return proc.stderr
 
 
+def nvcc_ptx(tmp_path, source: str, arch: str = "sm_90a") -> str:
+    """The PTX nvcc makes of `source` for `arch` (launch attributes such as cluster dimensions show there)."""
+    path = tmp_path / "kernel_ptx.cu"
+    path.write_text(source)
+    cc = arch.replace("sm_", "compute_")
+    proc = subprocess.run(["nvcc", "-std=c++17", f"-gencode=arch={cc},code={arch}", "-ptx", str(path),
+                           "-o", str(tmp_path / "kernel.ptx")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return (tmp_path / "kernel.ptx").read_text()
+
+
 # ---------------------------------------------------------------- GPU kernel cases shared by the CUDA
 # and Metal test files (tests/test_kernels_cuda.py, tests/test_kernels_metal.py): the same case,
 # the backend named by the caller, the pure-MLX reference as the oracle.

@@ -11,7 +11,7 @@ import shutil
 
 import mlx.core as mx
 import pytest
-from helpers import cuda_kernel_source, nvcc_compile
+from helpers import cuda_kernel_source, nvcc_compile, nvcc_ptx
 
 from flashdiff.kernels import _dequant, _gemm_cuda, _gemm_sm90, _gemm_tma
 
@@ -65,7 +65,7 @@ def test_tma_gemm_compiles(tmp_path, dtype, direct):
     regs = int(re.search(r"Used (\d+) registers", text).group(1))
     assert regs * _gemm_tma.THREADS <= 65536, f"{regs} registers x {_gemm_tma.THREADS} threads exceed the register file"
     assert "C7514" not in text
-    maps = [("IS_BF16", dtype == mx.bfloat16), ("K", 2560), ("W_ROWS", 4 * 6912)]
+    maps = [("IS_BF16", dtype == mx.bfloat16), ("K", 2560), ("W_ROWS", 4 * 6912), ("B_BOX", _gemm_tma.BN)]
     report(tmp_path, "maps", _gemm_tma._MAP_HEADER, _gemm_tma._MAPS_SOURCE, inputs[:2], [("tmaps", mx.uint8)],
            maps + [("X_ROWS", 4096)])
     report(tmp_path, "gather", _gemm_tma._MAP_HEADER, _gemm_tma._GATHER_SOURCE,
@@ -85,6 +85,24 @@ def test_persistent_tma_gemm_compiles(tmp_path, dtype, direct, gather_a):
     regs = int(re.search(r"Used (\d+) registers", text).group(1))
     assert regs * _gemm_tma.THREADS <= 65536, f"{regs} registers x {_gemm_tma.THREADS} threads exceed the register file"
     assert "C7514" not in text
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("direct", [False, True])
+def test_cluster_tma_gemm_compiles(tmp_path, dtype, direct):
+    """The 2-CTA cluster kernel (engine "wgmma cluster") fits 384 threads' registers, and its PTX asks for
+    (2, 1, 1) clusters (through the __global__ redefinition in its header) and multicasts the weight tile."""
+    inputs = [(n, dtype if n in ("x", "w") else t) for n, t in GEMM_INPUTS] + [("tmaps", mx.uint8)]
+    template = gemm_template(dtype, _gemm_tma.THREADS, direct, TILES_M=67)
+    source = cuda_kernel_source("gemm_cluster", _gemm_tma._CLUSTER_HEADER, _gemm_tma._SOURCE_CLUSTER, inputs,
+                                [("out", dtype)], template)
+    text = report(tmp_path, "gemm_cluster", _gemm_tma._CLUSTER_HEADER, _gemm_tma._SOURCE_CLUSTER, inputs,
+                  [("out", dtype)], template)
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    assert regs * _gemm_tma.THREADS <= 65536, f"{regs} registers x {_gemm_tma.THREADS} threads exceed the register file"
+    assert "C7514" not in text
+    ptx = nvcc_ptx(tmp_path, source)
+    assert ".reqnctapercluster 2, 1, 1" in ptx and "multicast::cluster" in ptx and "barrier.cluster.wait" in ptx
 
 
 def test_layout_kernel_compiles(tmp_path):

@@ -293,7 +293,10 @@ def is_sm90() -> bool:
 
 
 ENGINES = ("mma", "wgmma", "wgmma wait", "wgmma ws", "wgmma tma", "wgmma persistent",
-           "wgmma persistent gather")
+           "wgmma persistent gather", "wgmma cluster")
+# the TMA kernel's forms (``_gemm_tma.launch``) by engine
+_TMA_FORMS = {"wgmma tma": "", "wgmma persistent": "_persistent", "wgmma persistent gather": "_persistent_gather",
+              "wgmma cluster": "_cluster"}
 
 
 def group_m() -> int:
@@ -315,8 +318,7 @@ def _launch(engine, x, w, slot_row, tile_expert, tiles, out_rows, a_div, direct,
         raise ValueError(f"{tiles} row tiles of {BM} exceed the 65535 the kernels launch; split the rows.")
     if engine == "mma":
         kernel, bn, threads = _kernel(), BN, THREADS
-    elif engine in ("wgmma tma", "wgmma persistent",
-           "wgmma persistent gather"):
+    elif engine in _TMA_FORMS:
         kernel, bn, threads = None, _gemm_tma.BN, _gemm_tma.THREADS
     elif engine == "wgmma ws":
         kernel, bn, threads = _gemm_sm90._kernel(True), _gemm_sm90.BN, _gemm_sm90.THREADS_WS
@@ -329,8 +331,7 @@ def _launch(engine, x, w, slot_row, tile_expert, tiles, out_rows, a_div, direct,
         template.append(("MMA_IN_FLIGHT", engine == "wgmma"))
     if kernel is None:
         return _gemm_tma.launch(x, w, slot_row, tile_expert, tiles, out_rows, template, direct, a_div, stream,
-                                persistent=engine.startswith("wgmma persistent"),
-                                gather_a=engine == "wgmma persistent gather")
+                                _TMA_FORMS[engine])
     (out,) = kernel(
         inputs=[x, w, slot_row, tile_expert], template=template,
         output_shapes=[(out_rows, n)], output_dtypes=[x.dtype],
@@ -345,8 +346,9 @@ def grouped_gemm(x, w, slot_row, tile_expert, out_rows: int, a_div: int = 1, *, 
     Output rows that no slot names are left unwritten (``layout`` names every routed row once).
     engine: None (FLASHDIFF_GEMM_ENGINE if set, else "wgmma tma" on sm_90, "mma" elsewhere), "mma"
     (mma.sync), "wgmma" / "wgmma wait" (cp.async loads, one / no MMA group in flight), "wgmma ws"
-    (warp-specialised cp.async), "wgmma tma" (warp-specialised TMA, ``_gemm_tma``), or its
-    persistent forms "wgmma persistent" / "wgmma persistent gather" (measured no faster; opt-in)."""
+    (warp-specialised cp.async), "wgmma tma" (warp-specialised TMA, ``_gemm_tma``), its persistent
+    forms "wgmma persistent" / "wgmma persistent gather" (measured no faster; opt-in) or its 2-CTA
+    cluster form "wgmma cluster" (opt-in; compiled, never yet run on a GPU)."""
     tiles = tile_expert.shape[0]
     if slot_row.shape != (tiles * BM,):
         raise ValueError(f"slot_row must be ({tiles * BM},) for {tiles} tiles, got {slot_row.shape}.")

@@ -30,6 +30,10 @@ epilogue stores straight from registers; the gather form copies x's routed rows 
 the producer warpgroup instead of running ``gather_slots``. Both are exact (GPU tests) but measured
 no faster: 456 us for the same MoE GEMM under Nsight Compute, and within the run-to-run noise of
 this kernel in the benchmarks (benchmarks/README.md, session 5), so the per-CTA kernel stays default.
+
+``_SOURCE_CLUSTER`` (engine "wgmma cluster", opt-in, **never yet run on a GPU**: compiled with nvcc
+only): 2-CTA clusters over pairs of row tiles that share one weight tile through TMA multicast (see the
+comment above the source).
 """
 
 import functools
@@ -74,7 +78,7 @@ __device__ __forceinline__ unsigned long long fd_maps_addr(const void* buf) {
 
 def _maps_code(a: str, a_rows: str) -> str:
     """One warp encodes the GEMM's tensor maps into `tmaps`: map 0 = `a` as (a_rows, K), boxes of 128
-    rows; map 1 = w as (W_ROWS = E * N, K), boxes of 256 rows."""
+    rows; map 1 = w as (W_ROWS = E * N, K), boxes of B_BOX rows (256; 128 for the cluster form)."""
     return r"""
   {
     __shared__ __align__(128) unsigned maps[64];
@@ -85,7 +89,7 @@ def _maps_code(a: str, a_rows: str) -> str:
     const unsigned s0 = (unsigned)__cvta_generic_to_shared(maps);
     if (lane == 0) {
       fd_tmap_fill<IS_BF16>(s0, A_PTR, K, A_ROWS, 2ull * K, 128);
-      fd_tmap_fill<IS_BF16>(s0 + 128, w, K, W_ROWS, 2ull * K, 256);
+      fd_tmap_fill<IS_BF16>(s0 + 128, w, K, W_ROWS, 2ull * K, B_BOX);
     }
     __syncwarp();
     const unsigned long long g = fd_maps_addr(tmaps);
@@ -322,6 +326,122 @@ _SOURCE_PERSISTENT = r"""
 """
 
 
+# Cluster form (engine "wgmma cluster", opt-in, NOT YET RUN ON A GPU: written after the session-5
+# profile showed cuBLAS's 2x1-cluster kernel keeping the tensor pipe 90.6% busy against this kernel's
+# 75.6%, with 1.7x fewer DRAM bytes). CTAs 2c and 2c + 1 along x form a cluster computing row tiles
+# 2p and 2p + 1 of one column tile. When both tiles use one expert, each CTA's producer loads its own
+# input tile and half of the weight tile (128 rows), multicast into both CTAs' stage, so the pair
+# reads the weight tile from L2 once; a stage is refilled only when the consumer warps of both CTAs
+# have released it (one arrival per warp on each CTA's "empty" barrier, the peer's through mapa).
+# Otherwise (a pair straddling two experts, or a skipped tile) each CTA loads its whole weight tile
+# itself and nothing crosses CTAs. Every thread passes two cluster barriers: after the barriers are
+# initialised, and before exit (no CTA leaves while its peer may still signal it).
+_CLUSTER_HEADER = _GEMM_HEADER + r"""
+__device__ __forceinline__ unsigned fd_cluster_rank() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void fd_cluster_sync() {
+  asm volatile("barrier.cluster.arrive.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
+}
+// arrive on the mbarrier at shared offset `bar` in CTA `rank` of this cluster
+__device__ __forceinline__ void fd_mbar_arrive_cluster(unsigned bar, unsigned rank) {
+  asm volatile("{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+               "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" :: "r"(bar), "r"(rank) : "memory");
+}
+// a TMA box written to offset `dst` of every CTA in `mask`, completing the mbarrier at `bar` in each
+__device__ __forceinline__ void fd_tma_load_multicast(unsigned dst, unsigned long long map, int col, int row,
+                                                      unsigned bar, unsigned short mask) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
+               " [%0], [%1, {%2, %3}], [%4], %5;\n"
+               :: "r"(dst), "l"(map), "r"(col), "r"(row), "r"(bar), "h"(mask) : "memory");
+}
+// mx.fast.cuda_kernel writes the kernel's signature itself: the cluster shape comes in through __global__
+#undef __global__
+#define __global__ __attribute__((global)) __cluster_dims__(2, 1, 1)
+"""
+
+_SOURCE_CLUSTER = r"""
+  constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4;
+  constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES, B_HALF = B_BYTES / 2;
+  constexpr int TILES_N = (N + BN - 1) / BN, KT = (K + BK - 1) / BK, GROUP_P = GROUP_M > 1 ? GROUP_M / 2 : 1;
+  extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
+  __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
+  unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
+  const unsigned smem_base = fd_smem_addr(fd_smem);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const unsigned rank = fd_cluster_rank(), peer = rank ^ 1u;
+  // cluster c -> (pair of row tiles, column tile), grouped raster over pairs
+  const int c = (blockIdx.y * gridDim.x + blockIdx.x) >> 1, pairs = gridDim.y;
+  const int first_p = c / (GROUP_P * TILES_N) * GROUP_P, group_p = min(pairs - first_p, GROUP_P);
+  const int pair = first_p + (c % (GROUP_P * TILES_N)) % group_p, tile_n = (c % (GROUP_P * TILES_N)) / group_p;
+  const int tile_m = 2 * pair + (int)rank;
+  auto expert_of = [&](int t) -> int { return t >= TILES_M ? -1 : (DIRECT ? 0 : tile_expert[t]); };
+  const int expert = expert_of(tile_m);
+  const bool shared_b = expert >= 0 && expert == expert_of(2 * pair + (int)peer);
+  auto slot_of = [&](int s) -> int { return DIRECT ? (s < M_ROWS ? s : -1) : slot_row[s]; };
+  const unsigned long long maps = fd_maps_addr(tmaps);
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      fd_mbar_init(fd_smem_addr(&full_bar[s]), 1);                     // the TMA thread's expect_tx arrival
+      fd_mbar_init(fd_smem_addr(&empty_bar[s]), shared_b ? 16 : 8);  // each consumer warp reading the stage
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncwarp();
+  fd_cluster_sync();  // both CTAs' barriers exist before either signals the other's
+
+  if (expert >= 0 && warp >= 8) {  // producer warpgroup: one thread issues the loads of each stage
+    if (tid == 256) {
+      fd_acquire_map(maps);
+      fd_acquire_map(maps + 128);
+      const int b_row = expert * N + tile_n * BN;
+      for (int kt = 0; kt < KT; ++kt) {
+        const int s = kt % STAGES;
+        const unsigned full = fd_smem_addr(&full_bar[s]), a_dst = smem_base + s * STAGE_BYTES;
+        fd_mbar_wait(fd_smem_addr(&empty_bar[s]), ((kt / STAGES) & 1) ^ 1);
+        fd_mbar_expect_tx(full, STAGE_BYTES);  // own input tile + both halves of the weight tile
+        fd_tma_load(a_dst, maps, kt * BK, tile_m * BM, full);
+        if (shared_b) {
+          fd_tma_load_multicast(a_dst + A_BYTES + rank * B_HALF, maps + 128, kt * BK, b_row + (int)rank * (BN / 2),
+                                full, (unsigned short)3);
+        } else {
+          fd_tma_load(a_dst + A_BYTES, maps + 128, kt * BK, b_row, full);
+          fd_tma_load(a_dst + A_BYTES + B_HALF, maps + 128, kt * BK, b_row + BN / 2, full);
+        }
+      }
+    }
+    __syncwarp();
+  } else if (expert >= 0) {  // consumers: warpgroup wg owns rows wg * 64 .. + 63 of the tile
+    const int wg = warp >> 2, warp_in_wg = warp & 3;
+    float d[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+    for (int kt = 0; kt < KT; ++kt) {
+      const int s = kt % STAGES;
+      fd_mbar_wait(fd_smem_addr(&full_bar[s]), (kt / STAGES) & 1);
+      const unsigned a_addr = smem_base + s * STAGE_BYTES + wg * 64 * 128, b_addr = smem_base + s * STAGE_BYTES + A_BYTES;
+      fd_wgmma_tile<IS_BF16, BK / 16>(d, a_addr, b_addr);
+      asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // tile kt - 1 is done with its stage
+      fd_fence_acc(d);
+      if (kt > 0 && lane == 0) {
+        const unsigned bar = fd_smem_addr(&empty_bar[(kt - 1) % STAGES]);
+        fd_mbar_arrive(bar);
+        if (shared_b) fd_mbar_arrive_cluster(bar, peer);
+      }
+      __syncwarp();
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    fd_fence_acc(d);
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both warpgroups done reading the stages
+""" + _EPILOGUE_CONSUMERS + r"""
+  }
+  __syncwarp();
+  fd_cluster_sync();  // neither CTA leaves while the other may still signal its barriers
+"""
+
+
 @functools.cache
 def _maps_kernel():
     return mx.fast.cuda_kernel(name="flashdiff_gemm_tensor_maps", input_names=["x", "w"], output_names=["tmaps"],
@@ -334,12 +454,16 @@ def _gather_kernel():
                                output_names=["xs", "tmaps"], source=_GATHER_SOURCE, header=_MAP_HEADER)
 
 
+_FORMS = {"": (_SOURCE, _GEMM_HEADER), "_persistent": (_SOURCE_PERSISTENT, _GEMM_HEADER),
+          "_cluster": (_SOURCE_CLUSTER, _CLUSTER_HEADER)}
+
+
 @functools.cache
-def _kernel(persistent: bool = False):
+def _kernel(form: str = ""):
+    source, header = _FORMS[form]
     return mx.fast.cuda_kernel(
-        name="flashdiff_grouped_gemm_tma" + ("_persistent" if persistent else ""),
-        input_names=["x", "w", "slot_row", "tile_expert", "tmaps"], output_names=["out"],
-        source=_SOURCE_PERSISTENT if persistent else _SOURCE, header=_GEMM_HEADER, shared_memory=SMEM_BYTES,
+        name="flashdiff_grouped_gemm_tma" + form, input_names=["x", "w", "slot_row", "tile_expert", "tmaps"],
+        output_names=["out"], source=source, header=header, shared_memory=SMEM_BYTES,
     )
 
 
@@ -356,53 +480,65 @@ def num_sms() -> int:
     return 114 if "H100" in words and "PCIe" in words else 132
 
 
-def _map_template(x, w):
-    return [("IS_BF16", x.dtype == mx.bfloat16), ("K", x.shape[-1]), ("W_ROWS", w.shape[0] * w.shape[1])]
+def _map_template(x, w, b_box=BN):
+    return [("IS_BF16", x.dtype == mx.bfloat16), ("K", x.shape[-1]), ("W_ROWS", w.shape[0] * w.shape[1]),
+            ("B_BOX", b_box)]
 
 
-def tensor_maps(x, w, stream=None):
+def tensor_maps(x, w, stream=None, b_box=BN):
     """The dense form's TMA tensor maps, encoded on the device by one warp: (MAP_BYTES,) uint8 with
-    x as (rows, K) and w (E, N, K) as (E * N, K)."""
+    x as (rows, K) and w (E, N, K) as (E * N, K) in boxes of b_box rows."""
     (maps,) = _maps_kernel()(
-        inputs=[x, w], template=_map_template(x, w) + [("X_ROWS", x.shape[0])],
+        inputs=[x, w], template=_map_template(x, w, b_box) + [("X_ROWS", x.shape[0])],
         output_shapes=[(MAP_BYTES,)], output_dtypes=[mx.uint8], grid=(32, 1, 1), threadgroup=(32, 1, 1),
         stream=stream,
     )
     return maps
 
 
-def gather_slots(x, slot_row, a_div, w, stream=None):
+def gather_slots(x, slot_row, a_div, w, stream=None, b_box=BN):
     """The grouped form's input: x's rows in slot order (slots * BM rows; rows of empty slots unset), so
     TMA reads each tile as one box, and the tensor maps over it and w (as ``tensor_maps``)."""
     slots, k = slot_row.shape[0], x.shape[-1]
     cpt = next(c for c in (4, 2, 1) if (k // 8) % c == 0)
     xs, maps = _gather_kernel()(
         inputs=[x, slot_row, w], template=[("T", x.dtype), ("SLOTS", slots), ("A_DIV", a_div), ("CPT", cpt)]
-        + _map_template(x, w),
+        + _map_template(x, w, b_box),
         output_shapes=[(slots, k), (MAP_BYTES,)], output_dtypes=[x.dtype, mx.uint8],
         grid=(max(slots * k // 8 // cpt, 32), 1, 1), threadgroup=(256, 1, 1), stream=stream,
     )
     return xs, maps
 
 
-def launch(x, w, slot_row, tile_expert, tiles, out_rows, template, direct, a_div, stream, persistent=False,
-           gather_a=False):
+def cluster_grid(tiles: int, n: int):
+    """The cluster form's grid in CTAs: x = 2 per column tile (one cluster), y = pairs of row tiles."""
+    return 2 * ((n + BN - 1) // BN), (tiles + 1) // 2
+
+
+def launch(x, w, slot_row, tile_expert, tiles, out_rows, template, direct, a_div, stream, form=""):
     """Run the TMA kernel with ``_gemm_cuda._launch``'s template: x is used as it is for the dense
-    form (row s = slot s), gathered into slot order first for the grouped one. persistent: one CTA
-    per multiprocessor walks the tiles (``_SOURCE_PERSISTENT``) instead of one CTA per tile;
-    gather_a (persistent only): the producer copies x's routed rows itself, no gather kernel."""
+    form (row s = slot s), gathered into slot order first for the grouped one. form: "" (one CTA per
+    tile), "_persistent" / "_persistent_gather" (one CTA per multiprocessor walks the tiles; the gather
+    form copies x's routed rows in the producer, no gather kernel) or "_cluster" (2-CTA clusters over
+    pairs of row tiles sharing the weight tile)."""
     n = w.shape[1]
+    gather_a = form == "_persistent_gather"
+    b_box = BN // 2 if form == "_cluster" else BN
     if direct or gather_a:
-        maps = tensor_maps(x, w, stream)
+        maps = tensor_maps(x, w, stream, b_box)
     else:
-        x, maps = gather_slots(x, slot_row, a_div, w, stream)
+        x, maps = gather_slots(x, slot_row, a_div, w, stream, b_box)
     tiles_n = (n + BN - 1) // BN
-    if persistent:
+    if form.startswith("_persistent"):
         template = template + [("TILES_M", tiles), ("GATHER_A", gather_a)]
         grid = (min(tiles * tiles_n, num_sms()) * THREADS, 1, 1)
+    elif form == "_cluster":
+        template = template + [("TILES_M", tiles)]
+        gx, gy = cluster_grid(tiles, n)
+        grid = (gx * THREADS, gy, 1)
     else:
         grid = (tiles_n * THREADS, tiles, 1)
-    (out,) = _kernel(persistent)(
+    (out,) = _kernel(form.replace("_gather", ""))(
         inputs=[x, w, slot_row, tile_expert, maps], template=template, output_shapes=[(out_rows, n)],
         output_dtypes=[x.dtype], grid=grid, threadgroup=(THREADS, 1, 1), stream=stream,
     )
