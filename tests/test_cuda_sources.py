@@ -13,7 +13,7 @@ import mlx.core as mx
 import pytest
 from helpers import cuda_kernel_source, nvcc_compile, nvcc_ptx
 
-from flashdiff.kernels import _dequant, _gemm_cuda, _gemm_sm90, _gemm_tma
+from flashdiff.kernels import _dequant, _gemm_cuda, _gemm_sm90, _gemm_tma, _gemm_tma_forms
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA toolkit (nvcc)")
 
@@ -80,7 +80,7 @@ def test_persistent_tma_gemm_compiles(tmp_path, dtype, direct, gather_a):
     input rows) fits 384 threads' register budget without spilling or serialising its wgmmas."""
     inputs = [(n, dtype if n in ("x", "w") else t) for n, t in GEMM_INPUTS] + [("tmaps", mx.uint8)]
     template = gemm_template(dtype, _gemm_tma.THREADS, direct, TILES_M=67, GATHER_A=gather_a)
-    text = report(tmp_path, "gemm_tma_persistent", _gemm_tma._GEMM_HEADER, _gemm_tma._SOURCE_PERSISTENT, inputs,
+    text = report(tmp_path, "gemm_tma_persistent", _gemm_tma._GEMM_HEADER, _gemm_tma_forms._SOURCE_PERSISTENT, inputs,
                   [("out", dtype)], template)
     regs = int(re.search(r"Used (\d+) registers", text).group(1))
     assert regs * _gemm_tma.THREADS <= 65536, f"{regs} registers x {_gemm_tma.THREADS} threads exceed the register file"
@@ -94,9 +94,9 @@ def test_cluster_tma_gemm_compiles(tmp_path, dtype, direct):
     (2, 1, 1) clusters (through the __global__ redefinition in its header) and multicasts the weight tile."""
     inputs = [(n, dtype if n in ("x", "w") else t) for n, t in GEMM_INPUTS] + [("tmaps", mx.uint8)]
     template = gemm_template(dtype, _gemm_tma.THREADS, direct, TILES_M=67)
-    source = cuda_kernel_source("gemm_cluster", _gemm_tma._CLUSTER_HEADER, _gemm_tma._SOURCE_CLUSTER, inputs,
+    source = cuda_kernel_source("gemm_cluster", _gemm_tma_forms._CLUSTER_HEADER, _gemm_tma_forms._SOURCE_CLUSTER, inputs,
                                 [("out", dtype)], template)
-    text = report(tmp_path, "gemm_cluster", _gemm_tma._CLUSTER_HEADER, _gemm_tma._SOURCE_CLUSTER, inputs,
+    text = report(tmp_path, "gemm_cluster", _gemm_tma_forms._CLUSTER_HEADER, _gemm_tma_forms._SOURCE_CLUSTER, inputs,
                   [("out", dtype)], template)
     regs = int(re.search(r"Used (\d+) registers", text).group(1))
     assert regs * _gemm_tma.THREADS <= 65536, f"{regs} registers x {_gemm_tma.THREADS} threads exceed the register file"

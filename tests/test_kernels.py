@@ -391,9 +391,9 @@ def test_cluster_gemm_grid_covers_every_tile_once(tiles, n, group_m):
     -> pair of row tiles x column tile, grouped raster over pairs), emulated here: every (row tile,
     column tile) of the problem is computed by exactly one CTA, both CTAs of a cluster share the column
     tile and hold row tiles 2p, 2p + 1, and only row tiles past the last (odd counts) are left over."""
-    from flashdiff.kernels import _gemm_tma
+    from flashdiff.kernels import _gemm_tma, _gemm_tma_forms
 
-    src = _gemm_tma._SOURCE_CLUSTER
+    src = _gemm_tma_forms._SOURCE_CLUSTER
     for line in ("const int c = (blockIdx.y * gridDim.x + blockIdx.x) >> 1, pairs = gridDim.y;",
                  "const int first_p = c / (GROUP_P * TILES_N) * GROUP_P, group_p = min(pairs - first_p, GROUP_P);",
                  "const int pair = first_p + (c % (GROUP_P * TILES_N)) % group_p, tile_n = (c % (GROUP_P * TILES_N)) / group_p;",
