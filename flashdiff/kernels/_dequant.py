@@ -297,6 +297,8 @@ def flat_launch(rows: int, k: int):
     """Grid (in threads) and threadgroup of the flat CUDA kernel: one warp per 32 * FLAT_CPT chunks."""
     warps = -(-rows * (k // 8) // (32 * FLAT_CPT))
     return (warps * 32, 1, 1), (256, 1, 1)
+
+
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y; the kernels loop over rows beyond it
 
 

@@ -24,10 +24,10 @@ of ``_gemm_sm90`` reached 456-505. Nsight Compute at the MoE shape (session 5): 
 tensor pipe 75.6% busy (446 us at 1.65 GHz) where cuBLAS's 192x192, 2x1-cluster kernel for the dense
 GEMM of the same FLOPs keeps it 90.6% busy (370 us at 1.62 GHz).
 
-``_gemm_tma_forms._SOURCE_PERSISTENT`` (engines "wgmma persistent" / "wgmma persistent gather", opt-in): one CTA
-per multiprocessor walks the tiles, the producer's stage ring running on across tiles, and the
-epilogue stores straight from registers; the gather form copies x's routed rows with cp.async in
-the producer warpgroup instead of running ``gather_slots``. Both are exact (GPU tests) but measured
+``_gemm_tma_forms._SOURCE_PERSISTENT`` (engines "wgmma persistent" / "wgmma persistent gather",
+opt-in): one CTA per multiprocessor walks the tiles, the producer's stage ring running on across
+tiles, and the epilogue stores straight from registers; the gather form copies x's routed rows with
+cp.async in the producer warpgroup instead of running ``gather_slots``. Both are exact (GPU tests) but measured
 no faster: 456 us for the same MoE GEMM under Nsight Compute, and within the run-to-run noise of
 this kernel in the benchmarks (benchmarks/README.md, session 5), so the per-CTA kernel stays default.
 

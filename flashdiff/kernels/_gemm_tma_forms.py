@@ -13,8 +13,8 @@ from ._gemm_tma import _GEMM_HEADER
 # + gridDim.x, ... in the same grouped-raster order. The producer's stage ring runs on across tiles,
 # so the loads of tile i + 1 are in flight while the consumers finish tile i and write it; the
 # epilogue stores each thread's accumulator pairs straight to the slots' rows (4-byte stores; no
-# shared-memory round trip, so the stages stay the producer's). Same MMA block and barriers as _gemm_tma._SOURCE;
-# the last stage of each tile is released after the final wgmma wait.
+# shared-memory round trip, so the stages stay the producer's). Same MMA block and barriers as
+# _gemm_tma._SOURCE; the last stage of each tile is released after the final wgmma wait.
 _SOURCE_PERSISTENT = r"""
   constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4;
   constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
