@@ -29,6 +29,19 @@ def bench(fn, warmup=3, iters=10, reps=1):
     return median_call(fn, iters, reps, warmup)
 
 
+_emitted = []  # every row printed so far, in order (main saves them after each one)
+_on_row = None
+
+
+def emit(row):
+    """Print a result row and hand it to main, which rewrites the JSON: a run stopped by its time limit
+    keeps every row it measured."""
+    print(row, flush=True)
+    _emitted.append(row)
+    if _on_row is not None:
+        _on_row()
+
+
 def with_engine(engine, fn):
     """fn with FLASHDIFF_GEMM_ENGINE set while it builds its graph (the GEMM launcher reads it then)."""
     def run():
@@ -74,7 +87,7 @@ def qlinear_rows(quick):
                              ratio_vs_bf16=t_dense / t_ours, qmm_ratio_vs_bf16=t_dense / t_qmm,
                              isolated_ratio_vs_bf16=t_dense_iso / t_ours_iso, reps=reps,
                              equals_dequantize_matmul=same))
-            print(rows[-1], flush=True)
+            emit(rows[-1])
     return rows
 
 
@@ -104,7 +117,7 @@ def moe_rows():
         tm = bench(fn, reps=5)
         rows.append(dict(kernel="moe_gemm", shape=shape, mode=mode, ours_ms=tm * 1e3, dense_ms=t_dense * 1e3,
                          ours_tflops=flops / tm / 1e12, ratio_vs_dense=t_dense / tm))
-        print(rows[-1], flush=True)
+        emit(rows[-1])
     return rows
 
 
@@ -115,7 +128,7 @@ def attention_rows(quick):
             rows.append(_attention_row(L, h, quick))
         except Exception as exc:  # keep the other lengths
             rows.append(dict(kernel="attention", shape=f"L{L} H{h} D128", error=repr(exc)))
-        print(rows[-1], flush=True)
+        emit(rows[-1])
     return rows
 
 
@@ -163,7 +176,7 @@ def prologue_rows():
         t_ops = bench(lambda: qk_norm_rope_reference(sources, h, d, cos, sin, 1e-6), reps=10)
         rows.append(dict(kernel="qk_norm_rope", shape=name, fused_ms=t_fused * 1e3, mlx_ops_ms=t_ops * 1e3,
                          speedup=t_ops / t_fused))
-        print(rows[-1], flush=True)
+        emit(rows[-1])
     return rows
 
 
@@ -258,7 +271,7 @@ def flux_rows(quick):
         weights = sum(a.nbytes for _, a in nn.utils.tree_flatten(model.parameters()))
         rows.append(dict(kernel="flux_forward", shape="1024^2 (4096+512 tokens)", mode=label, ms=t * 1e3,
                          peak_gib=mx.get_peak_memory() / 2**30, weight_gib=weights / 2**30))
-        print(rows[-1], flush=True)
+        emit(rows[-1])
 
     measure("bf16")
     model.eval_every_block = True
@@ -312,19 +325,23 @@ def main():
     ap.add_argument("--only", default="qlinear,moe,attention,prologue,flux")
     args = ap.parse_args()
     parts = args.only.split(",")
-    rows = []
     info = dict(device=str(mx.default_device()), cuda=mx.cuda.is_available(), mlx=mx.__version__)
+
+    def save():
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(dict(info=info, command=" ".join(sys.argv), rows=_emitted), indent=1))
+
+    global _on_row
+    _on_row = save
     for name, fn in (("qlinear", lambda: qlinear_rows(args.quick)), ("moe", moe_rows),
                      ("attention", lambda: attention_rows(args.quick)), ("prologue", prologue_rows), ("flux", lambda: flux_rows(args.quick))):
         if name in parts:
             try:
-                rows += fn()
+                fn()
             except Exception as exc:  # keep the other results
                 print(f"{name} failed: {exc!r}", flush=True)
-                rows.append(dict(kernel=name, error=repr(exc)))
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(dict(info=info, command=" ".join(sys.argv), rows=rows), indent=1))
-    table = markdown([r for r in rows if "error" not in r])
+                emit(dict(kernel=name, error=repr(exc)))
+    table = markdown([r for r in _emitted if "error" not in r])
     if args.md:
         Path(args.md).write_text(table + "\n")
     print(table)

@@ -1,5 +1,6 @@
 """The model benchmark script (benchmarks/models.py) runs end to end on tiny configs on the CPU, writes
-every expected measurement, and regenerates the README table; its full-size configs match diffusers."""
+every expected measurement, and regenerates the README table; its full-size configs match diffusers.
+The kernel benchmark script (benchmarks/kernels.py) saves its rows as it measures them."""
 
 import json
 import math
@@ -188,3 +189,33 @@ def test_full_size_configs_match_diffusers(name):
     assert n_mlx == n_ref
     expected = {"flux-dev": 11.9e9, "flux-schnell": 11.9e9, "qwen-image": 20.4e9}[name]
     assert abs(n_mlx - expected) / expected < 0.01, n_mlx
+
+
+def test_kernel_benchmark_saves_each_row_as_it_goes(tmp_path, monkeypatch):
+    """benchmarks/kernels.py rewrites its JSON after every row, so a device call stopped by its time
+    limit keeps what it measured; a failing section is recorded and the next one still runs."""
+    import kernels
+
+    out = tmp_path / "k.json"
+    seen = []
+
+    def section_a():
+        kernels.emit(dict(kernel="a", shape="s1", mode="m", ours_ms=1.0))
+        seen.append(json.loads(out.read_text())["rows"])  # already on disk before the next row
+        kernels.emit(dict(kernel="a", shape="s2", mode="m", ours_ms=2.0))
+        raise RuntimeError("stopped mid-section")
+
+    def section_b():
+        kernels.emit(dict(kernel="b", shape="s3", mode="m", ours_ms=3.0))
+
+    monkeypatch.setattr(kernels, "qlinear_rows", lambda quick: section_a())
+    monkeypatch.setattr(kernels, "moe_rows", section_b)
+    monkeypatch.setattr(kernels, "_emitted", [])
+    monkeypatch.setattr(kernels, "_on_row", None)
+    monkeypatch.setattr(kernels, "markdown", lambda rows: f"{len(rows)} rows")
+    monkeypatch.setattr(sys, "argv", ["kernels.py", "--only", "qlinear,moe", "--out", str(out)])
+    kernels.main()
+    assert [r["shape"] for r in seen[0]] == ["s1"]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r.get("shape") for r in rows] == ["s1", "s2", None, "s3"]
+    assert rows[2]["kernel"] == "qlinear" and "stopped mid-section" in rows[2]["error"]
