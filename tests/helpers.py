@@ -52,25 +52,24 @@ def cuda_kernel_source(name, header, source, inputs, outputs, template):
             + "\n".join(lines) + "\n" + source + "\n}\n}  // namespace mlx::core::cu\n")
 
 
-def nvcc_compile(tmp_path, source: str, arch: str = "sm_90a"):
-    """Compile with nvcc for `arch` (what MLX's NVRTC does on an H200); returns ptxas's report."""
-    path = tmp_path / "kernel.cu"
+def _nvcc(tmp_path, source: str, arch: str, stem: str, *output_args):
+    path = tmp_path / f"{stem}.cu"
     path.write_text(source)
     cc = arch.replace("sm_", "compute_")
-    proc = subprocess.run(["nvcc", "-std=c++17", f"-gencode=arch={cc},code={arch}", "-c", str(path),
-                           "-o", str(tmp_path / "kernel.o"), "-Xptxas", "-v"], capture_output=True, text=True)
+    proc = subprocess.run(["nvcc", "-std=c++17", f"-gencode=arch={cc},code={arch}", str(path), *output_args],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stderr
+    return proc
+
+
+def nvcc_compile(tmp_path, source: str, arch: str = "sm_90a"):
+    """Compile with nvcc for `arch` (what MLX's NVRTC does on an H200); returns ptxas's report."""
+    return _nvcc(tmp_path, source, arch, "kernel", "-c", "-o", str(tmp_path / "kernel.o"), "-Xptxas", "-v").stderr
 
 
 def nvcc_ptx(tmp_path, source: str, arch: str = "sm_90a") -> str:
     """The PTX nvcc makes of `source` for `arch` (launch attributes such as cluster dimensions show there)."""
-    path = tmp_path / "kernel_ptx.cu"
-    path.write_text(source)
-    cc = arch.replace("sm_", "compute_")
-    proc = subprocess.run(["nvcc", "-std=c++17", f"-gencode=arch={cc},code={arch}", "-ptx", str(path),
-                           "-o", str(tmp_path / "kernel.ptx")], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _nvcc(tmp_path, source, arch, "kernel_ptx", "-ptx", "-o", str(tmp_path / "kernel.ptx"))
     return (tmp_path / "kernel.ptx").read_text()
 
 
