@@ -108,7 +108,7 @@ def moe_rows():
     variants += quantized
     if _gemm_cuda.is_sm90():  # the other sm_90 GEMM engines side by side (moe_gemm uses the default)
         for engine in [e for e in _gemm_cuda.ENGINES
-                       if e.startswith(("wgmma tma", "wgmma persistent", "wgmma cluster")) and e != _gemm_cuda.default_engine()]:
+                       if e.startswith(("wgmma tma", "wgmma persistent")) and e != _gemm_cuda.default_engine()]:
             for label, fn in variants[:1] + quantized[:1]:
                 variants.append((f"{label}, GEMM engine {engine!r}", with_engine(engine, fn)))
     variants += [("bf16, previous: every expert on all rows + select", lambda: _moe_dense_experts(x, w, ids)),

@@ -11,7 +11,7 @@ import shutil
 
 import mlx.core as mx
 import pytest
-from helpers import cuda_kernel_source, nvcc_compile, nvcc_ptx
+from helpers import cuda_kernel_source, nvcc_compile
 
 from flashdiff.kernels import _dequant, _gemm_cuda, _gemm_sm90, _gemm_tma, _gemm_tma_forms
 
@@ -88,22 +88,6 @@ def test_persistent_tma_gemm_compiles(tmp_path, dtype, direct, gather_a):
     text = report(tmp_path, "gemm_tma_persistent", _gemm_tma._GEMM_HEADER, _gemm_tma_forms._SOURCE_PERSISTENT, inputs,
                   [("out", dtype)], template)
     assert_fits_tma_block(text)
-
-
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("direct", [False, True])
-def test_cluster_tma_gemm_compiles(tmp_path, dtype, direct):
-    """The 2-CTA cluster kernel (engine "wgmma cluster") fits 384 threads' registers, and its PTX asks for
-    (2, 1, 1) clusters (through the __global__ redefinition in its header) and multicasts the weight tile."""
-    inputs = [(n, dtype if n in ("x", "w") else t) for n, t in GEMM_INPUTS] + [("tmaps", mx.uint8)]
-    template = gemm_template(dtype, _gemm_tma.THREADS, direct, TILES_M=67)
-    source = cuda_kernel_source("gemm_cluster", _gemm_tma_forms._CLUSTER_HEADER, _gemm_tma_forms._SOURCE_CLUSTER, inputs,
-                                [("out", dtype)], template)
-    text = report(tmp_path, "gemm_cluster", _gemm_tma_forms._CLUSTER_HEADER, _gemm_tma_forms._SOURCE_CLUSTER, inputs,
-                  [("out", dtype)], template)
-    assert_fits_tma_block(text)
-    ptx = nvcc_ptx(tmp_path, source)
-    assert ".reqnctapercluster 2, 1, 1" in ptx and "multicast::cluster" in ptx and "barrier.cluster.wait" in ptx
 
 
 def test_layout_kernel_compiles(tmp_path):

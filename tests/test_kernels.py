@@ -382,35 +382,3 @@ def test_persistent_gemm_grid_size_by_device_name(monkeypatch, name, sms):
         assert _gemm_tma.num_sms() == sms
     finally:
         _gemm_tma.num_sms.cache_clear()
-
-
-@pytest.mark.parametrize("tiles, n, group_m", [(67, 6912, 8), (1, 64, 8), (2, 264, 8), (9, 512, 4), (36, 12288, 16),
-                                               (5, 6912, 1)])
-def test_cluster_gemm_grid_covers_every_tile_once(tiles, n, group_m):
-    """The cluster GEMM's grid (_gemm_tma.launch) against its tile mapping (cluster c of CTAs 2c, 2c + 1
-    -> pair of row tiles x column tile, grouped raster over pairs), emulated here: every (row tile,
-    column tile) of the problem is computed by exactly one CTA, both CTAs of a cluster share the column
-    tile and hold row tiles 2p, 2p + 1, and only row tiles past the last (odd counts) are left over."""
-    from flashdiff.kernels import _gemm_tma, _gemm_tma_forms
-
-    src = _gemm_tma_forms._SOURCE_CLUSTER
-    for line in ("const int c = (blockIdx.y * gridDim.x + blockIdx.x) >> 1, pairs = gridDim.y;",
-                 "const int first_p = c / (GROUP_P * TILES_N) * GROUP_P, group_p = min(pairs - first_p, GROUP_P);",
-                 "const int pair = first_p + (c % (GROUP_P * TILES_N)) % group_p, tile_n = (c % (GROUP_P * TILES_N)) / group_p;",
-                 "const int tile_m = 2 * pair + (int)rank;"):
-        assert line in src
-    tiles_n = -(-n // _gemm_tma.BN)
-    gx, gy = _gemm_tma.cluster_grid(tiles, n)
-    group_p = group_m // 2 if group_m > 1 else 1
-    seen, clusters = [], {}
-    for by in range(gy):
-        for bx in range(gx):
-            c, rank = (by * gx + bx) >> 1, bx & 1
-            first = c // (group_p * tiles_n) * group_p
-            size = min(gy - first, group_p)
-            pair, tile_n = first + (c % (group_p * tiles_n)) % size, (c % (group_p * tiles_n)) // size
-            seen.append((2 * pair + rank, tile_n))
-            clusters.setdefault(c, []).append((2 * pair + rank, tile_n))
-    assert sorted(seen) == sorted((m, j) for m in range(2 * gy) for j in range(tiles_n))
-    assert all(len(v) == 2 and v[0][1] == v[1][1] and {v[0][0], v[1][0]} == {v[0][0] // 2 * 2, v[0][0] // 2 * 2 + 1}
-               for v in clusters.values())

@@ -35,7 +35,7 @@ def test_moe_gemm_cuda(quantized, per_slot):
     (300, 4, 256, 192, "random"), (1000, 4, 72, 40, "random"), (129, 8, 2560, 264, "random"),
     (500, 4, 256, 128, "one expert"), (3, 4, 64, 64, "random")])
 @pytest.mark.parametrize("engine", ["mma", "wgmma", "wgmma wait", "wgmma ws", "wgmma tma", "wgmma persistent",
-                                    "wgmma persistent gather", "wgmma cluster"])
+                                    "wgmma persistent gather"])
 def test_grouped_gemm_cuda(t, e, k_in, n, routing, engine):
     """The grouped tensor-core GEMM (MoE path) against MLX ops on the same schedule: K tails
     (K % 32 != 0), N tails (N % 128 != 0), experts with no rows, a single routed row per expert."""
@@ -86,7 +86,7 @@ def test_moe_layout_cuda(t, top_k, e):
 
 @pytest.mark.parametrize("m, k_in, n", [(1024, 3072, 3072), (777, 72, 40), (129, 2560, 264), (5, 64, 8)])
 @pytest.mark.parametrize("engine", ["mma", "wgmma", "wgmma ws", "wgmma tma", "wgmma persistent",
-                                    "wgmma persistent gather", "wgmma cluster"])
+                                    "wgmma persistent gather"])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 def test_dense_gemm_cuda(m, k_in, n, engine, dtype):
     from flashdiff.kernels import _gemm_cuda

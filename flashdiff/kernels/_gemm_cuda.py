@@ -292,11 +292,9 @@ def is_sm90() -> bool:
     return (info.get("compute_capability_major"), info.get("compute_capability_minor")) == (9, 0)
 
 
-ENGINES = ("mma", "wgmma", "wgmma wait", "wgmma ws", "wgmma tma", "wgmma persistent",
-           "wgmma persistent gather", "wgmma cluster")
+ENGINES = ("mma", "wgmma", "wgmma wait", "wgmma ws", "wgmma tma", "wgmma persistent", "wgmma persistent gather")
 # the TMA kernel's forms (``_gemm_tma.launch``) by engine
-_TMA_FORMS = {"wgmma tma": "", "wgmma persistent": "_persistent", "wgmma persistent gather": "_persistent_gather",
-              "wgmma cluster": "_cluster"}
+_TMA_FORMS = {"wgmma tma": "", "wgmma persistent": "_persistent", "wgmma persistent gather": "_persistent_gather"}
 
 
 def group_m() -> int:
@@ -347,8 +345,7 @@ def grouped_gemm(x, w, slot_row, tile_expert, out_rows: int, a_div: int = 1, *, 
     engine: None (FLASHDIFF_GEMM_ENGINE if set, else "wgmma tma" on sm_90, "mma" elsewhere), "mma"
     (mma.sync), "wgmma" / "wgmma wait" (cp.async loads, one / no MMA group in flight), "wgmma ws"
     (warp-specialised cp.async), "wgmma tma" (warp-specialised TMA, ``_gemm_tma``), its persistent
-    forms "wgmma persistent" / "wgmma persistent gather" (measured no faster; opt-in) or its 2-CTA
-    cluster form "wgmma cluster" (opt-in; compiled, never yet run on a GPU)."""
+    forms "wgmma persistent" / "wgmma persistent gather" (measured no faster; opt-in)."""
     tiles = tile_expert.shape[0]
     if slot_row.shape != (tiles * BM,):
         raise ValueError(f"slot_row must be ({tiles * BM},) for {tiles} tiles, got {slot_row.shape}.")

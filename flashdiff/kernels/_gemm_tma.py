@@ -30,10 +30,7 @@ tiles, and the epilogue stores straight from registers; the gather form copies x
 cp.async in the producer warpgroup instead of running ``gather_slots``. Both are exact (GPU tests) but measured
 no faster: 456 us for the same MoE GEMM under Nsight Compute, and within the run-to-run noise of
 this kernel in the benchmarks (benchmarks/README.md, session 5), so the per-CTA kernel stays default.
-
-``_gemm_tma_forms._SOURCE_CLUSTER`` (engine "wgmma cluster", opt-in, **never yet run on a GPU**: compiled
-with nvcc only): 2-CTA clusters over pairs of row tiles that share one weight tile through TMA
-multicast (see the comment above that source).
+(A 2-CTA cluster form was tried and removed in session 6: see ``_gemm_tma_forms``.)
 """
 
 import functools
@@ -78,7 +75,7 @@ __device__ __forceinline__ unsigned long long fd_maps_addr(const void* buf) {
 
 def _maps_code(a: str, a_rows: str) -> str:
     """One warp encodes the GEMM's tensor maps into `tmaps`: map 0 = `a` as (a_rows, K), boxes of 128
-    rows; map 1 = w as (W_ROWS = E * N, K), boxes of B_BOX rows (256; 128 for the cluster form)."""
+    rows; map 1 = w as (W_ROWS = E * N, K), boxes of 256 rows."""
     return r"""
   {
     __shared__ __align__(128) unsigned maps[64];
@@ -89,7 +86,7 @@ def _maps_code(a: str, a_rows: str) -> str:
     const unsigned s0 = (unsigned)__cvta_generic_to_shared(maps);
     if (lane == 0) {
       fd_tmap_fill<IS_BF16>(s0, A_PTR, K, A_ROWS, 2ull * K, 128);
-      fd_tmap_fill<IS_BF16>(s0 + 128, w, K, W_ROWS, 2ull * K, B_BOX);
+      fd_tmap_fill<IS_BF16>(s0 + 128, w, K, W_ROWS, 2ull * K, 256);
     }
     __syncwarp();
     const unsigned long long g = fd_maps_addr(tmaps);
@@ -219,11 +216,10 @@ def _gather_kernel():
 @functools.cache
 def _kernel(form: str = ""):
     from . import _gemm_tma_forms as forms
-    source, header = {"": (_SOURCE, _GEMM_HEADER), "_persistent": (forms._SOURCE_PERSISTENT, _GEMM_HEADER),
-                      "_cluster": (forms._SOURCE_CLUSTER, forms._CLUSTER_HEADER)}[form]
+    source = {"": _SOURCE, "_persistent": forms._SOURCE_PERSISTENT}[form]
     return mx.fast.cuda_kernel(
         name="flashdiff_grouped_gemm_tma" + form, input_names=["x", "w", "slot_row", "tile_expert", "tmaps"],
-        output_names=["out"], source=source, header=header, shared_memory=SMEM_BYTES,
+        output_names=["out"], source=source, header=_GEMM_HEADER, shared_memory=SMEM_BYTES,
     )
 
 
@@ -240,62 +236,50 @@ def num_sms() -> int:
     return 114 if "H100" in words and "PCIe" in words else 132
 
 
-def _map_template(x, w, b_box=BN):
-    return [("IS_BF16", x.dtype == mx.bfloat16), ("K", x.shape[-1]), ("W_ROWS", w.shape[0] * w.shape[1]),
-            ("B_BOX", b_box)]
+def _map_template(x, w):
+    return [("IS_BF16", x.dtype == mx.bfloat16), ("K", x.shape[-1]), ("W_ROWS", w.shape[0] * w.shape[1])]
 
 
-def tensor_maps(x, w, stream=None, b_box=BN):
+def tensor_maps(x, w, stream=None):
     """The dense form's TMA tensor maps, encoded on the device by one warp: (MAP_BYTES,) uint8 with
-    x as (rows, K) and w (E, N, K) as (E * N, K) in boxes of b_box rows."""
+    x as (rows, K) and w (E, N, K) as (E * N, K) in boxes of 256 rows."""
     (maps,) = _maps_kernel()(
-        inputs=[x, w], template=_map_template(x, w, b_box) + [("X_ROWS", x.shape[0])],
+        inputs=[x, w], template=_map_template(x, w) + [("X_ROWS", x.shape[0])],
         output_shapes=[(MAP_BYTES,)], output_dtypes=[mx.uint8], grid=(32, 1, 1), threadgroup=(32, 1, 1),
         stream=stream,
     )
     return maps
 
 
-def gather_slots(x, slot_row, a_div, w, stream=None, b_box=BN):
+def gather_slots(x, slot_row, a_div, w, stream=None):
     """The grouped form's input: x's rows in slot order (slots * BM rows; rows of empty slots unset), so
     TMA reads each tile as one box, and the tensor maps over it and w (as ``tensor_maps``)."""
     slots, k = slot_row.shape[0], x.shape[-1]
     cpt = next(c for c in (4, 2, 1) if (k // 8) % c == 0)
     xs, maps = _gather_kernel()(
         inputs=[x, slot_row, w], template=[("T", x.dtype), ("SLOTS", slots), ("A_DIV", a_div), ("CPT", cpt)]
-        + _map_template(x, w, b_box),
+        + _map_template(x, w),
         output_shapes=[(slots, k), (MAP_BYTES,)], output_dtypes=[x.dtype, mx.uint8],
         grid=(max(slots * k // 8 // cpt, 32), 1, 1), threadgroup=(256, 1, 1), stream=stream,
     )
     return xs, maps
 
 
-def cluster_grid(tiles: int, n: int):
-    """The cluster form's grid in CTAs: x = 2 per column tile (one cluster), y = pairs of row tiles."""
-    return 2 * ((n + BN - 1) // BN), (tiles + 1) // 2
-
-
 def launch(x, w, slot_row, tile_expert, tiles, out_rows, template, direct, a_div, stream, form=""):
     """Run the TMA kernel with ``_gemm_cuda._launch``'s template: x is used as it is for the dense
     form (row s = slot s), gathered into slot order first for the grouped one. form: "" (one CTA per
     tile), "_persistent" / "_persistent_gather" (one CTA per multiprocessor walks the tiles; the gather
-    form copies x's routed rows in the producer, no gather kernel) or "_cluster" (2-CTA clusters over
-    pairs of row tiles sharing the weight tile)."""
+    form copies x's routed rows in the producer, no gather kernel)."""
     n = w.shape[1]
     gather_a = form == "_persistent_gather"
-    b_box = BN // 2 if form == "_cluster" else BN
     if direct or gather_a:
-        maps = tensor_maps(x, w, stream, b_box)
+        maps = tensor_maps(x, w, stream)
     else:
-        x, maps = gather_slots(x, slot_row, a_div, w, stream, b_box)
+        x, maps = gather_slots(x, slot_row, a_div, w, stream)
     tiles_n = (n + BN - 1) // BN
     if form.startswith("_persistent"):
         template = template + [("TILES_M", tiles), ("GATHER_A", gather_a)]
         grid = (min(tiles * tiles_n, num_sms()) * THREADS, 1, 1)
-    elif form == "_cluster":
-        template = template + [("TILES_M", tiles)]
-        gx, gy = cluster_grid(tiles, n)
-        grid = (gx * THREADS, gy, 1)
     else:
         grid = (tiles_n * THREADS, tiles, 1)
     (out,) = _kernel(form.replace("_gather", ""))(

@@ -1,13 +1,15 @@
-"""The opt-in forms of the TMA GEMM (``_gemm_tma``): same tiles, MMA block, barriers and tensor maps.
+"""The opt-in persistent form of the TMA GEMM (``_gemm_tma``): same tiles, MMA block, barriers and tensor maps.
 
-- ``_SOURCE_PERSISTENT`` (engines "wgmma persistent" / "wgmma persistent gather"): measured exact and
-  no faster on the H200 (benchmarks/README.md, session 5);
-- ``_SOURCE_CLUSTER`` (engine "wgmma cluster"): compiled with nvcc, **never yet run on a GPU**.
-``_gemm_tma.launch`` runs them (form="_persistent", "_persistent_gather", "_cluster").
+``_SOURCE_PERSISTENT`` (engines "wgmma persistent" / "wgmma persistent gather"): measured exact and no
+faster on the H200 (benchmarks/README.md, session 5); ``_gemm_tma.launch`` runs it (form="_persistent",
+"_persistent_gather").
+
+A 2-CTA cluster form (TMA multicast of the shared weight tile) was written in session 5 and removed in
+session 6 after its first GPU runs: mx.fast.cuda_kernel gives no way to set a cluster launch attribute,
+a compile-time ``__cluster_dims__`` kernel is invisible to MLX's check that keeps CUDA graphs with
+cluster kernels from being updated in place (a later call of another kernel ran the cluster kernel),
+and its results were wrong even with graphs off (benchmarks/results/cluster-gemm-h200-s6.json).
 """
-
-from ._gemm_sm90 import _EPILOGUE_CONSUMERS
-from ._gemm_tma import _GEMM_HEADER
 
 # Persistent form (engine "wgmma persistent"): one CTA per SM walks the tiles t = blockIdx.x,
 # + gridDim.x, ... in the same grouped-raster order. The producer's stage ring runs on across tiles,
@@ -128,120 +130,4 @@ _SOURCE_PERSISTENT = r"""
       }
     }
   }
-"""
-
-
-# Cluster form (engine "wgmma cluster", opt-in, NOT YET RUN ON A GPU: written after the session-5
-# profile showed cuBLAS's 2x1-cluster kernel keeping the tensor pipe 90.6% busy against this kernel's
-# 75.6%, with 1.7x fewer DRAM bytes). CTAs 2c and 2c + 1 along x form a cluster computing row tiles
-# 2p and 2p + 1 of one column tile. When both tiles use one expert, each CTA's producer loads its own
-# input tile and half of the weight tile (128 rows), multicast into both CTAs' stage, so the pair
-# reads the weight tile from L2 once; a stage is refilled only when the consumer warps of both CTAs
-# have released it (one arrival per warp on each CTA's "empty" barrier, the peer's through mapa).
-# Otherwise (a pair straddling two experts, or a skipped tile) each CTA loads its whole weight tile
-# itself and nothing crosses CTAs. Every thread passes two cluster barriers: after the barriers are
-# initialised, and before exit (no CTA leaves while its peer may still signal it).
-_CLUSTER_HEADER = _GEMM_HEADER + r"""
-__device__ __forceinline__ unsigned fd_cluster_rank() {
-  unsigned r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ void fd_cluster_sync() {
-  asm volatile("barrier.cluster.arrive.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
-}
-// arrive on the mbarrier at shared offset `bar` in CTA `rank` of this cluster
-__device__ __forceinline__ void fd_mbar_arrive_cluster(unsigned bar, unsigned rank) {
-  asm volatile("{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-               "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" :: "r"(bar), "r"(rank) : "memory");
-}
-// a TMA box written to offset `dst` of every CTA in `mask`, completing the mbarrier at `bar` in each
-__device__ __forceinline__ void fd_tma_load_multicast(unsigned dst, unsigned long long map, int col, int row,
-                                                      unsigned bar, unsigned short mask) {
-  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
-               " [%0], [%1, {%2, %3}], [%4], %5;\n"
-               :: "r"(dst), "l"(map), "r"(col), "r"(row), "r"(bar), "h"(mask) : "memory");
-}
-// mx.fast.cuda_kernel writes the kernel's signature itself: the cluster shape comes in through __global__
-#undef __global__
-#define __global__ __attribute__((global)) __cluster_dims__(2, 1, 1)
-"""
-
-_SOURCE_CLUSTER = r"""
-  constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4;
-  constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES, B_HALF = B_BYTES / 2;
-  constexpr int TILES_N = (N + BN - 1) / BN, KT = (K + BK - 1) / BK, GROUP_P = GROUP_M > 1 ? GROUP_M / 2 : 1;
-  extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
-  __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
-  unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
-  const unsigned smem_base = fd_smem_addr(fd_smem);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const unsigned rank = fd_cluster_rank(), peer = rank ^ 1u;
-  // cluster c -> (pair of row tiles, column tile), grouped raster over pairs
-  const int c = (blockIdx.y * gridDim.x + blockIdx.x) >> 1, pairs = gridDim.y;
-  const int first_p = c / (GROUP_P * TILES_N) * GROUP_P, group_p = min(pairs - first_p, GROUP_P);
-  const int pair = first_p + (c % (GROUP_P * TILES_N)) % group_p, tile_n = (c % (GROUP_P * TILES_N)) / group_p;
-  const int tile_m = 2 * pair + (int)rank;
-  auto expert_of = [&](int t) -> int { return t >= TILES_M ? -1 : (DIRECT ? 0 : tile_expert[t]); };
-  const int expert = expert_of(tile_m);
-  const bool shared_b = expert >= 0 && expert == expert_of(2 * pair + (int)peer);
-  auto slot_of = [&](int s) -> int { return DIRECT ? (s < M_ROWS ? s : -1) : slot_row[s]; };
-  const unsigned long long maps = fd_maps_addr(tmaps);
-  if (tid == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      fd_mbar_init(fd_smem_addr(&full_bar[s]), 1);                     // the TMA thread's expect_tx arrival
-      fd_mbar_init(fd_smem_addr(&empty_bar[s]), shared_b ? 16 : 8);  // each consumer warp reading the stage
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncwarp();
-  fd_cluster_sync();  // both CTAs' barriers exist before either signals the other's
-
-  if (expert >= 0 && warp >= 8) {  // producer warpgroup: one thread issues the loads of each stage
-    if (tid == 256) {
-      fd_acquire_map(maps);
-      fd_acquire_map(maps + 128);
-      const int b_row = expert * N + tile_n * BN;
-      for (int kt = 0; kt < KT; ++kt) {
-        const int s = kt % STAGES;
-        const unsigned full = fd_smem_addr(&full_bar[s]), a_dst = smem_base + s * STAGE_BYTES;
-        fd_mbar_wait(fd_smem_addr(&empty_bar[s]), ((kt / STAGES) & 1) ^ 1);
-        fd_mbar_expect_tx(full, STAGE_BYTES);  // own input tile + both halves of the weight tile
-        fd_tma_load(a_dst, maps, kt * BK, tile_m * BM, full);
-        if (shared_b) {
-          fd_tma_load_multicast(a_dst + A_BYTES + rank * B_HALF, maps + 128, kt * BK, b_row + (int)rank * (BN / 2),
-                                full, (unsigned short)3);
-        } else {
-          fd_tma_load(a_dst + A_BYTES, maps + 128, kt * BK, b_row, full);
-          fd_tma_load(a_dst + A_BYTES + B_HALF, maps + 128, kt * BK, b_row + BN / 2, full);
-        }
-      }
-    }
-    __syncwarp();
-  } else if (expert >= 0) {  // consumers: warpgroup wg owns rows wg * 64 .. + 63 of the tile
-    const int wg = warp >> 2, warp_in_wg = warp & 3;
-    float d[128];
-#pragma unroll
-    for (int i = 0; i < 128; ++i) d[i] = 0.0f;
-    for (int kt = 0; kt < KT; ++kt) {
-      const int s = kt % STAGES;
-      fd_mbar_wait(fd_smem_addr(&full_bar[s]), (kt / STAGES) & 1);
-      const unsigned a_addr = smem_base + s * STAGE_BYTES + wg * 64 * 128, b_addr = smem_base + s * STAGE_BYTES + A_BYTES;
-      fd_wgmma_tile<IS_BF16, BK / 16>(d, a_addr, b_addr);
-      asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // tile kt - 1 is done with its stage
-      fd_fence_acc(d);
-      if (kt > 0 && lane == 0) {
-        const unsigned bar = fd_smem_addr(&empty_bar[(kt - 1) % STAGES]);
-        fd_mbar_arrive(bar);
-        if (shared_b) fd_mbar_arrive_cluster(bar, peer);
-      }
-      __syncwarp();
-    }
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-    fd_fence_acc(d);
-    asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both warpgroups done reading the stages
-""" + _EPILOGUE_CONSUMERS + r"""
-  }
-  __syncwarp();
-  fd_cluster_sync();  // neither CTA leaves while the other may still signal its barriers
 """
