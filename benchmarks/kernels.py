@@ -121,6 +121,9 @@ def moe_rows():
     return rows
 
 
+WGMMA_ATTENTION = False  # --wgmma-attention: also the opt-in sm_90 kernel (not yet run on a GPU)
+
+
 def attention_rows(quick):
     rows = []
     for L, h in [(4608, 24), (4621, 24), (4736, 24), (16384, 24), (32760, 40)][: 2 if quick else 5]:
@@ -152,9 +155,19 @@ def _attention_row(L, h, quick):
     if L < 20000 or not quick:
         row["flash_ms"] = bench(lambda: attention(q, k, v, scale, backend="cuda_flash"), warmup=1,
                                 iters=3 if L > 10000 else 5) * 1e3
+    if WGMMA_ATTENTION and _gemm_cuda.is_sm90():  # the opt-in kernel (_attention_sm90): errors recorded
+        try:
+            ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale).astype(mx.float32)
+            got = attention(q, k, v, scale, backend="cuda_wgmma").astype(mx.float32)
+            row["wgmma_max_abs_diff_vs_sdpa"] = mx.abs(got - ref).max().item()
+            row["wgmma_ms"] = bench(lambda: attention(q, k, v, scale, backend="cuda_wgmma"), reps=reps) * 1e3
+        except Exception as exc:
+            row["wgmma_error"] = repr(exc)[:300]
     row.update({f"{key[:-3]}_tflops": flops / val / 1e9 for key, val in list(row.items()) if key.endswith("_ms")})
     if "flash_ms" in row:
         row["flash_ratio_vs_sdpa"] = row["sdpa_ms"] / row["flash_ms"]
+    if "wgmma_ms" in row:
+        row["wgmma_ratio_vs_sdpa"] = row["sdpa_ms"] / row["wgmma_ms"]
     return row
 
 
@@ -305,6 +318,11 @@ def markdown(rows):
             flash = (f"custom cuda_flash {r['flash_ms']:.2f} ms ({r['flash_tflops']:.0f} TFLOP/s)"
                      if "flash_ms" in r else "")
             ratio = f"{r['flash_ratio_vs_sdpa']:.2f}x SDPA" if "flash_ratio_vs_sdpa" in r else ""
+            if "wgmma_ms" in r:
+                flash += f"; cuda_wgmma {r['wgmma_ms']:.3f} ms ({r['wgmma_tflops']:.0f} TFLOP/s)"
+                ratio += f"; cuda_wgmma {r['wgmma_ratio_vs_sdpa']:.2f}x SDPA"
+            elif "wgmma_error" in r:
+                flash += f"; cuda_wgmma failed: {r['wgmma_error'][:80]}"
             out.append(f"| attention | {r['shape']} | bf16 | {flash} | cuDNN SDPA {r['sdpa_ms']:.3f} ms "
                        f"({r['sdpa_tflops']:.0f}){extra} | {ratio} |")
         elif r["kernel"] == "qk_norm_rope":
@@ -322,8 +340,12 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/kernels.json")
     ap.add_argument("--md", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--wgmma-attention", action="store_true",
+                    help="also time attention(..., backend='cuda_wgmma'), the sm_90 kernel not yet run on a GPU")
     ap.add_argument("--only", default="qlinear,moe,attention,prologue,flux")
     args = ap.parse_args()
+    global WGMMA_ATTENTION
+    WGMMA_ATTENTION = args.wgmma_attention
     parts = args.only.split(",")
     info = dict(device=str(mx.default_device()), cuda=mx.cuda.is_available(), mlx=mx.__version__)
 

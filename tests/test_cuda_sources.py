@@ -13,7 +13,7 @@ import mlx.core as mx
 import pytest
 from helpers import cuda_kernel_source, nvcc_compile
 
-from flashdiff.kernels import _dequant, _gemm_cuda, _gemm_sm90, _gemm_tma, _gemm_tma_forms
+from flashdiff.kernels import _attention_sm90, _dequant, _gemm_cuda, _gemm_sm90, _gemm_tma, _gemm_tma_forms
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA toolkit (nvcc)")
 
@@ -70,7 +70,7 @@ def test_tma_gemm_compiles(tmp_path, dtype, direct):
     text = report(tmp_path, "gemm_tma", _gemm_tma._GEMM_HEADER, _gemm_tma._SOURCE, inputs, [("out", dtype)],
                   gemm_template(dtype, _gemm_tma.THREADS, direct))
     assert_fits_tma_block(text)
-    maps = [("IS_BF16", dtype == mx.bfloat16), ("K", 2560), ("W_ROWS", 4 * 6912), ("B_BOX", _gemm_tma.BN)]
+    maps = [("IS_BF16", dtype == mx.bfloat16), ("K", 2560), ("W_ROWS", 4 * 6912)]
     report(tmp_path, "maps", _gemm_tma._MAP_HEADER, _gemm_tma._MAPS_SOURCE, inputs[:2], [("tmaps", mx.uint8)],
            maps + [("X_ROWS", 4096)])
     report(tmp_path, "gather", _gemm_tma._MAP_HEADER, _gemm_tma._GATHER_SOURCE,
@@ -106,3 +106,21 @@ def test_dequant_kernel_compiles(tmp_path, bits, mode, flat):
     report(tmp_path, "dequant", _dequant._CUDA_HEADER, _dequant._CUDA_SOURCE_FLAT if flat else _dequant._CUDA_SOURCE,
            [("w", mx.uint32), ("scales", mx.bfloat16 if mode == 0 else mx.uint8), ("biases", mx.bfloat16)],
            [("out", mx.bfloat16)], template)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_wgmma_attention_compiles(tmp_path, dtype, has_bias):
+    """The opt-in sm_90 attention (never run on a GPU yet): its main kernel fits 384 threads' registers
+    (launch bounds in its header) without spills or serialised wgmmas; its V-transpose + maps kernel compiles."""
+    lk = 4621
+    text = report(tmp_path, "attention_sm90", _attention_sm90._HEADER, _attention_sm90._SOURCE,
+                  [("q", dtype), ("k", dtype), ("vt", dtype), ("tmaps", mx.uint8), ("scale", mx.float32),
+                   ("kbias", mx.float32)], [("out", dtype)],
+                  [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("H", 24), ("HK", 24), ("LQ", lk), ("LK", lk),
+                   ("HAS_BIAS", has_bias)])
+    assert_fits_tma_block(text)
+    report(tmp_path, "attention_sm90_prep", _attention_sm90._MAP_HEADER, _attention_sm90._PREP_SOURCE,
+           [("q", dtype), ("k", dtype), ("v", dtype)], [("vt", dtype), ("tmaps", mx.uint8)],
+           [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("LK", lk), ("LKP", _attention_sm90.padded_keys(lk)),
+            ("Q_ROWS", 24 * lk), ("KV_ROWS", 24 * lk)])

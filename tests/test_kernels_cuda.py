@@ -5,7 +5,7 @@ import math
 import mlx.core as mx
 import pytest
 
-from flashdiff.kernels import attention, attention_reference, dequantize
+from flashdiff.kernels import _gemm_cuda, attention, attention_reference, dequantize
 from helpers import (MOE_QUANT_CASES, QLINEAR_CASES, QMODES, check_dequantize, check_moe_gemm,
                      check_quantized_linear, quant, rel_err)
 
@@ -40,7 +40,6 @@ def test_grouped_gemm_cuda(t, e, k_in, n, routing, engine):
     """The grouped tensor-core GEMM (MoE path) against MLX ops on the same schedule: K tails
     (K % 32 != 0), N tails (N % 128 != 0), experts with no rows, a single routed row per expert."""
     import functools
-    from flashdiff.kernels import _gemm_cuda
     from flashdiff.kernels.moe import grouped_gemm_reference, grouped_layout, moe_grouped
     if engine != "mma" and not _gemm_cuda.is_sm90():
         pytest.skip("wgmma needs an sm_90 GPU")
@@ -69,7 +68,6 @@ def test_moe_layout_cuda(t, top_k, e):
     """The one-block layout kernel places rows as grouped_layout does: same tile experts, padding
     in the same slots, and each expert's segment holds the same routed rows (their order within a
     segment is free: each row's result does not depend on its place)."""
-    from flashdiff.kernels import _gemm_cuda
     from flashdiff.kernels.moe import grouped_layout
     mx.random.seed(6)
     ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :top_k].astype(mx.int32)
@@ -89,7 +87,6 @@ def test_moe_layout_cuda(t, top_k, e):
                                     "wgmma persistent gather"])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 def test_dense_gemm_cuda(m, k_in, n, engine, dtype):
-    from flashdiff.kernels import _gemm_cuda
     if engine != "mma" and not _gemm_cuda.is_sm90():
         pytest.skip("wgmma needs an sm_90 GPU")
     mx.random.seed(7)
@@ -101,11 +98,16 @@ def test_dense_gemm_cuda(m, k_in, n, engine, dtype):
     assert rel_err(out, ref) < (1e-2 if dtype == mx.bfloat16 else 2e-3)
 
 
-@pytest.mark.parametrize("backend", ["cuda", "cuda_flash"])
-@pytest.mark.parametrize("shape", [(1, 2, 300, 300, 128), (2, 3, 129, 77, 64), (1, 4, 64, 1000, 128)])
+@pytest.mark.parametrize("backend", ["cuda", "cuda_flash", "cuda_wgmma"])
+@pytest.mark.parametrize("shape", [(1, 2, 300, 300, 128), (2, 3, 129, 77, 64), (1, 4, 64, 1000, 128),
+                                   (2, 2, 4621, 4621, 128)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_cuda(backend, shape, masked):
+    """Each CUDA attention path against the float32 reference: odd lengths (key and query tails inside
+    a tile), more keys than queries, batch > 1 with per-batch key masks."""
     b, h, lq, lk, d = shape
+    if backend == "cuda_wgmma" and (d != 128 or not _gemm_cuda.is_sm90()):
+        pytest.skip("the wgmma attention needs head dim 128 on an sm_90 GPU")
     mx.random.seed(3)
     q, k, v = (mx.random.normal((b, h, n, d)).astype(mx.bfloat16) for n in (lq, lk, lk))
     mask = None
@@ -126,8 +128,20 @@ def test_attention_cuda_flash_gqa_and_key_multiplier():
     km = (mx.arange(333)[None, :] < 300).astype(mx.bfloat16)
     ref = attention(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), 0.1, key_multiplier=km,
                     backend="reference")
-    for backend in ("cuda", "cuda_flash"):
-        assert rel_err(attention(q, k, v, 0.1, key_multiplier=km, backend=backend), ref) < 1e-2
+    for backend in ("cuda", "cuda_flash") + (("cuda_wgmma",) if _gemm_cuda.is_sm90() else ()):
+        assert rel_err(attention(q, k, v, 0.1, key_multiplier=km, backend=backend), ref) < 1e-2, backend
+
+
+def test_attention_cuda_wgmma_float16_additive_key_bias():
+    """The sm_90 attention in float16 with an additive (not boolean) key mask, two query tiles, one KV tail."""
+    if not _gemm_cuda.is_sm90():
+        pytest.skip("the wgmma attention needs an sm_90 GPU")
+    mx.random.seed(6)
+    q, k, v = (mx.random.normal((1, 3, 257, 128)).astype(mx.float16) for _ in range(3))
+    bias = (mx.random.uniform(shape=(1, 1, 1, 257)) * -4).astype(mx.float16)
+    ref = attention_reference(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), 0.09, bias)
+    out = attention(q, k, v, 0.09, bias, backend="cuda_wgmma")
+    assert out.dtype == mx.float16 and rel_err(out, ref) < 5e-3
 
 
 def test_dequantize_kernel_more_rows_than_grid_y():

@@ -8,7 +8,9 @@ key_multiplier (optional), (B, Lk): multiplies the keys before the scores (HiDre
 Dispatch (see ``_dispatch``): CUDA and Metal use ``mx.fast.scaled_dot_product_attention`` (cuDNN on
 CUDA, MLX's fused steel kernel on Metal): on the H200 the custom CUDA kernel in
 ``_attention_cuda`` is slower than cuDNN (benchmarks/README.md, Kernels), so it is not the default; pass
-``backend="cuda_flash"`` to force it (mask=None or a key-only mask). CPU uses the reference.
+``backend="cuda_flash"`` to force it (mask=None or a key-only mask). ``backend="cuda_wgmma"`` forces
+the sm_90 kernel in ``_attention_sm90`` (head dim 128, bf16/f16, mask=None or a key-only mask), which
+has **not run on a GPU yet**. CPU uses the reference.
 ``backend="metal_flash"`` forces the Metal twin in ``_attention_metal`` (same contract); it has never
 been compiled or run (no Apple GPU here), so automatic dispatch on Metal never picks it.
 """
@@ -83,6 +85,14 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None, *,
         if mask is not None and bias is None:
             raise ValueError("backend='cuda_flash' supports only key masks shaped (B, 1, 1, Lk).")
         return flash_attention_cuda(q, k, v, scale, bias)
+    if backend == "cuda_wgmma":
+        from ._attention_sm90 import flash_attention_sm90
+
+        bias = None if mask is None else _key_bias(mask, q.shape[0], k.shape[2])
+        if mask is not None and bias is None:
+            raise ValueError(f"backend='cuda_wgmma' supports only key masks shaped (B, 1, 1, Lk), got mask "
+                             f"{mask.shape}; use the default backend for other masks.")
+        return flash_attention_sm90(q, k, v, scale, bias)
     if backend == "metal_flash":
         from ._attention_metal import flash_attention_metal
 

@@ -1,0 +1,334 @@
+"""FlashAttention forward for Hopper (sm_90a): warpgroup MMA fed by TMA, head dim 128, bf16 / fp16.
+
+Opt-in (``attention(..., backend="cuda_wgmma")``) and **never yet run on a GPU**: written in session 6
+after that session's device time was spent, for the issue-5 target cuDNN misses (odd sequence
+lengths: cuDNN ran 4621 tokens at 0.88x of 4608's rate, benchmarks/README.md, session 6). Checked
+here only by nvcc (tests/test_cuda_sources.py: registers, no spills, no serialised wgmma); its GPU
+tests (tests/test_kernels_cuda.py, backend "cuda_wgmma") have not run.
+
+Two kernels:
+- ``_PREP_SOURCE``: V (B, Hk, Lk, 128) -> V^T (B, Hk, 128, Lkp), Lkp = Lk rounded up to 128 (zeros
+  past Lk), so that both MMAs read K-major tiles the way the TMA GEMM's do (``_gemm_tma``); block 0's
+  first warp also encodes the three TMA tensor maps (Q and K as (rows, 128), V^T as (Hk * 128 rows, Lkp)),
+  boxes of 128 rows x 64 columns with the 128-byte swizzle, as ``_gemm_tma`` does.
+- ``_SOURCE``: one CTA per 128 query rows of one (batch, head); three warpgroups. The producer's one
+  thread loads Q once and then K and V^T tiles of 128 keys into two stages (full / empty mbarriers).
+  Consumer warpgroup w owns query rows 64w .. 64w + 63: S = Q K^T by eight ``wgmma m64n128k16`` from
+  shared memory; keys past Lk (the next head's rows, or TMA's zero fill) masked to -inf; online
+  softmax in float32 on the accumulator fragment (exp2, scale * log2 e folded in, row max and sum
+  over the 4 lanes that share a row); P converted in registers to the A fragment of the second MMA
+  (the accumulator layout of m64nN is the A-register layout of m64k16, so no shuffles);
+  O += P V^T' by eight ``wgmma m64n128k16`` with A from registers; the stage released; O / l stored.
+  Optional per-key additive bias (B, Lk) (boolean key masks become 0 / -inf).
+"""
+
+import functools
+import math
+
+import mlx.core as mx
+
+from ._gemm_tma import _GEMM_HEADER, _MAP_HEADER
+
+D = 128
+BM = BN = 128
+STAGES = 2
+THREADS = 384  # two consumer warpgroups + one producer warpgroup
+SMEM_BYTES = BM * D * 2 + STAGES * 2 * BN * D * 2 + 1024  # Q + stages of K and V^T + alignment room
+MAP_BYTES = 4 * 128  # three 128-byte maps + room to align them
+
+
+def _wgmma_n128(dtype: str, a_regs: bool) -> str:
+    """m64n128k16 with float32 accumulators; B from shared memory, A from shared memory or registers."""
+    d = ", ".join(f"%{i}" for i in range(64))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(64))
+    if a_regs:
+        sig, a_op, ins, tail = "const unsigned (&a)[4], unsigned long long db", "{%64, %65, %66, %67}", \
+            '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db)', "%68, p, 1, 1, 0"
+        name = f"fd_wgmma_rs_{dtype}"
+    else:
+        sig, a_op, ins, tail = "unsigned long long da, unsigned long long db", "%64", '"l"(da), "l"(db)', \
+            "%65, p, 1, 1, 0, 0"
+        name = f"fd_wgmma_ss_{dtype}"
+    return (
+        f"__device__ __forceinline__ void {name}(float (&d)[64], {sig}) {{\n"
+        f'  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"\n'
+        f'    "wgmma.mma_async.sync.aligned.m64n128k16.f32.{dtype}.{dtype} {{{d}}}, {a_op}, {tail};\\n}}\\n"\n'
+        f"    : {outs}\n"
+        f"    : {ins});\n"
+        "}\n"
+    )
+
+
+_HEADER = _GEMM_HEADER + _wgmma_n128("bf16", False) + _wgmma_n128("f16", False) + _wgmma_n128("bf16", True) \
+    + _wgmma_n128("f16", True) + r"""
+__device__ __forceinline__ void fd_fence64(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
+}
+// d += A . B^T over 128 reduction elements held as two 64-column swizzled chunks CHUNK bytes apart:
+// eight k16 MMAs, A (this warpgroup's 64 rows) and B (128 rows) from shared memory.
+template <bool BF16>
+__device__ __forceinline__ void fd_mma_ss128(float (&d)[64], unsigned a_addr, unsigned b_addr, unsigned chunk) {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    const unsigned off = (kk >> 2) * chunk + (kk & 3) * 32;
+    if (BF16) fd_wgmma_ss_bf16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));
+    else fd_wgmma_ss_f16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));
+  }
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+// d += P . B^T with P's A fragments in registers (a[kk] for reduction elements 16 kk .. 16 kk + 15)
+template <bool BF16>
+__device__ __forceinline__ void fd_mma_rs128(float (&d)[64], const unsigned (&a)[8][4], unsigned b_addr, unsigned chunk) {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    const unsigned off = (kk >> 2) * chunk + (kk & 3) * 32;
+    if (BF16) fd_wgmma_rs_bf16(d, a[kk], fd_desc(b_addr + off));
+    else fd_wgmma_rs_f16(d, a[kk], fd_desc(b_addr + off));
+  }
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+// launch bounds through the signature that mx.fast.cuda_kernel writes: 384 threads, one CTA per SM
+#undef __global__
+#define __global__ __attribute__((global)) __launch_bounds__(384, 1)
+"""
+
+# Template: T, IS_BF16, LK, LKP, Q_ROWS (= B * H * Lq), KV_ROWS (= B * Hk * Lk). Grid: x = chunks of 64 keys (256 threads
+# each), y = B * Hk. Inputs q, k (for the maps) and v; outputs vt and tmaps.
+_PREP_SOURCE = r"""
+  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x < 32) {
+    __shared__ __align__(128) unsigned maps[96];
+    const int lane = threadIdx.x;
+    maps[lane] = 0u;
+    maps[lane + 32] = 0u;
+    maps[lane + 64] = 0u;
+    __syncwarp();
+    const unsigned s0 = (unsigned)__cvta_generic_to_shared(maps);
+    if (lane == 0) {
+      fd_tmap_fill<IS_BF16>(s0, q, 128, Q_ROWS, 256ull, 128);
+      fd_tmap_fill<IS_BF16>(s0 + 128, k, 128, KV_ROWS, 256ull, 128);
+      fd_tmap_fill<IS_BF16>(s0 + 256, vt, LKP, (unsigned)(gridDim.y * 128), 2ull * LKP, 128);
+    }
+    __syncwarp();
+    const unsigned long long g = fd_maps_addr(tmaps);
+#pragma unroll
+    for (int i = 0; i < 3; ++i)
+      asm volatile("tensormap.cp_fenceproxy.global.shared::cta.tensormap::generic.release.gpu.sync.aligned [%0], [%1], 128;"
+                   :: "l"(g + 128 * i), "r"(s0 + 128 * i) : "memory");
+  }
+  // this block: keys key0 .. key0 + 63 of head row bh, through shared memory [64 keys][128]; the
+  // 16-byte chunk c of key row r sits at chunk c ^ ((r / 8) % 8), so that the column reads below (8
+  // lanes on keys 8 apart, one head dim) fall in 8 different chunks: no bank conflicts
+  __shared__ __align__(16) T tile[64 * 128];
+  const int bh = blockIdx.y, key0 = blockIdx.x * 64, tid = threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // 64 keys x 16 chunks of 8 values: 4 per thread, coalesced rows
+    const int c = tid + 256 * i, r = c >> 4, chunk = c & 15, key = key0 + r;
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (key < LK) val = *reinterpret_cast<const uint4*>(v + ((size_t)bh * LK + key) * 128 + chunk * 8);
+    *reinterpret_cast<uint4*>(&tile[r * 128 + ((chunk ^ ((r >> 3) & 7)) << 3)]) = val;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // 128 rows (head dim) x 8 chunks of 8 keys: 4 per thread, coalesced rows
+    const int c = tid + 256 * i, dim = c >> 3, kc = (c & 7) * 8;
+    if (key0 + kc < LKP) {
+      __align__(16) T out8[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int r = kc + e;
+        out8[e] = tile[r * 128 + ((((dim >> 3) ^ ((r >> 3) & 7))) << 3) + (dim & 7)];
+      }
+      *reinterpret_cast<uint4*>(vt + ((size_t)bh * 128 + dim) * LKP + key0 + kc) = *reinterpret_cast<const uint4*>(out8);
+    }
+  }
+"""
+
+# Template: T, IS_BF16, H, HK, LQ, LK, HAS_BIAS. Grid: x = query blocks of 128 rows (384 threads each),
+# y = B * H. Inputs q, k (unused: read through the maps), vt, tmaps, scale (1,) float32, kbias (B, Lk) or a
+# dummy; output out (B, H, LQ, 128).
+_SOURCE = r"""
+  constexpr int BM = 128, BN = 128, STAGES = 2, CHUNK = 128 * 128;  // a chunk: 128 rows x 64 columns
+  constexpr int Q_BYTES = 2 * CHUNK, KV_BYTES = 2 * CHUNK, STAGE_BYTES = 2 * KV_BYTES;
+  constexpr int NT = (LK + BN - 1) / BN;
+  constexpr float LOG2E = 1.4426950408889634f;
+  const float NEG_INF = __int_as_float(0xff800000);
+  extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
+  __shared__ __align__(8) unsigned long long q_bar, full_bar[STAGES], empty_bar[STAGES];
+  unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
+  const unsigned smem_base = fd_smem_addr(fd_smem);  // Q (two chunks), then the stages (K, V^T)
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int m0 = blockIdx.x * BM, bh = blockIdx.y, batch = bh / H;
+  const int kv_bh = batch * HK + (bh % H) / (H / HK);
+  const unsigned long long maps = fd_maps_addr(tmaps);
+  if (tid == 0) {
+    fd_mbar_init(fd_smem_addr(&q_bar), 1);
+    for (int s = 0; s < STAGES; ++s) {
+      fd_mbar_init(fd_smem_addr(&full_bar[s]), 1);   // the TMA thread's expect_tx arrival
+      fd_mbar_init(fd_smem_addr(&empty_bar[s]), 8);  // each consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp >= 8) {  // producer warpgroup: one thread issues every load
+    if (tid == 256) {
+      fd_acquire_map(maps);
+      fd_acquire_map(maps + 128);
+      fd_acquire_map(maps + 256);
+      const unsigned qb = fd_smem_addr(&q_bar);
+      fd_mbar_expect_tx(qb, Q_BYTES);
+      fd_tma_load(smem_base, maps, 0, bh * LQ + m0, qb);
+      fd_tma_load(smem_base + CHUNK, maps, 64, bh * LQ + m0, qb);
+      for (int j = 0; j < NT; ++j) {
+        const int s = j % STAGES;
+        const unsigned full = fd_smem_addr(&full_bar[s]), dst = smem_base + Q_BYTES + s * STAGE_BYTES;
+        fd_mbar_wait(fd_smem_addr(&empty_bar[s]), ((j / STAGES) & 1) ^ 1);
+        fd_mbar_expect_tx(full, STAGE_BYTES);
+        fd_tma_load(dst, maps + 128, 0, kv_bh * LK + j * BN, full);               // K, head dims 0..63
+        fd_tma_load(dst + CHUNK, maps + 128, 64, kv_bh * LK + j * BN, full);      // K, head dims 64..127
+        fd_tma_load(dst + KV_BYTES, maps + 256, j * BN, kv_bh * 128, full);       // V^T, keys 0..63 of the tile
+        fd_tma_load(dst + KV_BYTES + CHUNK, maps + 256, j * BN + 64, kv_bh * 128, full);
+      }
+    }
+    return;
+  }
+
+  // consumers: warpgroup wg owns query rows wg * 64 .. + 63; this thread rows r0 and r0 + 8 of them
+  const int wg = warp >> 2, t = lane & 3;
+  const int r0 = wg * 64 + (warp & 3) * 16 + (lane >> 2);
+  const float sl2 = scale[0] * LOG2E;
+  float o[64], sc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+  float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.0f, 0.0f};
+  const unsigned q_addr = smem_base + wg * 64 * 128;
+  fd_mbar_wait(fd_smem_addr(&q_bar), 0);
+  for (int j = 0; j < NT; ++j) {
+    const int s = j % STAGES;
+    fd_mbar_wait(fd_smem_addr(&full_bar[s]), (j / STAGES) & 1);
+    const unsigned k_addr = smem_base + Q_BYTES + s * STAGE_BYTES, v_addr = k_addr + KV_BYTES;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) sc[i] = 0.0f;
+    fd_fence64(sc);
+    fd_mma_ss128<IS_BF16>(sc, q_addr, k_addr, CHUNK);
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    fd_fence64(sc);
+    // scores in log2 units; sc[4c + e] is (row r0, key 8c + 2t + e), sc[4c + 2 + e] the same key, row r0 + 8
+    float mx[2] = {m_run[0], m_run[1]};
+    const bool tail = (j + 1) * BN > LK;
+#pragma unroll
+    for (int c = 0; c < 16; ++c) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int key = j * BN + 8 * c + 2 * t + e;
+        const bool ok = !tail || key < LK;
+        const float bias = HAS_BIAS && ok ? kbias[(size_t)batch * LK + key] * LOG2E : 0.0f;
+        sc[4 * c + e] = ok ? sc[4 * c + e] * sl2 + bias : NEG_INF;
+        sc[4 * c + 2 + e] = ok ? sc[4 * c + 2 + e] * sl2 + bias : NEG_INF;
+        mx[0] = fmaxf(mx[0], sc[4 * c + e]);
+        mx[1] = fmaxf(mx[1], sc[4 * c + 2 + e]);
+      }
+    }
+    float corr[2], base[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      base[h] = mx[h] == NEG_INF ? 0.0f : mx[h];  // a row with no key yet: every p is 0, not NaN
+      corr[h] = exp2f(m_run[h] - base[h]);
+      m_run[h] = mx[h];
+      l_run[h] *= corr[h];
+    }
+    unsigned a[8][4];  // P as the A fragments of O += P V: keys 16 kk .. 16 kk + 15
+#pragma unroll
+    for (int c = 0; c < 16; ++c) {
+      const float p0 = exp2f(sc[4 * c] - base[0]), p1 = exp2f(sc[4 * c + 1] - base[0]);
+      const float p2 = exp2f(sc[4 * c + 2] - base[1]), p3 = exp2f(sc[4 * c + 3] - base[1]);
+      l_run[0] += p0 + p1;
+      l_run[1] += p2 + p3;
+      a[c >> 1][(c & 1) * 2] = fd_pack2<T>(p0, p1);
+      a[c >> 1][(c & 1) * 2 + 1] = fd_pack2<T>(p2, p3);
+      o[4 * c] *= corr[0];
+      o[4 * c + 1] *= corr[0];
+      o[4 * c + 2] *= corr[1];
+      o[4 * c + 3] *= corr[1];
+    }
+    fd_fence64(o);
+    fd_mma_rs128<IS_BF16>(o, a, v_addr, CHUNK);
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    fd_fence64(o);
+    if (lane == 0) fd_mbar_arrive(fd_smem_addr(&empty_bar[s]));  // this warp is done with stage s
+    __syncwarp();
+  }
+  // O / l: l summed over the 4 lanes of each row
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
+    l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
+    l_run[h] = l_run[h] > 0.0f ? 1.0f / l_run[h] : 0.0f;
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = m0 + r0 + 8 * h;
+    if (row < LQ) {
+      T* dst = out + ((size_t)bh * LQ + row) * 128 + 2 * t;
+#pragma unroll
+      for (int c = 0; c < 16; ++c)
+        *reinterpret_cast<unsigned*>(dst + 8 * c) = fd_pack2<T>(o[4 * c + 2 * h] * l_run[h], o[4 * c + 2 * h + 1] * l_run[h]);
+    }
+  }
+"""
+
+
+@functools.cache
+def _prep_kernel():
+    return mx.fast.cuda_kernel(name="flashdiff_attention_sm90_prep", input_names=["q", "k", "v"],
+                               output_names=["vt", "tmaps"], source=_PREP_SOURCE, header=_MAP_HEADER)
+
+
+@functools.cache
+def _kernel():
+    return mx.fast.cuda_kernel(
+        name="flashdiff_attention_sm90", input_names=["q", "k", "vt", "tmaps", "scale", "kbias"],
+        output_names=["out"], source=_SOURCE, header=_HEADER, shared_memory=SMEM_BYTES,
+    )
+
+
+def padded_keys(lk: int) -> int:
+    """V^T's row length: Lk rounded up to a whole 128-key tile (zeros past Lk), so that no TMA box of
+    V^T lies wholly outside the tensor (and rows stay 16-byte multiples)."""
+    return -(-lk // BN) * BN
+
+
+def prep_grid(b: int, hk: int, lk: int):
+    """Grid (in threads) of the V-transpose kernel: one 256-thread block per 64 keys (of Lkp) per head."""
+    return (-(-padded_keys(lk) // 64) * 256, b * hk, 1)
+
+
+def flash_attention_sm90(q, k, v, scale, key_bias=None):
+    """q (B, H, Lq, 128), k / v (B, Hk, Lk, 128) in bf16 / fp16; key_bias None or (B, Lk) additive."""
+    b, h, lq, d = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    if d != D or q.dtype not in (mx.bfloat16, mx.float16):
+        raise ValueError(f"flash_attention_sm90 supports head dim 128 in bf16/f16, got D={d}, {q.dtype}.")
+    q, k, v = (mx.contiguous(a) for a in (q, k, v))
+    is_bf16 = q.dtype == mx.bfloat16
+    lkp = padded_keys(lk)
+    vt, maps = _prep_kernel()(
+        inputs=[q, k, v], template=[("T", q.dtype), ("IS_BF16", is_bf16), ("LK", lk), ("LKP", lkp),
+                                    ("Q_ROWS", b * h * lq), ("KV_ROWS", b * hk * lk)],
+        output_shapes=[(b, hk, D, lkp), (MAP_BYTES,)], output_dtypes=[q.dtype, mx.uint8],
+        grid=prep_grid(b, hk, lk), threadgroup=(256, 1, 1),
+    )
+    bias = mx.zeros((1,), mx.float32) if key_bias is None else key_bias.astype(mx.float32)
+    (out,) = _kernel()(
+        inputs=[q, k, vt, maps, mx.array([scale], dtype=mx.float32), bias],
+        template=[("T", q.dtype), ("IS_BF16", is_bf16), ("H", h), ("HK", hk), ("LQ", lq), ("LK", lk),
+                  ("HAS_BIAS", key_bias is not None)],
+        output_shapes=[q.shape], output_dtypes=[q.dtype],
+        grid=(math.ceil(lq / BM) * THREADS, b * h, 1), threadgroup=(THREADS, 1, 1),
+    )
+    return out
