@@ -73,34 +73,36 @@ def _key_bias(mask, b, lk):
     return m.astype(mx.float32)
 
 
+def _flash_cuda():
+    from ._attention_cuda import flash_attention_cuda
+    return flash_attention_cuda
+
+
+def _flash_sm90():
+    from ._attention_sm90 import flash_attention_sm90
+    return flash_attention_sm90
+
+
+def _flash_metal():
+    from ._attention_metal import flash_attention_metal
+    return flash_attention_metal
+
+
+# backend= name -> the kernel's (q, k, v, scale, key_bias) function, imported on first use
+_FLASH_KERNELS = {"cuda_flash": _flash_cuda, "cuda_wgmma": _flash_sm90, "metal_flash": _flash_metal}
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None, *, key_multiplier=None,
               backend=None) -> mx.array:
     _check(q, k, v, mask, key_multiplier)
     if key_multiplier is not None:
         k = k * key_multiplier[:, None, :, None].astype(k.dtype)
-    if backend == "cuda_flash":
-        from ._attention_cuda import flash_attention_cuda
-
+    if backend in _FLASH_KERNELS:  # the opt-in flash kernels: no mask or a key-only mask
         bias = None if mask is None else _key_bias(mask, q.shape[0], k.shape[2])
         if mask is not None and bias is None:
-            raise ValueError("backend='cuda_flash' supports only key masks shaped (B, 1, 1, Lk).")
-        return flash_attention_cuda(q, k, v, scale, bias)
-    if backend == "cuda_wgmma":
-        from ._attention_sm90 import flash_attention_sm90
-
-        bias = None if mask is None else _key_bias(mask, q.shape[0], k.shape[2])
-        if mask is not None and bias is None:
-            raise ValueError(f"backend='cuda_wgmma' supports only key masks shaped (B, 1, 1, Lk), got mask "
+            raise ValueError(f"backend={backend!r} supports only key masks shaped (B, 1, 1, Lk), got mask "
                              f"{mask.shape}; use the default backend for other masks.")
-        return flash_attention_sm90(q, k, v, scale, bias)
-    if backend == "metal_flash":
-        from ._attention_metal import flash_attention_metal
-
-        bias = None if mask is None else _key_bias(mask, q.shape[0], k.shape[2])
-        if mask is not None and bias is None:
-            raise ValueError(f"backend='metal_flash' supports only key masks shaped (B, 1, 1, Lk), got mask "
-                             f"{mask.shape}; use the default backend for other masks.")
-        return flash_attention_metal(q, k, v, scale, bias)
+        return _FLASH_KERNELS[backend]()(q, k, v, scale, bias)
     if resolve_backend(backend) == "reference":
         return attention_reference(q, k, v, scale, mask)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
