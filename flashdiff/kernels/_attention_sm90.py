@@ -9,7 +9,7 @@ tests (tests/test_kernels_cuda.py, backend "cuda_wgmma") have not run.
 Two kernels:
 - ``_PREP_SOURCE``: V (B, Hk, Lk, 128) -> V^T (B, Hk, 128, Lkp), Lkp = Lk rounded up to 128 (zeros
   past Lk), so that both MMAs read K-major tiles the way the TMA GEMM's do (``_gemm_tma``); block 0's
-  first warp also encodes the three TMA tensor maps (Q and K as (rows, 128), V^T as (Hk * 128 rows, Lkp)),
+  first warp also encodes the three TMA tensor maps (Q and K as (rows, 128), V^T as (B * Hk * 128 rows, Lkp)),
   boxes of 128 rows x 64 columns with the 128-byte swizzle, as ``_gemm_tma`` does.
 - ``_SOURCE``: one CTA per 128 query rows of one (batch, head); three warpgroups. The producer's one
   thread loads Q once and then K and V^T tiles of 128 keys into two stages (full / empty mbarriers).
@@ -18,7 +18,8 @@ Two kernels:
   softmax in float32 on the accumulator fragment (exp2, scale * log2 e folded in, row max and sum
   over the 4 lanes that share a row); P converted in registers to the A fragment of the second MMA
   (the accumulator layout of m64nN is the A-register layout of m64k16, so no shuffles);
-  O += P V^T' by eight ``wgmma m64n128k16`` with A from registers; the stage released; O / l stored.
+  O += P V by eight ``wgmma m64n128k16`` with A from registers and B = V^T from shared memory; the
+  stage released; O / l stored.
   Optional per-key additive bias (B, Lk) (boolean key masks become 0 / -inf).
 """
 
