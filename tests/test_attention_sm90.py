@@ -153,6 +153,52 @@ def test_prep_grid_covers_padded_keys():
         assert gy == 6 and gx % 256 == 0 and (gx // 256) * 64 >= lkp > (gx // 256 - 1) * 64
 
 
+PREP_LINES = [
+    "const int c = tid + 256 * i, r = c >> 4, chunk = c & 15, key = key0 + r;",
+    "*reinterpret_cast<uint4*>(&tile[r * 128 + ((chunk ^ ((r >> 3) & 7)) << 3)]) = val;",
+    "const int c = tid + 256 * i, dim = c >> 3, kc = (c & 7) * 8;",
+    "out8[e] = tile[r * 128 + ((((dim >> 3) ^ ((r >> 3) & 7))) << 3) + (dim & 7)];",
+    "*reinterpret_cast<uint4*>(vt + ((size_t)bh * 128 + dim) * LKP + key0 + kc) = *reinterpret_cast<const uint4*>(out8);",
+]
+
+
+@pytest.mark.parametrize("lk", [1, 77, 128, 300])
+def test_emulated_prep_kernel_transposes_v(lk):
+    """The V-transpose kernel's index arithmetic (swizzled shared tile, both loops) gives V^T with zeros
+    past Lk, every element of V^T written exactly once."""
+    for line in PREP_LINES:
+        assert line in sm90._PREP_SOURCE, line
+    heads, lkp = 3, sm90.padded_keys(lk)
+    v = np.random.default_rng(1).standard_normal((heads, lk, 128))
+    vt = np.full((heads, 128, lkp), np.nan)
+    writes = np.zeros_like(vt)
+    gx, gy, _ = sm90.prep_grid(1, heads, lk)
+    tid = np.arange(256)
+    for bh in range(gy):
+        for block in range(gx // 256):
+            key0, tile = block * 64, np.full(64 * 128, np.nan)
+            for i in range(4):
+                c = tid + 256 * i
+                r, chunk = c >> 4, c & 15
+                key = key0 + r
+                for e in range(8):
+                    val = np.where(key < lk, v[bh, np.minimum(key, lk - 1), chunk * 8 + e], 0.0)
+                    tile[r * 128 + ((chunk ^ ((r >> 3) & 7)) << 3) + e] = val
+            for i in range(4):
+                c = tid + 256 * i
+                dim, kc = c >> 3, (c & 7) * 8
+                ok = key0 + kc < lkp
+                for e in range(8):
+                    r = kc + e
+                    val = tile[r * 128 + (((dim >> 3) ^ ((r >> 3) & 7)) << 3) + (dim & 7)]
+                    vt[bh, dim[ok], (key0 + kc + e)[ok]] = val[ok]
+                    np.add.at(writes[bh], (dim[ok], (key0 + kc + e)[ok]), 1)
+    expect = np.zeros((heads, 128, lkp))
+    expect[:, :, :lk] = v.transpose(0, 2, 1)
+    np.testing.assert_array_equal(vt, expect)
+    assert (writes == 1).all()
+
+
 def test_bad_arguments():
     q = mx.zeros((1, 2, 16, 64), mx.bfloat16)
     with pytest.raises(ValueError, match="head dim 128"):
