@@ -339,12 +339,17 @@ def measure(results: dict, key: str, fn, skip: bool = False, reason: str = ""):
     return out
 
 
-def write_json(path: Path, data: dict):
+def write_text_atomic(path: Path, text: str):
+    """Write through a temporary file and a rename: a reader (or a stopped run) never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=1, allow_nan=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict):
+    write_text_atomic(path, json.dumps(_clean(data), indent=1, allow_nan=False) + "\n")
 
 
 def _clean(o):

@@ -7,7 +7,6 @@ throughput rows queue several independent calls per mx.synchronize(), see `bench
 """
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from flashdiff.kernels import (attention, moe_gemm, qk_norm_rope, qk_norm_rope_r
                                quantized_linear)
 from flashdiff.kernels import _gemm_cuda  # noqa: E402
 from flashdiff.kernels.moe import _moe_dense_experts, moe_windowed  # noqa: E402
-from common import median_call, moe_problem  # noqa: E402
+from common import median_call, moe_problem, write_json, write_text_atomic  # noqa: E402
 
 
 def bench(fn, warmup=3, iters=10, reps=1):
@@ -57,14 +56,20 @@ def with_engine(engine, fn):
     return run
 
 
+QLINEAR_SIZES = [(4608, 3072, 12288), (4608, 12288, 3072), (4608, 3072, 21504), (4608, 15360, 3072),
+                 (4608, 3072, 3072), (1024, 3072, 3072), (32760, 5120, 13824)]  # M, K, N
+
+
 def qlinear_rows(quick):
     rows = []
-    shapes = [(4608, 3072, 12288), (4608, 12288, 3072), (4608, 3072, 21504), (4608, 15360, 3072),
-              (4608, 3072, 3072), (1024, 3072, 3072), (32760, 5120, 13824)]
+    shapes = list(QLINEAR_SIZES)
     configs = [("affine", 4, 64), ("affine", 8, 64)]
     extra = [("affine", 3, 64), ("affine", 5, 64), ("affine", 6, 64), ("mxfp4", 4, 32), ("nvfp4", 4, 16),
              ("mxfp8", 8, 32)]
-    for m, k, n in shapes[: 2 if quick else len(shapes)]:
+    shapes = shapes[: 2 if quick else len(shapes)]
+    if QLINEAR_SHAPES:
+        shapes = [s for s in shapes if "x".join(map(str, s)) in QLINEAR_SHAPES]
+    for m, k, n in shapes:
         x = mx.random.normal((m, k)).astype(mx.bfloat16)
         w = (mx.random.normal((n, k)) * 0.02).astype(mx.bfloat16)
         mx.eval(x, w)
@@ -72,7 +77,7 @@ def qlinear_rows(quick):
         reps = 10 if m * n < 2e8 else 3
         t_dense = bench(lambda: x @ w.T, reps=reps)
         t_dense_iso = bench(lambda: x @ w.T)
-        for mode, bits, group in configs + (extra if (m, k, n) == shapes[0] else []):
+        for mode, bits, group in configs + (extra if (m, k, n) == QLINEAR_SIZES[0] else []):
             q = mx.quantize(w, group, bits, mode=mode)
             wq, s, b = q[0], q[1], (q[2] if len(q) > 2 else None)
             mx.eval(wq, s, b)
@@ -122,6 +127,7 @@ def moe_rows():
 
 
 WGMMA_ATTENTION = False  # --wgmma-attention: also the opt-in sm_90 kernel (not yet run on a GPU)
+QLINEAR_SHAPES = ()  # --qlinear-shapes MxKxN,...: only these quantized-linear shapes (split a long run)
 
 
 def attention_rows(quick):
@@ -342,16 +348,23 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--wgmma-attention", action="store_true",
                     help="also time attention(..., backend='cuda_wgmma'), the sm_90 kernel not yet run on a GPU")
+    ap.add_argument("--qlinear-shapes", default="",
+                    help="comma-separated MxKxN, e.g. 32760x5120x13824: only these quantized-linear shapes")
     ap.add_argument("--only", default="qlinear,moe,attention,prologue,flux")
     args = ap.parse_args()
-    global WGMMA_ATTENTION
+    global WGMMA_ATTENTION, QLINEAR_SHAPES
     WGMMA_ATTENTION = args.wgmma_attention
+    QLINEAR_SHAPES = tuple(s for s in args.qlinear_shapes.split(",") if s)
+    known = {"x".join(map(str, s)) for s in QLINEAR_SIZES}
+    if set(QLINEAR_SHAPES) - known:
+        ap.error(f"unknown --qlinear-shapes {sorted(set(QLINEAR_SHAPES) - known)}; known: {sorted(known)}")
     parts = args.only.split(",")
     info = dict(device=str(mx.default_device()), cuda=mx.cuda.is_available(), mlx=mx.__version__)
 
-    def save():
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(dict(info=info, command=" ".join(sys.argv), rows=_emitted), indent=1))
+    def save():  # JSON and markdown table after every row, each written whole (temporary file + rename)
+        write_json(Path(args.out), dict(info=info, command=" ".join(sys.argv), rows=_emitted))
+        if args.md:
+            write_text_atomic(Path(args.md), markdown([r for r in _emitted if "error" not in r]) + "\n")
 
     global _on_row
     _on_row = save
@@ -363,10 +376,7 @@ def main():
             except Exception as exc:  # keep the other results
                 print(f"{name} failed: {exc!r}", flush=True)
                 emit(dict(kernel=name, error=repr(exc)))
-    table = markdown([r for r in _emitted if "error" not in r])
-    if args.md:
-        Path(args.md).write_text(table + "\n")
-    print(table)
+    print(markdown([r for r in _emitted if "error" not in r]))
 
 
 if __name__ == "__main__":

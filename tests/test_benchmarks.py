@@ -196,12 +196,13 @@ def test_kernel_benchmark_saves_each_row_as_it_goes(tmp_path, monkeypatch):
     limit keeps what it measured; a failing section is recorded and the next one still runs."""
     import kernels
 
-    out = tmp_path / "k.json"
+    out, md = tmp_path / "k.json", tmp_path / "k.md"
     seen = []
 
     def section_a():
         kernels.emit(dict(kernel="a", shape="s1", mode="m", ours_ms=1.0))
         seen.append(json.loads(out.read_text())["rows"])  # already on disk before the next row
+        seen.append(md.read_text())
         kernels.emit(dict(kernel="a", shape="s2", mode="m", ours_ms=2.0))
         raise RuntimeError("stopped mid-section")
 
@@ -213,9 +214,29 @@ def test_kernel_benchmark_saves_each_row_as_it_goes(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "_emitted", [])
     monkeypatch.setattr(kernels, "_on_row", None)
     monkeypatch.setattr(kernels, "markdown", lambda rows: f"{len(rows)} rows")
-    monkeypatch.setattr(sys, "argv", ["kernels.py", "--only", "qlinear,moe", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["kernels.py", "--only", "qlinear,moe", "--out", str(out), "--md", str(md)])
     kernels.main()
-    assert [r["shape"] for r in seen[0]] == ["s1"]
+    assert [r["shape"] for r in seen[0]] == ["s1"] and seen[1] == "1 rows\n"
+    assert md.read_text() == "3 rows\n" and not list(tmp_path.glob("*.tmp"))
     rows = json.loads(out.read_text())["rows"]
     assert [r.get("shape") for r in rows] == ["s1", "s2", None, "s3"]
     assert rows[2]["kernel"] == "qlinear" and "stopped mid-section" in rows[2]["error"]
+
+
+def test_kernel_benchmark_qlinear_shape_filter(monkeypatch, tmp_path):
+    """--qlinear-shapes runs only the named quantized-linear shapes (to split a long run over device
+    calls) and rejects a shape the benchmark does not have."""
+    import kernels
+
+    monkeypatch.setattr(kernels, "QLINEAR_SIZES", [(8, 64, 32), (16, 64, 64)])
+    monkeypatch.setattr(kernels, "_emitted", [])
+    monkeypatch.setattr(kernels, "_on_row", None)
+    monkeypatch.setattr(kernels, "bench", lambda fn, **kw: (fn(), 1e-3)[1])
+    out = tmp_path / "k.json"
+    monkeypatch.setattr(sys, "argv", ["kernels.py", "--only", "qlinear", "--out", str(out), "--qlinear-shapes", "16x64x64"])
+    kernels.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["shape"] for r in rows} == {"16x64->64"} and len(rows) == 2  # affine 4 and 8 bit
+    monkeypatch.setattr(sys, "argv", ["kernels.py", "--only", "qlinear", "--qlinear-shapes", "1x2x3"])
+    with pytest.raises(SystemExit):
+        kernels.main()
