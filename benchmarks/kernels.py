@@ -62,11 +62,10 @@ QLINEAR_SIZES = [(4608, 3072, 12288), (4608, 12288, 3072), (4608, 3072, 21504), 
 
 def qlinear_rows(quick):
     rows = []
-    shapes = list(QLINEAR_SIZES)
     configs = [("affine", 4, 64), ("affine", 8, 64)]
     extra = [("affine", 3, 64), ("affine", 5, 64), ("affine", 6, 64), ("mxfp4", 4, 32), ("nvfp4", 4, 16),
              ("mxfp8", 8, 32)]
-    shapes = shapes[: 2 if quick else len(shapes)]
+    shapes = QLINEAR_SIZES[: 2 if quick else None]
     if QLINEAR_SHAPES:
         shapes = [s for s in shapes if "x".join(map(str, s)) in QLINEAR_SHAPES]
     for m, k, n in shapes:
