@@ -22,7 +22,7 @@ SOURCE_LINES = [
     "const bool ok = !tail || key < LK;",
     "sc[4 * c + e] = ok ? sc[4 * c + e] * sl2 + bias : NEG_INF;",
     "base[h] = mx[h] == NEG_INF ? 0.0f : mx[h];",
-    "corr[h] = exp2f(m_run[h] - base[h]);",
+    "corr[h] = fd_exp2(m_run[h] - base[h]);",
     "a[c >> 1][(c & 1) * 2] = fd_pack2<T>(p0, p1);",
     "a[c >> 1][(c & 1) * 2 + 1] = fd_pack2<T>(p2, p3);",
     "l_run[h] = l_run[h] > 0.0f ? 1.0f / l_run[h] : 0.0f;",

@@ -15,7 +15,7 @@ Two kernels:
   thread loads Q once and then K and V^T tiles of 128 keys into two stages (full / empty mbarriers).
   Consumer warpgroup w owns query rows 64w .. 64w + 63: S = Q K^T by eight ``wgmma m64n128k16`` from
   shared memory; keys past Lk (the next head's rows, or TMA's zero fill) masked to -inf; online
-  softmax in float32 on the accumulator fragment (exp2, scale * log2 e folded in, row max and sum
+  softmax in float32 on the accumulator fragment (ex2.approx, scale * log2 e folded in, row max and sum
   over the 4 lanes that share a row); P converted in registers to the A fragment of the second MMA
   (the accumulator layout of m64nN is the A-register layout of m64k16, so no shuffles);
   O += P V by eight ``wgmma m64n128k16`` with A from registers and B = V^T from shared memory; the
@@ -62,6 +62,12 @@ def _wgmma_n128(dtype: str, a_regs: bool) -> str:
 
 _HEADER = _GEMM_HEADER + _wgmma_n128("bf16", False) + _wgmma_n128("f16", False) + _wgmma_n128("bf16", True) \
     + _wgmma_n128("f16", True) + r"""
+// 2^x by the special-function unit (ex2.approx: ~2 ulp, 2^-inf = +0), not exp2f's accurate sequence
+__device__ __forceinline__ float fd_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 __device__ __forceinline__ void fd_fence64(float (&d)[64]) {
 #pragma unroll
   for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
@@ -239,15 +245,15 @@ _SOURCE = r"""
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
       base[h] = mx[h] == NEG_INF ? 0.0f : mx[h];  // a row with no key yet: every p is 0, not NaN
-      corr[h] = exp2f(m_run[h] - base[h]);
+      corr[h] = fd_exp2(m_run[h] - base[h]);
       m_run[h] = mx[h];
       l_run[h] *= corr[h];
     }
     unsigned a[8][4];  // P as the A fragments of O += P V: keys 16 kk .. 16 kk + 15
 #pragma unroll
     for (int c = 0; c < 16; ++c) {
-      const float p0 = exp2f(sc[4 * c] - base[0]), p1 = exp2f(sc[4 * c + 1] - base[0]);
-      const float p2 = exp2f(sc[4 * c + 2] - base[1]), p3 = exp2f(sc[4 * c + 3] - base[1]);
+      const float p0 = fd_exp2(sc[4 * c] - base[0]), p1 = fd_exp2(sc[4 * c + 1] - base[0]);
+      const float p2 = fd_exp2(sc[4 * c + 2] - base[1]), p3 = fd_exp2(sc[4 * c + 3] - base[1]);
       l_run[0] += p0 + p1;
       l_run[1] += p2 + p3;
       a[c >> 1][(c & 1) * 2] = fd_pack2<T>(p0, p1);
