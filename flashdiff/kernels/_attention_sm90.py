@@ -3,8 +3,11 @@
 Opt-in (``attention(..., backend="cuda_wgmma")``) and **never yet run on a GPU**: written in session 6
 after that session's device time was spent, for the issue-5 target cuDNN misses (odd sequence
 lengths: cuDNN ran 4621 tokens at 0.88x of 4608's rate, benchmarks/README.md, session 6). Checked
-here only by nvcc (tests/test_cuda_sources.py: registers, no spills, no serialised wgmma); its GPU
-tests (tests/test_kernels_cuda.py, backend "cuda_wgmma") have not run.
+here by nvcc (tests/test_cuda_sources.py: registers, no spills, no serialised wgmma) and by running both
+kernels' source on the CPU under tests/cuda_emulation.py (a shim of TMA, mbarriers and wgmma whose model
+the H200-verified TMA GEMM passes too): exact against softmax attention there
+(tests/test_cuda_emulation.py). Its GPU tests (tests/test_kernels_cuda.py, backend "cuda_wgmma") have
+not run; what the emulation cannot show is timing (asynchronous wgmma, stage reuse), registers, speed.
 
 Two kernels:
 - ``_PREP_SOURCE``: V (B, Hk, Lk, 128) -> V^T (B, Hk, 128, Lkp), Lkp = Lk rounded up to 128 (zeros

@@ -1,0 +1,350 @@
+"""Run a Hopper TMA / wgmma kernel body on the CPU: the body compiled as C++ against a shim of the
+device functions it calls (tests only; see tests/test_cuda_emulation.py).
+
+What the shim models, one CTA at a time with one host thread per GPU thread:
+- shared memory: `__shared__` objects and the dynamic buffer are static arrays (the program is built
+  without PIE, so their addresses fit the kernels' 32-bit shared addresses);
+- mbarriers (count, pending arrivals, transaction bytes, phase; `try_wait.parity` as the PTX ISA
+  defines it), with a timeout that fails the run instead of hanging;
+- TMA tile loads: a box of rows x 64 two-byte elements, zero fill outside the tensor, written with
+  the 128-byte swizzle (16-byte chunk c of the row at byte offset a lands at chunk c ^ ((a >> 7) & 7));
+  the tensor map is the shim's own record, built by `fd_tmap_fill` and copied like the real one;
+- wgmma m64nNk16 with float32 accumulators, run when issued (so it cannot see a stage released too
+  early): A and B read through their shared-memory addresses with the same swizzle, 8-row groups
+  1024 bytes apart (what `fd_desc` encodes), or A from the registers of the warpgroup's threads in the
+  m64k16 A-fragment layout; each thread's accumulator elements in the m64nN layout;
+- warp shuffles, __syncwarp, __syncthreads and the 256-thread named barrier.
+The model is the one the kernels are written against; `test_cuda_emulation.py` first runs the TMA
+GEMM, which is exact on the H200, through it, so a wrong model shows up there.
+"""
+
+import re
+
+import numpy as np
+
+from helpers import compile_and_run_cpp
+
+SHIM = r"""
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+struct __nv_bfloat16 {
+  uint16_t x;
+  __nv_bfloat16() = default;
+  __nv_bfloat16(float f) {
+    uint32_t u; std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { x = 0x7fc0; return; }
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    x = (uint16_t)(u >> 16);
+  }
+  operator float() const { uint32_t u = (uint32_t)x << 16; float f; std::memcpy(&f, &u, 4); return f; }
+};
+struct __half {
+  uint16_t x;
+  __half() = default;
+  __half(float f) { _Float16 h = (_Float16)f; std::memcpy(&x, &h, 2); }
+  operator float() const { _Float16 h; std::memcpy(&h, &x, 2); return (float)h; }
+};
+struct uint4 { unsigned x, y, z, w; };
+static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
+struct emu_dim3 { unsigned x, y, z; };
+thread_local emu_dim3 threadIdx;
+emu_dim3 blockIdx, blockDim, gridDim;
+static inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+#define __device__
+#define __forceinline__ inline
+using std::max;
+using std::min;
+
+[[noreturn]] static void emu_fail(const char* what) { std::fprintf(stderr, "emulation: %s\n", what); std::exit(3); }
+
+struct EmuBarrier {  // a reusable barrier for `count` threads
+  std::mutex m; std::condition_variable cv; int count = 0, arrived = 0; long gen = 0;
+  void wait() {
+    std::unique_lock<std::mutex> lk(m);
+    long g = gen;
+    if (++arrived == count) { arrived = 0; ++gen; cv.notify_all(); return; }
+    if (!cv.wait_for(lk, std::chrono::seconds(20), [&] { return gen != g; })) emu_fail("barrier timed out (a thread never arrived)");
+  }
+};
+static EmuBarrier emu_cta, emu_named[16], emu_warp[32], emu_wg[8];
+static float emu_shfl[1024];
+static unsigned emu_afrag[1024][4];
+
+alignas(1024) static unsigned char emu_dyn_smem[240 * 1024];
+
+static inline unsigned emu_tid() { return threadIdx.x; }
+static inline void __syncthreads() { emu_cta.wait(); }
+static inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp[emu_tid() / 32].wait(); }
+static inline float __shfl_xor_sync(unsigned, float v, int m) {
+  const unsigned t = emu_tid();
+  emu_shfl[t] = v;
+  emu_warp[t / 32].wait();
+  const float r = emu_shfl[(t & ~31u) | ((t & 31u) ^ (unsigned)m)];
+  emu_warp[t / 32].wait();
+  return r;
+}
+static inline void emu_bar_sync(int id) { emu_named[id].wait(); }
+
+static inline unsigned fd_smem_addr(const void* p) {
+  const uintptr_t a = (uintptr_t)p;
+  if (a >> 32) emu_fail("a shared address does not fit 32 bits (build without PIE)");
+  return (unsigned)a;
+}
+static inline unsigned __cvta_generic_to_shared(const void* p) { return fd_smem_addr(p); }
+static inline unsigned char* emu_ptr(unsigned a) { return (unsigned char*)(uintptr_t)a; }
+static inline unsigned emu_swizzle(unsigned a) { return a ^ (((a >> 7) & 7u) << 4); }
+
+// ---- mbarriers
+struct EmuMbar { int count = 0, pending = 0; long tx = 0, phase = 0; };
+static std::mutex emu_mbar_m;
+static std::condition_variable emu_mbar_cv;
+static std::map<unsigned, EmuMbar> emu_mbars;
+static void emu_mbar_check(EmuMbar& b) {
+  if (b.pending == 0 && b.tx == 0) { ++b.phase; b.pending = b.count; emu_mbar_cv.notify_all(); }
+}
+static EmuMbar& emu_mbar(unsigned bar) {
+  auto it = emu_mbars.find(bar);
+  if (it == emu_mbars.end()) emu_fail("mbarrier used before init");
+  return it->second;
+}
+static inline void fd_mbar_init(unsigned bar, int count) {
+  std::lock_guard<std::mutex> lk(emu_mbar_m);
+  EmuMbar b; b.count = b.pending = count; emu_mbars[bar] = b;
+}
+static inline void fd_mbar_arrive(unsigned bar) {
+  std::lock_guard<std::mutex> lk(emu_mbar_m);
+  EmuMbar& b = emu_mbar(bar);
+  if (b.pending <= 0) emu_fail("mbarrier: more arrivals than its count");
+  --b.pending; emu_mbar_check(b);
+}
+static inline void fd_mbar_expect_tx(unsigned bar, unsigned bytes) {
+  std::lock_guard<std::mutex> lk(emu_mbar_m);
+  EmuMbar& b = emu_mbar(bar);
+  b.tx += bytes;
+  if (b.pending <= 0) emu_fail("mbarrier: more arrivals than its count");
+  --b.pending; emu_mbar_check(b);
+}
+static void emu_complete_tx(unsigned bar, long bytes) {
+  std::lock_guard<std::mutex> lk(emu_mbar_m);
+  EmuMbar& b = emu_mbar(bar);
+  b.tx -= bytes; emu_mbar_check(b);
+}
+static inline void fd_mbar_wait(unsigned bar, int parity) {  // returns once the phase of this parity completed
+  std::unique_lock<std::mutex> lk(emu_mbar_m);
+  if (!emu_mbar_cv.wait_for(lk, std::chrono::seconds(20), [&] { return (emu_mbar(bar).phase & 1) != parity; }))
+    emu_fail("mbarrier wait timed out (a missing arrival or transaction bytes)");
+}
+
+// ---- tensor maps and TMA
+struct EmuMap { uint64_t magic, base, cols, rows, row_bytes, box_rows; };
+template <bool BF16>
+static void fd_tmap_fill(unsigned map, const void* base, unsigned cols, unsigned rows, unsigned long long row_bytes,
+                         unsigned box_rows) {
+  EmuMap m{0x7a4d4150ull, (uint64_t)(uintptr_t)base, cols, rows, row_bytes, box_rows};
+  std::memcpy(emu_ptr(map), &m, sizeof m);
+}
+static inline unsigned long long fd_maps_addr(const void* buf) { return ((unsigned long long)(uintptr_t)buf + 127) & ~127ull; }
+static inline void emu_copy_map(unsigned long long global, unsigned smem) { std::memcpy((void*)(uintptr_t)global, emu_ptr(smem), 128); }
+static inline void fd_acquire_map(unsigned long long) {}
+static inline void fd_tma_load(unsigned dst, unsigned long long map, int col, int row, unsigned bar) {
+  EmuMap m; std::memcpy(&m, (const void*)(uintptr_t)map, sizeof m);
+  if (m.magic != 0x7a4d4150ull) emu_fail("TMA load through a map that was never written");
+  if (dst % 1024) emu_fail("TMA destination not 1024-byte aligned (128-byte swizzle)");
+  for (unsigned r = 0; r < m.box_rows; ++r)
+    for (int c = 0; c < 64; ++c) {
+      const long gr = (long)row + r, gc = (long)col + c;
+      uint16_t v = 0;
+      if (gr >= 0 && gc >= 0 && (uint64_t)gr < m.rows && (uint64_t)gc < m.cols)
+        std::memcpy(&v, (const unsigned char*)(uintptr_t)m.base + gr * m.row_bytes + gc * 2, 2);
+      std::memcpy(emu_ptr(emu_swizzle(dst + r * 128 + c * 2)), &v, 2);
+    }
+  emu_complete_tx(bar, (long)m.box_rows * 128);
+}
+
+// ---- wgmma
+static inline unsigned long long fd_desc(unsigned addr) { return addr; }
+template <bool BF16>
+static inline float emu_elem(unsigned a) {
+  uint16_t v; std::memcpy(&v, emu_ptr(a), 2);
+  if (BF16) { __nv_bfloat16 b; b.x = v; return (float)b; }
+  __half h; h.x = v; return (float)h;
+}
+template <bool BF16>
+static inline float emu_operand(unsigned long long desc, int row, int k) {  // K-major, 128B swizzle
+  const unsigned lin = (unsigned)desc + (row / 8) * 1024 + (row % 8) * 128 + k * 2;
+  return emu_elem<BF16>(emu_swizzle(lin));
+}
+// d += A (64 x 16) . B (N x 16)^T for this thread's accumulator elements (m64nN layout)
+template <bool BF16, int N, bool A_REGS>
+static void emu_wgmma(float* d, unsigned long long da, unsigned long long db) {
+  const unsigned tid = emu_tid(), lane = tid & 31, w = (tid / 32) % 4, g = lane >> 2, t = lane & 3;
+  const unsigned wg0 = tid / 128 * 128;
+  for (int i = 0; i < N / 2; ++i) {
+    const int row = 16 * w + g + 8 * ((i >> 1) & 1), col = 8 * (i >> 2) + 2 * t + (i & 1);
+    float acc = 0.0f;
+    for (int k = 0; k < 16; ++k) {
+      float a;
+      if (A_REGS) {  // (row, k) lives in lane 4 (row % 8) + (k % 8) / 2 of warp row / 16, register (row % 16) / 8 + 2 (k / 8)
+        const int rl = row % 16, src = wg0 + (row / 16) * 32 + 4 * (rl % 8) + (k % 8) / 2, reg = rl / 8 + 2 * (k / 8);
+        const uint16_t bits = (uint16_t)(emu_afrag[src][reg] >> (16 * (k % 2)));
+        if (BF16) { __nv_bfloat16 b; b.x = bits; a = (float)b; } else { __half h; h.x = bits; a = (float)h; }
+      } else {
+        a = emu_operand<BF16>(da, row, k);
+      }
+      acc += a * emu_operand<BF16>(db, col, k);
+    }
+    d[i] += acc;
+  }
+}
+template <bool BF16, int KSTEPS>
+static inline void fd_wgmma_tile(float (&d)[128], unsigned a_addr, unsigned b_addr) {
+  for (int kk = 0; kk < KSTEPS; ++kk) emu_wgmma<BF16, 256, false>(d, a_addr + kk * 32, b_addr + kk * 32);
+}
+template <bool BF16>
+static inline void fd_mma_ss128(float (&d)[64], unsigned a_addr, unsigned b_addr, unsigned chunk) {
+  for (int kk = 0; kk < 8; ++kk) {
+    const unsigned off = (kk >> 2) * chunk + (kk & 3) * 32;
+    emu_wgmma<BF16, 128, false>(d, a_addr + off, b_addr + off);
+  }
+}
+template <bool BF16>
+static inline void fd_mma_rs128(float (&d)[64], const unsigned (&a)[8][4], unsigned b_addr, unsigned chunk) {
+  const unsigned tid = emu_tid();
+  for (int kk = 0; kk < 8; ++kk) {
+    for (int r = 0; r < 4; ++r) emu_afrag[tid][r] = a[kk][r];
+    emu_wg[tid / 128].wait();  // every thread's fragment is published
+    const unsigned off = (kk >> 2) * chunk + (kk & 3) * 32;
+    emu_wgmma<BF16, 128, true>(d, 0, b_addr + off);
+    emu_wg[tid / 128].wait();  // every thread has read them
+  }
+}
+template <int N> static inline void emu_fence(float (&)[N]) {}
+#define fd_fence_acc emu_fence<128>
+#define fd_fence64 emu_fence<64>
+template <typename T>
+static inline unsigned fd_pack2(float lo, float hi) {
+  T h[2] = {T(lo), T(hi)};
+  unsigned u; std::memcpy(&u, h, 4); return u;
+}
+static inline float fd_exp2(float x) { return std::exp2(x); }
+
+static void emu_reset_cta(unsigned threads) {
+  emu_cta.count = (int)threads;
+  emu_named[1].count = 256;
+  for (auto& b : emu_warp) b.count = 32;
+  for (auto& b : emu_wg) b.count = 128;
+  emu_mbars.clear();
+}
+"""
+
+CTYPES = {"bf16": "__nv_bfloat16", "f16": "__half", "f32": "float", "i32": "int32_t", "u8": "uint8_t"}
+
+_ASM = [  # the inline-assembly statements kernel bodies use, and what the emulation does instead
+    (re.compile(r'asm volatile\("fence\.mbarrier_init\.release\.cluster;\\n" ::: "memory"\);'), ""),
+    (re.compile(r'asm volatile\("wgmma\.wait_group\.sync\.aligned \d;\\n" ::: "memory"\);'), ""),
+    (re.compile(r'asm volatile\("bar\.sync 1, 256;\\n" ::: "memory"\);'), "emu_bar_sync(1);"),
+    (re.compile(r'asm volatile\("tensormap\.cp_fenceproxy[^"]*"\s*:: "l"\((.*?)\), "r"\((.*?)\) : "memory"\);', re.S),
+     r"emu_copy_map(\1, \2);"),
+]
+
+
+def preprocess(body: str) -> str:
+    """The kernel body as C++ for the shim: shared objects become statics, assembly becomes shim calls."""
+    body = body.replace("extern __shared__ __align__(1024) unsigned char fd_smem_raw[];",
+                        "unsigned char* fd_smem_raw = emu_dyn_smem;")
+    body = re.sub(r"__shared__ __align__\((\d+)\)", r"alignas(\1) static", body).replace("__shared__", "static")
+    body = re.sub(r"__align__\((\d+)\)", r"alignas(\1)", body)
+    for pattern, repl in _ASM:
+        body = pattern.sub(repl, body)
+    if "asm" in body:
+        raise AssertionError("the emulation has no model for: " + body[body.index("asm"):][:120])
+    return body
+
+
+SIZES = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4, "u8": 1}
+
+
+def _template_lines(template):
+    lines = []
+    for key, value in template:
+        if isinstance(value, bool):
+            lines.append(f"  constexpr bool {key} = {'true' if value else 'false'};")
+        elif isinstance(value, int):
+            lines.append(f"  constexpr int {key} = {value};")
+        else:
+            lines.append(f"  using {key} = {CTYPES[value]};")
+    return "\n".join(lines)
+
+
+def run(tmp_path, buffers, launches, outputs):
+    """Run kernel bodies (mx.fast.cuda_kernel sources) one after another in one process.
+    buffers: {name: (tag, numpy array)} for inputs, or (tag, element count) for buffers the kernels write
+    (prefilled with 0xFF bytes); launches: [(body, template, input names, output names, grid (x, y) in
+    blocks, threads per block)]; outputs: the buffer names to return, as numpy arrays of raw values."""
+    kernels, decls, calls = [], [], []
+    for name, (tag, data) in buffers.items():
+        if isinstance(data, np.ndarray):
+            data = np.ascontiguousarray(data)
+            data.tofile(tmp_path / f"{name}.bin")
+            decls.append(f'  auto* {name} = ({CTYPES[tag]}*)emu_load("{name}.bin", {data.nbytes});')
+        else:
+            decls.append(f"  auto* {name} = ({CTYPES[tag]}*)emu_alloc({data * SIZES[tag]});")
+    for n, (body, template, ins, outs, grid, threads) in enumerate(launches):
+        params = [f"const {CTYPES[buffers[b][0]]}* {b}" for b in ins] + [f"{CTYPES[buffers[b][0]]}* {b}" for b in outs]
+        kernels.append(f"static void emu_kernel{n}(" + ", ".join(params) + ") {\n" + _template_lines(template) + "\n"
+                       + preprocess(body) + "\n}\n")
+        calls.append(f"  emu_launch({grid[0]}u, {grid[1]}u, {threads}u, [=] {{ emu_kernel{n}({', '.join(ins + outs)}); }});")
+    saves = []
+    for name in outputs:
+        tag, count = buffers[name]
+        saves.append(f'  emu_save("{name}.out", {name}, {count * SIZES[tag]});')
+    main = r"""
+static void* emu_alloc(size_t n) { void* p = std::aligned_alloc(256, (n + 255) / 256 * 256); std::memset(p, 0xff, n); return p; }
+static void* emu_load(const char* path, size_t n) {
+  void* p = emu_alloc(n); FILE* f = std::fopen(path, "rb");
+  if (!f || std::fread(p, 1, n, f) != n) emu_fail("input file");
+  std::fclose(f); return p;
+}
+static void emu_save(const char* path, const void* p, size_t n) { FILE* f = std::fopen(path, "wb"); std::fwrite(p, 1, n, f); std::fclose(f); }
+template <typename F>
+static void emu_launch(unsigned gx, unsigned gy, unsigned threads, F body) {  // one CTA at a time
+  gridDim = emu_dim3{gx, gy, 1u};
+  blockDim = emu_dim3{threads, 1u, 1u};
+  for (unsigned by = 0; by < gy; ++by)
+    for (unsigned bx = 0; bx < gx; ++bx) {
+      blockIdx = emu_dim3{bx, by, 0u};
+      emu_reset_cta(threads);
+      std::vector<std::thread> pool;
+      for (unsigned t = 0; t < threads; ++t) pool.emplace_back([=] { threadIdx = emu_dim3{t, 0u, 0u}; body(); });
+      for (auto& th : pool) th.join();
+    }
+}
+int main() {
+""" + "\n".join(decls + calls + saves) + "\n  return 0;\n}\n"
+    compile_and_run_cpp(tmp_path, SHIM + "".join(kernels) + main,
+                        ["-O1", "-no-pie", "-fno-pie", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
+                         "-Wno-unused-variable", "-Wno-unused-but-set-variable", "-Wno-unused-function"])
+    raw = {"bf16": np.uint16, "f16": np.uint16, "f32": np.float32, "i32": np.int32, "u8": np.uint8}
+    return {name: np.fromfile(tmp_path / f"{name}.out", raw[buffers[name][0]]) for name in outputs}
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (round to nearest even)."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def bf16_values(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)

@@ -1,0 +1,94 @@
+"""CUDA kernel bodies run on the CPU through tests/cuda_emulation.py (g++; no GPU).
+
+First the TMA GEMM (``_gemm_tma``), which is exact on the H200: it passing here is what says the
+emulation's model of TMA, the swizzle, the descriptors, mbarriers and wgmma is the one the hardware
+has. Then the sm_90 attention (``_attention_sm90``), which has not run on a GPU: its prep and main
+kernels as written, against float64 softmax attention. What the emulation cannot see: timing (a stage
+released while an asynchronous wgmma still reads it), register pressure, and anything in the parts of
+the PTX the shim replaces (the fd_* device functions themselves).
+"""
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from cuda_emulation import bf16_bits, bf16_values, run
+from flashdiff.kernels import _attention_sm90 as att
+from flashdiff.kernels import _gemm_tma
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+
+
+@pytest.mark.parametrize("m, k, n", [(200, 320, 312), (64, 200, 72)])
+def test_emulated_tma_gemm_matches_matmul(tmp_path, m, k, n):
+    """The dense TMA GEMM (maps kernel + GEMM kernel) as on the H200: K tails, N tails, more K tiles
+    than stages (stage reuse through the empty barriers), row tails."""
+    rng = np.random.default_rng(0)
+    x = bf16_bits(rng.standard_normal((m, k)))
+    w = bf16_bits(rng.standard_normal((n, k)) * 0.1)
+    bm, bn = _gemm_tma.BM, _gemm_tma.BN
+    tiles_m, tiles_n = -(-m // bm), -(-n // bn)
+    maps_t = [("IS_BF16", True), ("K", k), ("W_ROWS", n), ("X_ROWS", m)]
+    gemm_t = [("T", "bf16"), ("IS_BF16", True), ("K", k), ("N", n), ("A_DIV", 1), ("DIRECT", True),
+              ("M_ROWS", m), ("THREADS", _gemm_tma.THREADS), ("GROUP_M", 8)]
+    buffers = {"x": ("bf16", x), "w": ("bf16", w), "slot_row": ("i32", np.zeros(1, np.int32)),
+               "tile_expert": ("i32", np.zeros(1, np.int32)), "tmaps": ("u8", _gemm_tma.MAP_BYTES),
+               "out": ("bf16", m * n)}
+    got = run(tmp_path, buffers, [
+        (_gemm_tma._MAPS_SOURCE, maps_t, ["x", "w"], ["tmaps"], (1, 1), 32),
+        (_gemm_tma._SOURCE, gemm_t, ["x", "w", "slot_row", "tile_expert", "tmaps"], ["out"], (tiles_n, tiles_m),
+         _gemm_tma.THREADS),
+    ], ["out"])["out"]
+    ref = bf16_values(x).reshape(m, k).astype(np.float64) @ bf16_values(w).reshape(n, k).astype(np.float64).T
+    np.testing.assert_allclose(bf16_values(got).reshape(m, n), ref, rtol=1e-2, atol=1e-2)
+
+
+def _attention(tmp_path, q, k, v, scale, bias=None):
+    """The prep and main kernels of _attention_sm90 on bf16 bit patterns q (B, H, Lq, 128), k / v (B, Hk, Lk, 128)."""
+    b, h, lq, _ = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    lkp = att.padded_keys(lk)
+    gx, gy, _ = att.prep_grid(b, hk, lk)
+    buffers = {"q": ("bf16", q), "k": ("bf16", k), "v": ("bf16", v), "vt": ("bf16", b * hk * 128 * lkp),
+               "tmaps": ("u8", att.MAP_BYTES), "scale": ("f32", np.array([scale], np.float32)),
+               "kbias": ("f32", np.zeros(1, np.float32) if bias is None else bias.astype(np.float32)),
+               "out": ("bf16", q.size)}
+    prep_t = [("T", "bf16"), ("IS_BF16", True), ("LK", lk), ("LKP", lkp), ("Q_ROWS", b * h * lq), ("KV_ROWS", b * hk * lk)]
+    main_t = [("T", "bf16"), ("IS_BF16", True), ("H", h), ("HK", hk), ("LQ", lq), ("LK", lk), ("HAS_BIAS", bias is not None)]
+    got = run(tmp_path, buffers, [
+        (att._PREP_SOURCE, prep_t, ["q", "k", "v"], ["vt", "tmaps"], (gx // 256, gy), 256),
+        (att._SOURCE, main_t, ["q", "k", "vt", "tmaps", "scale", "kbias"], ["out"], (math.ceil(lq / att.BM), b * h),
+         att.THREADS),
+    ], ["out", "vt"])
+    return bf16_values(got["out"]).reshape(q.shape), bf16_values(got["vt"]).reshape(b, hk, 128, lkp)
+
+
+def _reference(q, k, v, scale, bias=None):
+    rep = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+    s = q @ k.swapaxes(-1, -2) * scale
+    if bias is not None:
+        s = s + bias[:, None, None, :]
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("b, h, hk, lq, lk, with_bias", [(1, 2, 1, 200, 300, False), (2, 1, 1, 129, 77, True),
+                                                          (1, 1, 1, 64, 257, True)])
+def test_emulated_wgmma_attention_matches_softmax_attention(tmp_path, b, h, hk, lq, lk, with_bias):
+    """The sm_90 attention's two kernels as written: query and key tails, GQA, batches, a key bias
+    (with a whole first tile of -inf keys in the last case), the V^T it builds on the way."""
+    rng = np.random.default_rng(1)
+    q, k, v = (bf16_bits(rng.standard_normal(shape)) for shape in ((b, h, lq, 128), (b, hk, lk, 128), (b, hk, lk, 128)))
+    bias = None
+    if with_bias:
+        bias = rng.uniform(-3, 0, (b, lk))
+        if lk > 128:
+            bias[:, :128] = -np.inf
+    out, vt = _attention(tmp_path, q, k, v, 0.088, bias)
+    qf, kf, vf = (bf16_values(a).astype(np.float64) for a in (q, k, v))
+    np.testing.assert_array_equal(vt[..., :lk], bf16_values(v).transpose(0, 1, 3, 2))
+    assert (vt[..., lk:] == 0).all()
+    np.testing.assert_allclose(out, _reference(qf, kf, vf, 0.088, bias), rtol=2e-2, atol=2e-2)
