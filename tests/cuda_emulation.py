@@ -15,7 +15,8 @@ What the shim models, one CTA at a time with one host thread per GPU thread:
   m64k16 A-fragment layout; each thread's accumulator elements in the m64nN layout;
 - warp shuffles, __syncwarp, __syncthreads and the 256-thread named barrier.
 The model is the one the kernels are written against; `test_cuda_emulation.py` first runs the TMA
-GEMM, which is exact on the H200, through it, so a wrong model shows up there.
+GEMM, which is exact on the H200, through it, so a wrong model shows up there, except in what the GEMM
+does not use: the register-A operand (its layout here is the PTX ISA's m64k16 A fragment as read).
 """
 
 import re
