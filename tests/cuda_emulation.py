@@ -336,7 +336,8 @@ int main() {
 """ + "\n".join(decls + calls + saves) + "\n  return 0;\n}\n"
     compile_and_run_cpp(tmp_path, SHIM + "".join(kernels) + main,
                         ["-O1", "-no-pie", "-fno-pie", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
-                         "-Wno-unused-variable", "-Wno-unused-but-set-variable", "-Wno-unused-function"])
+                         "-Wno-unused-variable", "-Wno-unused-but-set-variable", "-Wno-unused-function",
+                         "-Wno-unused-local-typedefs"])
     raw = {"bf16": np.uint16, "f16": np.uint16, "f32": np.float32, "i32": np.int32, "u8": np.uint8}
     return {name: np.fromfile(tmp_path / f"{name}.out", raw[buffers[name][0]]) for name in outputs}
 

@@ -45,6 +45,38 @@ def test_emulated_tma_gemm_matches_matmul(tmp_path, m, k, n):
     np.testing.assert_allclose(bf16_values(got).reshape(m, n), ref, rtol=1e-2, atol=1e-2)
 
 
+def test_emulated_grouped_tma_gemm_matches_per_expert_matmul(tmp_path):
+    """The MoE form: the gather + maps kernel, then the grouped TMA GEMM over the schedule of
+    moe.grouped_layout (padding slots, an expert without rows), each routed row through its expert."""
+    import mlx.core as mx
+
+    from flashdiff.kernels.moe import grouped_layout
+
+    t, e, k, n, top_k = 300, 4, 256, 192, 2
+    rng = np.random.default_rng(2)
+    x = bf16_bits(rng.standard_normal((t, k)))
+    w = bf16_bits(rng.standard_normal((e, n, k)) * 0.1)
+    ids = np.stack([rng.permutation(3)[:top_k] for _ in range(t)]).astype(np.int32)  # expert 3: no rows
+    slot_row, tile_expert = (np.array(a) for a in grouped_layout(mx.array(ids), e))
+    slots, tiles = slot_row.size, tile_expert.size
+    cpt = 4
+    gather_threads = max(slots * k // 8 // cpt, 32)
+    gather_t = [("T", "bf16"), ("SLOTS", slots), ("A_DIV", top_k), ("CPT", cpt), ("IS_BF16", True), ("K", k),
+                ("W_ROWS", e * n)]
+    gemm_t = [("T", "bf16"), ("IS_BF16", True), ("K", k), ("N", n), ("A_DIV", top_k), ("DIRECT", False),
+              ("M_ROWS", t * top_k), ("THREADS", _gemm_tma.THREADS), ("GROUP_M", 8)]
+    buffers = {"x": ("bf16", x), "w": ("bf16", w), "slot_row": ("i32", slot_row), "tile_expert": ("i32", tile_expert),
+               "xs": ("bf16", slots * k), "tmaps": ("u8", _gemm_tma.MAP_BYTES), "out": ("bf16", t * top_k * n)}
+    got = run(tmp_path, buffers, [
+        (_gemm_tma._GATHER_SOURCE, gather_t, ["x", "slot_row", "w"], ["xs", "tmaps"], (-(-gather_threads // 256), 1), 256),
+        (_gemm_tma._SOURCE, gemm_t, ["xs", "w", "slot_row", "tile_expert", "tmaps"], ["out"], (-(-n // _gemm_tma.BN), tiles),
+         _gemm_tma.THREADS),
+    ], ["out"])["out"]
+    xf, wf = bf16_values(x).reshape(t, k).astype(np.float64), bf16_values(w).reshape(e, n, k).astype(np.float64)
+    ref = np.einsum("tk,tjnk->tjn", xf, wf[ids]).reshape(t * top_k, n)
+    np.testing.assert_allclose(bf16_values(got).reshape(t * top_k, n), ref, rtol=1e-2, atol=1e-2)
+
+
 def _attention(tmp_path, q, k, v, scale, bias=None):
     """The prep and main kernels of _attention_sm90 on bf16 bit patterns q (B, H, Lq, 128), k / v (B, Hk, Lk, 128)."""
     b, h, lq, _ = q.shape
