@@ -9,8 +9,8 @@ What the shim models, one CTA at a time with one host thread per GPU thread:
 - TMA tile loads: a box of rows x 64 two-byte elements, zero fill outside the tensor, written with
   the 128-byte swizzle (16-byte chunk c of the row at byte offset a lands at chunk c ^ ((a >> 7) & 7));
   the tensor map is the shim's own record, built by `fd_tmap_fill` and copied like the real one;
-- wgmma m64nNk16 with float32 accumulators, run when issued (so it cannot see a stage released too
-  early): A and B read through their shared-memory addresses with the same swizzle, 8-row groups
+- wgmma m64nNk16 with float32 accumulators, run at the wait_group that retires it (as late as the
+  hardware may: a stage released or an operand changed too early shows): A and B read through their shared-memory addresses with the same swizzle, 8-row groups
   1024 bytes apart (what `fd_desc` encodes), or A from the registers of the warpgroup's threads in the
   m64k16 A-fragment layout; each thread's accumulator elements in the m64nN layout;
 - warp shuffles, __syncwarp, __syncthreads and the 256-thread named barrier.
@@ -35,6 +35,8 @@ SHIM = r"""
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -81,7 +83,7 @@ struct EmuBarrier {  // a reusable barrier for `count` threads
 };
 static EmuBarrier emu_cta, emu_named[16], emu_warp[32], emu_wg[8];
 static float emu_shfl[1024];
-static unsigned emu_afrag[1024][4];
+static const unsigned (*emu_afrag_of[1024])[8][4];  // each thread's register-A fragments, while a wgmma may read them
 
 alignas(1024) static unsigned char emu_dyn_smem[240 * 1024];
 
@@ -189,7 +191,7 @@ static inline float emu_operand(unsigned long long desc, int row, int k) {  // K
 }
 // d += A (64 x 16) . B (N x 16)^T for this thread's accumulator elements (m64nN layout)
 template <bool BF16, int N, bool A_REGS>
-static void emu_wgmma(float* d, unsigned long long da, unsigned long long db) {
+static void emu_wgmma(float* d, unsigned long long da, unsigned long long db, int kk) {
   const unsigned tid = emu_tid(), lane = tid & 31, w = (tid / 32) % 4, g = lane >> 2, t = lane & 3;
   const unsigned wg0 = tid / 128 * 128;
   for (int i = 0; i < N / 2; ++i) {
@@ -199,7 +201,7 @@ static void emu_wgmma(float* d, unsigned long long da, unsigned long long db) {
       float a;
       if (A_REGS) {  // (row, k) lives in lane 4 (row % 8) + (k % 8) / 2 of warp row / 16, register (row % 16) / 8 + 2 (k / 8)
         const int rl = row % 16, src = wg0 + (row / 16) * 32 + 4 * (rl % 8) + (k % 8) / 2, reg = rl / 8 + 2 * (k / 8);
-        const uint16_t bits = (uint16_t)(emu_afrag[src][reg] >> (16 * (k % 2)));
+        const uint16_t bits = (uint16_t)((*emu_afrag_of[src])[kk][reg] >> (16 * (k % 2)));
         if (BF16) { __nv_bfloat16 b; b.x = bits; a = (float)b; } else { __half h; h.x = bits; a = (float)h; }
       } else {
         a = emu_operand<BF16>(da, row, k);
@@ -209,27 +211,44 @@ static void emu_wgmma(float* d, unsigned long long da, unsigned long long db) {
     d[i] += acc;
   }
 }
+// Asynchrony: an issued wgmma joins the open group; commit closes it; wait_group(n) runs every
+// committed group but the newest n, in order. So operands are read, and accumulators written, as late
+// as the hardware may: a stage released, or an operand register changed, before its wait shows up
+// as a wrong result. Each wait is a warpgroup barrier on both sides (register-A reads cross threads).
+thread_local std::vector<std::function<void()>> emu_open_group;
+thread_local std::deque<std::vector<std::function<void()>>> emu_groups;
+static inline void emu_wgmma_commit() { emu_groups.push_back(std::move(emu_open_group)); emu_open_group.clear(); }
+static inline void emu_wgmma_wait(int n) {
+  const unsigned wg = emu_tid() / 128;
+  emu_wg[wg].wait();
+  while ((int)emu_groups.size() > n) {
+    for (auto& op : emu_groups.front()) op();
+    emu_groups.pop_front();
+  }
+  emu_wg[wg].wait();
+}
 template <bool BF16, int KSTEPS>
 static inline void fd_wgmma_tile(float (&d)[128], unsigned a_addr, unsigned b_addr) {
-  for (int kk = 0; kk < KSTEPS; ++kk) emu_wgmma<BF16, 256, false>(d, a_addr + kk * 32, b_addr + kk * 32);
+  for (int kk = 0; kk < KSTEPS; ++kk)
+    emu_open_group.push_back([&d, a_addr, b_addr, kk] { emu_wgmma<BF16, 256, false>(d, a_addr + kk * 32, b_addr + kk * 32, 0); });
+  emu_wgmma_commit();
 }
 template <bool BF16>
 static inline void fd_mma_ss128(float (&d)[64], unsigned a_addr, unsigned b_addr, unsigned chunk) {
   for (int kk = 0; kk < 8; ++kk) {
     const unsigned off = (kk >> 2) * chunk + (kk & 3) * 32;
-    emu_wgmma<BF16, 128, false>(d, a_addr + off, b_addr + off);
+    emu_open_group.push_back([&d, a_addr, b_addr, off] { emu_wgmma<BF16, 128, false>(d, a_addr + off, b_addr + off, 0); });
   }
+  emu_wgmma_commit();
 }
 template <bool BF16>
 static inline void fd_mma_rs128(float (&d)[64], const unsigned (&a)[8][4], unsigned b_addr, unsigned chunk) {
-  const unsigned tid = emu_tid();
+  emu_afrag_of[emu_tid()] = &a;
   for (int kk = 0; kk < 8; ++kk) {
-    for (int r = 0; r < 4; ++r) emu_afrag[tid][r] = a[kk][r];
-    emu_wg[tid / 128].wait();  // every thread's fragment is published
     const unsigned off = (kk >> 2) * chunk + (kk & 3) * 32;
-    emu_wgmma<BF16, 128, true>(d, 0, b_addr + off);
-    emu_wg[tid / 128].wait();  // every thread has read them
+    emu_open_group.push_back([&d, b_addr, off, kk] { emu_wgmma<BF16, 128, true>(d, 0, b_addr + off, kk); });
   }
+  emu_wgmma_commit();
 }
 template <int N> static inline void emu_fence(float (&)[N]) {}
 #define fd_fence_acc emu_fence<128>
@@ -254,7 +273,7 @@ CTYPES = {"bf16": "__nv_bfloat16", "f16": "__half", "f32": "float", "i32": "int3
 
 _ASM = [  # the inline-assembly statements kernel bodies use, and what the emulation does instead
     (re.compile(r'asm volatile\("fence\.mbarrier_init\.release\.cluster;\\n" ::: "memory"\);'), ""),
-    (re.compile(r'asm volatile\("wgmma\.wait_group\.sync\.aligned \d;\\n" ::: "memory"\);'), ""),
+    (re.compile(r'asm volatile\("wgmma\.wait_group\.sync\.aligned (\d);\\n" ::: "memory"\);'), r"emu_wgmma_wait(\1);"),
     (re.compile(r'asm volatile\("bar\.sync 1, 256;\\n" ::: "memory"\);'), "emu_bar_sync(1);"),
     (re.compile(r'asm volatile\("tensormap\.cp_fenceproxy[^"]*"\s*:: "l"\((.*?)\), "r"\((.*?)\) : "memory"\);', re.S),
      r"emu_copy_map(\1, \2);"),

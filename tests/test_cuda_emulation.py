@@ -108,10 +108,11 @@ def _reference(q, k, v, scale, bias=None):
 
 
 @pytest.mark.parametrize("b, h, hk, lq, lk, with_bias", [(1, 2, 1, 200, 300, False), (2, 1, 1, 129, 77, True),
-                                                          (1, 1, 1, 64, 257, True)])
+                                                          (1, 1, 1, 64, 257, True), (1, 1, 1, 130, 700, False)])
 def test_emulated_wgmma_attention_matches_softmax_attention(tmp_path, b, h, hk, lq, lk, with_bias):
     """The sm_90 attention's two kernels as written: query and key tails, GQA, batches, a key bias
-    (with a whole first tile of -inf keys in the last case), the V^T it builds on the way."""
+    (with a whole first tile of -inf keys), many tiles through two stages (each stage refilled while
+    the other is read), the V^T it builds on the way."""
     rng = np.random.default_rng(1)
     q, k, v = (bf16_bits(rng.standard_normal(shape)) for shape in ((b, h, lq, 128), (b, hk, lk, 128), (b, hk, lk, 128)))
     bias = None
