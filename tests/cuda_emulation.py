@@ -272,7 +272,7 @@ static void emu_reset_cta(unsigned threads) {
 CTYPES = {"bf16": "__nv_bfloat16", "f16": "__half", "f32": "float", "i32": "int32_t", "u8": "uint8_t"}
 
 _ASM = [  # the inline-assembly statements kernel bodies use, and what the emulation does instead
-    (re.compile(r'asm volatile\("fence\.mbarrier_init\.release\.cluster;\\n" ::: "memory"\);'), ""),
+    (re.compile(r'asm volatile\("fence\.mbarrier_init\.release\.cluster;\\n" ::: "memory"\);'), ";"),  # a statement still
     (re.compile(r'asm volatile\("wgmma\.wait_group\.sync\.aligned (\d);\\n" ::: "memory"\);'), r"emu_wgmma_wait(\1);"),
     (re.compile(r'asm volatile\("bar\.sync 1, 256;\\n" ::: "memory"\);'), "emu_bar_sync(1);"),
     (re.compile(r'asm volatile\("tensormap\.cp_fenceproxy[^"]*"\s*:: "l"\((.*?)\), "r"\((.*?)\) : "memory"\);', re.S),
