@@ -311,8 +311,9 @@ def _template_lines(template):
 def run(tmp_path, buffers, launches, outputs):
     """Run kernel bodies (mx.fast.cuda_kernel sources) one after another in one process.
     buffers: {name: (tag, numpy array)} for inputs, or (tag, element count) for buffers the kernels write
-    (prefilled with 0xFF bytes); launches: [(body, template, input names, output names, grid (x, y) in
-    blocks, threads per block)]; outputs: the buffer names to return, as numpy arrays of raw values."""
+    (prefilled with 0xFF bytes); launches: [(body, template, inputs, outputs, grid (x, y) in blocks,
+    threads per block)], each input / output a buffer name or (kernel parameter name, buffer name);
+    outputs: the buffer names to return, as numpy arrays of raw values."""
     kernels, decls, calls = [], [], []
     for name, (tag, data) in buffers.items():
         if isinstance(data, np.ndarray):
@@ -322,10 +323,12 @@ def run(tmp_path, buffers, launches, outputs):
         else:
             decls.append(f"  auto* {name} = ({CTYPES[tag]}*)emu_alloc({data * SIZES[tag]});")
     for n, (body, template, ins, outs, grid, threads) in enumerate(launches):
-        params = [f"const {CTYPES[buffers[b][0]]}* {b}" for b in ins] + [f"{CTYPES[buffers[b][0]]}* {b}" for b in outs]
+        ins, outs = ([(b, b) if isinstance(b, str) else b for b in names] for names in (ins, outs))  # (param, buffer)
+        params = [f"const {CTYPES[buffers[b][0]]}* {p}" for p, b in ins] + [f"{CTYPES[buffers[b][0]]}* {p}" for p, b in outs]
         kernels.append(f"static void emu_kernel{n}(" + ", ".join(params) + ") {\n" + _template_lines(template) + "\n"
                        + preprocess(body) + "\n}\n")
-        calls.append(f"  emu_launch({grid[0]}u, {grid[1]}u, {threads}u, [=] {{ emu_kernel{n}({', '.join(ins + outs)}); }});")
+        args = ", ".join(b for _, b in ins + outs)
+        calls.append(f"  emu_launch({grid[0]}u, {grid[1]}u, {threads}u, [=] {{ emu_kernel{n}({args}); }});")
     saves = []
     for name in outputs:
         tag, count = buffers[name]
@@ -369,3 +372,67 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
 
 def bf16_values(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+# ---- replaying what the Python launchers ask mx.fast.cuda_kernel for
+
+def _tag(dtype):
+    import mlx.core as mx
+    return {mx.bfloat16: "bf16", mx.float16: "f16", mx.float32: "f32", mx.int32: "i32", mx.uint8: "u8"}[dtype]
+
+
+def _raw(a):
+    """An mx array's bytes as numpy (bf16 / f16 as their 16-bit patterns)."""
+    import mlx.core as mx
+    if a.dtype in (mx.bfloat16, mx.float16):
+        return np.array(a.view(mx.uint16))
+    return np.array(a)
+
+
+class LaunchRecorder:
+    """Stands in for mx.fast.cuda_kernel: each call is recorded (source, names, template, grid and
+    threadgroup as the launcher computed them; its input arrays) and returns zeros of the output shapes."""
+
+    def __init__(self):
+        self.launches = []
+
+    def cuda_kernel(self, name, input_names, output_names, source, header="", ensure_row_contiguous=True,
+                    atomic_outputs=False, shared_memory=0):
+        import mlx.core as mx
+
+        def call(*, inputs, template, output_shapes, output_dtypes, grid, threadgroup, stream=None, init_value=None,
+                 verbose=False):
+            outs = [mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
+            self.launches.append(dict(name=name, source=source, input_names=list(input_names),
+                                      output_names=list(output_names), inputs=list(inputs), outputs=outs,
+                                      template=list(template), grid=grid, threadgroup=threadgroup,
+                                      shared_memory=shared_memory))
+            return outs
+        return call
+
+
+def replay(tmp_path, launches):
+    """Run recorded launches in order through the emulation (an output of one launch that a later one
+    takes is the same buffer); returns the last launch's outputs as numpy arrays of raw values."""
+    buffers, ids, specs = {}, {}, []
+
+    def buffer_of(a, produced):
+        key = id(a)
+        if key not in ids:
+            ids[key] = f"b{len(ids)}"
+            buffers[ids[key]] = (_tag(a.dtype), a.size if produced else _raw(a))
+        return ids[key]
+
+    for rec in launches:
+        ins = [(p, buffer_of(a, False)) for p, a in zip(rec["input_names"], rec["inputs"])]
+        outs = [(p, buffer_of(a, True)) for p, a in zip(rec["output_names"], rec["outputs"])]
+        template = [(k, v if isinstance(v, (bool, int)) else _tag(v)) for k, v in rec["template"]]
+        (gx, gy, gz), (tx, ty, tz) = rec["grid"], rec["threadgroup"]
+        if gz != 1 or ty != 1 or tz != 1 or gx % tx:
+            raise AssertionError(f"{rec['name']}: the emulation runs 1-D blocks over an x/y grid, got {rec['grid']} / {rec['threadgroup']}")
+        if rec["shared_memory"] > 240 * 1024:
+            raise AssertionError(f"{rec['name']}: {rec['shared_memory']} bytes of dynamic shared memory")
+        specs.append((rec["source"], template, ins, outs, (gx // tx, gy), tx))
+    last = [b for _, b in specs[-1][3]]
+    got = run(tmp_path, buffers, specs, last)
+    return [got[b] for b in last]

@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cuda_emulation import bf16_bits, bf16_values, run
+from cuda_emulation import LaunchRecorder, bf16_bits, bf16_values, replay, run
 from flashdiff.kernels import _attention_sm90 as att
 from flashdiff.kernels import _gemm_tma
 
@@ -125,3 +125,65 @@ def test_emulated_wgmma_attention_matches_softmax_attention(tmp_path, b, h, hk, 
     np.testing.assert_array_equal(vt[..., :lk], bf16_values(v).transpose(0, 1, 3, 2))
     assert (vt[..., lk:] == 0).all()
     np.testing.assert_allclose(out, _reference(qf, kf, vf, 0.088, bias), rtol=2e-2, atol=2e-2)
+
+
+# ---- the same kernels as the Python launchers ask for them (templates, grids, buffers as computed there)
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """mx.fast.cuda_kernel replaced by a recorder (the kernel factories' caches cleared on both sides)."""
+    import mlx.core as mx
+
+    caches = [att._kernel, att._prep_kernel, _gemm_tma._kernel, _gemm_tma._gather_kernel, _gemm_tma._maps_kernel]
+    for cache in caches:
+        cache.cache_clear()
+    rec = LaunchRecorder()
+    monkeypatch.setattr(mx.fast, "cuda_kernel", rec.cuda_kernel)
+    yield rec
+    for cache in caches:
+        cache.cache_clear()
+
+
+def test_attention_backend_cuda_wgmma_as_launched(tmp_path, recorder):
+    """attention(..., backend="cuda_wgmma") with a boolean key mask and GQA: the launches its Python
+    code makes, run through the emulation, against the float32 reference."""
+    import mlx.core as mx
+
+    from flashdiff.kernels import attention, attention_reference
+
+    mx.random.seed(3)
+    q = mx.random.normal((2, 2, 150, 128)).astype(mx.bfloat16)
+    k, v = (mx.random.normal((2, 1, 260, 128)).astype(mx.bfloat16) for _ in range(2))
+    mask = mx.arange(260)[None, None, None, :] < mx.array([255, 140])[:, None, None, None]
+    attention(q, k, v, 0.09, mask, backend="cuda_wgmma")
+    assert [r["name"] for r in recorder.launches] == ["flashdiff_attention_sm90_prep", "flashdiff_attention_sm90"]
+    (out,) = replay(tmp_path, recorder.launches)
+    ref = attention_reference(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), 0.09, mask)
+    np.testing.assert_allclose(bf16_values(out).reshape(q.shape), np.array(ref), rtol=2e-2, atol=2e-2)
+
+
+def test_grouped_and_dense_gemm_wgmma_tma_as_launched(tmp_path, recorder):
+    """_gemm_cuda.grouped_gemm / dense_gemm with engine "wgmma tma": gather + maps + GEMM, and maps + GEMM."""
+    import mlx.core as mx
+
+    from flashdiff.kernels import _gemm_cuda
+    from flashdiff.kernels.moe import grouped_layout
+
+    mx.random.seed(4)
+    x = mx.random.normal((250, 192)).astype(mx.bfloat16)
+    w = (mx.random.normal((3, 136, 192)) * 0.1).astype(mx.bfloat16)
+    ids = mx.argsort(mx.random.uniform(shape=(250, 3)), axis=-1)[:, :2].astype(mx.int32)
+    slot_row, tile_expert = grouped_layout(ids, 3)
+    _gemm_cuda.grouped_gemm(x, w, slot_row, tile_expert, 500, 2, engine="wgmma tma")
+    assert [r["name"] for r in recorder.launches] == ["flashdiff_gather_slots", "flashdiff_grouped_gemm_tma"]
+    (tmp_path / "grouped").mkdir()
+    (out,) = replay(tmp_path / "grouped", recorder.launches)
+    xf, wf = np.array(x.astype(mx.float32)).astype(np.float64), np.array(w.astype(mx.float32)).astype(np.float64)
+    ref = np.einsum("tk,tjnk->tjn", xf, wf[np.array(ids)]).reshape(500, 136)
+    np.testing.assert_allclose(bf16_values(out).reshape(500, 136), ref, rtol=1e-2, atol=1e-2)
+
+    recorder.launches.clear()
+    _gemm_cuda.dense_gemm(x, w[1], engine="wgmma tma")
+    assert [r["name"] for r in recorder.launches] == ["flashdiff_gemm_tensor_maps", "flashdiff_grouped_gemm_tma"]
+    (out,) = replay(tmp_path, recorder.launches)
+    np.testing.assert_allclose(bf16_values(out).reshape(250, 136), xf @ wf[1].T, rtol=1e-2, atol=1e-2)
