@@ -5,7 +5,8 @@ emulation's model of TMA, the swizzle, the descriptors, mbarriers and wgmma is t
 has. Then the sm_90 attention (``_attention_sm90``), which has not run on a GPU: its prep and main
 kernels as written, against float64 softmax attention. What the emulation cannot see: timing (a stage
 released while an asynchronous wgmma still reads it), register pressure, and anything in the parts of
-the PTX the shim replaces (the fd_* device functions themselves).
+the PTX the shim replaces (the fd_* device functions themselves). The last tests replay what the
+Python launchers compute (templates, grids, buffers), with a recorder in place of mx.fast.cuda_kernel.
 """
 
 import math
