@@ -23,7 +23,7 @@ import re
 
 import numpy as np
 
-from helpers import compile_and_run_cpp
+from helpers import compile_and_run_cpp, template_lines
 
 SHIM = r"""
 #include <algorithm>
@@ -296,18 +296,6 @@ def preprocess(body: str) -> str:
 SIZES = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4, "u8": 1}
 
 
-def _template_lines(template):
-    lines = []
-    for key, value in template:
-        if isinstance(value, bool):
-            lines.append(f"  constexpr bool {key} = {'true' if value else 'false'};")
-        elif isinstance(value, int):
-            lines.append(f"  constexpr int {key} = {value};")
-        else:
-            lines.append(f"  using {key} = {CTYPES[value]};")
-    return "\n".join(lines)
-
-
 def run(tmp_path, buffers, launches, outputs):
     """Run kernel bodies (mx.fast.cuda_kernel sources) one after another in one process.
     buffers: {name: (tag, numpy array)} for inputs, or (tag, element count) for buffers the kernels write
@@ -325,7 +313,7 @@ def run(tmp_path, buffers, launches, outputs):
     for n, (body, template, ins, outs, grid, threads) in enumerate(launches):
         ins, outs = ([(b, b) if isinstance(b, str) else b for b in names] for names in (ins, outs))  # (param, buffer)
         params = [f"const {CTYPES[buffers[b][0]]}* {p}" for p, b in ins] + [f"{CTYPES[buffers[b][0]]}* {p}" for p, b in outs]
-        kernels.append(f"static void emu_kernel{n}(" + ", ".join(params) + ") {\n" + _template_lines(template) + "\n"
+        kernels.append(f"static void emu_kernel{n}(" + ", ".join(params) + ") {\n" + template_lines(template, CTYPES) + "\n"
                        + preprocess(body) + "\n}\n")
         args = ", ".join(b for _, b in ins + outs)
         calls.append(f"  emu_launch({grid[0]}u, {grid[1]}u, {threads}u, [=] {{ emu_kernel{n}({args}); }});")

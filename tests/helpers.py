@@ -39,6 +39,14 @@ def cuda_kernel_source(name, header, source, inputs, outputs, template):
     const pointers, then outputs, template values as constexpr/using lines, then the body), with the
     CUDA headers in place of MLX's device utilities. inputs / outputs: [(name, mx dtype)]."""
     params = [f"const {CUDA_TYPES[t]}* {n}" for n, t in inputs] + [f"{CUDA_TYPES[t]}* {n}" for n, t in outputs]
+    return ("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n" + header
+            + "\nnamespace mlx::core::cu {\n__global__ void " + name + "(" + ", ".join(params) + ") {\n"
+            + template_lines(template, CUDA_TYPES) + "\n" + source + "\n}\n}  // namespace mlx::core::cu\n")
+
+
+def template_lines(template, type_names) -> str:
+    """A kernel's template values as MLX writes them into the body: constexpr bool / int lines, and
+    `using` lines for types (type_names: the C++ name of each type value)."""
     lines = []
     for key, value in template:
         if isinstance(value, bool):
@@ -46,10 +54,20 @@ def cuda_kernel_source(name, header, source, inputs, outputs, template):
         elif isinstance(value, int):
             lines.append(f"  constexpr int {key} = {value};")
         else:
-            lines.append(f"  using {key} = {CUDA_TYPES[value]};")
-    return ("#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n" + header
-            + "\nnamespace mlx::core::cu {\n__global__ void " + name + "(" + ", ".join(params) + ") {\n"
-            + "\n".join(lines) + "\n" + source + "\n}\n}  // namespace mlx::core::cu\n")
+            lines.append(f"  using {key} = {type_names[value]};")
+    return "\n".join(lines)
+
+
+def softmax_attention_np(q, k, v, scale, bias=None):
+    """softmax(q k^T * scale + bias) v in numpy (float64 in, float64 out); k / v heads repeated for
+    GQA; bias (B, Lk) additive per key."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+    s = q @ k.swapaxes(-1, -2) * scale
+    if bias is not None:
+        s = s + bias[:, None, None, :]
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
 
 
 def _nvcc(tmp_path, source: str, arch: str, stem: str, *output_args):

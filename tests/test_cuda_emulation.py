@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from cuda_emulation import LaunchRecorder, bf16_bits, bf16_values, replay, run
+from helpers import softmax_attention_np
 from flashdiff.kernels import _attention_sm90 as att
 from flashdiff.kernels import _gemm_tma
 
@@ -98,16 +99,6 @@ def _attention(tmp_path, q, k, v, scale, bias=None):
     return bf16_values(got["out"]).reshape(q.shape), bf16_values(got["vt"]).reshape(b, hk, 128, lkp)
 
 
-def _reference(q, k, v, scale, bias=None):
-    rep = q.shape[1] // k.shape[1]
-    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
-    s = q @ k.swapaxes(-1, -2) * scale
-    if bias is not None:
-        s = s + bias[:, None, None, :]
-    p = np.exp(s - s.max(-1, keepdims=True))
-    return (p / p.sum(-1, keepdims=True)) @ v
-
-
 @pytest.mark.parametrize("b, h, hk, lq, lk, with_bias", [(1, 2, 1, 200, 300, False), (2, 1, 1, 129, 77, True),
                                                           (1, 1, 1, 64, 257, True), (1, 1, 1, 130, 700, False)])
 def test_emulated_wgmma_attention_matches_softmax_attention(tmp_path, b, h, hk, lq, lk, with_bias):
@@ -125,7 +116,7 @@ def test_emulated_wgmma_attention_matches_softmax_attention(tmp_path, b, h, hk, 
     qf, kf, vf = (bf16_values(a).astype(np.float64) for a in (q, k, v))
     np.testing.assert_array_equal(vt[..., :lk], bf16_values(v).transpose(0, 1, 3, 2))
     assert (vt[..., lk:] == 0).all()
-    np.testing.assert_allclose(out, _reference(qf, kf, vf, 0.088, bias), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(out, softmax_attention_np(qf, kf, vf, 0.088, bias), rtol=2e-2, atol=2e-2)
 
 
 # ---- the same kernels as the Python launchers ask for them (templates, grids, buffers as computed there)
