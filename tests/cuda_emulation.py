@@ -259,6 +259,8 @@ static inline unsigned fd_pack2(float lo, float hi) {
   unsigned u; std::memcpy(&u, h, 4); return u;
 }
 static inline float fd_exp2(float x) { return std::exp2(x); }
+static inline float __fadd_rn(float a, float b) { return a + b; }  // built with -ffp-contract=off: no fused multiply-add
+static inline float __fmul_rn(float a, float b) { return a * b; }
 
 static void emu_reset_cta(unsigned threads) {
   emu_cta.count = (int)threads;
@@ -269,7 +271,7 @@ static void emu_reset_cta(unsigned threads) {
 }
 """
 
-CTYPES = {"bf16": "__nv_bfloat16", "f16": "__half", "f32": "float", "i32": "int32_t", "u8": "uint8_t"}
+CTYPES = {"bf16": "__nv_bfloat16", "f16": "__half", "f32": "float", "i32": "int32_t", "u32": "uint32_t", "u8": "uint8_t"}
 
 _ASM = [  # the inline-assembly statements kernel bodies use, and what the emulation does instead
     (re.compile(r'asm volatile\("fence\.mbarrier_init\.release\.cluster;\\n" ::: "memory"\);'), ";"),  # a statement still
@@ -293,15 +295,16 @@ def preprocess(body: str) -> str:
     return body
 
 
-SIZES = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4, "u8": 1}
+SIZES = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4, "u32": 4, "u8": 1}
 
 
-def run(tmp_path, buffers, launches, outputs):
+def run(tmp_path, buffers, launches, outputs, headers=""):
     """Run kernel bodies (mx.fast.cuda_kernel sources) one after another in one process.
     buffers: {name: (tag, numpy array)} for inputs, or (tag, element count) for buffers the kernels write
     (prefilled with 0xFF bytes); launches: [(body, template, inputs, outputs, grid (x, y) in blocks,
     threads per block)], each input / output a buffer name or (kernel parameter name, buffer name);
-    outputs: the buffer names to return, as numpy arrays of raw values."""
+    outputs: the buffer names to return, as numpy arrays of raw values. headers: kernel headers that are
+    plain C++ once the shim is in (device functions without assembly), compiled in after it."""
     kernels, decls, calls = [], [], []
     for name, (tag, data) in buffers.items():
         if isinstance(data, np.ndarray):
@@ -344,11 +347,11 @@ static void emu_launch(unsigned gx, unsigned gy, unsigned threads, F body) {  //
 }
 int main() {
 """ + "\n".join(decls + calls + saves) + "\n  return 0;\n}\n"
-    compile_and_run_cpp(tmp_path, SHIM + "".join(kernels) + main,
+    compile_and_run_cpp(tmp_path, SHIM + headers + "".join(kernels) + main,
                         ["-O1", "-no-pie", "-fno-pie", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
                          "-Wno-unused-variable", "-Wno-unused-but-set-variable", "-Wno-unused-function",
-                         "-Wno-unused-local-typedefs"])
-    raw = {"bf16": np.uint16, "f16": np.uint16, "f32": np.float32, "i32": np.int32, "u8": np.uint8}
+                         "-Wno-unused-local-typedefs", "-ffp-contract=off"])
+    raw = {"bf16": np.uint16, "f16": np.uint16, "f32": np.float32, "i32": np.int32, "u32": np.uint32, "u8": np.uint8}
     return {name: np.fromfile(tmp_path / f"{name}.out", raw[buffers[name][0]]) for name in outputs}
 
 
@@ -366,7 +369,8 @@ def bf16_values(bits: np.ndarray) -> np.ndarray:
 
 def _tag(dtype):
     import mlx.core as mx
-    return {mx.bfloat16: "bf16", mx.float16: "f16", mx.float32: "f32", mx.int32: "i32", mx.uint8: "u8"}[dtype]
+    return {mx.bfloat16: "bf16", mx.float16: "f16", mx.float32: "f32", mx.int32: "i32", mx.uint32: "u32",
+            mx.uint8: "u8"}[dtype]
 
 
 def _raw(a):
@@ -399,9 +403,10 @@ class LaunchRecorder:
         return call
 
 
-def replay(tmp_path, launches):
+def replay(tmp_path, launches, headers=""):
     """Run recorded launches in order through the emulation (an output of one launch that a later one
-    takes is the same buffer); returns the last launch's outputs as numpy arrays of raw values."""
+    takes is the same buffer); returns the last launch's outputs as numpy arrays of raw values.
+    headers: as for ``run`` (the TMA / wgmma kernels' own headers are replaced by the shim)."""
     buffers, ids, specs = {}, {}, []
 
     def buffer_of(a, produced):
@@ -416,11 +421,12 @@ def replay(tmp_path, launches):
         outs = [(p, buffer_of(a, True)) for p, a in zip(rec["output_names"], rec["outputs"])]
         template = [(k, v if isinstance(v, (bool, int)) else _tag(v)) for k, v in rec["template"]]
         (gx, gy, gz), (tx, ty, tz) = rec["grid"], rec["threadgroup"]
-        if gz != 1 or ty != 1 or tz != 1 or gx % tx:
+        if gz != 1 or ty != 1 or tz != 1:
             raise AssertionError(f"{rec['name']}: the emulation runs 1-D blocks over an x/y grid, got {rec['grid']} / {rec['threadgroup']}")
         if rec["shared_memory"] > 240 * 1024:
             raise AssertionError(f"{rec['name']}: {rec['shared_memory']} bytes of dynamic shared memory")
-        specs.append((rec["source"], template, ins, outs, (gx // tx, gy), tx))
+        block = min(tx, gx)  # as MLX's custom_kernel.cpp: block = min(threadgroup, grid), blocks rounded up
+        specs.append((rec["source"], template, ins, outs, (-(-gx // tx), gy), block))
     last = [b for _, b in specs[-1][3]]
-    got = run(tmp_path, buffers, specs, last)
+    got = run(tmp_path, buffers, specs, last, headers)
     return [got[b] for b in last]

@@ -126,7 +126,10 @@ def recorder(monkeypatch):
     """mx.fast.cuda_kernel replaced by a recorder (the kernel factories' caches cleared on both sides)."""
     import mlx.core as mx
 
-    caches = [att._kernel, att._prep_kernel, _gemm_tma._kernel, _gemm_tma._gather_kernel, _gemm_tma._maps_kernel]
+    from flashdiff.kernels import _dequant
+
+    caches = [att._kernel, att._prep_kernel, _gemm_tma._kernel, _gemm_tma._gather_kernel, _gemm_tma._maps_kernel,
+              _dequant._kernel]
     for cache in caches:
         cache.cache_clear()
     rec = LaunchRecorder()
@@ -179,3 +182,24 @@ def test_grouped_and_dense_gemm_wgmma_tma_as_launched(tmp_path, recorder):
     assert [r["name"] for r in recorder.launches] == ["flashdiff_gemm_tensor_maps", "flashdiff_grouped_gemm_tma"]
     (out,) = replay(tmp_path, recorder.launches)
     np.testing.assert_allclose(bf16_values(out).reshape(250, 136), xf @ wf[1].T, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("mode, bits, group", [("affine", 4, 64), ("affine", 3, 32), ("affine", 8, 128),
+                                               ("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)])
+@pytest.mark.parametrize("row_kernel", [False, True])
+def test_cuda_dequantize_kernel_as_launched(tmp_path, recorder, monkeypatch, mode, bits, group, row_kernel):
+    """The CUDA dequantize kernels (the flat default, and the row kernel under FLASHDIFF_DEQUANT_ROWS=1) as
+    dequantize(..., backend="cuda") launches them, bit-identical to mx.dequantize in float32: the check
+    the GPU tests make, here on every CI run."""
+    import mlx.core as mx
+
+    from flashdiff.kernels import _dequant, dequantize
+    from helpers import quant
+
+    if row_kernel:
+        monkeypatch.setenv("FLASHDIFF_DEQUANT_ROWS", "1")
+    w, s, b = quant((3, 40, 384), mode, bits, group)
+    dequantize(w, s, b, bits, group, mode, dtype=mx.float32, backend="cuda")
+    (out,) = replay(tmp_path, recorder.launches, _dequant._CUDA_HEADER)
+    ref = mx.dequantize(w, s, b, group_size=group, bits=bits, mode=mode, dtype=mx.float32, stream=mx.cpu)
+    np.testing.assert_array_equal(out.reshape(ref.shape), np.array(ref))
