@@ -261,6 +261,7 @@ static inline unsigned fd_pack2(float lo, float hi) {
 static inline float fd_exp2(float x) { return std::exp2(x); }
 static inline float __fadd_rn(float a, float b) { return a + b; }  // built with -ffp-contract=off: no fused multiply-add
 static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 static void emu_reset_cta(unsigned threads) {
   emu_cta.count = (int)threads;

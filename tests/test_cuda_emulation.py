@@ -126,10 +126,10 @@ def recorder(monkeypatch):
     """mx.fast.cuda_kernel replaced by a recorder (the kernel factories' caches cleared on both sides)."""
     import mlx.core as mx
 
-    from flashdiff.kernels import _dequant
+    from flashdiff.kernels import _dequant, qk_rope
 
     caches = [att._kernel, att._prep_kernel, _gemm_tma._kernel, _gemm_tma._gather_kernel, _gemm_tma._maps_kernel,
-              _dequant._kernel]
+              _dequant._kernel, qk_rope._kernel]
     for cache in caches:
         cache.cache_clear()
     rec = LaunchRecorder()
@@ -203,3 +203,25 @@ def test_cuda_dequantize_kernel_as_launched(tmp_path, recorder, monkeypatch, mod
     (out,) = replay(tmp_path, recorder.launches, _dequant._CUDA_HEADER)
     ref = mx.dequantize(w, s, b, group_size=group, bits=bits, mode=mode, dtype=mx.float32, stream=mx.cpu)
     np.testing.assert_array_equal(out.reshape(ref.shape), np.array(ref))
+
+
+@pytest.mark.parametrize("lengths, heads, dh, extra", [((5, 11), 3, 64, 0), ((37,), 3, 128, 96), ((1, 300), 1, 128, 0)])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cuda_qk_norm_rope_kernel_as_launched(tmp_path, recorder, lengths, heads, dh, extra, bf16):
+    """The fused attention prologue's CUDA kernel (q/k RMSNorm + RoPE + [text, image] + v copy) as its
+    launcher asks for it, against the MLX reference, with the GPU tests' cases and tolerances."""
+    import mlx.core as mx
+
+    from flashdiff.kernels import qk_rope
+    from helpers import qk_rope_sources
+
+    dtype = mx.bfloat16 if bf16 else mx.float32
+    sources, cos, sin = qk_rope_sources(lengths, heads, dh, extra, dtype=dtype, seed=3)
+    outs = qk_rope._qk_norm_rope_gpu(sources, heads, dh, cos, sin, 1e-6, "cuda")
+    got = replay(tmp_path, recorder.launches)
+    ref = qk_rope.qk_norm_rope_reference(sources, heads, dh, cos, sin, 1e-6)
+    for raw, o, r in zip(got, outs, ref):
+        o32 = bf16_values(raw) if bf16 else raw
+        r32 = np.array(r.astype(mx.float32))
+        tol = 2e-2 if bf16 else 1e-5
+        np.testing.assert_allclose(o32.reshape(o.shape), r32, rtol=tol, atol=tol * np.abs(r32).max())
