@@ -13,7 +13,7 @@ What the shim models, one CTA at a time with one host thread per GPU thread:
   hardware may: a stage released or an operand changed too early shows): A and B read through their shared-memory addresses with the same swizzle, 8-row groups
   1024 bytes apart (what `fd_desc` encodes), or A from the registers of the warpgroup's threads in the
   m64k16 A-fragment layout; each thread's accumulator elements in the m64nN layout;
-- warp shuffles, __syncwarp, __syncthreads and the 256-thread named barrier.
+- warp shuffles and matches, integer atomics, __syncwarp, __syncthreads and the 256-thread named barrier.
 The model is the one the kernels are written against; `test_cuda_emulation.py` first runs the TMA
 GEMM, which is exact on the H200, through it, so a wrong model shows up there, except in what the GEMM
 does not use: the register-A operand (its layout here is the PTX ISA's m64k16 A fragment as read).
@@ -99,6 +99,27 @@ static inline float __shfl_xor_sync(unsigned, float v, int m) {
   return r;
 }
 static inline void emu_bar_sync(int id) { emu_named[id].wait(); }
+static int emu_shfl_i[1024];
+static inline int __shfl_sync(unsigned, int v, int src) {
+  const unsigned t = emu_tid();
+  emu_shfl_i[t] = v;
+  emu_warp[t / 32].wait();
+  const int r = emu_shfl_i[(t & ~31u) | ((unsigned)src & 31u)];
+  emu_warp[t / 32].wait();
+  return r;
+}
+static inline unsigned __match_any_sync(unsigned, int v) {  // the lanes holding the same value
+  const unsigned t = emu_tid(), w0 = t & ~31u;
+  emu_shfl_i[t] = v;
+  emu_warp[t / 32].wait();
+  unsigned m = 0;
+  for (unsigned l = 0; l < 32; ++l) m |= (emu_shfl_i[w0 + l] == v ? 1u : 0u) << l;
+  emu_warp[t / 32].wait();
+  return m;
+}
+static inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+static inline int __popc(unsigned x) { return __builtin_popcount(x); }
+static inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
 
 static inline unsigned fd_smem_addr(const void* p) {
   const uintptr_t a = (uintptr_t)p;
@@ -384,7 +405,9 @@ def _raw(a):
 
 class LaunchRecorder:
     """Stands in for mx.fast.cuda_kernel: each call is recorded (source, names, template, grid and
-    threadgroup as the launcher computed them; its input arrays) and returns zeros of the output shapes."""
+    threadgroup as the launcher computed them; its input arrays) and returns random placeholders of
+    the output shapes, so that ``replay`` can tell a later input that is a recorded output or a copy of
+    one (``astype`` to its own dtype, a reshape) by its bytes."""
 
     def __init__(self):
         self.launches = []
@@ -395,7 +418,9 @@ class LaunchRecorder:
 
         def call(*, inputs, template, output_shapes, output_dtypes, grid, threadgroup, stream=None, init_value=None,
                  verbose=False):
-            outs = [mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
+            outs = [mx.random.randint(-2 ** 30, 2 ** 30, shape).astype(dtype) if not mx.issubdtype(dtype, mx.floating)
+                    else mx.random.normal(shape).astype(dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
+            mx.eval(outs)
             self.launches.append(dict(name=name, source=source, input_names=list(input_names),
                                       output_names=list(output_names), inputs=list(inputs), outputs=outs,
                                       template=list(template), grid=grid, threadgroup=threadgroup,
@@ -408,13 +433,20 @@ def replay(tmp_path, launches, headers=""):
     """Run recorded launches in order through the emulation (an output of one launch that a later one
     takes is the same buffer); returns the last launch's outputs as numpy arrays of raw values.
     headers: as for ``run`` (the TMA / wgmma kernels' own headers are replaced by the shim)."""
-    buffers, ids, specs = {}, {}, []
+    buffers, ids, specs, produced_bytes = {}, {}, [], {}
 
     def buffer_of(a, produced):
         key = id(a)
         if key not in ids:
-            ids[key] = f"b{len(ids)}"
-            buffers[ids[key]] = (_tag(a.dtype), a.size if produced else _raw(a))
+            raw = _raw(a)
+            same = None if produced else produced_bytes.get((_tag(a.dtype), raw.tobytes()))
+            if same is not None:  # a copy of an earlier launch's output: that buffer
+                ids[key] = same
+            else:
+                ids[key] = f"b{len(buffers)}"
+                buffers[ids[key]] = (_tag(a.dtype), a.size if produced else raw)
+                if produced:
+                    produced_bytes[(_tag(a.dtype), raw.tobytes())] = ids[key]
         return ids[key]
 
     for rec in launches:

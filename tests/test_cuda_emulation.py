@@ -128,8 +128,10 @@ def recorder(monkeypatch):
 
     from flashdiff.kernels import _dequant, qk_rope
 
+    from flashdiff.kernels import _gemm_cuda
+
     caches = [att._kernel, att._prep_kernel, _gemm_tma._kernel, _gemm_tma._gather_kernel, _gemm_tma._maps_kernel,
-              _dequant._kernel, qk_rope._kernel]
+              _dequant._kernel, qk_rope._kernel, _gemm_cuda._layout_kernel]
     for cache in caches:
         cache.cache_clear()
     rec = LaunchRecorder()
@@ -225,3 +227,34 @@ def test_cuda_qk_norm_rope_kernel_as_launched(tmp_path, recorder, lengths, heads
         r32 = np.array(r.astype(mx.float32))
         tol = 2e-2 if bf16 else 1e-5
         np.testing.assert_allclose(o32.reshape(o.shape), r32, rtol=tol, atol=tol * np.abs(r32).max())
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_cuda_moe_path_as_launched(tmp_path, recorder, monkeypatch, quantized):
+    """The CUDA MoE path as moe_gemm takes it on sm_90: (the dequantize kernel for 4-bit experts,) the
+    one-block layout kernel (warp matches, shared atomics), gather + maps, the grouped TMA GEMM; against
+    every routed row through its expert."""
+    import mlx.core as mx
+
+    from flashdiff.kernels import _dequant
+    from flashdiff.kernels.moe import moe_grouped
+
+    monkeypatch.setenv("FLASHDIFF_GEMM_ENGINE", "wgmma tma")
+    mx.random.seed(5)
+    t, e, k, n = 333, 5, 128, 200
+    x = mx.random.normal((t, k)).astype(mx.bfloat16)
+    w = (mx.random.normal((e, n, k)) * 0.1).astype(mx.bfloat16)
+    ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :2].astype(mx.int32)
+    if quantized:
+        wq, s, b = mx.quantize(w, 64, 4)
+        w_used = _dequant.dequantize(wq, s, b, 4, 64, "affine", dtype=mx.bfloat16, backend="cuda")
+        w = mx.dequantize(wq, s, b, 64, 4, dtype=mx.float32, stream=mx.cpu)  # the reference's experts
+    else:
+        w_used = w
+    moe_grouped(x, w_used, ids)
+    names = [r["name"] for r in recorder.launches]
+    assert names[-3:] == ["flashdiff_moe_layout", "flashdiff_gather_slots", "flashdiff_grouped_gemm_tma"], names
+    (out,) = replay(tmp_path, recorder.launches, _dequant._CUDA_HEADER)
+    xf, wf = np.array(x.astype(mx.float32)).astype(np.float64), np.array(w.astype(mx.float32)).astype(np.float64)
+    ref = np.einsum("tk,tjnk->tjn", xf, wf[np.array(ids)]).reshape(t * 2, n)
+    np.testing.assert_allclose(bf16_values(out).reshape(t * 2, n), ref, rtol=2e-2, atol=2e-2)
