@@ -13,6 +13,8 @@ What the shim models, one CTA at a time with one host thread per GPU thread:
   hardware may: a stage released or an operand changed too early shows): A and B read through their shared-memory addresses with the same swizzle, 8-row groups
   1024 bytes apart (what `fd_desc` encodes), or A from the registers of the warpgroup's threads in the
   m64k16 A-fragment layout; each thread's accumulator elements in the m64nN layout;
+- cp.async (16-byte copies landing at the cp.async.wait_group that retires them), ldmatrix x4 and
+  mma.sync m16n8k16 in their PTX fragment layouts (the Ampere-style GEMM);
 - warp shuffles and matches, integer atomics, __syncwarp, __syncthreads and the 256-thread named barrier.
 The model is the one the kernels are written against; `test_cuda_emulation.py` first runs the TMA
 GEMM, which is exact on the H200, through it, so a wrong model shows up there, except in what the GEMM
@@ -279,6 +281,62 @@ static inline unsigned fd_pack2(float lo, float hi) {
   T h[2] = {T(lo), T(hi)};
   unsigned u; std::memcpy(&u, h, 4); return u;
 }
+// ---- Ampere-style paths: cp.async (retired at cp.async.wait_group, like wgmma groups), ldmatrix, mma.sync
+thread_local std::vector<std::function<void()>> emu_open_copies;
+thread_local std::deque<std::vector<std::function<void()>>> emu_copy_groups;
+static inline void fd_cp_async16(unsigned dst, const void* src, bool valid) {
+  std::vector<unsigned char> bytes(16, 0);
+  if (valid) std::memcpy(bytes.data(), src, 16);  // the source is read at issue, the destination written at the wait
+  emu_open_copies.push_back([dst, bytes] { std::memcpy(emu_ptr(dst), bytes.data(), 16); });
+}
+static inline void fd_cp_async_commit() { emu_copy_groups.push_back(std::move(emu_open_copies)); emu_open_copies.clear(); }
+template <int N>
+static inline void fd_cp_async_wait() {
+  while ((int)emu_copy_groups.size() > N) {
+    for (auto& op : emu_copy_groups.front()) op();
+    emu_copy_groups.pop_front();
+  }
+}
+static unsigned emu_lane_u[1024][6];
+static inline void fd_ldmatrix_x4(unsigned (&r)[4], unsigned addr) {  // four 8 x 8 b16 matrices, rows from lanes 8m .. 8m + 7
+  const unsigned t = emu_tid(), w0 = t & ~31u, lane = t & 31u;
+  emu_lane_u[t][0] = addr;
+  emu_warp[t / 32].wait();
+  for (int m = 0; m < 4; ++m) std::memcpy(&r[m], emu_ptr(emu_lane_u[w0 + 8 * m + lane / 4][0] + (lane % 4) * 4), 4);
+  emu_warp[t / 32].wait();
+}
+template <bool BF16>
+static inline float emu_half(unsigned reg, int hi) {
+  const uint16_t bits = (uint16_t)(reg >> (16 * hi));
+  if (BF16) { __nv_bfloat16 b; b.x = bits; return (float)b; }
+  __half h; h.x = bits; return (float)h;
+}
+// m16n8k16, A row-major fragments (a0: row g, k 2t..; a1: row g + 8; a2, a3: k + 8), B "col" (b0: k 2t.., n g;
+// b1: k + 8), C c0, c1: row g, n 2t, 2t + 1; c2, c3: row g + 8
+template <bool BF16>
+static inline void fd_mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  const unsigned t = emu_tid(), w0 = t & ~31u, lane = t & 31u, g = lane >> 2, tq = lane & 3;
+  for (int i = 0; i < 4; ++i) emu_lane_u[t][i] = a[i];
+  emu_lane_u[t][4] = b0;
+  emu_lane_u[t][5] = b1;
+  emu_warp[t / 32].wait();
+  auto A = [&](int row, int k) {
+    const unsigned src = w0 + 4 * (row % 8) + (k % 8) / 2;
+    return emu_half<BF16>(emu_lane_u[src][(row / 8) + 2 * (k / 8)], k % 2);
+  };
+  auto B = [&](int k, int n) {
+    const unsigned src = w0 + 4 * n + (k % 8) / 2;
+    return emu_half<BF16>(emu_lane_u[src][4 + k / 8], k % 2);
+  };
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i >> 1), n = 2 * tq + (i & 1);
+    float acc = 0.0f;
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, n);
+    c[i] += acc;
+  }
+  emu_warp[t / 32].wait();
+}
+static inline int fd_swz(int row, int chunk) { return row * 32 + ((chunk ^ ((row >> 1) & 3)) << 3); }
 static inline float fd_exp2(float x) { return std::exp2(x); }
 static inline float __fadd_rn(float a, float b) { return a + b; }  // built with -ffp-contract=off: no fused multiply-add
 static inline float __fmul_rn(float a, float b) { return a * b; }
@@ -306,8 +364,7 @@ _ASM = [  # the inline-assembly statements kernel bodies use, and what the emula
 
 def preprocess(body: str) -> str:
     """The kernel body as C++ for the shim: shared objects become statics, assembly becomes shim calls."""
-    body = body.replace("extern __shared__ __align__(1024) unsigned char fd_smem_raw[];",
-                        "unsigned char* fd_smem_raw = emu_dyn_smem;")
+    body = re.sub(r"extern __shared__ __align__\(\d+\) unsigned char (\w+)\[\];", r"unsigned char* \1 = emu_dyn_smem;", body)
     body = re.sub(r"__shared__ __align__\((\d+)\)", r"alignas(\1) static", body).replace("__shared__", "static")
     body = re.sub(r"__align__\((\d+)\)", r"alignas(\1)", body)
     for pattern, repl in _ASM:

@@ -131,7 +131,7 @@ def recorder(monkeypatch):
     from flashdiff.kernels import _gemm_cuda
 
     caches = [att._kernel, att._prep_kernel, _gemm_tma._kernel, _gemm_tma._gather_kernel, _gemm_tma._maps_kernel,
-              _dequant._kernel, qk_rope._kernel, _gemm_cuda._layout_kernel]
+              _dequant._kernel, qk_rope._kernel, _gemm_cuda._layout_kernel, _gemm_cuda._kernel]
     for cache in caches:
         cache.cache_clear()
     rec = LaunchRecorder()
@@ -258,3 +258,30 @@ def test_cuda_moe_path_as_launched(tmp_path, recorder, monkeypatch, quantized):
     xf, wf = np.array(x.astype(mx.float32)).astype(np.float64), np.array(w.astype(mx.float32)).astype(np.float64)
     ref = np.einsum("tk,tjnk->tjn", xf, wf[np.array(ids)]).reshape(t * 2, n)
     np.testing.assert_allclose(bf16_values(out).reshape(t * 2, n), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_mma_gemm_as_launched(tmp_path, recorder):
+    """The mma.sync GEMM (the default engine on CUDA GPUs before Hopper): cp.async stages, ldmatrix,
+    mma.sync, through grouped_gemm (MoE schedule) and dense_gemm, against numpy."""
+    import mlx.core as mx
+
+    from flashdiff.kernels import _gemm_cuda
+    from flashdiff.kernels.moe import grouped_layout
+
+    mx.random.seed(6)
+    x = mx.random.normal((150, 200)).astype(mx.bfloat16)
+    w = (mx.random.normal((3, 136, 200)) * 0.1).astype(mx.bfloat16)
+    ids = mx.argsort(mx.random.uniform(shape=(150, 3)), axis=-1)[:, :2].astype(mx.int32)
+    slot_row, tile_expert = grouped_layout(ids, 3)
+    _gemm_cuda.grouped_gemm(x, w, slot_row, tile_expert, 300, 2, engine="mma")
+    assert [r["name"] for r in recorder.launches] == ["flashdiff_grouped_gemm"]
+    (tmp_path / "grouped").mkdir()
+    (out,) = replay(tmp_path / "grouped", recorder.launches)
+    xf, wf = np.array(x.astype(mx.float32)).astype(np.float64), np.array(w.astype(mx.float32)).astype(np.float64)
+    ref = np.einsum("tk,tjnk->tjn", xf, wf[np.array(ids)]).reshape(300, 136)
+    np.testing.assert_allclose(bf16_values(out).reshape(300, 136), ref, rtol=1e-2, atol=1e-2)
+
+    recorder.launches.clear()
+    _gemm_cuda.dense_gemm(x, w[2], engine="mma")
+    (out,) = replay(tmp_path, recorder.launches)
+    np.testing.assert_allclose(bf16_values(out).reshape(150, 136), xf @ wf[2].T, rtol=1e-2, atol=1e-2)
