@@ -159,33 +159,6 @@ def test_attention_backend_cuda_wgmma_as_launched(tmp_path, recorder):
     np.testing.assert_allclose(bf16_values(out).reshape(q.shape), np.array(ref), rtol=2e-2, atol=2e-2)
 
 
-def test_grouped_and_dense_gemm_wgmma_tma_as_launched(tmp_path, recorder):
-    """_gemm_cuda.grouped_gemm / dense_gemm with engine "wgmma tma": gather + maps + GEMM, and maps + GEMM."""
-    import mlx.core as mx
-
-    from flashdiff.kernels import _gemm_cuda
-    from flashdiff.kernels.moe import grouped_layout
-
-    mx.random.seed(4)
-    x = mx.random.normal((250, 192)).astype(mx.bfloat16)
-    w = (mx.random.normal((3, 136, 192)) * 0.1).astype(mx.bfloat16)
-    ids = mx.argsort(mx.random.uniform(shape=(250, 3)), axis=-1)[:, :2].astype(mx.int32)
-    slot_row, tile_expert = grouped_layout(ids, 3)
-    _gemm_cuda.grouped_gemm(x, w, slot_row, tile_expert, 500, 2, engine="wgmma tma")
-    assert [r["name"] for r in recorder.launches] == ["flashdiff_gather_slots", "flashdiff_grouped_gemm_tma"]
-    (tmp_path / "grouped").mkdir()
-    (out,) = replay(tmp_path / "grouped", recorder.launches)
-    xf, wf = np.array(x.astype(mx.float32)).astype(np.float64), np.array(w.astype(mx.float32)).astype(np.float64)
-    ref = np.einsum("tk,tjnk->tjn", xf, wf[np.array(ids)]).reshape(500, 136)
-    np.testing.assert_allclose(bf16_values(out).reshape(500, 136), ref, rtol=1e-2, atol=1e-2)
-
-    recorder.launches.clear()
-    _gemm_cuda.dense_gemm(x, w[1], engine="wgmma tma")
-    assert [r["name"] for r in recorder.launches] == ["flashdiff_gemm_tensor_maps", "flashdiff_grouped_gemm_tma"]
-    (out,) = replay(tmp_path, recorder.launches)
-    np.testing.assert_allclose(bf16_values(out).reshape(250, 136), xf @ wf[1].T, rtol=1e-2, atol=1e-2)
-
-
 @pytest.mark.parametrize("mode, bits, group", [("affine", 4, 64), ("affine", 3, 32), ("affine", 8, 128),
                                                ("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)])
 @pytest.mark.parametrize("row_kernel", [False, True])
@@ -260,28 +233,34 @@ def test_cuda_moe_path_as_launched(tmp_path, recorder, monkeypatch, quantized):
     np.testing.assert_allclose(bf16_values(out).reshape(t * 2, n), ref, rtol=2e-2, atol=2e-2)
 
 
-def test_mma_gemm_as_launched(tmp_path, recorder):
-    """The mma.sync GEMM (the default engine on CUDA GPUs before Hopper): cp.async stages, ldmatrix,
-    mma.sync, through grouped_gemm (MoE schedule) and dense_gemm, against numpy."""
+@pytest.mark.parametrize("engine, t, k, expert, grouped_kernels, dense_kernels", [
+    ("wgmma tma", 250, 192, 1, ["flashdiff_gather_slots", "flashdiff_grouped_gemm_tma"],
+     ["flashdiff_gemm_tensor_maps", "flashdiff_grouped_gemm_tma"]),
+    ("mma", 150, 200, 2, ["flashdiff_grouped_gemm"], ["flashdiff_grouped_gemm"]),  # the default before Hopper
+])
+def test_grouped_and_dense_gemm_as_launched(tmp_path, recorder, engine, t, k, expert, grouped_kernels, dense_kernels):
+    """_gemm_cuda.grouped_gemm (MoE schedule) and dense_gemm as their launchers run them: the TMA GEMM with
+    gather + maps / maps, and the mma.sync GEMM (cp.async stages, ldmatrix, mma.sync); against numpy."""
     import mlx.core as mx
 
     from flashdiff.kernels import _gemm_cuda
     from flashdiff.kernels.moe import grouped_layout
 
-    mx.random.seed(6)
-    x = mx.random.normal((150, 200)).astype(mx.bfloat16)
-    w = (mx.random.normal((3, 136, 200)) * 0.1).astype(mx.bfloat16)
-    ids = mx.argsort(mx.random.uniform(shape=(150, 3)), axis=-1)[:, :2].astype(mx.int32)
+    mx.random.seed(4)
+    x = mx.random.normal((t, k)).astype(mx.bfloat16)
+    w = (mx.random.normal((3, 136, k)) * 0.1).astype(mx.bfloat16)
+    ids = mx.argsort(mx.random.uniform(shape=(t, 3)), axis=-1)[:, :2].astype(mx.int32)
     slot_row, tile_expert = grouped_layout(ids, 3)
-    _gemm_cuda.grouped_gemm(x, w, slot_row, tile_expert, 300, 2, engine="mma")
-    assert [r["name"] for r in recorder.launches] == ["flashdiff_grouped_gemm"]
+    _gemm_cuda.grouped_gemm(x, w, slot_row, tile_expert, 2 * t, 2, engine=engine)
+    assert [r["name"] for r in recorder.launches] == grouped_kernels
     (tmp_path / "grouped").mkdir()
     (out,) = replay(tmp_path / "grouped", recorder.launches)
     xf, wf = np.array(x.astype(mx.float32)).astype(np.float64), np.array(w.astype(mx.float32)).astype(np.float64)
-    ref = np.einsum("tk,tjnk->tjn", xf, wf[np.array(ids)]).reshape(300, 136)
-    np.testing.assert_allclose(bf16_values(out).reshape(300, 136), ref, rtol=1e-2, atol=1e-2)
+    ref = np.einsum("tk,tjnk->tjn", xf, wf[np.array(ids)]).reshape(2 * t, 136)
+    np.testing.assert_allclose(bf16_values(out).reshape(2 * t, 136), ref, rtol=1e-2, atol=1e-2)
 
     recorder.launches.clear()
-    _gemm_cuda.dense_gemm(x, w[2], engine="mma")
+    _gemm_cuda.dense_gemm(x, w[expert], engine=engine)
+    assert [r["name"] for r in recorder.launches] == dense_kernels
     (out,) = replay(tmp_path, recorder.launches)
-    np.testing.assert_allclose(bf16_values(out).reshape(150, 136), xf @ wf[2].T, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(bf16_values(out).reshape(t, 136), xf @ wf[expert].T, rtol=1e-2, atol=1e-2)
