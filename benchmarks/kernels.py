@@ -17,7 +17,7 @@ import mlx.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashdiff.kernels import (attention, moe_gemm, qk_norm_rope, qk_norm_rope_reference, quantize_model,  # noqa: E402
                                quantized_linear)
-from flashdiff.kernels import _gemm_cuda  # noqa: E402
+from flashdiff.kernels import _attention_sm90, _gemm_cuda  # noqa: E402
 from flashdiff.kernels.moe import _moe_dense_experts, moe_windowed  # noqa: E402
 from common import median_call, moe_problem, write_json, write_text_atomic  # noqa: E402
 
@@ -125,7 +125,7 @@ def moe_rows():
     return rows
 
 
-WGMMA_ATTENTION = False  # --wgmma-attention: also the opt-in sm_90 kernel (not yet run on a GPU)
+WGMMA_ATTENTION = False  # --wgmma-attention: also the sm_90 kernel, with and without its ping-pong schedule
 QLINEAR_SHAPES = ()  # --qlinear-shapes MxKxN,...: only these quantized-linear shapes (split a long run)
 
 
@@ -166,6 +166,8 @@ def _attention_row(L, h, quick):
             got = attention(q, k, v, scale, backend="cuda_wgmma").astype(mx.float32)
             row["wgmma_max_abs_diff_vs_sdpa"] = mx.abs(got - ref).max().item()
             row["wgmma_ms"] = bench(lambda: attention(q, k, v, scale, backend="cuda_wgmma"), reps=reps) * 1e3
+            row["wgmma_no_pingpong_ms"] = bench(lambda: _attention_sm90.flash_attention_sm90(
+                q, k, v, scale, pingpong=False), reps=reps) * 1e3
         except Exception as exc:
             row["wgmma_error"] = repr(exc)[:300]
     row.update({f"{key[:-3]}_tflops": flops / val / 1e9 for key, val in list(row.items()) if key.endswith("_ms")})
@@ -325,6 +327,7 @@ def markdown(rows):
             ratio = f"{r['flash_ratio_vs_sdpa']:.2f}x SDPA" if "flash_ratio_vs_sdpa" in r else ""
             if "wgmma_ms" in r:
                 flash += f"; cuda_wgmma {r['wgmma_ms']:.3f} ms ({r['wgmma_tflops']:.0f} TFLOP/s)"
+                flash += f", without ping-pong {r['wgmma_no_pingpong_ms']:.3f} ms"
                 ratio += f"; cuda_wgmma {r['wgmma_ratio_vs_sdpa']:.2f}x SDPA"
             elif "wgmma_error" in r:
                 flash += f"; cuda_wgmma failed: {r['wgmma_error'][:80]}"
@@ -346,7 +349,7 @@ def main():
     ap.add_argument("--md", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--wgmma-attention", action="store_true",
-                    help="also time attention(..., backend='cuda_wgmma'), the sm_90 kernel not yet run on a GPU")
+                    help="also time attention(..., backend='cuda_wgmma'), the sm_90 kernel (and it without ping-pong)")
     ap.add_argument("--qlinear-shapes", default="",
                     help="comma-separated MxKxN, e.g. 32760x5120x13824: only these quantized-linear shapes")
     ap.add_argument("--only", default="qlinear,moe,attention,prologue,flux")

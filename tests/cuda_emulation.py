@@ -15,7 +15,7 @@ What the shim models, one CTA at a time with one host thread per GPU thread:
   m64k16 A-fragment layout; each thread's accumulator elements in the m64nN layout;
 - cp.async (16-byte copies landing at the cp.async.wait_group that retires them), ldmatrix x4 and
   mma.sync m16n8k16 in their PTX fragment layouts (the Ampere-style GEMM);
-- warp shuffles and matches, integer atomics, __syncwarp, __syncthreads and the 256-thread named barrier.
+- warp shuffles and matches, integer atomics, __syncwarp, __syncthreads and 256-thread named barriers (bar.sync, bar.arrive).
 The model is the one the kernels are written against; `test_cuda_emulation.py` first runs the TMA
 GEMM, which is exact on the H200, through it, so a wrong model shows up there, except in what the GEMM
 does not use: the register-A operand (its layout here is the PTX ISA's m64k16 A fragment as read).
@@ -82,6 +82,10 @@ struct EmuBarrier {  // a reusable barrier for `count` threads
     if (++arrived == count) { arrived = 0; ++gen; cv.notify_all(); return; }
     if (!cv.wait_for(lk, std::chrono::seconds(20), [&] { return gen != g; })) emu_fail("barrier timed out (a thread never arrived)");
   }
+  void arrive() {  // bar.arrive: counts towards the barrier without waiting for it
+    std::lock_guard<std::mutex> lk(m);
+    if (++arrived == count) { arrived = 0; ++gen; cv.notify_all(); }
+  }
 };
 static EmuBarrier emu_cta, emu_named[16], emu_warp[32], emu_wg[8];
 static float emu_shfl[1024];
@@ -101,6 +105,10 @@ static inline float __shfl_xor_sync(unsigned, float v, int m) {
   return r;
 }
 static inline void emu_bar_sync(int id) { emu_named[id].wait(); }
+static inline void fd_bar_sync(int id) { emu_named[id].wait(); }  // the attention's 256-thread named barriers
+static inline void fd_bar_arrive(int id) { emu_named[id].arrive(); }
+static inline void fd_regs_producer() {}  // setmaxnreg: registers are no resource here
+static inline void fd_regs_consumer() {}
 static int emu_shfl_i[1024];
 static inline int __shfl_sync(unsigned, int v, int src) {
   const unsigned t = emu_tid();
@@ -344,7 +352,7 @@ static inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 static void emu_reset_cta(unsigned threads) {
   emu_cta.count = (int)threads;
-  emu_named[1].count = 256;
+  for (auto& b : emu_named) b.count = 256;
   for (auto& b : emu_warp) b.count = 32;
   for (auto& b : emu_wg) b.count = 128;
   emu_mbars.clear();

@@ -24,10 +24,10 @@ SOURCE_LINES = [
     "sc[4 * c + e] = ok ? sc[4 * c + e] * sl2 + bias : NEG_INF;",
     "base[h] = mx[h] == NEG_INF ? 0.0f : mx[h];",
     "corr[h] = fd_exp2(m_run[h] - base[h]);",
-    "a[c >> 1][(c & 1) * 2] = fd_pack2<T>(p0, p1);",
-    "a[c >> 1][(c & 1) * 2 + 1] = fd_pack2<T>(p2, p3);",
+    "a[c >> 1][(c & 1) * 2] = fd_pack2<T>(sc[4 * c], sc[4 * c + 1]);",
+    "a[c >> 1][(c & 1) * 2 + 1] = fd_pack2<T>(sc[4 * c + 2], sc[4 * c + 3]);",
     "l_run[h] = l_run[h] > 0.0f ? 1.0f / l_run[h] : 0.0f;",
-    "fd_tma_load(dst + KV_BYTES, maps + 256, j * BN, kv_bh * 128, full);",
+    "fd_tma_load(vd, maps + 256, j * BN, kv_bh * 128, vf);",
 ]
 
 

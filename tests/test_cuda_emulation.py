@@ -79,7 +79,7 @@ def test_emulated_grouped_tma_gemm_matches_per_expert_matmul(tmp_path):
     np.testing.assert_allclose(bf16_values(got).reshape(t * top_k, n), ref, rtol=1e-2, atol=1e-2)
 
 
-def _attention(tmp_path, q, k, v, scale, bias=None):
+def _attention(tmp_path, q, k, v, scale, bias=None, pingpong=True):
     """The prep and main kernels of _attention_sm90 on bf16 bit patterns q (B, H, Lq, 128), k / v (B, Hk, Lk, 128)."""
     b, h, lq, _ = q.shape
     hk, lk = k.shape[1], k.shape[2]
@@ -90,7 +90,8 @@ def _attention(tmp_path, q, k, v, scale, bias=None):
                "kbias": ("f32", np.zeros(1, np.float32) if bias is None else bias.astype(np.float32)),
                "out": ("bf16", q.size)}
     prep_t = [("T", "bf16"), ("IS_BF16", True), ("LK", lk), ("LKP", lkp), ("Q_ROWS", b * h * lq), ("KV_ROWS", b * hk * lk)]
-    main_t = [("T", "bf16"), ("IS_BF16", True), ("H", h), ("HK", hk), ("LQ", lq), ("LK", lk), ("HAS_BIAS", bias is not None)]
+    main_t = [("T", "bf16"), ("IS_BF16", True), ("H", h), ("HK", hk), ("LQ", lq), ("LK", lk), ("HAS_BIAS", bias is not None),
+              ("PINGPONG", pingpong)]
     got = run(tmp_path, buffers, [
         (att._PREP_SOURCE, prep_t, ["q", "k", "v"], ["vt", "tmaps"], (gx // 256, gy), 256),
         (att._SOURCE, main_t, ["q", "k", "vt", "tmaps", "scale", "kbias"], ["out"], (math.ceil(lq / att.BM), b * h),
@@ -101,10 +102,11 @@ def _attention(tmp_path, q, k, v, scale, bias=None):
 
 @pytest.mark.parametrize("b, h, hk, lq, lk, with_bias", [(1, 2, 1, 200, 300, False), (2, 1, 1, 129, 77, True),
                                                           (1, 1, 1, 64, 257, True), (1, 1, 1, 130, 700, False)])
-def test_emulated_wgmma_attention_matches_softmax_attention(tmp_path, b, h, hk, lq, lk, with_bias):
+@pytest.mark.parametrize("pingpong", [True, False])
+def test_emulated_wgmma_attention_matches_softmax_attention(tmp_path, b, h, hk, lq, lk, with_bias, pingpong):
     """The sm_90 attention's two kernels as written: query and key tails, GQA, batches, a key bias
     (with a whole first tile of -inf keys), many tiles through two stages (each stage refilled while
-    the other is read), the V^T it builds on the way."""
+    the other is read), the V^T it builds on the way; with and without the warpgroups' ping-pong turns."""
     rng = np.random.default_rng(1)
     q, k, v = (bf16_bits(rng.standard_normal(shape)) for shape in ((b, h, lq, 128), (b, hk, lk, 128), (b, hk, lk, 128)))
     bias = None
@@ -112,7 +114,7 @@ def test_emulated_wgmma_attention_matches_softmax_attention(tmp_path, b, h, hk, 
         bias = rng.uniform(-3, 0, (b, lk))
         if lk > 128:
             bias[:, :128] = -np.inf
-    out, vt = _attention(tmp_path, q, k, v, 0.088, bias)
+    out, vt = _attention(tmp_path, q, k, v, 0.088, bias, pingpong)
     qf, kf, vf = (bf16_values(a).astype(np.float64) for a in (q, k, v))
     np.testing.assert_array_equal(vt[..., :lk], bf16_values(v).transpose(0, 1, 3, 2))
     assert (vt[..., lk:] == 0).all()

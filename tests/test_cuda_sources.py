@@ -110,7 +110,8 @@ def test_dequant_kernel_compiles(tmp_path, bits, mode, flat):
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("has_bias", [False, True])
-def test_wgmma_attention_compiles(tmp_path, dtype, has_bias):
+@pytest.mark.parametrize("pingpong", [True, False])
+def test_wgmma_attention_compiles(tmp_path, dtype, has_bias, pingpong):
     """The opt-in sm_90 attention (never run on a GPU yet): its main kernel fits 384 threads' registers
     (launch bounds in its header) without spills or serialised wgmmas; its V-transpose + maps kernel compiles."""
     lk = 4621
@@ -118,7 +119,7 @@ def test_wgmma_attention_compiles(tmp_path, dtype, has_bias):
                   [("q", dtype), ("k", dtype), ("vt", dtype), ("tmaps", mx.uint8), ("scale", mx.float32),
                    ("kbias", mx.float32)], [("out", dtype)],
                   [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("H", 24), ("HK", 24), ("LQ", lk), ("LK", lk),
-                   ("HAS_BIAS", has_bias)])
+                   ("HAS_BIAS", has_bias), ("PINGPONG", pingpong)])
     assert_fits_tma_block(text)
     report(tmp_path, "attention_sm90_prep", _attention_sm90._MAP_HEADER, _attention_sm90._PREP_SOURCE,
            [("q", dtype), ("k", dtype), ("v", dtype)], [("vt", dtype), ("tmaps", mx.uint8)],

@@ -1,28 +1,25 @@
 """FlashAttention forward for Hopper (sm_90a): warpgroup MMA fed by TMA, head dim 128, bf16 / fp16.
 
-Opt-in (``attention(..., backend="cuda_wgmma")``) and **never yet run on a GPU**: written in session 6
-after that session's device time was spent, for the issue-5 target cuDNN misses (odd sequence
-lengths: cuDNN ran 4621 tokens at 0.88x of 4608's rate, benchmarks/README.md, session 6). Checked
-here by nvcc (tests/test_cuda_sources.py: registers, no spills, no serialised wgmma) and by running both
-kernels' source on the CPU under tests/cuda_emulation.py (a shim of TMA, mbarriers and wgmma whose model
-the H200-verified TMA GEMM passes too): exact against softmax attention there
-(tests/test_cuda_emulation.py). Its GPU tests (tests/test_kernels_cuda.py, backend "cuda_wgmma") have
-not run; what the emulation cannot show is timing (asynchronous wgmma, stage reuse), registers, speed.
+``attention(..., backend="cuda_wgmma")``. Written in session 6 (checked then only by nvcc and by
+tests/cuda_emulation.py); first run on the H200 in session 7, where it passed its GPU tests
+(tests/test_kernels_cuda.py, backend "cuda_wgmma") and was timed against cuDNN (benchmarks/README.md).
 
 Two kernels:
 - ``_PREP_SOURCE``: V (B, Hk, Lk, 128) -> V^T (B, Hk, 128, Lkp), Lkp = Lk rounded up to 128 (zeros
   past Lk), so that both MMAs read K-major tiles the way the TMA GEMM's do (``_gemm_tma``); block 0's
   first warp also encodes the three TMA tensor maps (Q and K as (rows, 128), V^T as (B * Hk * 128 rows, Lkp)),
   boxes of 128 rows x 64 columns with the 128-byte swizzle, as ``_gemm_tma`` does.
-- ``_SOURCE``: one CTA per 128 query rows of one (batch, head); three warpgroups. The producer's one
-  thread loads Q once and then K and V^T tiles of 128 keys into two stages (full / empty mbarriers).
-  Consumer warpgroup w owns query rows 64w .. 64w + 63: S = Q K^T by eight ``wgmma m64n128k16`` from
-  shared memory; keys past Lk (the next head's rows, or TMA's zero fill) masked to -inf; online
-  softmax in float32 on the accumulator fragment (ex2.approx, scale * log2 e folded in, row max and sum
-  over the 4 lanes that share a row); P converted in registers to the A fragment of the second MMA
-  (the accumulator layout of m64nN is the A-register layout of m64k16, so no shuffles);
-  O += P V by eight ``wgmma m64n128k16`` with A from registers and B = V^T from shared memory; the
-  stage released; O / l stored.
+- ``_SOURCE``: one CTA per 128 query rows of one (batch, head); three warpgroups. The producer
+  warpgroup gives up registers (``setmaxnreg``: 40 per thread, the consumers take 232) and its one thread
+  loads Q once and then K and V^T tiles of 128 keys, each into two stages of its own (full / empty
+  mbarriers). Consumer warpgroup w owns query rows 64w .. 64w + 63. Per key tile j it issues
+  S_j = Q K_j^T (eight ``wgmma m64n128k16`` from shared memory) and O += P_{j-1} V_{j-1} (A = P from
+  registers: the accumulator layout of m64nN is the A-register layout of m64k16, so no shuffles)
+  together, waits for S_j alone, runs S_j's online softmax (float32, ex2.approx with scale * log2 e
+  folded in, keys past Lk masked to -inf, row max / sum over the 4 lanes of a row) while P_{j-1} V_{j-1}
+  is in flight, then rescales O once that has landed: FlashAttention-3's intra-warpgroup overlap. With
+  ``pingpong`` the two consumer warpgroups take turns issuing (named barriers), so one's softmax runs
+  during the other's MMAs. O / l stored at the end.
   Optional per-key additive bias (B, Lk) (boolean key masks become 0 / -inf).
 """
 
@@ -100,6 +97,13 @@ __device__ __forceinline__ void fd_mma_rs128(float (&d)[64], const unsigned (&a)
   }
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
+// named barriers 1..15 for the two consumer warpgroups (256 threads): wait for one's turn / give the turn
+__device__ __forceinline__ void fd_bar_sync(int id) { asm volatile("bar.sync %0, 256;\n" :: "r"(id) : "memory"); }
+__device__ __forceinline__ void fd_bar_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" :: "r"(id) : "memory"); }
+// the register split of warp specialisation: 40 per producer thread (at 24 its loop spilled), 232 per
+// consumer thread (128 * 40 + 256 * 232 = 64512 = 384 * 168, the launch bounds' budget: the request is met)
+__device__ __forceinline__ void fd_regs_producer() { asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory"); }
+__device__ __forceinline__ void fd_regs_consumer() { asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory"); }
 // launch bounds through the signature that mx.fast.cuda_kernel writes: 384 threads, one CTA per SM
 #undef __global__
 #define __global__ __attribute__((global)) __launch_bounds__(384, 1)
@@ -156,19 +160,20 @@ _PREP_SOURCE = r"""
   }
 """
 
-# Template: T, IS_BF16, H, HK, LQ, LK, HAS_BIAS. Grid: x = query blocks of 128 rows (384 threads each),
-# y = B * H. Inputs q, k (unused: read through the maps), vt, tmaps, scale (1,) float32, kbias (B, Lk) or a
-# dummy; output out (B, H, LQ, 128).
+# Template: T, IS_BF16, H, HK, LQ, LK, HAS_BIAS, PINGPONG. Grid: x = query blocks of 128 rows (384 threads
+# each), y = B * H. Inputs q, k (unused: read through the maps), vt, tmaps, scale (1,) float32, kbias (B, Lk)
+# or a dummy; output out (B, H, LQ, 128).
 _SOURCE = r"""
   constexpr int BM = 128, BN = 128, STAGES = 2, CHUNK = 128 * 128;  // a chunk: 128 rows x 64 columns
-  constexpr int Q_BYTES = 2 * CHUNK, KV_BYTES = 2 * CHUNK, STAGE_BYTES = 2 * KV_BYTES;
+  constexpr int Q_BYTES = 2 * CHUNK, TILE_BYTES = 2 * CHUNK;        // Q; one K or V^T tile
   constexpr int NT = (LK + BN - 1) / BN;
   constexpr float LOG2E = 1.4426950408889634f;
   const float NEG_INF = __int_as_float(0xff800000);
   extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
-  __shared__ __align__(8) unsigned long long q_bar, full_bar[STAGES], empty_bar[STAGES];
+  __shared__ __align__(8) unsigned long long q_bar, k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES];
   unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
-  const unsigned smem_base = fd_smem_addr(fd_smem);  // Q (two chunks), then the stages (K, V^T)
+  const unsigned smem_base = fd_smem_addr(fd_smem);  // Q, K stages, V^T stages
+  const unsigned k_base = smem_base + Q_BYTES, v_base = k_base + STAGES * TILE_BYTES;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int m0 = blockIdx.x * BM, bh = blockIdx.y, batch = bh / H;
   const int kv_bh = batch * HK + (bh % H) / (H / HK);
@@ -176,14 +181,17 @@ _SOURCE = r"""
   if (tid == 0) {
     fd_mbar_init(fd_smem_addr(&q_bar), 1);
     for (int s = 0; s < STAGES; ++s) {
-      fd_mbar_init(fd_smem_addr(&full_bar[s]), 1);   // the TMA thread's expect_tx arrival
-      fd_mbar_init(fd_smem_addr(&empty_bar[s]), 8);  // each consumer warp
+      fd_mbar_init(fd_smem_addr(&k_full[s]), 1);  // the TMA thread's expect_tx arrival
+      fd_mbar_init(fd_smem_addr(&v_full[s]), 1);
+      fd_mbar_init(fd_smem_addr(&k_empty[s]), 8);  // each consumer warp
+      fd_mbar_init(fd_smem_addr(&v_empty[s]), 8);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
 
-  if (warp >= 8) {  // producer warpgroup: one thread issues every load
+  if (warp >= 8) {  // producer warpgroup: gives registers to the consumers; one thread issues every load
+    fd_regs_producer();
     if (tid == 256) {
       fd_acquire_map(maps);
       fd_acquire_map(maps + 128);
@@ -192,41 +200,41 @@ _SOURCE = r"""
       fd_mbar_expect_tx(qb, Q_BYTES);
       fd_tma_load(smem_base, maps, 0, bh * LQ + m0, qb);
       fd_tma_load(smem_base + CHUNK, maps, 64, bh * LQ + m0, qb);
-      for (int j = 0; j < NT; ++j) {
-        const int s = j % STAGES;
-        const unsigned full = fd_smem_addr(&full_bar[s]), dst = smem_base + Q_BYTES + s * STAGE_BYTES;
-        fd_mbar_wait(fd_smem_addr(&empty_bar[s]), ((j / STAGES) & 1) ^ 1);
-        fd_mbar_expect_tx(full, STAGE_BYTES);
-        fd_tma_load(dst, maps + 128, 0, kv_bh * LK + j * BN, full);               // K, head dims 0..63
-        fd_tma_load(dst + CHUNK, maps + 128, 64, kv_bh * LK + j * BN, full);      // K, head dims 64..127
-        fd_tma_load(dst + KV_BYTES, maps + 256, j * BN, kv_bh * 128, full);       // V^T, keys 0..63 of the tile
-        fd_tma_load(dst + KV_BYTES + CHUNK, maps + 256, j * BN + 64, kv_bh * 128, full);
+      for (int j = 0; j < NT; ++j) {  // K_j into its stage, then V^T_j: each waits for its own stage
+        const int s = j % STAGES, phase = ((j / STAGES) & 1) ^ 1;
+        const unsigned kf = fd_smem_addr(&k_full[s]), vf = fd_smem_addr(&v_full[s]);
+        const unsigned kd = k_base + s * TILE_BYTES, vd = v_base + s * TILE_BYTES;
+        fd_mbar_wait(fd_smem_addr(&k_empty[s]), phase);
+        fd_mbar_expect_tx(kf, TILE_BYTES);
+        fd_tma_load(kd, maps + 128, 0, kv_bh * LK + j * BN, kf);         // K, head dims 0..63
+        fd_tma_load(kd + CHUNK, maps + 128, 64, kv_bh * LK + j * BN, kf);  // K, head dims 64..127
+        fd_mbar_wait(fd_smem_addr(&v_empty[s]), phase);
+        fd_mbar_expect_tx(vf, TILE_BYTES);
+        fd_tma_load(vd, maps + 256, j * BN, kv_bh * 128, vf);              // V^T, keys 0..63 of the tile
+        fd_tma_load(vd + CHUNK, maps + 256, j * BN + 64, kv_bh * 128, vf);
       }
     }
     return;
   }
 
-  // consumers: warpgroup wg owns query rows wg * 64 .. + 63; this thread rows r0 and r0 + 8 of them
+  // consumers: warpgroup wg owns query rows wg * 64 .. + 63; this thread rows r0 and r0 + 8 of them.
+  // Per tile j: S_j = Q K_j^T and O += P_{j-1} V_{j-1} are issued together, then S_j's softmax runs while
+  // P_{j-1} V_{j-1} is still in flight (O is rescaled only once it has landed). With PINGPONG the two
+  // warpgroups take turns issuing (named barriers 2 and 3), so one's softmax overlaps the other's MMAs.
+  fd_regs_consumer();
   const int wg = warp >> 2, t = lane & 3;
   const int r0 = wg * 64 + (warp & 3) * 16 + (lane >> 2);
   const float sl2 = scale[0] * LOG2E;
   float o[64], sc[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) o[i] = 0.0f;
-  float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.0f, 0.0f};
+  float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.0f, 0.0f}, corr[2];
+  unsigned a[8][4];  // P_{j-1} as the A fragments of O += P V: keys 16 kk .. 16 kk + 15
   const unsigned q_addr = smem_base + wg * 64 * 128;
-  fd_mbar_wait(fd_smem_addr(&q_bar), 0);
-  for (int j = 0; j < NT; ++j) {
-    const int s = j % STAGES;
-    fd_mbar_wait(fd_smem_addr(&full_bar[s]), (j / STAGES) & 1);
-    const unsigned k_addr = smem_base + Q_BYTES + s * STAGE_BYTES, v_addr = k_addr + KV_BYTES;
-#pragma unroll
-    for (int i = 0; i < 64; ++i) sc[i] = 0.0f;
-    fd_fence64(sc);
-    fd_mma_ss128<IS_BF16>(sc, q_addr, k_addr, CHUNK);
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-    fd_fence64(sc);
-    // scores in log2 units; sc[4c + e] is (row r0, key 8c + 2t + e), sc[4c + 2 + e] the same key, row r0 + 8
+  // S_j's scores in log2 units (sc[4c + e] is (row r0, key 8c + 2t + e), sc[4c + 2 + e] the same key,
+  // row r0 + 8), keys past Lk masked, online softmax: sc becomes P_j (float), l and m updated, corr the
+  // factor O must take once P_{j-1} V_{j-1} has landed
+  auto softmax = [&](int j) {
     float mx[2] = {m_run[0], m_run[1]};
     const bool tail = (j + 1) * BN > LK;
 #pragma unroll
@@ -242,7 +250,7 @@ _SOURCE = r"""
         mx[1] = fmaxf(mx[1], sc[4 * c + 2 + e]);
       }
     }
-    float corr[2], base[2];
+    float base[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
@@ -252,27 +260,71 @@ _SOURCE = r"""
       m_run[h] = mx[h];
       l_run[h] *= corr[h];
     }
-    unsigned a[8][4];  // P as the A fragments of O += P V: keys 16 kk .. 16 kk + 15
 #pragma unroll
     for (int c = 0; c < 16; ++c) {
-      const float p0 = fd_exp2(sc[4 * c] - base[0]), p1 = fd_exp2(sc[4 * c + 1] - base[0]);
-      const float p2 = fd_exp2(sc[4 * c + 2] - base[1]), p3 = fd_exp2(sc[4 * c + 3] - base[1]);
-      l_run[0] += p0 + p1;
-      l_run[1] += p2 + p3;
-      a[c >> 1][(c & 1) * 2] = fd_pack2<T>(p0, p1);
-      a[c >> 1][(c & 1) * 2 + 1] = fd_pack2<T>(p2, p3);
+      sc[4 * c] = fd_exp2(sc[4 * c] - base[0]);
+      sc[4 * c + 1] = fd_exp2(sc[4 * c + 1] - base[0]);
+      sc[4 * c + 2] = fd_exp2(sc[4 * c + 2] - base[1]);
+      sc[4 * c + 3] = fd_exp2(sc[4 * c + 3] - base[1]);
+      l_run[0] += sc[4 * c] + sc[4 * c + 1];
+      l_run[1] += sc[4 * c + 2] + sc[4 * c + 3];
+    }
+  };
+  auto rescale_and_pack = [&]() {  // O *= corr; P_j (float) -> a
+#pragma unroll
+    for (int c = 0; c < 16; ++c) {
       o[4 * c] *= corr[0];
       o[4 * c + 1] *= corr[0];
       o[4 * c + 2] *= corr[1];
       o[4 * c + 3] *= corr[1];
+      a[c >> 1][(c & 1) * 2] = fd_pack2<T>(sc[4 * c], sc[4 * c + 1]);
+      a[c >> 1][(c & 1) * 2 + 1] = fd_pack2<T>(sc[4 * c + 2], sc[4 * c + 3]);
     }
+  };
+  auto load_scores = [&](int j) {  // wait for K_j, zero the accumulators
+    fd_mbar_wait(fd_smem_addr(&k_full[j % STAGES]), (j / STAGES) & 1);
+#pragma unroll
+    for (int i = 0; i < 64; ++i) sc[i] = 0.0f;
+    fd_fence64(sc);
+  };
+  if (PINGPONG && wg == 1) fd_bar_arrive(2);  // warpgroup 0 issues first
+  fd_mbar_wait(fd_smem_addr(&q_bar), 0);
+  // tile 0: S_0 alone
+  load_scores(0);
+  if (PINGPONG) fd_bar_sync(2 + wg);
+  fd_mma_ss128<IS_BF16>(sc, q_addr, k_base, CHUNK);
+  if (PINGPONG) fd_bar_arrive(3 - wg);
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  fd_fence64(sc);
+  if (lane == 0) fd_mbar_arrive(fd_smem_addr(&k_empty[0]));
+  softmax(0);
+  rescale_and_pack();
+  for (int j = 1; j < NT; ++j) {  // tile j: S_j and P_{j-1} V_{j-1} in flight together
+    const int s = j % STAGES, sp = (j - 1) % STAGES;
+    load_scores(j);
+    fd_mbar_wait(fd_smem_addr(&v_full[sp]), ((j - 1) / STAGES) & 1);
+    if (PINGPONG) fd_bar_sync(2 + wg);
+    fd_mma_ss128<IS_BF16>(sc, q_addr, k_base + s * TILE_BYTES, CHUNK);
     fd_fence64(o);
-    fd_mma_rs128<IS_BF16>(o, a, v_addr, CHUNK);
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    fd_mma_rs128<IS_BF16>(o, a, v_base + sp * TILE_BYTES, CHUNK);
+    if (PINGPONG) fd_bar_arrive(3 - wg);
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // S_j has landed
+    fd_fence64(sc);
+    if (lane == 0) fd_mbar_arrive(fd_smem_addr(&k_empty[s]));
+    softmax(j);
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");  // P_{j-1} V_{j-1} has landed
     fd_fence64(o);
-    if (lane == 0) fd_mbar_arrive(fd_smem_addr(&empty_bar[s]));  // this warp is done with stage s
-    __syncwarp();
+    if (lane == 0) fd_mbar_arrive(fd_smem_addr(&v_empty[sp]));
+    rescale_and_pack();
   }
+  // the last P V (warpgroup 1 gives no turn after it: its partner has none left to take)
+  fd_mbar_wait(fd_smem_addr(&v_full[(NT - 1) % STAGES]), ((NT - 1) / STAGES) & 1);
+  if (PINGPONG) fd_bar_sync(2 + wg);
+  fd_fence64(o);
+  fd_mma_rs128<IS_BF16>(o, a, v_base + ((NT - 1) % STAGES) * TILE_BYTES, CHUNK);
+  if (PINGPONG && wg == 0) fd_bar_arrive(3);
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  fd_fence64(o);
   // O / l: l summed over the 4 lanes of each row
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -318,8 +370,9 @@ def prep_grid(b: int, hk: int, lk: int):
     return (-(-padded_keys(lk) // 64) * 256, b * hk, 1)
 
 
-def flash_attention_sm90(q, k, v, scale, key_bias=None):
-    """q (B, H, Lq, 128), k / v (B, Hk, Lk, 128) in bf16 / fp16; key_bias None or (B, Lk) additive."""
+def flash_attention_sm90(q, k, v, scale, key_bias=None, pingpong=True):
+    """q (B, H, Lq, 128), k / v (B, Hk, Lk, 128) in bf16 / fp16; key_bias None or (B, Lk) additive.
+    pingpong: the two consumer warpgroups take turns issuing their MMAs (FlashAttention-3's schedule)."""
     b, h, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
     if d != D or q.dtype not in (mx.bfloat16, mx.float16):
@@ -337,7 +390,7 @@ def flash_attention_sm90(q, k, v, scale, key_bias=None):
     (out,) = _kernel()(
         inputs=[q, k, vt, maps, mx.array([scale], dtype=mx.float32), bias],
         template=[("T", q.dtype), ("IS_BF16", is_bf16), ("H", h), ("HK", hk), ("LQ", lq), ("LK", lk),
-                  ("HAS_BIAS", key_bias is not None)],
+                  ("HAS_BIAS", key_bias is not None), ("PINGPONG", pingpong)],
         output_shapes=[q.shape], output_dtypes=[q.dtype],
         grid=(math.ceil(lq / BM) * THREADS, b * h, 1), threadgroup=(THREADS, 1, 1),
     )
