@@ -209,6 +209,10 @@ static inline void fd_tma_load(unsigned dst, unsigned long long map, int col, in
 
 // ---- wgmma
 static inline unsigned long long fd_desc(unsigned addr) { return addr; }
+// an MN-major descriptor (the attention's V): bit 63 marks it, bits 32..62 carry the N-block stride (LBO)
+static inline unsigned long long fd_desc_mn(unsigned addr, unsigned lbo) {
+  return (unsigned long long)addr | ((unsigned long long)lbo << 32) | (1ull << 63);
+}
 template <bool BF16>
 static inline float emu_elem(unsigned a) {
   uint16_t v; std::memcpy(&v, emu_ptr(a), 2);
@@ -216,8 +220,13 @@ static inline float emu_elem(unsigned a) {
   __half h; h.x = v; return (float)h;
 }
 template <bool BF16>
-static inline float emu_operand(unsigned long long desc, int row, int k) {  // K-major, 128B swizzle
-  const unsigned lin = (unsigned)desc + (row / 8) * 1024 + (row % 8) * 128 + k * 2;
+static inline float emu_operand(unsigned long long desc, int row, int k) {  // element (row, k), 128B swizzle
+  if (desc >> 63) {  // MN-major: 128-byte rows of 64 row-contiguous elements per k, 8-k groups 1024 bytes
+    const unsigned lbo = (unsigned)((desc >> 32) & 0x7fffffffu);  // apart, 64-row blocks lbo apart
+    const unsigned lin = (unsigned)desc + (row / 64) * lbo + (k / 8) * 1024 + (k % 8) * 128 + (row % 64) * 2;
+    return emu_elem<BF16>(emu_swizzle(lin));
+  }
+  const unsigned lin = (unsigned)desc + (row / 8) * 1024 + (row % 8) * 128 + k * 2;  // K-major
   return emu_elem<BF16>(emu_swizzle(lin));
 }
 // d += A (64 x 16) . B (N x 16)^T for this thread's accumulator elements (m64nN layout)
@@ -274,10 +283,10 @@ static inline void fd_mma_ss128(float (&d)[64], unsigned a_addr, unsigned b_addr
 }
 template <bool BF16>
 static inline void fd_mma_rs128(float (&d)[64], const unsigned (&a)[8][4], unsigned b_addr, unsigned chunk) {
-  emu_afrag_of[emu_tid()] = &a;
+  emu_afrag_of[emu_tid()] = &a;  // B = V, MN-major, as the kernel's header addresses it
   for (int kk = 0; kk < 8; ++kk) {
-    const unsigned off = (kk >> 2) * chunk + (kk & 3) * 32;
-    emu_open_group.push_back([&d, b_addr, off, kk] { emu_wgmma<BF16, 128, true>(d, 0, b_addr + off, kk); });
+    const unsigned long long db = fd_desc_mn(b_addr + kk * 2048, chunk);
+    emu_open_group.push_back([&d, db, kk] { emu_wgmma<BF16, 128, true>(d, 0, db, kk); });
   }
   emu_wgmma_commit();
 }

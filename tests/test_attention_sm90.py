@@ -22,12 +22,13 @@ SOURCE_LINES = [
     "const int key = j * BN + 8 * c + 2 * t + e;",
     "const bool ok = !tail || key < LK;",
     "sc[4 * c + e] = ok ? sc[4 * c + e] * sl2 + bias : NEG_INF;",
+    "if (tail && key >= LK) sc[4 * c + e] = sc[4 * c + 2 + e] = NEG_INF;",
     "base[h] = mx[h] == NEG_INF ? 0.0f : mx[h];",
     "corr[h] = fd_exp2(m_run[h] - base[h]);",
     "a[c >> 1][(c & 1) * 2] = fd_pack2<T>(sc[4 * c], sc[4 * c + 1]);",
     "a[c >> 1][(c & 1) * 2 + 1] = fd_pack2<T>(sc[4 * c + 2], sc[4 * c + 3]);",
     "l_run[h] = l_run[h] > 0.0f ? 1.0f / l_run[h] : 0.0f;",
-    "fd_tma_load(vd, maps + 256, j * BN, kv_bh * 128, vf);",
+    "fd_tma_load(vd, maps + 256, kv_col, kv_row + j * BN, vf);",
 ]
 
 
@@ -35,16 +36,14 @@ def emulate(q, k, v, scale, bias=None):
     """The consumer warpgroups' arithmetic, thread by thread, for every (batch, head, query block)."""
     b, h, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
-    lkp = sm90.padded_keys(lk)
-    k_rows = k.reshape(b * hk * lk, d)  # what the TMA map over K holds: rows past Lk are the next head's
+    k_rows = k.reshape(b * hk * lk, d)  # what the TMA maps over K and V hold: rows past Lk are the next
+    v_rows = v.reshape(b * hk * lk, d)  # head's (or zeros past the tensor)
     out = np.zeros_like(q)
     lane = np.arange(32)
     g, t = lane >> 2, lane & 3
     for bh in range(b * h):
         batch = bh // h
         kv_bh = batch * hk + (bh % h) // (h // hk)
-        vt = np.zeros((d, lkp))
-        vt[:, :lk] = v[batch, kv_bh % hk].T  # the prep kernel's V^T, zero past Lk
         for m0 in range(0, lq, 128):
             qb = np.zeros((128, d))
             rows = q.reshape(b * h * lq, d)[bh * lq + m0: bh * lq + m0 + 128]
@@ -57,9 +56,9 @@ def emulate(q, k, v, scale, bias=None):
                     kt = np.zeros((128, d))
                     krows = k_rows[kv_bh * lk + j * 128: kv_bh * lk + j * 128 + 128]
                     kt[: len(krows)] = krows
-                    vtile = np.zeros((128, d))  # keys x head dim, from V^T (zero past Lk)
-                    cols = vt[:, j * 128: j * 128 + 128]
-                    vtile[: cols.shape[1]] = cols.T
+                    vtile = np.zeros((128, d))  # keys x head dim: past Lk the next head's keys (p = 0 there)
+                    vrows = v_rows[kv_bh * lk + j * 128: kv_bh * lk + j * 128 + 128]
+                    vtile[: len(vrows)] = vrows
                     s_mat = qb[wg * 64: wg * 64 + 64] @ kt.T  # the accumulator of S = Q K^T
                     p_mat = np.zeros((64, 128))
                     tail = (j + 1) * 128 > lk
@@ -133,60 +132,6 @@ def test_emulated_kernel_matches_softmax_attention(b, h, hk, lq, lk, with_bias):
         bias[:, : min(128, lk - 1)] = -np.inf
     got = emulate(q, k, v, 0.088, bias)
     np.testing.assert_allclose(got, softmax_attention_np(q, k, v, 0.088, bias), rtol=1e-9, atol=1e-9)
-
-
-def test_prep_grid_covers_padded_keys():
-    for lk in (1, 7, 8, 63, 64, 65, 4621, 32760):
-        lkp = sm90.padded_keys(lk)
-        assert lkp % 128 == 0 and lk <= lkp < lk + 128
-        gx, gy, _ = sm90.prep_grid(2, 3, lk)
-        assert gy == 6 and gx % 256 == 0 and (gx // 256) * 64 >= lkp > (gx // 256 - 1) * 64
-
-
-PREP_LINES = [
-    "const int c = tid + 256 * i, r = c >> 4, chunk = c & 15, key = key0 + r;",
-    "*reinterpret_cast<uint4*>(&tile[r * 128 + ((chunk ^ ((r >> 3) & 7)) << 3)]) = val;",
-    "const int c = tid + 256 * i, dim = c >> 3, kc = (c & 7) * 8;",
-    "out8[e] = tile[r * 128 + ((((dim >> 3) ^ ((r >> 3) & 7))) << 3) + (dim & 7)];",
-    "*reinterpret_cast<uint4*>(vt + ((size_t)bh * 128 + dim) * LKP + key0 + kc) = *reinterpret_cast<const uint4*>(out8);",
-]
-
-
-@pytest.mark.parametrize("lk", [1, 77, 128, 300])
-def test_emulated_prep_kernel_transposes_v(lk):
-    """The V-transpose kernel's index arithmetic (swizzled shared tile, both loops) gives V^T with zeros
-    past Lk, every element of V^T written exactly once."""
-    for line in PREP_LINES:
-        assert line in sm90._PREP_SOURCE, line
-    heads, lkp = 3, sm90.padded_keys(lk)
-    v = np.random.default_rng(1).standard_normal((heads, lk, 128))
-    vt = np.full((heads, 128, lkp), np.nan)
-    writes = np.zeros_like(vt)
-    gx, gy, _ = sm90.prep_grid(1, heads, lk)
-    tid = np.arange(256)
-    for bh in range(gy):
-        for block in range(gx // 256):
-            key0, tile = block * 64, np.full(64 * 128, np.nan)
-            for i in range(4):
-                c = tid + 256 * i
-                r, chunk = c >> 4, c & 15
-                key = key0 + r
-                for e in range(8):
-                    val = np.where(key < lk, v[bh, np.minimum(key, lk - 1), chunk * 8 + e], 0.0)
-                    tile[r * 128 + ((chunk ^ ((r >> 3) & 7)) << 3) + e] = val
-            for i in range(4):
-                c = tid + 256 * i
-                dim, kc = c >> 3, (c & 7) * 8
-                ok = key0 + kc < lkp
-                for e in range(8):
-                    r = kc + e
-                    val = tile[r * 128 + (((dim >> 3) ^ ((r >> 3) & 7)) << 3) + (dim & 7)]
-                    vt[bh, dim[ok], (key0 + kc + e)[ok]] = val[ok]
-                    np.add.at(writes[bh], (dim[ok], (key0 + kc + e)[ok]), 1)
-    expect = np.zeros((heads, 128, lkp))
-    expect[:, :, :lk] = v.transpose(0, 2, 1)
-    np.testing.assert_array_equal(vt, expect)
-    assert (writes == 1).all()
 
 
 def test_bad_arguments():

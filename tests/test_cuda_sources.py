@@ -112,16 +112,16 @@ def test_dequant_kernel_compiles(tmp_path, bits, mode, flat):
 @pytest.mark.parametrize("has_bias", [False, True])
 @pytest.mark.parametrize("pingpong", [True, False])
 def test_wgmma_attention_compiles(tmp_path, dtype, has_bias, pingpong):
-    """The opt-in sm_90 attention (never run on a GPU yet): its main kernel fits 384 threads' registers
-    (launch bounds in its header) without spills or serialised wgmmas; its V-transpose + maps kernel compiles."""
+    """The sm_90 attention: its main kernel fits 384 threads' registers (launch bounds in its header,
+    the setmaxnreg split inside) without spills or serialised wgmmas; its maps kernel compiles."""
     lk = 4621
     text = report(tmp_path, "attention_sm90", _attention_sm90._HEADER, _attention_sm90._SOURCE,
-                  [("q", dtype), ("k", dtype), ("vt", dtype), ("tmaps", mx.uint8), ("scale", mx.float32),
+                  [("q", dtype), ("k", dtype), ("v", dtype), ("tmaps", mx.uint8), ("scale", mx.float32),
                    ("kbias", mx.float32)], [("out", dtype)],
                   [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("H", 24), ("HK", 24), ("LQ", lk), ("LK", lk),
-                   ("HAS_BIAS", has_bias), ("PINGPONG", pingpong)])
+                   ("HAS_BIAS", has_bias), ("PINGPONG", pingpong), ("SEQ_MAJOR", pingpong)])
     assert_fits_tma_block(text)
-    report(tmp_path, "attention_sm90_prep", _attention_sm90._MAP_HEADER, _attention_sm90._PREP_SOURCE,
-           [("q", dtype), ("k", dtype), ("v", dtype)], [("vt", dtype), ("tmaps", mx.uint8)],
-           [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("LK", lk), ("LKP", _attention_sm90.padded_keys(lk)),
-            ("Q_ROWS", 24 * lk), ("KV_ROWS", 24 * lk)])
+    report(tmp_path, "attention_sm90_maps", _attention_sm90._MAP_HEADER, _attention_sm90._MAPS_SOURCE,
+           [("q", dtype), ("k", dtype), ("v", dtype)], [("tmaps", mx.uint8)],
+           [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("Q_COLS", 128), ("Q_ROWS", 24 * lk),
+            ("KV_COLS", 128), ("KV_ROWS", 24 * lk)])

@@ -88,6 +88,65 @@ def test_attention_gqa_and_hidream_key_multiplier():
     assert rel_err(np.array(boolean), ref) > 1e-3
 
 
+@pytest.mark.parametrize("mask_kind", [None, "key_bool", "full_bool", "additive"])
+def test_attention_blhd_layout(mask_kind):
+    """layout="blhd": q (B, Lq, H, D), k / v (B, Lk, Hk, D) in, (B, Lq, H, D) out; the same numbers as the
+    head-major call, with GQA and HiDream's key multiplier."""
+    b, h, hk, lq, lk, d = 2, 4, 2, 29, 41, 32
+    mx.random.seed(5)
+    q, k, v = (mx.random.normal((b, n, heads, d)) for n, heads in ((lq, h), (lk, hk), (lk, hk)))
+    mask = None
+    if mask_kind == "key_bool":
+        mask = mx.arange(lk)[None, None, None, :] < mx.array([lk, lk - 9])[:, None, None, None]
+    elif mask_kind == "full_bool":
+        mask = mx.random.uniform(shape=(b, h, lq, lk)) > 0.3
+        mask[..., 0] = True
+    elif mask_kind == "additive":
+        mask = mx.random.normal((1, 1, 1, lk))
+    km = (mx.arange(lk)[None, :] < mx.array([[35], [41]])).astype(mx.float32)
+    t = (0, 2, 1, 3)
+    out = attention(q, k, v, 0.17, mask, key_multiplier=km, layout="blhd")
+    assert out.shape == (b, lq, h, d)
+    ref = naive_attention(q.transpose(t), k.transpose(t), v.transpose(t), 0.17, mask, key_multiplier=km)
+    assert rel_err(np.array(out), ref.transpose(t)) < 1e-5
+
+
+def test_attention_dispatch_rule(monkeypatch):
+    """Which path the default CUDA dispatch takes, on a (pretended) Hopper: the sm_90 kernel for key masks
+    and for long unmasked sequences of odd length, cuDNN's SDPA otherwise; FLASHDIFF_ATTENTION=sdpa turns
+    ours off."""
+    import importlib
+
+    from flashdiff.kernels import _gemm_cuda
+
+    attention_module = importlib.import_module("flashdiff.kernels.attention")  # the package exports the function
+
+    monkeypatch.setattr(attention_module, "resolve_backend", lambda backend=None: "cuda")
+    monkeypatch.setattr(_gemm_cuda, "is_sm90", lambda: True)
+    path = attention_module._path
+    n = math.isqrt(attention_module.SM90_MIN_SCORES) + 1
+    n += 1 if n % 128 == 0 else 0
+    short, long = mx.zeros((1, 24, 4621, 128), mx.bfloat16), mx.zeros((1, 24, n, 128), mx.bfloat16)
+    aligned = mx.zeros((1, 24, -(-n // 128) * 128, 128), mx.bfloat16)  # long, a multiple of 128: cuDNN's
+    key_mask = mx.ones((1, 1, 1, 4621), mx.bool_)
+    assert path(short, short, None, None) == "sdpa"
+    assert path(long, long, None, None) == "cuda_wgmma"
+    assert path(aligned, aligned, None, None) == "sdpa"
+    assert path(aligned, long, None, None) == "cuda_wgmma"
+    assert path(short, short, key_mask, None) == "cuda_wgmma"
+    assert path(short, short, key_mask.astype(mx.bfloat16), None) == "cuda_wgmma"
+    assert path(short, short, mx.ones((1, 1, 4621, 4621), mx.bool_), None) == "sdpa"  # not a key mask
+    assert path(short[..., :64], short[..., :64], key_mask, None) == "sdpa"  # head dim 64
+    assert path(short.astype(mx.float32), short.astype(mx.float32), key_mask, None) == "sdpa"
+    assert path(long, long, None, "sdpa") == "sdpa"
+    assert path(short, short, None, "cuda_wgmma") == "cuda_wgmma"
+    monkeypatch.setenv("FLASHDIFF_ATTENTION", "sdpa")
+    assert path(long, long, None, None) == "sdpa"
+    monkeypatch.delenv("FLASHDIFF_ATTENTION")
+    monkeypatch.setattr(_gemm_cuda, "is_sm90", lambda: False)
+    assert path(long, long, key_mask[..., :n], None) == "sdpa"
+
+
 def test_attention_bad_arguments():
     q = mx.zeros((1, 2, 8, 16))
     with pytest.raises(ValueError, match="same shape"):
@@ -106,6 +165,8 @@ def test_attention_bad_arguments():
         attention(q, q, q, 1.0, key_multiplier=mx.ones((1, 7)))
     with pytest.raises(ValueError, match="Unknown kernel backend"):
         attention(q, q, q, 1.0, backend="tpu")
+    with pytest.raises(ValueError, match="layout"):
+        attention(q, q, q, 1.0, layout="bshd")
 
 
 def test_dispatch(monkeypatch):

@@ -144,6 +144,38 @@ def test_attention_cuda_wgmma_float16_additive_key_bias():
     assert out.dtype == mx.float16 and rel_err(out, ref) < 5e-3
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_cuda_wgmma_seq_major(masked):
+    """The sm_90 kernel on (B, L, H, 128) inputs (layout="blhd", as joint_attention passes them): batch 2
+    (rows past a batch's end are the next batch's), GQA, odd lengths, per-batch key masks."""
+    if not _gemm_cuda.is_sm90():
+        pytest.skip("the wgmma attention needs an sm_90 GPU")
+    mx.random.seed(8)
+    b, h, hk, lq, lk = 2, 4, 2, 333, 461
+    q, k, v = (mx.random.normal((b, n, heads, 128)).astype(mx.bfloat16) for n, heads in ((lq, h), (lk, hk), (lk, hk)))
+    mask = (mx.arange(lk)[None, None, None, :] < mx.array([lk - 3, 200])[:, None, None, None]) if masked else None
+    t = (0, 2, 1, 3)
+    ref = attention_reference(*(a.transpose(t).astype(mx.float32) for a in (q, k, v)), 0.088, mask).transpose(t)
+    out = attention(q, k, v, 0.088, mask, backend="cuda_wgmma", layout="blhd")
+    assert out.shape == (b, lq, h, 128) and rel_err(out, ref) < 1e-2
+
+
+def test_attention_cuda_default_dispatch():
+    """The default path on this GPU, for a key-masked Qwen-Image-like call (joint length 4096 + 93, one
+    batch row padded) and an unmasked long one: each against the reference."""
+    from flashdiff.kernels.attention import SM90_MIN_SCORES
+
+    mx.random.seed(9)
+    t = (0, 2, 1, 3)
+    for lk, mask_len in ((4189, 4150), (math.isqrt(SM90_MIN_SCORES) + 3, None)):  # the second: odd, unmasked
+        q, k, v = (mx.random.normal((1, 2, lk, 128)).astype(mx.bfloat16) for _ in range(3))
+        mask = None if mask_len is None else (mx.arange(lk) < mask_len)[None, None, None, :]
+        ref = attention_reference(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), 0.088, mask)
+        assert rel_err(attention(q, k, v, 0.088, mask), ref) < 1e-2
+        blhd = [mx.contiguous(a.transpose(t)) for a in (q, k, v)]
+        assert rel_err(attention(*blhd, 0.088, mask, layout="blhd").transpose(t), ref) < 1e-2
+
+
 def test_dequantize_kernel_more_rows_than_grid_y():
     """Rows beyond CUDA's gridDim.y limit (65535) are covered by the kernel's row loop."""
     w, s, b = quant((70001, 64), "affine", 4, 32)

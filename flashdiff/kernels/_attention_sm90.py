@@ -5,16 +5,15 @@ tests/cuda_emulation.py); first run on the H200 in session 7, where it passed it
 (tests/test_kernels_cuda.py, backend "cuda_wgmma") and was timed against cuDNN (benchmarks/README.md).
 
 Two kernels:
-- ``_PREP_SOURCE``: V (B, Hk, Lk, 128) -> V^T (B, Hk, 128, Lkp), Lkp = Lk rounded up to 128 (zeros
-  past Lk), so that both MMAs read K-major tiles the way the TMA GEMM's do (``_gemm_tma``); block 0's
-  first warp also encodes the three TMA tensor maps (Q and K as (rows, 128), V^T as (B * Hk * 128 rows, Lkp)),
-  boxes of 128 rows x 64 columns with the 128-byte swizzle, as ``_gemm_tma`` does.
+- ``_MAPS_SOURCE``: one warp encodes the three TMA tensor maps (Q, K and V as (rows, 128), boxes of
+  128 rows x 64 columns with the 128-byte swizzle, as ``_gemm_tma`` does).
 - ``_SOURCE``: one CTA per 128 query rows of one (batch, head); three warpgroups. The producer
   warpgroup gives up registers (``setmaxnreg``: 40 per thread, the consumers take 232) and its one thread
-  loads Q once and then K and V^T tiles of 128 keys, each into two stages of its own (full / empty
+  loads Q once and then K and V tiles of 128 keys, each into two stages of its own (full / empty
   mbarriers). Consumer warpgroup w owns query rows 64w .. 64w + 63. Per key tile j it issues
   S_j = Q K_j^T (eight ``wgmma m64n128k16`` from shared memory) and O += P_{j-1} V_{j-1} (A = P from
-  registers: the accumulator layout of m64nN is the A-register layout of m64k16, so no shuffles)
+  registers: the accumulator layout of m64nN is the A-register layout of m64k16, so no shuffles; B = V
+  read MN-major straight from its TMA tiles, so V needs no transpose)
   together, waits for S_j alone, runs S_j's online softmax (float32, ex2.approx with scale * log2 e
   folded in, keys past Lk masked to -inf, row max / sum over the 4 lanes of a row) while P_{j-1} V_{j-1}
   is in flight, then rescales O once that has landed: FlashAttention-3's intra-warpgroup overlap. With
@@ -34,17 +33,18 @@ D = 128
 BM = BN = 128
 STAGES = 2
 THREADS = 384  # two consumer warpgroups + one producer warpgroup
-SMEM_BYTES = BM * D * 2 + STAGES * 2 * BN * D * 2 + 1024  # Q + stages of K and V^T + alignment room
+SMEM_BYTES = BM * D * 2 + STAGES * 2 * BN * D * 2 + 1024  # Q + stages of K and V + alignment room
 MAP_BYTES = 4 * 128  # three 128-byte maps + room to align them
 
 
 def _wgmma_n128(dtype: str, a_regs: bool) -> str:
-    """m64n128k16 with float32 accumulators; B from shared memory, A from shared memory or registers."""
+    """m64n128k16 with float32 accumulators. A from shared memory (both operands K-major) or from
+    registers (then B is MN-major: imm-trans-b = 1, N contiguous, as V's tiles are)."""
     d = ", ".join(f"%{i}" for i in range(64))
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(64))
     if a_regs:
         sig, a_op, ins, tail = "const unsigned (&a)[4], unsigned long long db", "{%64, %65, %66, %67}", \
-            '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db)', "%68, p, 1, 1, 0"
+            '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db)', "%68, p, 1, 1, 1"
         name = f"fd_wgmma_rs_{dtype}"
     else:
         sig, a_op, ins, tail = "unsigned long long da, unsigned long long db", "%64", '"l"(da), "l"(db)', \
@@ -85,15 +85,20 @@ __device__ __forceinline__ void fd_mma_ss128(float (&d)[64], unsigned a_addr, un
   }
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
-// d += P . B^T with P's A fragments in registers (a[kk] for reduction elements 16 kk .. 16 kk + 15)
+// MN-major 128-byte-swizzled B (the PTX ISA's canonical ((T,8,m),(8,k)) : ((1,T,LBO),(8T,SBO))): rows of
+// 64 N-contiguous elements, 8-row groups SBO = 1024 bytes apart along K, 64-element N blocks LBO apart
+__device__ __forceinline__ unsigned long long fd_desc_mn(unsigned addr, unsigned lbo) {
+  return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) | (64ull << 32) | (1ull << 62);
+}
+// d += P . V with P's A fragments in registers (a[kk] for keys 16 kk .. 16 kk + 15) and V's tile as TMA
+// loads it: [128 keys][64 dims] twice (dims 0..63, 64..127) CHUNK bytes apart, 128-byte rows swizzled
 template <bool BF16>
 __device__ __forceinline__ void fd_mma_rs128(float (&d)[64], const unsigned (&a)[8][4], unsigned b_addr, unsigned chunk) {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk) {
-    const unsigned off = (kk >> 2) * chunk + (kk & 3) * 32;
-    if (BF16) fd_wgmma_rs_bf16(d, a[kk], fd_desc(b_addr + off));
-    else fd_wgmma_rs_f16(d, a[kk], fd_desc(b_addr + off));
+    if (BF16) fd_wgmma_rs_bf16(d, a[kk], fd_desc_mn(b_addr + kk * 2048, chunk));
+    else fd_wgmma_rs_f16(d, a[kk], fd_desc_mn(b_addr + kk * 2048, chunk));
   }
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
@@ -109,74 +114,51 @@ __device__ __forceinline__ void fd_regs_consumer() { asm volatile("setmaxnreg.in
 #define __global__ __attribute__((global)) __launch_bounds__(384, 1)
 """
 
-# Template: T, IS_BF16, LK, LKP, Q_ROWS (= B * H * Lq), KV_ROWS (= B * Hk * Lk). Grid: x = chunks of 64 keys (256 threads
-# each), y = B * Hk. Inputs q, k (for the maps) and v; outputs vt and tmaps.
-_PREP_SOURCE = r"""
-  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x < 32) {
-    __shared__ __align__(128) unsigned maps[96];
-    const int lane = threadIdx.x;
-    maps[lane] = 0u;
-    maps[lane + 32] = 0u;
-    maps[lane + 64] = 0u;
-    __syncwarp();
-    const unsigned s0 = (unsigned)__cvta_generic_to_shared(maps);
-    if (lane == 0) {
-      fd_tmap_fill<IS_BF16>(s0, q, 128, Q_ROWS, 256ull, 128);
-      fd_tmap_fill<IS_BF16>(s0 + 128, k, 128, KV_ROWS, 256ull, 128);
-      fd_tmap_fill<IS_BF16>(s0 + 256, vt, LKP, (unsigned)(gridDim.y * 128), 2ull * LKP, 128);
-    }
-    __syncwarp();
-    const unsigned long long g = fd_maps_addr(tmaps);
-#pragma unroll
-    for (int i = 0; i < 3; ++i)
-      asm volatile("tensormap.cp_fenceproxy.global.shared::cta.tensormap::generic.release.gpu.sync.aligned [%0], [%1], 128;"
-                   :: "l"(g + 128 * i), "r"(s0 + 128 * i) : "memory");
+# Template: T, IS_BF16, Q_COLS, Q_ROWS, KV_COLS, KV_ROWS: each tensor as a (rows, cols) matrix, head-major
+# (B * H * L rows of 128) or sequence-major (B * L rows of H * 128). One warp. Inputs q, k, v (their
+# addresses go into the maps); output tmaps.
+_MAPS_SOURCE = r"""
+  __shared__ __align__(128) unsigned maps[96];
+  const int lane = threadIdx.x;
+  maps[lane] = 0u;
+  maps[lane + 32] = 0u;
+  maps[lane + 64] = 0u;
+  __syncwarp();
+  const unsigned s0 = (unsigned)__cvta_generic_to_shared(maps);
+  if (lane == 0) {  // boxes of 128 rows x 64 columns
+    fd_tmap_fill<IS_BF16>(s0, q, Q_COLS, Q_ROWS, 2ull * Q_COLS, 128);
+    fd_tmap_fill<IS_BF16>(s0 + 128, k, KV_COLS, KV_ROWS, 2ull * KV_COLS, 128);
+    fd_tmap_fill<IS_BF16>(s0 + 256, v, KV_COLS, KV_ROWS, 2ull * KV_COLS, 128);
   }
-  // this block: keys key0 .. key0 + 63 of head row bh, through shared memory [64 keys][128]; the
-  // 16-byte chunk c of key row r sits at chunk c ^ ((r / 8) % 8), so that the column reads below (8
-  // lanes on keys 8 apart, one head dim) fall in 8 different chunks: no bank conflicts
-  __shared__ __align__(16) T tile[64 * 128];
-  const int bh = blockIdx.y, key0 = blockIdx.x * 64, tid = threadIdx.x;
+  __syncwarp();
+  const unsigned long long g = fd_maps_addr(tmaps);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {  // 64 keys x 16 chunks of 8 values: 4 per thread, coalesced rows
-    const int c = tid + 256 * i, r = c >> 4, chunk = c & 15, key = key0 + r;
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (key < LK) val = *reinterpret_cast<const uint4*>(v + ((size_t)bh * LK + key) * 128 + chunk * 8);
-    *reinterpret_cast<uint4*>(&tile[r * 128 + ((chunk ^ ((r >> 3) & 7)) << 3)]) = val;
-  }
-  __syncthreads();
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {  // 128 rows (head dim) x 8 chunks of 8 keys: 4 per thread, coalesced rows
-    const int c = tid + 256 * i, dim = c >> 3, kc = (c & 7) * 8;
-    if (key0 + kc < LKP) {
-      __align__(16) T out8[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const int r = kc + e;
-        out8[e] = tile[r * 128 + ((((dim >> 3) ^ ((r >> 3) & 7))) << 3) + (dim & 7)];
-      }
-      *reinterpret_cast<uint4*>(vt + ((size_t)bh * 128 + dim) * LKP + key0 + kc) = *reinterpret_cast<const uint4*>(out8);
-    }
-  }
+  for (int i = 0; i < 3; ++i)
+    asm volatile("tensormap.cp_fenceproxy.global.shared::cta.tensormap::generic.release.gpu.sync.aligned [%0], [%1], 128;"
+                 :: "l"(g + 128 * i), "r"(s0 + 128 * i) : "memory");
 """
 
-# Template: T, IS_BF16, H, HK, LQ, LK, HAS_BIAS, PINGPONG. Grid: x = query blocks of 128 rows (384 threads
-# each), y = B * H. Inputs q, k (unused: read through the maps), vt, tmaps, scale (1,) float32, kbias (B, Lk)
+# Template: T, IS_BF16, H, HK, LQ, LK, HAS_BIAS, PINGPONG, SEQ_MAJOR (q, k, v and out (B, L, H, 128) in memory,
+# else (B, H, L, 128)). Grid: x = query blocks of 128 rows (384 threads
+# each), y = B * H. Inputs q, k, v (read through the maps), tmaps, scale (1,) float32, kbias (B, Lk)
 # or a dummy; output out (B, H, LQ, 128).
 _SOURCE = r"""
   constexpr int BM = 128, BN = 128, STAGES = 2, CHUNK = 128 * 128;  // a chunk: 128 rows x 64 columns
-  constexpr int Q_BYTES = 2 * CHUNK, TILE_BYTES = 2 * CHUNK;        // Q; one K or V^T tile
+  constexpr int Q_BYTES = 2 * CHUNK, TILE_BYTES = 2 * CHUNK;        // Q; one K or V tile
   constexpr int NT = (LK + BN - 1) / BN;
   constexpr float LOG2E = 1.4426950408889634f;
   const float NEG_INF = __int_as_float(0xff800000);
   extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
   __shared__ __align__(8) unsigned long long q_bar, k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES];
   unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
-  const unsigned smem_base = fd_smem_addr(fd_smem);  // Q, K stages, V^T stages
+  const unsigned smem_base = fd_smem_addr(fd_smem);  // Q, K stages, V stages
   const unsigned k_base = smem_base + Q_BYTES, v_base = k_base + STAGES * TILE_BYTES;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int m0 = blockIdx.x * BM, bh = blockIdx.y, batch = bh / H;
   const int kv_bh = batch * HK + (bh % H) / (H / HK);
+  // where this head's tiles sit in the maps: (column of head dim 0, row of position 0)
+  const int q_col = SEQ_MAJOR ? (bh % H) * 128 : 0, q_row = SEQ_MAJOR ? batch * LQ : bh * LQ;
+  const int kv_col = SEQ_MAJOR ? (kv_bh % HK) * 128 : 0, kv_row = SEQ_MAJOR ? batch * LK : kv_bh * LK;
   const unsigned long long maps = fd_maps_addr(tmaps);
   if (tid == 0) {
     fd_mbar_init(fd_smem_addr(&q_bar), 1);
@@ -198,20 +180,20 @@ _SOURCE = r"""
       fd_acquire_map(maps + 256);
       const unsigned qb = fd_smem_addr(&q_bar);
       fd_mbar_expect_tx(qb, Q_BYTES);
-      fd_tma_load(smem_base, maps, 0, bh * LQ + m0, qb);
-      fd_tma_load(smem_base + CHUNK, maps, 64, bh * LQ + m0, qb);
-      for (int j = 0; j < NT; ++j) {  // K_j into its stage, then V^T_j: each waits for its own stage
+      fd_tma_load(smem_base, maps, q_col, q_row + m0, qb);
+      fd_tma_load(smem_base + CHUNK, maps, q_col + 64, q_row + m0, qb);
+      for (int j = 0; j < NT; ++j) {  // K_j into its stage, then V_j: each waits for its own stage
         const int s = j % STAGES, phase = ((j / STAGES) & 1) ^ 1;
         const unsigned kf = fd_smem_addr(&k_full[s]), vf = fd_smem_addr(&v_full[s]);
         const unsigned kd = k_base + s * TILE_BYTES, vd = v_base + s * TILE_BYTES;
         fd_mbar_wait(fd_smem_addr(&k_empty[s]), phase);
         fd_mbar_expect_tx(kf, TILE_BYTES);
-        fd_tma_load(kd, maps + 128, 0, kv_bh * LK + j * BN, kf);         // K, head dims 0..63
-        fd_tma_load(kd + CHUNK, maps + 128, 64, kv_bh * LK + j * BN, kf);  // K, head dims 64..127
+        fd_tma_load(kd, maps + 128, kv_col, kv_row + j * BN, kf);               // K, head dims 0..63
+        fd_tma_load(kd + CHUNK, maps + 128, kv_col + 64, kv_row + j * BN, kf);  // K, head dims 64..127
         fd_mbar_wait(fd_smem_addr(&v_empty[s]), phase);
         fd_mbar_expect_tx(vf, TILE_BYTES);
-        fd_tma_load(vd, maps + 256, j * BN, kv_bh * 128, vf);              // V^T, keys 0..63 of the tile
-        fd_tma_load(vd + CHUNK, maps + 256, j * BN + 64, kv_bh * 128, vf);
+        fd_tma_load(vd, maps + 256, kv_col, kv_row + j * BN, vf);               // V, head dims 0..63
+        fd_tma_load(vd + CHUNK, maps + 256, kv_col + 64, kv_row + j * BN, vf);  // V, head dims 64..127
       }
     }
     return;
@@ -226,31 +208,47 @@ _SOURCE = r"""
   const int r0 = wg * 64 + (warp & 3) * 16 + (lane >> 2);
   const float sl2 = scale[0] * LOG2E;
   float o[64], sc[64];
+  float kb[32];  // tile j's key bias (HAS_BIAS), loaded before its scores are waited for
 #pragma unroll
   for (int i = 0; i < 64; ++i) o[i] = 0.0f;
   float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.0f, 0.0f}, corr[2];
   unsigned a[8][4];  // P_{j-1} as the A fragments of O += P V: keys 16 kk .. 16 kk + 15
   const unsigned q_addr = smem_base + wg * 64 * 128;
-  // S_j's scores in log2 units (sc[4c + e] is (row r0, key 8c + 2t + e), sc[4c + 2 + e] the same key,
-  // row r0 + 8), keys past Lk masked, online softmax: sc becomes P_j (float), l and m updated, corr the
+  // S_j's online softmax (sc[4c + e] is (row r0, key 8c + 2t + e), sc[4c + 2 + e] the same key, row
+  // r0 + 8; m in log2 units), keys past Lk masked: sc becomes P_j (float), l and m updated, corr the
   // factor O must take once P_{j-1} V_{j-1} has landed
   auto softmax = [&](int j) {
-    float mx[2] = {m_run[0], m_run[1]};
+    float mx[2] = {m_run[0], m_run[1]}, base[2];
     const bool tail = (j + 1) * BN > LK;
+    if (HAS_BIAS) {  // scores scaled and biased first: the row max is taken over those
 #pragma unroll
-    for (int c = 0; c < 16; ++c) {
+      for (int c = 0; c < 16; ++c) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int key = j * BN + 8 * c + 2 * t + e;
-        const bool ok = !tail || key < LK;
-        const float bias = HAS_BIAS && ok ? kbias[(size_t)batch * LK + key] * LOG2E : 0.0f;
-        sc[4 * c + e] = ok ? sc[4 * c + e] * sl2 + bias : NEG_INF;
-        sc[4 * c + 2 + e] = ok ? sc[4 * c + 2 + e] * sl2 + bias : NEG_INF;
-        mx[0] = fmaxf(mx[0], sc[4 * c + e]);
-        mx[1] = fmaxf(mx[1], sc[4 * c + 2 + e]);
+        for (int e = 0; e < 2; ++e) {
+          const int key = j * BN + 8 * c + 2 * t + e;
+          const bool ok = !tail || key < LK;
+          const float bias = ok ? kb[2 * c + e] * LOG2E : 0.0f;
+          sc[4 * c + e] = ok ? sc[4 * c + e] * sl2 + bias : NEG_INF;
+          sc[4 * c + 2 + e] = ok ? sc[4 * c + 2 + e] * sl2 + bias : NEG_INF;
+          mx[0] = fmaxf(mx[0], sc[4 * c + e]);
+          mx[1] = fmaxf(mx[1], sc[4 * c + 2 + e]);
+        }
       }
+    } else {  // the row max over the raw scores (sl2 > 0), scaled once: p = 2^(s sl2 - m) by one fma
+      float raw[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+      for (int c = 0; c < 16; ++c) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = j * BN + 8 * c + 2 * t + e;
+          if (tail && key >= LK) sc[4 * c + e] = sc[4 * c + 2 + e] = NEG_INF;
+          raw[0] = fmaxf(raw[0], sc[4 * c + e]);
+          raw[1] = fmaxf(raw[1], sc[4 * c + 2 + e]);
+        }
+      }
+      mx[0] = fmaxf(mx[0], raw[0] * sl2);
+      mx[1] = fmaxf(mx[1], raw[1] * sl2);
     }
-    float base[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
@@ -260,14 +258,27 @@ _SOURCE = r"""
       m_run[h] = mx[h];
       l_run[h] *= corr[h];
     }
+    const float mul = HAS_BIAS ? 1.0f : sl2;
 #pragma unroll
     for (int c = 0; c < 16; ++c) {
-      sc[4 * c] = fd_exp2(sc[4 * c] - base[0]);
-      sc[4 * c + 1] = fd_exp2(sc[4 * c + 1] - base[0]);
-      sc[4 * c + 2] = fd_exp2(sc[4 * c + 2] - base[1]);
-      sc[4 * c + 3] = fd_exp2(sc[4 * c + 3] - base[1]);
+      sc[4 * c] = fd_exp2(fmaf(sc[4 * c], mul, -base[0]));
+      sc[4 * c + 1] = fd_exp2(fmaf(sc[4 * c + 1], mul, -base[0]));
+      sc[4 * c + 2] = fd_exp2(fmaf(sc[4 * c + 2], mul, -base[1]));
+      sc[4 * c + 3] = fd_exp2(fmaf(sc[4 * c + 3], mul, -base[1]));
       l_run[0] += sc[4 * c] + sc[4 * c + 1];
       l_run[1] += sc[4 * c + 2] + sc[4 * c + 3];
+    }
+  };
+  auto fetch_bias = [&](int j) {
+    if (HAS_BIAS) {
+      const bool tail = (j + 1) * BN > LK;
+#pragma unroll
+      for (int c = 0; c < 16; ++c)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = j * BN + 8 * c + 2 * t + e;
+          kb[2 * c + e] = !tail || key < LK ? kbias[(size_t)batch * LK + key] : 0.0f;
+        }
     }
   };
   auto rescale_and_pack = [&]() {  // O *= corr; P_j (float) -> a
@@ -290,6 +301,7 @@ _SOURCE = r"""
   if (PINGPONG && wg == 1) fd_bar_arrive(2);  // warpgroup 0 issues first
   fd_mbar_wait(fd_smem_addr(&q_bar), 0);
   // tile 0: S_0 alone
+  fetch_bias(0);
   load_scores(0);
   if (PINGPONG) fd_bar_sync(2 + wg);
   fd_mma_ss128<IS_BF16>(sc, q_addr, k_base, CHUNK);
@@ -301,6 +313,7 @@ _SOURCE = r"""
   rescale_and_pack();
   for (int j = 1; j < NT; ++j) {  // tile j: S_j and P_{j-1} V_{j-1} in flight together
     const int s = j % STAGES, sp = (j - 1) % STAGES;
+    fetch_bias(j);
     load_scores(j);
     fd_mbar_wait(fd_smem_addr(&v_full[sp]), ((j - 1) / STAGES) & 1);
     if (PINGPONG) fd_bar_sync(2 + wg);
@@ -336,7 +349,7 @@ _SOURCE = r"""
   for (int h = 0; h < 2; ++h) {
     const int row = m0 + r0 + 8 * h;
     if (row < LQ) {
-      T* dst = out + ((size_t)bh * LQ + row) * 128 + 2 * t;
+      T* dst = out + (SEQ_MAJOR ? ((size_t)(batch * LQ + row) * H + bh % H) * 128 : ((size_t)bh * LQ + row) * 128) + 2 * t;
 #pragma unroll
       for (int c = 0; c < 16; ++c)
         *reinterpret_cast<unsigned*>(dst + 8 * c) = fd_pack2<T>(o[4 * c + 2 * h] * l_run[h], o[4 * c + 2 * h + 1] * l_run[h]);
@@ -346,51 +359,52 @@ _SOURCE = r"""
 
 
 @functools.cache
-def _prep_kernel():
-    return mx.fast.cuda_kernel(name="flashdiff_attention_sm90_prep", input_names=["q", "k", "v"],
-                               output_names=["vt", "tmaps"], source=_PREP_SOURCE, header=_MAP_HEADER)
+def _maps_kernel():
+    return mx.fast.cuda_kernel(name="flashdiff_attention_sm90_maps", input_names=["q", "k", "v"],
+                               output_names=["tmaps"], source=_MAPS_SOURCE, header=_MAP_HEADER)
 
 
 @functools.cache
 def _kernel():
     return mx.fast.cuda_kernel(
-        name="flashdiff_attention_sm90", input_names=["q", "k", "vt", "tmaps", "scale", "kbias"],
+        name="flashdiff_attention_sm90", input_names=["q", "k", "v", "tmaps", "scale", "kbias"],
         output_names=["out"], source=_SOURCE, header=_HEADER, shared_memory=SMEM_BYTES,
     )
 
 
-def padded_keys(lk: int) -> int:
-    """V^T's row length: Lk rounded up to a whole 128-key tile (zeros past Lk), so that no TMA box of
-    V^T lies wholly outside the tensor (and rows stay 16-byte multiples)."""
-    return -(-lk // BN) * BN
-
-
-def prep_grid(b: int, hk: int, lk: int):
-    """Grid (in threads) of the V-transpose kernel: one 256-thread block per 64 keys (of Lkp) per head."""
-    return (-(-padded_keys(lk) // 64) * 256, b * hk, 1)
-
-
-def flash_attention_sm90(q, k, v, scale, key_bias=None, pingpong=True):
-    """q (B, H, Lq, 128), k / v (B, Hk, Lk, 128) in bf16 / fp16; key_bias None or (B, Lk) additive.
+def flash_attention_sm90(q, k, v, scale, key_bias=None, pingpong=True, seq_major=False):
+    """Head-major: q (B, H, Lq, 128), k / v (B, Hk, Lk, 128) -> (B, H, Lq, 128). seq_major: q (B, Lq, H, 128),
+    k / v (B, Lk, Hk, 128) -> (B, Lq, H, 128), the layout the models' fused q/k/v projections give
+    (no transposes). bf16 / fp16; key_bias None or (B, Lk) additive float.
     pingpong: the two consumer warpgroups take turns issuing their MMAs (FlashAttention-3's schedule)."""
-    b, h, lq, d = q.shape
-    hk, lk = k.shape[1], k.shape[2]
-    if d != D or q.dtype not in (mx.bfloat16, mx.float16):
-        raise ValueError(f"flash_attention_sm90 supports head dim 128 in bf16/f16, got D={d}, {q.dtype}.")
+    if seq_major:
+        b, lq, h, d = q.shape
+        lk, hk = k.shape[1], k.shape[2]
+    else:
+        b, h, lq, d = q.shape
+        hk, lk = k.shape[1], k.shape[2]
+    if d != D or q.dtype not in (mx.bfloat16, mx.float16) or not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"flash_attention_sm90 supports head dim 128 in bf16/f16, got D={d}, {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}.")
+    if key_bias is not None and tuple(key_bias.shape) != (b, lk):
+        raise ValueError(f"key_bias must be (B, Lk) = {(b, lk)}, got {tuple(key_bias.shape)}.")
+    # one contiguous copy for both kernels: the maps hold these arrays' addresses
     q, k, v = (mx.contiguous(a) for a in (q, k, v))
     is_bf16 = q.dtype == mx.bfloat16
-    lkp = padded_keys(lk)
-    vt, maps = _prep_kernel()(
-        inputs=[q, k, v], template=[("T", q.dtype), ("IS_BF16", is_bf16), ("LK", lk), ("LKP", lkp),
-                                    ("Q_ROWS", b * h * lq), ("KV_ROWS", b * hk * lk)],
-        output_shapes=[(b, hk, D, lkp), (MAP_BYTES,)], output_dtypes=[q.dtype, mx.uint8],
-        grid=prep_grid(b, hk, lk), threadgroup=(256, 1, 1),
+    cols = (h * D, hk * D) if seq_major else (D, D)
+    rows = (b * lq, b * lk) if seq_major else (b * h * lq, b * hk * lk)
+    (maps,) = _maps_kernel()(
+        inputs=[q, k, v], template=[("T", q.dtype), ("IS_BF16", is_bf16), ("Q_COLS", cols[0]), ("Q_ROWS", rows[0]),
+                                    ("KV_COLS", cols[1]), ("KV_ROWS", rows[1])],
+        output_shapes=[(MAP_BYTES,)], output_dtypes=[mx.uint8], grid=(32, 1, 1), threadgroup=(32, 1, 1),
     )
+    if key_bias is None and not scale > 0:  # the unbiased softmax takes its row max before scaling
+        key_bias = mx.zeros((b, lk), mx.float32)
     bias = mx.zeros((1,), mx.float32) if key_bias is None else key_bias.astype(mx.float32)
     (out,) = _kernel()(
-        inputs=[q, k, vt, maps, mx.array([scale], dtype=mx.float32), bias],
+        inputs=[q, k, v, maps, mx.array([scale], dtype=mx.float32), bias],
         template=[("T", q.dtype), ("IS_BF16", is_bf16), ("H", h), ("HK", hk), ("LQ", lq), ("LK", lk),
-                  ("HAS_BIAS", key_bias is not None), ("PINGPONG", pingpong)],
+                  ("HAS_BIAS", key_bias is not None), ("PINGPONG", pingpong), ("SEQ_MAJOR", seq_major)],
         output_shapes=[q.shape], output_dtypes=[q.dtype],
         grid=(math.ceil(lq / BM) * THREADS, b * h, 1), threadgroup=(THREADS, 1, 1),
     )

@@ -1,19 +1,24 @@
 """Attention entry point used by every model.
 
 q: (B, H, Lq, D); k, v: (B, Hk, Lk, D) with H % Hk == 0. Returns (B, H, Lq, D) in q.dtype.
+layout="blhd": q (B, Lq, H, D), k / v (B, Lk, Hk, D), returns (B, Lq, H, D): the layout the models'
+fused q/k/v projections produce, passed without transposes or copies.
 mask (optional), broadcastable to (B, H, Lq, Lk): boolean (True = attend) or additive float.
 key_multiplier (optional), (B, Lk): multiplies the keys before the scores (HiDream's
 ``hidden_states_masks``: masked keys become zero vectors, so their score is 0, not -inf).
 
-Dispatch (see ``_dispatch``): CUDA and Metal use ``mx.fast.scaled_dot_product_attention`` (cuDNN on
-CUDA, MLX's fused steel kernel on Metal): on the H200 the custom CUDA kernel in
-``_attention_cuda`` is slower than cuDNN (benchmarks/README.md, Kernels), so it is not the default; pass
-``backend="cuda_flash"`` to force it (mask=None or a key-only mask). ``backend="cuda_wgmma"`` forces
-the sm_90 kernel in ``_attention_sm90`` (head dim 128, bf16/f16, mask=None or a key-only mask), which
-has **not run on a GPU yet**. CPU uses the reference.
-``backend="metal_flash"`` forces the Metal twin in ``_attention_metal`` (same contract); it has never
-been compiled or run (no Apple GPU here), so automatic dispatch on Metal never picks it.
+Dispatch on CUDA (``_use_sm90``): on Hopper, for head dim 128 in bf16/f16, our sm_90 kernel
+(``_attention_sm90``, FlashAttention-3's design) where it measured faster than cuDNN on the H200
+(benchmarks/README.md, session 7): with a key mask (B, 1, 1, Lk) (MLX's SDPA then leaves cuDNN's fused
+path) and without a mask at odd lengths once Lq * Lk >= ``SM90_MIN_SCORES``. Everything else, and other GPUs, go to
+``mx.fast.scaled_dot_product_attention`` (cuDNN). ``FLASHDIFF_ATTENTION=sdpa`` (or ``backend="sdpa"``)
+turns our kernel off. Metal uses MLX's fused SDPA; CPU the reference.
+Forced backends: ``"cuda_wgmma"`` (the sm_90 kernel; no mask or a key mask), ``"cuda_flash"`` (the
+mma.sync kernel in ``_attention_cuda``, slower than cuDNN), ``"metal_flash"`` (the Metal twin in
+``_attention_metal``, never compiled or run: no Apple GPU here, so automatic dispatch never picks it).
 """
+
+import os
 
 import mlx.core as mx
 
@@ -92,17 +97,62 @@ def _flash_metal():
 _FLASH_KERNELS = {"cuda_flash": _flash_cuda, "cuda_wgmma": _flash_sm90, "metal_flash": _flash_metal}
 
 
+# Unmasked attention goes to the sm_90 kernel when a length is not a multiple of 128 (cuDNN's odd-length
+# cost) and Lq * Lk is at least this. H200, session 7 (benchmarks/README.md): ours / cuDNN 1.072 at
+# 32760, 1.018 at 40000, 1.038 at 75600; 0.86-0.99 at odd lengths 4621 .. 28700; 0.89-0.99 at multiples
+# of 128 up to 32768.
+SM90_MIN_SCORES = 30000 * 30000
+
+
+def _use_sm90(q, k, mask) -> bool:
+    """Whether the default CUDA dispatch takes the sm_90 kernel (q, k head-major views)."""
+    from ._gemm_cuda import is_sm90
+    if os.environ.get("FLASHDIFF_ATTENTION", "").lower() == "sdpa":
+        return False
+    if q.shape[3] != 128 or q.dtype not in (mx.bfloat16, mx.float16) or not is_sm90():
+        return False
+    if mask is not None:  # MLX's SDPA leaves cuDNN's fused path: 1.1x its additive-mask, 5x its boolean-mask time
+        return _key_bias(mask, q.shape[0], k.shape[2]) is not None
+    lq, lk = q.shape[2], k.shape[2]
+    return bool(lq % 128 or lk % 128) and lq * lk >= SM90_MIN_SCORES
+
+
+def _path(q, k, mask, backend) -> str:
+    """"sdpa" (mx.fast.scaled_dot_product_attention), "reference", or a _FLASH_KERNELS name."""
+    if backend == "sdpa" or backend in _FLASH_KERNELS:
+        return backend
+    resolved = resolve_backend(backend)
+    if resolved == "reference":
+        return "reference"
+    if resolved == "cuda" and _use_sm90(q, k, mask):
+        return "cuda_wgmma"
+    return "sdpa"
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None, *, key_multiplier=None,
-              backend=None) -> mx.array:
-    _check(q, k, v, mask, key_multiplier)
+              backend=None, layout: str = "bhld") -> mx.array:
+    if layout not in ("bhld", "blhd"):
+        raise ValueError(f"layout must be 'bhld' (B, H, L, D) or 'blhd' (B, L, H, D), got {layout!r}.")
+    seq_major = layout == "blhd"
+    if seq_major:  # checks and every path but the sm_90 kernel see head-major views
+        qh, kh, vh = (a.transpose(0, 2, 1, 3) if a.ndim == 4 else a for a in (q, k, v))
+    else:
+        qh, kh, vh = q, k, v
+    _check(qh, kh, vh, mask, key_multiplier)
     if key_multiplier is not None:
-        k = k * key_multiplier[:, None, :, None].astype(k.dtype)
-    if backend in _FLASH_KERNELS:  # the opt-in flash kernels: no mask or a key-only mask
-        bias = None if mask is None else _key_bias(mask, q.shape[0], k.shape[2])
+        kh = kh * key_multiplier[:, None, :, None].astype(k.dtype)
+        k = kh.transpose(0, 2, 1, 3) if seq_major else kh
+    path = _path(qh, kh, mask, backend)
+    if path in _FLASH_KERNELS:  # the flash kernels: no mask or a key-only mask
+        bias = None if mask is None else _key_bias(mask, q.shape[0], kh.shape[2])
         if mask is not None and bias is None:
             raise ValueError(f"backend={backend!r} supports only key masks shaped (B, 1, 1, Lk), got mask "
                              f"{mask.shape}; use the default backend for other masks.")
-        return _FLASH_KERNELS[backend]()(q, k, v, scale, bias)
-    if resolve_backend(backend) == "reference":
-        return attention_reference(q, k, v, scale, mask)
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        if path == "cuda_wgmma":
+            return _flash_sm90()(q, k, v, scale, bias, seq_major=seq_major)
+        out = _FLASH_KERNELS[path]()(qh, kh, vh, scale, bias)
+    elif path == "reference":
+        out = attention_reference(qh, kh, vh, scale, mask)
+    else:
+        out = mx.fast.scaled_dot_product_attention(qh, kh, vh, scale=scale, mask=mask)
+    return out.transpose(0, 2, 1, 3) if seq_major else out

@@ -123,9 +123,10 @@ def joint_attention(sources, heads: int, head_dim: int, cos, sin, scale: float, 
 
     q/k RMSNorm, RoPE and the text+image concatenation are one fused kernel on CUDA
     (kernels.qk_norm_rope). Layouts (same numbers):
-    - head_major_rope=False (default): q/k/v come out (B, L, H, Dh) and go to attention as transposed
-      views. MLX's CUDA SDPA (cuDNN) takes strided inputs and allocates its output in q's memory
-      layout, so the output is (B, L, H, Dh) in memory and the final reshape is free: no copies.
+    - head_major_rope=False (default): q/k/v come out (B, L, H, Dh) and go to attention as they are
+      (layout="blhd"): the sm_90 kernel reads and writes that layout; cuDNN gets transposed views (it
+      takes strided inputs and allocates its output in q's memory layout). Either way the output is
+      (B, L, H, Dh) in memory and the final reshape is free: no copies.
     - head_major_rope=True: q/k/v are made contiguous (B, H, L, Dh) first; the output is then
       head-major and the final transpose + reshape copies it (kept to compare in benchmarks).
     """
@@ -133,12 +134,12 @@ def joint_attention(sources, heads: int, head_dim: int, cos, sin, scale: float, 
     cos, sin = cos.reshape(length, head_dim // 2), sin.reshape(length, head_dim // 2)
     eps = sources[0][1].eps
     q, k, v = qk_norm_rope([(t, nq.weight, nk.weight) for t, nq, nk in sources], heads, head_dim, cos, sin, eps)
-    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
     if head_major_rope:
-        q, k, v = (mx.contiguous(a) for a in (q, k, v))
-    out = attention(q, k, v, scale, mask)
-    b = out.shape[0]
-    return out.transpose(0, 2, 1, 3).reshape(b, length, heads * head_dim)
+        q, k, v = (mx.contiguous(a.transpose(0, 2, 1, 3)) for a in (q, k, v))
+        out = attention(q, k, v, scale, mask).transpose(0, 2, 1, 3)
+    else:
+        out = attention(q, k, v, scale, mask, layout="blhd")
+    return out.reshape(out.shape[0], length, heads * head_dim)
 
 
 class BlockStream:

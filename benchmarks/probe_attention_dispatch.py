@@ -1,0 +1,102 @@
+"""Where the sm_90 attention beats cuDNN: the measurements behind attention's dispatch rule
+(flashdiff/kernels/attention.py, SM90_MIN_SCORES and the key-mask case). Run on the GPU machine:
+
+    python3 benchmarks/probe_attention_dispatch.py --out $OUT/attention-dispatch.json
+    python3 benchmarks/probe_attention_dispatch.py --lengths 8200:24,16400:24 --no-masked --quick --out ...
+
+--lengths L:heads,... replaces the unmasked cases; --quick times only SDPA and ours (head-major), and
+one round for lengths above 40000.
+
+Each case times its variants in ROUNDS interleaved rounds (median of each variant's per-round medians),
+so a clock or power swing hits all of them alike. Variants: cuDNN's SDPA and our kernel (ping-pong on
+and off) on head-major (B, H, L, 128) arrays; the same two the way joint_attention calls them
+(layout "blhd": SDPA on transposed views, ours on (B, L, H, 128) directly); with a key mask, MLX's SDPA
+given a boolean and an additive mask, and ours.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flashdiff.kernels import attention  # noqa: E402
+from flashdiff.kernels._attention_sm90 import flash_attention_sm90  # noqa: E402
+from common import median_call, write_json  # noqa: E402
+
+ROUNDS = 3
+UNMASKED = [(4608, 24), (4621, 24), (8192, 24), (12288, 24), (16384, 24), (20480, 24), (24576, 24), (32760, 40)]
+MASKED = [(4189, 4150, 24), (4621, 4600, 24)]  # (length, valid keys, heads): Qwen-Image-like joint sequences
+
+
+def timed(variants, flops, big, rounds=ROUNDS):
+    iters, reps = (3, 2) if big else (10, 5)
+    samples = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            samples[name].append(median_call(fn, iters, reps, 1))
+    row = {}
+    for name, vals in samples.items():
+        ms = statistics.median(vals) * 1e3
+        row[f"{name}_ms"] = ms
+        row[f"{name}_tflops"] = flops / ms / 1e9
+        row[f"{name}_spread"] = (max(vals) - min(vals)) / min(vals)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--lengths", default="", help="unmasked cases as L:heads,... (default: the built-in list)")
+    ap.add_argument("--no-masked", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    unmasked = [tuple(int(x) for x in c.split(":")) for c in args.lengths.split(",") if c] or UNMASKED
+    rows = []
+    scale = 128 ** -0.5
+    t = (0, 2, 1, 3)
+    for L, h in unmasked:
+        q, k, v = (mx.random.normal((1, h, L, 128)).astype(mx.bfloat16) for _ in range(3))
+        qs, ks, vs = (mx.contiguous(a.transpose(t)) for a in (q, k, v))
+        mx.eval(q, k, v, qs, ks, vs)
+        row = dict(case="unmasked", L=L, heads=h)
+        variants = {
+            "sdpa": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale),
+            "ours": lambda: flash_attention_sm90(q, k, v, scale),
+        }
+        if not args.quick:
+            variants.update({
+                "ours_no_pingpong": lambda: flash_attention_sm90(q, k, v, scale, pingpong=False),
+                "sdpa_blhd": lambda: attention(qs, ks, vs, scale, backend="sdpa", layout="blhd"),
+                "ours_blhd": lambda: attention(qs, ks, vs, scale, backend="cuda_wgmma", layout="blhd"),
+            })
+        rounds = 1 if args.quick and L > 40000 else ROUNDS
+        row.update(timed(variants, 4 * L * L * 128 * h, L > 20000, rounds))
+        row["ours_vs_sdpa"] = row["sdpa_ms"] / row["ours_ms"]
+        if not args.quick:
+            row["ours_blhd_vs_sdpa_blhd"] = row["sdpa_blhd_ms"] / row["ours_blhd_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write_json(Path(args.out), rows)
+    for L, valid, h in [] if args.no_masked else MASKED:
+        q, k, v = (mx.random.normal((1, h, L, 128)).astype(mx.bfloat16) for _ in range(3))
+        keep = (mx.arange(L) < valid)[None, None, None, :]
+        additive = mx.where(keep, 0.0, -float("inf")).astype(mx.bfloat16)
+        mx.eval(q, k, v, keep, additive)
+        row = dict(case="key mask", L=L, valid=valid, heads=h)
+        row.update(timed({
+            "sdpa_bool_mask": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=keep),
+            "sdpa_additive_mask": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=additive),
+            "ours": lambda: attention(q, k, v, scale, keep, backend="cuda_wgmma"),
+            "sdpa_unmasked": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale),
+        }, 4 * L * L * 128 * h, False))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write_json(Path(args.out), rows)
+
+
+if __name__ == "__main__":
+    main()
