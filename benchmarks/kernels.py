@@ -160,7 +160,7 @@ def _attention_row(L, h, quick):
     if L < 20000 or not quick:
         row["flash_ms"] = bench(lambda: attention(q, k, v, scale, backend="cuda_flash"), warmup=1,
                                 iters=3 if L > 10000 else 5) * 1e3
-    if WGMMA_ATTENTION and _gemm_cuda.is_sm90():  # the opt-in kernel (_attention_sm90): errors recorded
+    if WGMMA_ATTENTION and _gemm_cuda.is_sm90():  # our sm_90 kernel (_attention_sm90), forced: errors recorded
         try:
             ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale).astype(mx.float32)
             got = attention(q, k, v, scale, backend="cuda_wgmma").astype(mx.float32)

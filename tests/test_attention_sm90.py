@@ -1,11 +1,11 @@
-"""The opt-in sm_90 attention kernel (``flashdiff/kernels/_attention_sm90.py``) without a GPU.
+"""The sm_90 attention kernel (``flashdiff/kernels/_attention_sm90.py``) without a GPU.
 
-The kernel has not run on a GPU yet. These tests check on the CPU what can be checked there: its
-argument errors, the V-transpose grid, and its per-thread algorithm emulated in float64 numpy with the
-register layouts it relies on (the m64nN accumulator layout, which the TMA GEMM's epilogue uses on the
-H200, and the m64k16 A-register layout of the PTX ISA), against softmax attention. The emulation follows
-the source's formulas; the source lines it follows are asserted to be there, so an edit of one shows
-up here.
+Its GPU tests are in tests/test_kernels_cuda.py (run on the H200 in session 7) and the kernels run as
+written under tests/cuda_emulation.py (tests/test_cuda_emulation.py). These tests check on the CPU
+what numpy can: its argument errors and its per-thread algorithm emulated in float64 numpy with the
+register layouts it relies on (the m64nN accumulator layout and the m64k16 A-register layout of the
+PTX ISA), against softmax attention. The emulation follows the source's formulas; the source lines
+it follows are asserted to be there, so an edit of one shows up here.
 """
 
 import mlx.core as mx
@@ -142,5 +142,12 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="bf16/f16"):
         sm90.flash_attention_sm90(q, q, q, 0.1)
     q = mx.zeros((1, 2, 16, 128), mx.bfloat16)
+    with pytest.raises(ValueError, match="bf16/f16"):
+        sm90.flash_attention_sm90(q, q.astype(mx.float16), q, 0.1)
+    with pytest.raises(ValueError, match=r"key_bias must be \(B, Lk\) = \(1, 16\)"):
+        sm90.flash_attention_sm90(q, q, q, 0.1, mx.zeros((1, 15)))
+    with pytest.raises(ValueError, match=r"\(1, 9\)"):  # sequence-major: Lk is axis 1
+        sm90.flash_attention_sm90(q, mx.zeros((1, 9, 2, 128), mx.bfloat16), mx.zeros((1, 9, 2, 128), mx.bfloat16),
+                                  0.1, mx.zeros((1, 16)), seq_major=True)
     with pytest.raises(ValueError, match="key masks"):
         attention(q, q, q, 0.1, mx.ones((1, 2, 16, 16), mx.bool_), backend="cuda_wgmma")
