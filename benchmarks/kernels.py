@@ -161,8 +161,8 @@ def _attention_row(L, h, quick):
         row["flash_ms"] = bench(lambda: attention(q, k, v, scale, backend="cuda_flash"), warmup=1,
                                 iters=3 if L > 10000 else 5) * 1e3
     if WGMMA_ATTENTION and _gemm_cuda.is_sm90():  # our sm_90 kernel (_attention_sm90), forced: errors recorded
+        ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale).astype(mx.float32)
         try:
-            ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale).astype(mx.float32)
             got = attention(q, k, v, scale, backend="cuda_wgmma").astype(mx.float32)
             row["wgmma_max_abs_diff_vs_sdpa"] = mx.abs(got - ref).max().item()
             row["wgmma_ms"] = bench(lambda: attention(q, k, v, scale, backend="cuda_wgmma"), reps=reps) * 1e3
@@ -170,11 +170,20 @@ def _attention_row(L, h, quick):
                 q, k, v, scale, pingpong=False), reps=reps) * 1e3
         except Exception as exc:
             row["wgmma_error"] = repr(exc)[:300]
+        try:  # its persistent form (_attention_sm90_forms)
+            persistent = _attention_sm90.flash_attention_sm90(q, k, v, scale, persistent=True).astype(mx.float32)
+            row["wgmma_persistent_max_abs_diff_vs_sdpa"] = mx.abs(persistent - ref).max().item()
+            row["wgmma_persistent_ms"] = bench(lambda: _attention_sm90.flash_attention_sm90(
+                q, k, v, scale, persistent=True), reps=reps) * 1e3
+        except Exception as exc:
+            row["wgmma_persistent_error"] = repr(exc)[:300]
     row.update({f"{key[:-3]}_tflops": flops / val / 1e9 for key, val in list(row.items()) if key.endswith("_ms")})
     if "flash_ms" in row:
         row["flash_ratio_vs_sdpa"] = row["sdpa_ms"] / row["flash_ms"]
     if "wgmma_ms" in row:
         row["wgmma_ratio_vs_sdpa"] = row["sdpa_ms"] / row["wgmma_ms"]
+    if "wgmma_persistent_ms" in row:
+        row["wgmma_persistent_ratio_vs_sdpa"] = row["sdpa_ms"] / row["wgmma_persistent_ms"]
     return row
 
 
@@ -328,6 +337,10 @@ def markdown(rows):
             if "wgmma_ms" in r:
                 flash += f"; cuda_wgmma {r['wgmma_ms']:.3f} ms ({r['wgmma_tflops']:.0f} TFLOP/s)"
                 flash += f", without ping-pong {r['wgmma_no_pingpong_ms']:.3f} ms"
+                if "wgmma_persistent_ms" in r:
+                    flash += f", persistent {r['wgmma_persistent_ms']:.3f} ms"
+                elif "wgmma_persistent_error" in r:
+                    flash += f", persistent failed: {r['wgmma_persistent_error'][:80]}"
                 ratio += f"; cuda_wgmma {r['wgmma_ratio_vs_sdpa']:.2f}x SDPA"
             elif "wgmma_error" in r:
                 flash += f"; cuda_wgmma failed: {r['wgmma_error'][:80]}"

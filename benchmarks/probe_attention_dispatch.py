@@ -5,7 +5,7 @@
     python3 benchmarks/probe_attention_dispatch.py --lengths 8200:24,16400:24 --no-masked --quick --out ...
 
 --lengths L:heads,... replaces the unmasked cases; --quick times only SDPA and ours (head-major), and
-one round for lengths above 40000.
+one round for lengths above 40000; --persistent adds the persistent form (_attention_sm90_forms).
 
 Each case times its variants in ROUNDS interleaved rounds (median of each variant's per-round medians),
 so a clock or power swing hits all of them alike. Variants: cuDNN's SDPA and our kernel (ping-pong on
@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--lengths", default="", help="unmasked cases as L:heads,... (default: the built-in list)")
     ap.add_argument("--no-masked", action="store_true")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--persistent", action="store_true", help="also our kernel's persistent form")
     args = ap.parse_args()
     unmasked = [tuple(int(x) for x in c.split(":")) for c in args.lengths.split(",") if c] or UNMASKED
     rows = []
@@ -73,6 +74,8 @@ def main():
                 "sdpa_blhd": lambda: attention(qs, ks, vs, scale, backend="sdpa", layout="blhd"),
                 "ours_blhd": lambda: attention(qs, ks, vs, scale, backend="cuda_wgmma", layout="blhd"),
             })
+        if args.persistent:
+            variants["ours_persistent"] = lambda: flash_attention_sm90(q, k, v, scale, persistent=True)
         rounds = 1 if args.quick and L > 40000 else ROUNDS
         row.update(timed(variants, 4 * L * L * 128 * h, L > 20000, rounds))
         row["ours_vs_sdpa"] = row["sdpa_ms"] / row["ours_ms"]

@@ -18,6 +18,7 @@ import pytest
 from cuda_emulation import LaunchRecorder, bf16_bits, bf16_values, replay, run
 from helpers import softmax_attention_np
 from flashdiff.kernels import _attention_sm90 as att
+from flashdiff.kernels import _attention_sm90_forms as att_forms
 from flashdiff.kernels import _gemm_tma
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
@@ -79,9 +80,10 @@ def test_emulated_grouped_tma_gemm_matches_per_expert_matmul(tmp_path):
     np.testing.assert_allclose(bf16_values(got).reshape(t * top_k, n), ref, rtol=1e-2, atol=1e-2)
 
 
-def _attention(tmp_path, q, k, v, scale, bias=None, pingpong=True, seq_major=False):
+def _attention(tmp_path, q, k, v, scale, bias=None, pingpong=True, seq_major=False, persistent_ctas=0):
     """The maps and main kernels of _attention_sm90 on bf16 bit patterns q (B, H, Lq, 128), k / v (B, Hk, Lk, 128)
-    (given to the kernels as (B, L, H, 128) when seq_major; the output comes back as (B, H, Lq, 128))."""
+    (given to the kernels as (B, L, H, 128) when seq_major; the output comes back as (B, H, Lq, 128));
+    persistent_ctas > 0: the persistent form (_attention_sm90_forms) on that many CTAs."""
     b, h, lq, _ = q.shape
     hk, lk = k.shape[1], k.shape[2]
     if seq_major:
@@ -96,10 +98,13 @@ def _attention(tmp_path, q, k, v, scale, bias=None, pingpong=True, seq_major=Fal
               ("KV_ROWS", rows[1])]
     main_t = [("T", "bf16"), ("IS_BF16", True), ("H", h), ("HK", hk), ("LQ", lq), ("LK", lk), ("HAS_BIAS", bias is not None),
               ("PINGPONG", pingpong), ("SEQ_MAJOR", seq_major)]
+    source, grid = att._SOURCE, (math.ceil(lq / att.BM), b * h)
+    if persistent_ctas:
+        source, grid = att_forms._SOURCE_PERSISTENT, (persistent_ctas, 1)
+        main_t.append(("BH", b * h))
     got = run(tmp_path, buffers, [
         (att._MAPS_SOURCE, maps_t, ["q", "k", "v"], ["tmaps"], (1, 1), 32),
-        (att._SOURCE, main_t, ["q", "k", "v", "tmaps", "scale", "kbias"], ["out"], (math.ceil(lq / att.BM), b * h),
-         att.THREADS),
+        (source, main_t, ["q", "k", "v", "tmaps", "scale", "kbias"], ["out"], grid, att.THREADS),
     ], ["out"])
     out = bf16_values(got["out"]).reshape(q.shape)
     return out.transpose(0, 2, 1, 3) if seq_major else out
@@ -121,6 +126,29 @@ def test_emulated_wgmma_attention_matches_softmax_attention(tmp_path, b, h, hk, 
         if lk > 128:
             bias[:, :128] = -np.inf
     out = _attention(tmp_path, q, k, v, 0.088, bias, pingpong, seq_major)
+    qf, kf, vf = (bf16_values(a).astype(np.float64) for a in (q, k, v))
+    np.testing.assert_allclose(out, softmax_attention_np(qf, kf, vf, 0.088, bias), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("b, h, hk, lq, lk, with_bias, ctas, seq_major", [
+    (2, 2, 1, 200, 300, True, 3, False),   # 8 tiles over 3 CTAs: heads and batches change inside a CTA
+    (1, 3, 3, 129, 77, False, 2, True),    # one key tile per query block (NT = 1), query tails
+    (1, 1, 1, 384, 257, True, 1, False),   # one CTA walks 3 tiles, the Q buffers reused
+    (1, 2, 2, 64, 130, False, 4, False),   # more CTAs than tiles (2): two have none
+    (3, 1, 1, 100, 150, True, 1, True),    # (B, L, H, D), one CTA through 3 batches (stores mid-walk)
+])
+def test_emulated_persistent_attention_matches_softmax_attention(tmp_path, b, h, hk, lq, lk, with_bias, ctas, seq_major):
+    """The persistent form (not yet run on a GPU) as written: CTAs that walk several tiles, with the
+    K / V ring and the Q buffers running on across them and each tile's last P V issued with the next
+    tile's first S; key bias (its first tile all -inf where there are two), GQA, both layouts."""
+    rng = np.random.default_rng(2)
+    q, k, v = (bf16_bits(rng.standard_normal(shape)) for shape in ((b, h, lq, 128), (b, hk, lk, 128), (b, hk, lk, 128)))
+    bias = None
+    if with_bias:
+        bias = rng.uniform(-3, 0, (b, lk))
+        if lk > 128:
+            bias[:, :128] = -np.inf
+    out = _attention(tmp_path, q, k, v, 0.088, bias, seq_major=seq_major, persistent_ctas=min(ctas, 4))
     qf, kf, vf = (bf16_values(a).astype(np.float64) for a in (q, k, v))
     np.testing.assert_allclose(out, softmax_attention_np(qf, kf, vf, 0.088, bias), rtol=2e-2, atol=2e-2)
 
@@ -160,6 +188,31 @@ def test_attention_backend_cuda_wgmma_as_launched(tmp_path, recorder):
     mask = mx.arange(260)[None, None, None, :] < mx.array([255, 140])[:, None, None, None]
     attention(q, k, v, 0.09, mask, backend="cuda_wgmma")
     assert [r["name"] for r in recorder.launches] == ["flashdiff_attention_sm90_maps", "flashdiff_attention_sm90"]
+    (out,) = replay(tmp_path, recorder.launches)
+    ref = attention_reference(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), 0.09, mask)
+    np.testing.assert_allclose(bf16_values(out).reshape(q.shape), np.array(ref), rtol=2e-2, atol=2e-2)
+
+
+def test_persistent_attention_as_launched(tmp_path, recorder, monkeypatch):
+    """flash_attention_sm90(..., persistent=True) as its launcher sizes it (a grid of num_sms() CTAs, here
+    3 by FLASHDIFF_NUM_SMS, over 2 x 2 x 2 = 8 tiles) with a boolean key mask through attention's bias."""
+    import mlx.core as mx
+
+    from flashdiff.kernels import _gemm_tma, attention_reference
+    from flashdiff.kernels.attention import _key_bias
+
+    monkeypatch.setenv("FLASHDIFF_NUM_SMS", "3")
+    _gemm_tma.num_sms.cache_clear()
+    try:
+        mx.random.seed(4)
+        q = mx.random.normal((2, 2, 190, 128)).astype(mx.bfloat16)
+        k, v = (mx.random.normal((2, 1, 170, 128)).astype(mx.bfloat16) for _ in range(2))
+        mask = mx.arange(170)[None, None, None, :] < mx.array([170, 100])[:, None, None, None]
+        att.flash_attention_sm90(q, k, v, 0.09, _key_bias(mask, 2, 170), persistent=True)
+    finally:
+        _gemm_tma.num_sms.cache_clear()
+    assert [r["name"] for r in recorder.launches] == ["flashdiff_attention_sm90_maps", "flashdiff_attention_sm90_persistent"]
+    assert recorder.launches[-1]["grid"] == (3 * att.THREADS, 1, 1)
     (out,) = replay(tmp_path, recorder.launches)
     ref = attention_reference(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), 0.09, mask)
     np.testing.assert_allclose(bf16_values(out).reshape(q.shape), np.array(ref), rtol=2e-2, atol=2e-2)

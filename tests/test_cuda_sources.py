@@ -13,7 +13,7 @@ import mlx.core as mx
 import pytest
 from helpers import cuda_kernel_source, nvcc_compile
 
-from flashdiff.kernels import _attention_sm90, _dequant, _gemm_cuda, _gemm_sm90, _gemm_tma, _gemm_tma_forms
+from flashdiff.kernels import _attention_sm90, _attention_sm90_forms, _dequant, _gemm_cuda, _gemm_sm90, _gemm_tma, _gemm_tma_forms
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA toolkit (nvcc)")
 
@@ -112,8 +112,9 @@ def test_dequant_kernel_compiles(tmp_path, bits, mode, flat):
 @pytest.mark.parametrize("has_bias", [False, True])
 @pytest.mark.parametrize("pingpong", [True, False])
 def test_wgmma_attention_compiles(tmp_path, dtype, has_bias, pingpong):
-    """The sm_90 attention: its main kernel fits 384 threads' registers (launch bounds in its header,
-    the setmaxnreg split inside) without spills or serialised wgmmas; its maps kernel compiles."""
+    """The sm_90 attention: its main kernel and the persistent form fit 384 threads' registers (launch
+    bounds in the header, the setmaxnreg split inside) without spills or serialised wgmmas; its maps
+    kernel compiles."""
     lk = 4621
     text = report(tmp_path, "attention_sm90", _attention_sm90._HEADER, _attention_sm90._SOURCE,
                   [("q", dtype), ("k", dtype), ("v", dtype), ("tmaps", mx.uint8), ("scale", mx.float32),
@@ -121,6 +122,14 @@ def test_wgmma_attention_compiles(tmp_path, dtype, has_bias, pingpong):
                   [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("H", 24), ("HK", 24), ("LQ", lk), ("LK", lk),
                    ("HAS_BIAS", has_bias), ("PINGPONG", pingpong), ("SEQ_MAJOR", pingpong)])
     assert_fits_tma_block(text)
+    assert "serialized" not in text, text
+    persistent = report(tmp_path, "attention_sm90_persistent", _attention_sm90._HEADER, _attention_sm90_forms._SOURCE_PERSISTENT,
+                        [("q", dtype), ("k", dtype), ("v", dtype), ("tmaps", mx.uint8), ("scale", mx.float32),
+                         ("kbias", mx.float32)], [("out", dtype)],
+                        [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("H", 24), ("HK", 24), ("LQ", lk), ("LK", lk),
+                         ("HAS_BIAS", has_bias), ("PINGPONG", pingpong), ("SEQ_MAJOR", pingpong), ("BH", 24)])
+    assert_fits_tma_block(persistent)
+    assert "serialized" not in persistent, persistent
     report(tmp_path, "attention_sm90_maps", _attention_sm90._MAP_HEADER, _attention_sm90._MAPS_SOURCE,
            [("q", dtype), ("k", dtype), ("v", dtype)], [("tmaps", mx.uint8)],
            [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("Q_COLS", 128), ("Q_ROWS", 24 * lk),

@@ -160,6 +160,28 @@ def test_attention_cuda_wgmma_seq_major(masked):
     assert out.shape == (b, lq, h, 128) and rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("seq_major", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_cuda_wgmma_persistent(seq_major, masked):
+    """The persistent form of the sm_90 kernel (not yet run on a GPU when written) against the reference:
+    more tiles than SMs (each CTA walks several, across heads and batches), odd lengths, GQA, key masks."""
+    if not _gemm_cuda.is_sm90():
+        pytest.skip("the wgmma attention needs an sm_90 GPU")
+    from flashdiff.kernels._attention_sm90 import flash_attention_sm90
+    from flashdiff.kernels.attention import _key_bias
+
+    mx.random.seed(10)
+    b, h, hk, lq, lk = 2, 8, 4, 2333, 1461  # 19 query blocks x 16 head rows = 304 tiles
+    q, k, v = (mx.random.normal((b, heads, n, 128)).astype(mx.bfloat16) for n, heads in ((lq, h), (lk, hk), (lk, hk)))
+    mask = (mx.arange(lk)[None, None, None, :] < mx.array([lk - 3, 700])[:, None, None, None]) if masked else None
+    ref = attention_reference(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), 0.088, mask)
+    t = (0, 2, 1, 3)
+    args = [mx.contiguous(a.transpose(t)) for a in (q, k, v)] if seq_major else [q, k, v]
+    out = flash_attention_sm90(*args, 0.088, None if mask is None else _key_bias(mask, b, lk), seq_major=seq_major,
+                               persistent=True)
+    assert rel_err(out.transpose(t) if seq_major else out, ref) < 1e-2
+
+
 def test_attention_cuda_default_dispatch():
     """The default path on this GPU, for a key-masked Qwen-Image-like call (joint length 4096 + 93, one
     batch row padded) and an unmasked long one: each against the reference."""

@@ -27,7 +27,7 @@ import math
 
 import mlx.core as mx
 
-from ._gemm_tma import _GEMM_HEADER, _MAP_HEADER
+from ._gemm_tma import _GEMM_HEADER, _MAP_HEADER, num_sms
 
 D = 128
 BM = BN = 128
@@ -138,83 +138,9 @@ _MAPS_SOURCE = r"""
                  :: "l"(g + 128 * i), "r"(s0 + 128 * i) : "memory");
 """
 
-# Template: T, IS_BF16, H, HK, LQ, LK, HAS_BIAS, PINGPONG, SEQ_MAJOR (q, k, v and out (B, L, H, 128) in memory,
-# else (B, H, L, 128)). Grid: x = query blocks of 128 rows (384 threads
-# each), y = B * H. Inputs q, k, v (read through the maps), tmaps, scale (1,) float32, kbias (B, Lk)
-# or a dummy; output out (B, H, LQ, 128).
-_SOURCE = r"""
-  constexpr int BM = 128, BN = 128, STAGES = 2, CHUNK = 128 * 128;  // a chunk: 128 rows x 64 columns
-  constexpr int Q_BYTES = 2 * CHUNK, TILE_BYTES = 2 * CHUNK;        // Q; one K or V tile
-  constexpr int NT = (LK + BN - 1) / BN;
-  constexpr float LOG2E = 1.4426950408889634f;
-  const float NEG_INF = __int_as_float(0xff800000);
-  extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
-  __shared__ __align__(8) unsigned long long q_bar, k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES];
-  unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
-  const unsigned smem_base = fd_smem_addr(fd_smem);  // Q, K stages, V stages
-  const unsigned k_base = smem_base + Q_BYTES, v_base = k_base + STAGES * TILE_BYTES;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int m0 = blockIdx.x * BM, bh = blockIdx.y, batch = bh / H;
-  const int kv_bh = batch * HK + (bh % H) / (H / HK);
-  // where this head's tiles sit in the maps: (column of head dim 0, row of position 0)
-  const int q_col = SEQ_MAJOR ? (bh % H) * 128 : 0, q_row = SEQ_MAJOR ? batch * LQ : bh * LQ;
-  const int kv_col = SEQ_MAJOR ? (kv_bh % HK) * 128 : 0, kv_row = SEQ_MAJOR ? batch * LK : kv_bh * LK;
-  const unsigned long long maps = fd_maps_addr(tmaps);
-  if (tid == 0) {
-    fd_mbar_init(fd_smem_addr(&q_bar), 1);
-    for (int s = 0; s < STAGES; ++s) {
-      fd_mbar_init(fd_smem_addr(&k_full[s]), 1);  // the TMA thread's expect_tx arrival
-      fd_mbar_init(fd_smem_addr(&v_full[s]), 1);
-      fd_mbar_init(fd_smem_addr(&k_empty[s]), 8);  // each consumer warp
-      fd_mbar_init(fd_smem_addr(&v_empty[s]), 8);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
-
-  if (warp >= 8) {  // producer warpgroup: gives registers to the consumers; one thread issues every load
-    fd_regs_producer();
-    if (tid == 256) {
-      fd_acquire_map(maps);
-      fd_acquire_map(maps + 128);
-      fd_acquire_map(maps + 256);
-      const unsigned qb = fd_smem_addr(&q_bar);
-      fd_mbar_expect_tx(qb, Q_BYTES);
-      fd_tma_load(smem_base, maps, q_col, q_row + m0, qb);
-      fd_tma_load(smem_base + CHUNK, maps, q_col + 64, q_row + m0, qb);
-      for (int j = 0; j < NT; ++j) {  // K_j into its stage, then V_j: each waits for its own stage
-        const int s = j % STAGES, phase = ((j / STAGES) & 1) ^ 1;
-        const unsigned kf = fd_smem_addr(&k_full[s]), vf = fd_smem_addr(&v_full[s]);
-        const unsigned kd = k_base + s * TILE_BYTES, vd = v_base + s * TILE_BYTES;
-        fd_mbar_wait(fd_smem_addr(&k_empty[s]), phase);
-        fd_mbar_expect_tx(kf, TILE_BYTES);
-        fd_tma_load(kd, maps + 128, kv_col, kv_row + j * BN, kf);               // K, head dims 0..63
-        fd_tma_load(kd + CHUNK, maps + 128, kv_col + 64, kv_row + j * BN, kf);  // K, head dims 64..127
-        fd_mbar_wait(fd_smem_addr(&v_empty[s]), phase);
-        fd_mbar_expect_tx(vf, TILE_BYTES);
-        fd_tma_load(vd, maps + 256, kv_col, kv_row + j * BN, vf);               // V, head dims 0..63
-        fd_tma_load(vd + CHUNK, maps + 256, kv_col + 64, kv_row + j * BN, vf);  // V, head dims 64..127
-      }
-    }
-    return;
-  }
-
-  // consumers: warpgroup wg owns query rows wg * 64 .. + 63; this thread rows r0 and r0 + 8 of them.
-  // Per tile j: S_j = Q K_j^T and O += P_{j-1} V_{j-1} are issued together, then S_j's softmax runs while
-  // P_{j-1} V_{j-1} is still in flight (O is rescaled only once it has landed). With PINGPONG the two
-  // warpgroups take turns issuing (named barriers 2 and 3), so one's softmax overlaps the other's MMAs.
-  fd_regs_consumer();
-  const int wg = warp >> 2, t = lane & 3;
-  const int r0 = wg * 64 + (warp & 3) * 16 + (lane >> 2);
-  const float sl2 = scale[0] * LOG2E;
-  float o[64], sc[64];
-  float kb[32];  // tile j's key bias (HAS_BIAS), loaded before its scores are waited for
-#pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
-  float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.0f, 0.0f}, corr[2];
-  unsigned a[8][4];  // P_{j-1} as the A fragments of O += P V: keys 16 kk .. 16 kk + 15
-  const unsigned q_addr = smem_base + wg * 64 * 128;
-  // S_j's online softmax (sc[4c + e] is (row r0, key 8c + 2t + e), sc[4c + 2 + e] the same key, row
+# The consumers' per-tile steps, shared with the persistent form (_attention_sm90_forms): they use o, sc,
+# kb, a, m_run, l_run, corr, t, sl2 and batch of the kernel body around them.
+_CONSUMER_STEPS = r"""  // S_j's online softmax (sc[4c + e] is (row r0, key 8c + 2t + e), sc[4c + 2 + e] the same key, row
   // r0 + 8; m in log2 units), keys past Lk masked: sc becomes P_j (float), l and m updated, corr the
   // factor O must take once P_{j-1} V_{j-1} has landed
   auto softmax = [&](int j) {
@@ -298,7 +224,85 @@ _SOURCE = r"""
     for (int i = 0; i < 64; ++i) sc[i] = 0.0f;
     fd_fence64(sc);
   };
-  if (PINGPONG && wg == 1) fd_bar_arrive(2);  // warpgroup 0 issues first
+"""
+
+# Template: T, IS_BF16, H, HK, LQ, LK, HAS_BIAS, PINGPONG, SEQ_MAJOR (q, k, v and out (B, L, H, 128) in memory,
+# else (B, H, L, 128)). Grid: x = query blocks of 128 rows (384 threads
+# each), y = B * H. Inputs q, k, v (read through the maps), tmaps, scale (1,) float32, kbias (B, Lk)
+# or a dummy; output out (B, H, LQ, 128).
+_SOURCE = r"""
+  constexpr int BM = 128, BN = 128, STAGES = 2, CHUNK = 128 * 128;  // a chunk: 128 rows x 64 columns
+  constexpr int Q_BYTES = 2 * CHUNK, TILE_BYTES = 2 * CHUNK;        // Q; one K or V tile
+  constexpr int NT = (LK + BN - 1) / BN;
+  constexpr float LOG2E = 1.4426950408889634f;
+  const float NEG_INF = __int_as_float(0xff800000);
+  extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
+  __shared__ __align__(8) unsigned long long q_bar, k_full[STAGES], k_empty[STAGES], v_full[STAGES], v_empty[STAGES];
+  unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
+  const unsigned smem_base = fd_smem_addr(fd_smem);  // Q, K stages, V stages
+  const unsigned k_base = smem_base + Q_BYTES, v_base = k_base + STAGES * TILE_BYTES;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int m0 = blockIdx.x * BM, bh = blockIdx.y, batch = bh / H;
+  const int kv_bh = batch * HK + (bh % H) / (H / HK);
+  // where this head's tiles sit in the maps: (column of head dim 0, row of position 0)
+  const int q_col = SEQ_MAJOR ? (bh % H) * 128 : 0, q_row = SEQ_MAJOR ? batch * LQ : bh * LQ;
+  const int kv_col = SEQ_MAJOR ? (kv_bh % HK) * 128 : 0, kv_row = SEQ_MAJOR ? batch * LK : kv_bh * LK;
+  const unsigned long long maps = fd_maps_addr(tmaps);
+  if (tid == 0) {
+    fd_mbar_init(fd_smem_addr(&q_bar), 1);
+    for (int s = 0; s < STAGES; ++s) {
+      fd_mbar_init(fd_smem_addr(&k_full[s]), 1);  // the TMA thread's expect_tx arrival
+      fd_mbar_init(fd_smem_addr(&v_full[s]), 1);
+      fd_mbar_init(fd_smem_addr(&k_empty[s]), 8);  // each consumer warp
+      fd_mbar_init(fd_smem_addr(&v_empty[s]), 8);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp >= 8) {  // producer warpgroup: gives registers to the consumers; one thread issues every load
+    fd_regs_producer();
+    if (tid == 256) {
+      fd_acquire_map(maps);
+      fd_acquire_map(maps + 128);
+      fd_acquire_map(maps + 256);
+      const unsigned qb = fd_smem_addr(&q_bar);
+      fd_mbar_expect_tx(qb, Q_BYTES);
+      fd_tma_load(smem_base, maps, q_col, q_row + m0, qb);
+      fd_tma_load(smem_base + CHUNK, maps, q_col + 64, q_row + m0, qb);
+      for (int j = 0; j < NT; ++j) {  // K_j into its stage, then V_j: each waits for its own stage
+        const int s = j % STAGES, phase = ((j / STAGES) & 1) ^ 1;
+        const unsigned kf = fd_smem_addr(&k_full[s]), vf = fd_smem_addr(&v_full[s]);
+        const unsigned kd = k_base + s * TILE_BYTES, vd = v_base + s * TILE_BYTES;
+        fd_mbar_wait(fd_smem_addr(&k_empty[s]), phase);
+        fd_mbar_expect_tx(kf, TILE_BYTES);
+        fd_tma_load(kd, maps + 128, kv_col, kv_row + j * BN, kf);               // K, head dims 0..63
+        fd_tma_load(kd + CHUNK, maps + 128, kv_col + 64, kv_row + j * BN, kf);  // K, head dims 64..127
+        fd_mbar_wait(fd_smem_addr(&v_empty[s]), phase);
+        fd_mbar_expect_tx(vf, TILE_BYTES);
+        fd_tma_load(vd, maps + 256, kv_col, kv_row + j * BN, vf);               // V, head dims 0..63
+        fd_tma_load(vd + CHUNK, maps + 256, kv_col + 64, kv_row + j * BN, vf);  // V, head dims 64..127
+      }
+    }
+    return;
+  }
+
+  // consumers: warpgroup wg owns query rows wg * 64 .. + 63; this thread rows r0 and r0 + 8 of them.
+  // Per tile j: S_j = Q K_j^T and O += P_{j-1} V_{j-1} are issued together, then S_j's softmax runs while
+  // P_{j-1} V_{j-1} is still in flight (O is rescaled only once it has landed). With PINGPONG the two
+  // warpgroups take turns issuing (named barriers 2 and 3), so one's softmax overlaps the other's MMAs.
+  fd_regs_consumer();
+  const int wg = warp >> 2, t = lane & 3;
+  const int r0 = wg * 64 + (warp & 3) * 16 + (lane >> 2);
+  const float sl2 = scale[0] * LOG2E;
+  float o[64], sc[64];
+  float kb[32];  // tile j's key bias (HAS_BIAS), loaded before its scores are waited for
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+  float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.0f, 0.0f}, corr[2];
+  unsigned a[8][4];  // P_{j-1} as the A fragments of O += P V: keys 16 kk .. 16 kk + 15
+  const unsigned q_addr = smem_base + wg * 64 * 128;
+""" + _CONSUMER_STEPS + r"""  if (PINGPONG && wg == 1) fd_bar_arrive(2);  // warpgroup 0 issues first
   fd_mbar_wait(fd_smem_addr(&q_bar), 0);
   // tile 0: S_0 alone
   fetch_bias(0);
@@ -365,18 +369,22 @@ def _maps_kernel():
 
 
 @functools.cache
-def _kernel():
-    return mx.fast.cuda_kernel(
-        name="flashdiff_attention_sm90", input_names=["q", "k", "v", "tmaps", "scale", "kbias"],
-        output_names=["out"], source=_SOURCE, header=_HEADER, shared_memory=SMEM_BYTES,
-    )
+def _kernel(persistent: bool = False):
+    if persistent:
+        from ._attention_sm90_forms import _SOURCE_PERSISTENT, SMEM_BYTES_PERSISTENT
+        source, name, smem = _SOURCE_PERSISTENT, "flashdiff_attention_sm90_persistent", SMEM_BYTES_PERSISTENT
+    else:
+        source, name, smem = _SOURCE, "flashdiff_attention_sm90", SMEM_BYTES
+    return mx.fast.cuda_kernel(name=name, input_names=["q", "k", "v", "tmaps", "scale", "kbias"],
+                               output_names=["out"], source=source, header=_HEADER, shared_memory=smem)
 
 
-def flash_attention_sm90(q, k, v, scale, key_bias=None, pingpong=True, seq_major=False):
+def flash_attention_sm90(q, k, v, scale, key_bias=None, pingpong=True, seq_major=False, persistent=False):
     """Head-major: q (B, H, Lq, 128), k / v (B, Hk, Lk, 128) -> (B, H, Lq, 128). seq_major: q (B, Lq, H, 128),
     k / v (B, Lk, Hk, 128) -> (B, Lq, H, 128), the layout the models' fused q/k/v projections give
     (no transposes). bf16 / fp16; key_bias None or (B, Lk) additive float.
-    pingpong: the two consumer warpgroups take turns issuing their MMAs (FlashAttention-3's schedule)."""
+    pingpong: the two consumer warpgroups take turns issuing their MMAs (FlashAttention-3's schedule).
+    persistent: one CTA per SM walks the tiles (``_attention_sm90_forms``; **not run on a GPU yet**)."""
     if seq_major:
         b, lq, h, d = q.shape
         lk, hk = k.shape[1], k.shape[2]
@@ -401,11 +409,16 @@ def flash_attention_sm90(q, k, v, scale, key_bias=None, pingpong=True, seq_major
     if key_bias is None and not scale > 0:  # the unbiased softmax takes its row max before scaling
         key_bias = mx.zeros((b, lk), mx.float32)
     bias = mx.zeros((1,), mx.float32) if key_bias is None else key_bias.astype(mx.float32)
-    (out,) = _kernel()(
-        inputs=[q, k, v, maps, mx.array([scale], dtype=mx.float32), bias],
-        template=[("T", q.dtype), ("IS_BF16", is_bf16), ("H", h), ("HK", hk), ("LQ", lq), ("LK", lk),
-                  ("HAS_BIAS", key_bias is not None), ("PINGPONG", pingpong), ("SEQ_MAJOR", seq_major)],
-        output_shapes=[q.shape], output_dtypes=[q.dtype],
-        grid=(math.ceil(lq / BM) * THREADS, b * h, 1), threadgroup=(THREADS, 1, 1),
+    template = [("T", q.dtype), ("IS_BF16", is_bf16), ("H", h), ("HK", hk), ("LQ", lq), ("LK", lk),
+                ("HAS_BIAS", key_bias is not None), ("PINGPONG", pingpong), ("SEQ_MAJOR", seq_major)]
+    tiles = math.ceil(lq / BM) * b * h
+    if persistent:
+        template.append(("BH", b * h))
+        grid = (min(num_sms(), tiles) * THREADS, 1, 1)
+    else:
+        grid = (math.ceil(lq / BM) * THREADS, b * h, 1)
+    (out,) = _kernel(persistent)(
+        inputs=[q, k, v, maps, mx.array([scale], dtype=mx.float32), bias], template=template,
+        output_shapes=[q.shape], output_dtypes=[q.dtype], grid=grid, threadgroup=(THREADS, 1, 1),
     )
     return out
