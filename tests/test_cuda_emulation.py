@@ -110,6 +110,18 @@ def _attention(tmp_path, q, k, v, scale, bias=None, pingpong=True, seq_major=Fal
     return out.transpose(0, 2, 1, 3) if seq_major else out
 
 
+def _attention_inputs(rng, b, h, hk, lq, lk, with_bias):
+    """bf16 bit patterns q (B, H, Lq, 128), k / v (B, Hk, Lk, 128) and a key bias (B, Lk) or None (its first
+    128 keys all -inf when there is more than one key tile)."""
+    q, k, v = (bf16_bits(rng.standard_normal(shape)) for shape in ((b, h, lq, 128), (b, hk, lk, 128), (b, hk, lk, 128)))
+    bias = None
+    if with_bias:
+        bias = rng.uniform(-3, 0, (b, lk))
+        if lk > 128:
+            bias[:, :128] = -np.inf
+    return q, k, v, bias
+
+
 @pytest.mark.parametrize("b, h, hk, lq, lk, with_bias", [(1, 2, 1, 200, 300, False), (2, 1, 1, 129, 77, True),
                                                           (1, 1, 1, 64, 257, True), (1, 1, 1, 130, 700, False)])
 @pytest.mark.parametrize("pingpong, seq_major", [(True, False), (False, False), (True, True)])
@@ -118,13 +130,7 @@ def test_emulated_wgmma_attention_matches_softmax_attention(tmp_path, b, h, hk, 
     (with a whole first tile of -inf keys), many tiles through two stages (each stage refilled while
     the other is read); with and without the warpgroups' ping-pong turns; q/k/v/out head-major or
     sequence-major (B, L, H, 128) in memory."""
-    rng = np.random.default_rng(1)
-    q, k, v = (bf16_bits(rng.standard_normal(shape)) for shape in ((b, h, lq, 128), (b, hk, lk, 128), (b, hk, lk, 128)))
-    bias = None
-    if with_bias:
-        bias = rng.uniform(-3, 0, (b, lk))
-        if lk > 128:
-            bias[:, :128] = -np.inf
+    q, k, v, bias = _attention_inputs(np.random.default_rng(1), b, h, hk, lq, lk, with_bias)
     out = _attention(tmp_path, q, k, v, 0.088, bias, pingpong, seq_major)
     qf, kf, vf = (bf16_values(a).astype(np.float64) for a in (q, k, v))
     np.testing.assert_allclose(out, softmax_attention_np(qf, kf, vf, 0.088, bias), rtol=2e-2, atol=2e-2)
@@ -141,14 +147,8 @@ def test_emulated_persistent_attention_matches_softmax_attention(tmp_path, b, h,
     """The persistent form (not yet run on a GPU) as written: CTAs that walk several tiles, with the
     K / V ring and the Q buffers running on across them and each tile's last P V issued with the next
     tile's first S; key bias (its first tile all -inf where there are two), GQA, both layouts."""
-    rng = np.random.default_rng(2)
-    q, k, v = (bf16_bits(rng.standard_normal(shape)) for shape in ((b, h, lq, 128), (b, hk, lk, 128), (b, hk, lk, 128)))
-    bias = None
-    if with_bias:
-        bias = rng.uniform(-3, 0, (b, lk))
-        if lk > 128:
-            bias[:, :128] = -np.inf
-    out = _attention(tmp_path, q, k, v, 0.088, bias, seq_major=seq_major, persistent_ctas=min(ctas, 4))
+    q, k, v, bias = _attention_inputs(np.random.default_rng(2), b, h, hk, lq, lk, with_bias)
+    out = _attention(tmp_path, q, k, v, 0.088, bias, seq_major=seq_major, persistent_ctas=ctas)
     qf, kf, vf = (bf16_values(a).astype(np.float64) for a in (q, k, v))
     np.testing.assert_allclose(out, softmax_attention_np(qf, kf, vf, 0.088, bias), rtol=2e-2, atol=2e-2)
 
