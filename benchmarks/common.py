@@ -198,6 +198,26 @@ def median_call(fn, iters: int, reps: int = 5, warmup: int = 2, sync=mlx_sync) -
     return stats["median_s"] / reps
 
 
+def streamed_call(fn, calls: int = 40, samples: int = 5, warmup: int = 1) -> float:
+    """Median seconds per fn() call when calls are evaluated the way a model forward evaluates its
+    blocks (flashdiff.models.common.BlockStream): each result is started with mx.async_eval and the one
+    before it waited for, so the host builds and encodes call i + 1 while the GPU runs call i. This is
+    the GPU-bound throughput of a layer inside a model; `median_call` with reps > 1 instead queues all
+    reps into one evaluation, whose host encoding the GPU waits for."""
+    def run():
+        previous = None
+        for _ in range(calls):
+            out = fn()
+            mx.async_eval(out)
+            if previous is not None:
+                mx.eval(previous)
+            previous = out
+        return previous
+
+    stats = time_calls(run, mlx_sync, warmup, samples)
+    return stats["median_s"] / calls
+
+
 def moe_problem(t: int = 4096, k: int = 2560, n: int = 6912, e: int = 4, top_k: int = 2):
     """HiDream-shaped MoE inputs in bf16, evaluated: x (T, K); experts w (E, N, K); ids, a random
     top-k routing; skew, every token to expert 0 + one other; dense_x (T*top_k, K) for the dense GEMM

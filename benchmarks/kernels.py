@@ -3,7 +3,8 @@
     python benchmarks/kernels.py --out benchmarks/results/kernels-h200.json --md benchmarks/results/kernels-h200.md
 
 Every ratio compares paths measured side by side in this one run (median of timed iterations;
-throughput rows queue several independent calls per mx.synchronize(), see `bench`). bf16 throughout.
+throughput rows queue several independent calls per mx.synchronize(), see `bench`; "streamed" columns
+evaluate call after call as a model forward evaluates its blocks, see common.streamed_call). bf16 throughout.
 """
 
 import argparse
@@ -17,9 +18,9 @@ import mlx.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashdiff.kernels import (attention, moe_gemm, qk_norm_rope, qk_norm_rope_reference, quantize_model,  # noqa: E402
                                quantized_linear)
-from flashdiff.kernels import _attention_sm90, _gemm_cuda  # noqa: E402
+from flashdiff.kernels import _attention_sm90, _gemm_cuda, _gemm_tma_dequant  # noqa: E402
 from flashdiff.kernels.moe import _moe_dense_experts, moe_windowed  # noqa: E402
-from common import median_call, moe_problem, write_json, write_text_atomic  # noqa: E402
+from common import median_call, moe_problem, streamed_call, write_json, write_text_atomic  # noqa: E402
 
 
 def bench(fn, warmup=3, iters=10, reps=1):
@@ -41,19 +42,24 @@ def emit(row):
         _on_row()
 
 
-def with_engine(engine, fn):
-    """fn with FLASHDIFF_GEMM_ENGINE set while it builds its graph (the GEMM launcher reads it then)."""
+def with_env(name, value, fn):
+    """fn with environment variable `name` set while it builds its graph (the launchers read it then)."""
     def run():
-        old = os.environ.get("FLASHDIFF_GEMM_ENGINE")
-        os.environ["FLASHDIFF_GEMM_ENGINE"] = engine
+        old = os.environ.get(name)
+        os.environ[name] = value
         try:
             return fn()
         finally:
             if old is None:
-                del os.environ["FLASHDIFF_GEMM_ENGINE"]
+                del os.environ[name]
             else:
-                os.environ["FLASHDIFF_GEMM_ENGINE"] = old
+                os.environ[name] = old
     return run
+
+
+def with_engine(engine, fn):
+    """fn with FLASHDIFF_GEMM_ENGINE set while it builds its graph (the GEMM launcher reads it then)."""
+    return with_env("FLASHDIFF_GEMM_ENGINE", engine, fn)
 
 
 QLINEAR_SIZES = [(4608, 3072, 12288), (4608, 12288, 3072), (4608, 3072, 21504), (4608, 15360, 3072),
@@ -76,21 +82,36 @@ def qlinear_rows(quick):
         reps = 10 if m * n < 2e8 else 3
         t_dense = bench(lambda: x @ w.T, reps=reps)
         t_dense_iso = bench(lambda: x @ w.T)
-        for mode, bits, group in configs + (extra if (m, k, n) == QLINEAR_SIZES[0] else []):
+        t_dense_stream = streamed_call(lambda: x @ w.T)
+        for mode, bits, group in configs + (extra if (m, k, n) == QLINEAR_SIZES[0] and not NO_EXTRA_MODES else []):
             q = mx.quantize(w, group, bits, mode=mode)
             wq, s, b = q[0], q[1], (q[2] if len(q) > 2 else None)
             mx.eval(wq, s, b)
+            # against MLX's CPU dequantize (its CUDA one rounds q * s + b once, the CPU one twice, as ours do)
             same = mx.array_equal(quantized_linear(x, wq, s, b, bits, group, mode),
-                                  x @ mx.dequantize(wq, s, b, group, bits, mode=mode, dtype=x.dtype).T).item()
+                                  x @ mx.dequantize(wq, s, b, group, bits, mode=mode, dtype=x.dtype, stream=mx.cpu).T).item()
             t_ours = bench(lambda: quantized_linear(x, wq, s, b, bits, group, mode), reps=reps)
             t_ours_iso = bench(lambda: quantized_linear(x, wq, s, b, bits, group, mode))
+            t_ours_stream = streamed_call(lambda: quantized_linear(x, wq, s, b, bits, group, mode))
             t_qmm = bench(lambda: mx.quantized_matmul(x, wq, s, b, True, group, bits, mode), reps=reps)
+            fused = {}
+            if _gemm_tma_dequant.supported(x, s, bits, group, mode, k, n):  # the fused kernel, forced
+                run_fused = with_env("FLASHDIFF_QLINEAR", "fused", lambda: quantized_linear(x, wq, s, b, bits, group, mode))
+                ref = with_env("FLASHDIFF_QLINEAR", "dequant", lambda: quantized_linear(x, wq, s, b, bits, group, mode))()
+                y = run_fused()
+                t_f, t_f_stream = bench(run_fused, reps=reps), streamed_call(run_fused)
+                fused = dict(fused_ms=t_f * 1e3, fused_ratio_vs_bf16=t_dense / t_f, streamed_fused_ms=t_f_stream * 1e3,
+                             streamed_fused_ratio_vs_bf16=t_dense_stream / t_f_stream,
+                             fused_max_rel_diff=(mx.abs(y.astype(mx.float32) - ref.astype(mx.float32)).max()
+                                                 / mx.abs(ref.astype(mx.float32)).max()).item())
             rows.append(dict(kernel="quantized_linear", shape=f"{m}x{k}->{n}", mode=f"{mode}{bits if mode == 'affine' else ''} g{group}",
                              ours_ms=t_ours * 1e3, bf16_ms=t_dense * 1e3, qmm_ms=t_qmm * 1e3,
                              ours_tflops=flops / t_ours / 1e12, bf16_tflops=flops / t_dense / 1e12,
                              ratio_vs_bf16=t_dense / t_ours, qmm_ratio_vs_bf16=t_dense / t_qmm,
                              isolated_ratio_vs_bf16=t_dense_iso / t_ours_iso, reps=reps,
-                             equals_dequantize_matmul=same))
+                             streamed_ours_ms=t_ours_stream * 1e3, streamed_bf16_ms=t_dense_stream * 1e3,
+                             streamed_ratio_vs_bf16=t_dense_stream / t_ours_stream,
+                             equals_dequantize_matmul=same, **fused))
             emit(rows[-1])
     return rows
 
@@ -101,6 +122,7 @@ def moe_rows():
     shape = "T{t} K{k} N{n} E{e} top{top_k}".format(**p)
     x, w, ids, skew, dense_x, w0, flops = (p[key] for key in ("x", "w", "ids", "skew", "dense_x", "w0", "flop"))
     t_dense = bench(lambda: dense_x @ w0.T, reps=5)
+    t_dense_stream = streamed_call(lambda: dense_x @ w0.T)
     variants = [("bf16", lambda: moe_gemm(x, w, ids)), ("bf16, skewed routing (every token: expert 0 + one other)",
                                                         lambda: moe_gemm(x, w, skew))]
     quantized = []
@@ -119,13 +141,17 @@ def moe_rows():
                  ("bf16, rejected: windowed gather_mm (128)", lambda: moe_windowed(x, w, ids, 128))]
     for mode, fn in variants:
         tm = bench(fn, reps=5)
+        tm_stream = streamed_call(fn)
         rows.append(dict(kernel="moe_gemm", shape=shape, mode=mode, ours_ms=tm * 1e3, dense_ms=t_dense * 1e3,
-                         ours_tflops=flops / tm / 1e12, ratio_vs_dense=t_dense / tm))
+                         ours_tflops=flops / tm / 1e12, ratio_vs_dense=t_dense / tm,
+                         streamed_ours_ms=tm_stream * 1e3, streamed_dense_ms=t_dense_stream * 1e3,
+                         streamed_ratio_vs_dense=t_dense_stream / tm_stream))
         emit(rows[-1])
     return rows
 
 
 WGMMA_ATTENTION = False  # --wgmma-attention: also the sm_90 kernel, with and without its ping-pong schedule
+NO_EXTRA_MODES = False  # --no-extra-modes: quantized linear in affine 4/8-bit only
 QLINEAR_SHAPES = ()  # --qlinear-shapes MxKxN,...: only these quantized-linear shapes (split a long run)
 
 
@@ -323,10 +349,17 @@ def markdown(rows):
             out.append(f"| quantized_linear | {r['shape']} | {r['mode']} | {r['ours_ms']:.3f} ms "
                        f"({r['ours_tflops']:.0f} TFLOP/s) | bf16 {r['bf16_ms']:.3f} ms ({r['bf16_tflops']:.0f}); "
                        f"mx.quantized_matmul {r['qmm_ms']:.3f} ms | **{r['ratio_vs_bf16']:.2f}x** bf16 "
-                       f"(isolated calls {r['isolated_ratio_vs_bf16']:.2f}x; qmm {r['qmm_ratio_vs_bf16']:.2f}x) |")
+                       f"(streamed {r['streamed_ours_ms']:.3f} / {r['streamed_bf16_ms']:.3f} ms = "
+                       f"**{r['streamed_ratio_vs_bf16']:.2f}x**; isolated calls {r['isolated_ratio_vs_bf16']:.2f}x; "
+                       f"qmm {r['qmm_ratio_vs_bf16']:.2f}x)"
+                       + (f"; fused {r['fused_ms']:.3f} ms = **{r['fused_ratio_vs_bf16']:.2f}x** (streamed "
+                          f"{r['streamed_fused_ms']:.3f} ms = **{r['streamed_fused_ratio_vs_bf16']:.2f}x**)"
+                          if "fused_ms" in r else "") + " |")
         elif r["kernel"] == "moe_gemm":
             out.append(f"| moe_gemm | {r['shape']} | {r['mode']} | {r['ours_ms']:.3f} ms ({r['ours_tflops']:.0f} "
-                       f"TFLOP/s) | dense same FLOPs {r['dense_ms']:.3f} ms | {r['ratio_vs_dense']:.2f}x dense |")
+                       f"TFLOP/s) | dense same FLOPs {r['dense_ms']:.3f} ms | {r['ratio_vs_dense']:.2f}x dense "
+                       f"(streamed {r['streamed_ours_ms']:.3f} / {r['streamed_dense_ms']:.3f} ms = "
+                       f"{r['streamed_ratio_vs_dense']:.2f}x) |")
         elif r["kernel"] == "attention":
             extra = f"; padded q {r['pad_q_ms']:.3f} ms" if "pad_q_ms" in r else ""
             if "pad_all_key_mask_ms" in r:
@@ -363,11 +396,14 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--wgmma-attention", action="store_true",
                     help="also time attention(..., backend='cuda_wgmma'), the sm_90 kernel (and it without ping-pong)")
+    ap.add_argument("--no-extra-modes", action="store_true",
+                    help="quantized linear in affine 4/8-bit only (the other modes run at the first shape)")
     ap.add_argument("--qlinear-shapes", default="",
                     help="comma-separated MxKxN, e.g. 32760x5120x13824: only these quantized-linear shapes")
     ap.add_argument("--only", default="qlinear,moe,attention,prologue,flux")
     args = ap.parse_args()
-    global WGMMA_ATTENTION, QLINEAR_SHAPES
+    global WGMMA_ATTENTION, QLINEAR_SHAPES, NO_EXTRA_MODES
+    NO_EXTRA_MODES = args.no_extra_modes
     WGMMA_ATTENTION = args.wgmma_attention
     QLINEAR_SHAPES = tuple(s for s in args.qlinear_shapes.split(",") if s)
     known = {"x".join(map(str, s)) for s in QLINEAR_SIZES}

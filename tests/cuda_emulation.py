@@ -290,6 +290,37 @@ static inline void fd_mma_rs128(float (&d)[64], const unsigned (&a)[8][4], unsig
   }
   emu_wgmma_commit();
 }
+// ---- the fused dequantize GEMM's helpers (_gemm_tma_dequant): paired bf16/fp16 arithmetic, each half
+// computed in float (exact for a product of two 8-bit-mantissa values and a difference of the codes)
+// and rounded to nearest even, as sub/mul/add.rn.{bf16,f16}x2 round
+template <bool BF16>
+static inline float emu_h(unsigned bits) {
+  if (BF16) { __nv_bfloat16 b; b.x = (uint16_t)bits; return (float)b; }
+  __half h; h.x = (uint16_t)bits; return (float)h;
+}
+template <bool BF16>
+static inline unsigned emu_h_bits(float f) {
+  if (BF16) return __nv_bfloat16(f).x;
+  return __half(f).x;
+}
+template <bool BF16, typename F>
+static inline unsigned emu_h2(unsigned a, unsigned b, F op) {
+  return emu_h_bits<BF16>(op(emu_h<BF16>(a & 0xffffu), emu_h<BF16>(b & 0xffffu)))
+       | (emu_h_bits<BF16>(op(emu_h<BF16>(a >> 16), emu_h<BF16>(b >> 16))) << 16);
+}
+template <bool BF16> static inline unsigned fd_h2_sub(unsigned a, unsigned b) { return emu_h2<BF16>(a, b, [](float x, float y) { return x - y; }); }
+template <bool BF16> static inline unsigned fd_h2_mul(unsigned a, unsigned b) { return emu_h2<BF16>(a, b, [](float x, float y) { return x * y; }); }
+template <bool BF16> static inline unsigned fd_h2_add(unsigned a, unsigned b) { return emu_h2<BF16>(a, b, [](float x, float y) { return x + y; }); }
+static inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t v = (uint64_t)x | ((uint64_t)y << 32);
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) r |= (unsigned)((v >> (8 * ((s >> (4 * i)) & 7u))) & 0xffu) << (8 * i);
+  return r;
+}
+static inline uint4 fd_ldg16(const void* p) { uint4 v; std::memcpy(&v, p, 16); return v; }
+static inline unsigned fd_ldg_u16(const void* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+static inline void fd_sts16(unsigned addr, uint4 v) { std::memcpy(emu_ptr(addr), &v, 16); }
+static inline void fd_fence_async_smem() {}
 template <int N> static inline void emu_fence(float (&)[N]) {}
 #define fd_fence_acc emu_fence<128>
 #define fd_fence64 emu_fence<64>

@@ -19,7 +19,7 @@ from cuda_emulation import LaunchRecorder, bf16_bits, bf16_values, replay, run
 from helpers import softmax_attention_np
 from flashdiff.kernels import _attention_sm90 as att
 from flashdiff.kernels import _attention_sm90_forms as att_forms
-from flashdiff.kernels import _gemm_tma
+from flashdiff.kernels import _gemm_tma, _gemm_tma_dequant
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
@@ -78,6 +78,66 @@ def test_emulated_grouped_tma_gemm_matches_per_expert_matmul(tmp_path):
     xf, wf = bf16_values(x).reshape(t, k).astype(np.float64), bf16_values(w).reshape(e, n, k).astype(np.float64)
     ref = np.einsum("tk,tjnk->tjn", xf, wf[ids]).reshape(t * top_k, n)
     np.testing.assert_allclose(bf16_values(got).reshape(t * top_k, n), ref, rtol=1e-2, atol=1e-2)
+
+
+def _u16(a):
+    """An MLX bf16 / fp16 array's bit patterns as numpy uint16."""
+    import mlx.core as mx
+
+    return np.array(a.view(mx.uint16))
+
+
+@pytest.mark.parametrize("bits, group, dtype, with_bias, m, k, n", [
+    (4, 64, "bf16", False, 200, 320, 264), (8, 64, "bf16", True, 130, 256, 256), (4, 32, "f16", True, 64, 192, 72),
+    (8, 128, "f16", False, 100, 384, 136), (4, 128, "bf16", True, 60, 256, 520)])
+def test_emulated_dequant_gemm_matches_gemm_on_dequantized_weight(tmp_path, bits, group, dtype, with_bias, m, k, n):
+    """The fused dequantize GEMM (_gemm_tma_dequant) against the TMA GEMM run on mx.dequantize's weight in
+    the same emulation: without bias the two must agree bit for bit (same MMA order, so any difference is
+    a dequantized value that differs from MLX's: rounding, code order, scale group, row or swizzle); with
+    bias against float64. Cases: 4/8 bits, groups 32/64/128, bf16 and fp16, K tiles > stages, N and M tails,
+    rows past N in the last column tile, codes 0 and 2^bits - 1 in every row (bit 7 at 8 bits)."""
+    import mlx.core as mx
+
+    rng = np.random.default_rng(bits * 100 + group)
+    mdt = mx.bfloat16 if dtype == "bf16" else mx.float16
+    w = mx.array(rng.standard_normal((n, k)) * 0.05).astype(mdt)
+    wq, scales, biases = mx.quantize(w, group, bits)
+    w_deq = mx.dequantize(wq, scales, biases, group, bits)
+    x = mx.array(rng.standard_normal((m, k))).astype(mdt)
+    bias = mx.array(rng.standard_normal((n,))).astype(mdt)
+    codes = np.array(wq).view(np.uint8)
+    assert codes.min() == 0 and (codes.max() == 255 if bits == 8 else np.any((codes & 15) == 15))
+    tiles_m, tiles_n = -(-m // _gemm_tma.BM), -(-n // _gemm_tma.BN)
+    prefetch = 2 if dtype == "f16" else 1  # K tiles in flight per producer thread: both ring depths
+    maps_t = [("IS_BF16", dtype == "bf16"), ("K", k), ("W_ROWS", n), ("X_ROWS", m)]
+    gemm_t = [("T", dtype), ("IS_BF16", dtype == "bf16"), ("K", k), ("N", n), ("A_DIV", 1), ("DIRECT", True),
+              ("M_ROWS", m), ("THREADS", _gemm_tma.THREADS), ("GROUP_M", 8)]
+    fused_t = gemm_t + [("BITS", bits), ("GROUP", group), ("HAS_BIAS", with_bias), ("PREFETCH", prefetch)]
+    launched = _gemm_tma_dequant.template(mdt, m, k, n, bits, group, with_bias)
+    assert [a for a, _ in launched] == [a for a, _ in fused_t] and launched[1:-1] == fused_t[1:-1]
+    buffers = {"x": (dtype, _u16(x)), "w_deq": (dtype, _u16(w_deq)), "wq": ("u32", np.array(wq)),
+               "scales": (dtype, _u16(scales)), "biases": (dtype, _u16(biases)), "bias": (dtype, _u16(bias)),
+               "dummy": ("i32", np.zeros(1, np.int32)), "tmaps": ("u8", _gemm_tma.MAP_BYTES),
+               "tmaps2": ("u8", _gemm_tma.MAP_BYTES), "ref": (dtype, m * n), "out": (dtype, m * n)}
+    grid = (tiles_n, tiles_m)
+    got = run(tmp_path, buffers, [
+        (_gemm_tma._MAPS_SOURCE, maps_t, ["x", ("w", "w_deq")], ["tmaps"], (1, 1), 32),
+        (_gemm_tma._SOURCE, gemm_t, ["x", ("w", "w_deq"), ("slot_row", "dummy"), ("tile_expert", "dummy"), "tmaps"],
+         [("out", "ref")], grid, _gemm_tma.THREADS),
+        (_gemm_tma._MAPS_SOURCE, maps_t, ["x", ("w", "wq")], [("tmaps", "tmaps2")], (1, 1), 32),
+        (_gemm_tma_dequant._SOURCE, fused_t, ["x", "wq", "scales", "biases", ("bias", "bias" if with_bias else "dummy"),
+                                              ("slot_row", "dummy"), ("tile_expert", "dummy"), ("tmaps", "tmaps2")],
+         ["out"], grid, _gemm_tma_dequant.THREADS),
+    ], ["ref", "out"], headers=_gemm_tma_dequant.DEQUANT_CODE)
+    values = bf16_values if dtype == "bf16" else (lambda b: b.view(np.float16).astype(np.float32))
+    out = values(got["out"]).reshape(m, n)
+    if not with_bias:
+        np.testing.assert_array_equal(got["out"], got["ref"])
+    xf = np.array(x.astype(mx.float32), np.float64)
+    ref = xf @ np.array(w_deq.astype(mx.float32), np.float64).T
+    if with_bias:
+        ref = ref + np.array(bias.astype(mx.float32), np.float64)
+    np.testing.assert_allclose(out, ref, rtol=1e-2, atol=1e-2)
 
 
 def _attention(tmp_path, q, k, v, scale, bias=None, pingpong=True, seq_major=False, persistent_ctas=0):

@@ -13,7 +13,7 @@ import mlx.core as mx
 import pytest
 from helpers import cuda_kernel_source, nvcc_compile
 
-from flashdiff.kernels import _attention_sm90, _attention_sm90_forms, _dequant, _gemm_cuda, _gemm_sm90, _gemm_tma, _gemm_tma_forms
+from flashdiff.kernels import _attention_sm90, _attention_sm90_forms, _dequant, _gemm_cuda, _gemm_sm90, _gemm_tma, _gemm_tma_dequant, _gemm_tma_forms
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA toolkit (nvcc)")
 
@@ -34,7 +34,8 @@ def report(tmp_path, name, header, source, inputs, outputs, template, arch="sm_9
 def assert_fits_tma_block(text):
     """ptxas's report for a TMA GEMM kernel: its registers fit 384 threads and its wgmmas are not serialised."""
     regs = int(re.search(r"Used (\d+) registers", text).group(1))
-    assert regs * _gemm_tma.THREADS <= 65536, f"{regs} registers x {_gemm_tma.THREADS} threads exceed the register file"
+    allocated = -(-regs // 8) * 8  # registers are allocated per thread in units of 8
+    assert allocated * _gemm_tma.THREADS <= 65536, f"{regs} registers x {_gemm_tma.THREADS} threads exceed the register file"
     assert "C7514" not in text
 
 
@@ -86,6 +87,20 @@ def test_persistent_tma_gemm_compiles(tmp_path, dtype, direct, gather_a):
     inputs = [(n, dtype if n in ("x", "w") else t) for n, t in GEMM_INPUTS] + [("tmaps", mx.uint8)]
     template = gemm_template(dtype, _gemm_tma.THREADS, direct, TILES_M=67, GATHER_A=gather_a)
     text = report(tmp_path, "gemm_tma_persistent", _gemm_tma._GEMM_HEADER, _gemm_tma_forms._SOURCE_PERSISTENT, inputs,
+                  [("out", dtype)], template)
+    assert_fits_tma_block(text)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("bits, has_bias", [(4, False), (4, True), (8, False), (8, True)])
+def test_dequant_gemm_compiles(tmp_path, dtype, bits, has_bias):
+    """The fused dequantize GEMM (_gemm_tma_dequant) fits 384 threads' registers without spills or
+    serialised wgmmas, at FLUX's 3072 x 3072 shape."""
+    inputs = [("x", dtype), ("wq", mx.uint32), ("scales", dtype), ("biases", dtype),
+              ("bias", dtype if has_bias else mx.int32), ("slot_row", mx.int32), ("tile_expert", mx.int32),
+              ("tmaps", mx.uint8)]
+    template = _gemm_tma_dequant.template(dtype, 4608, 3072, 3072, bits, 64, has_bias)
+    text = report(tmp_path, "dequant_gemm", _gemm_tma_dequant._HEADER, _gemm_tma_dequant._SOURCE, inputs,
                   [("out", dtype)], template)
     assert_fits_tma_block(text)
 

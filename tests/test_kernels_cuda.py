@@ -25,6 +25,35 @@ def test_quantized_linear_cuda(mode, bits, group, m):
     check_quantized_linear("cuda", mode, bits, group, m)
 
 
+@pytest.mark.parametrize("bits, group", [(4, 64), (8, 64), (4, 32), (8, 128)])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("m, k, n, with_bias", [(300, 512, 200, True), (200, 384, 264, False), (1024, 3072, 3072, True)])
+def test_quantized_linear_cuda_fused(monkeypatch, bits, group, dtype, m, k, n, with_bias):
+    """The fused dequantize GEMM (_gemm_tma_dequant) as quantized_linear runs it (FLASHDIFF_QLINEAR=fused):
+    without bias bit-identical to the TMA GEMM on mx.dequantize's weight (same MMA order: every
+    dequantized value equal to MLX's CPU dequantize), with bias against dequantize + matmul + bias."""
+    from flashdiff.kernels import _gemm_tma_dequant, quantized_linear
+    if not _gemm_cuda.is_sm90():
+        pytest.skip("the fused kernel needs an sm_90 GPU")
+    monkeypatch.setenv("FLASHDIFF_QLINEAR", "fused")
+    mx.random.seed(bits + group + m)
+    w = (mx.random.normal((n, k)) * 0.05).astype(dtype)
+    wq, s, b = mx.quantize(w, group, bits)
+    x = mx.random.normal((m, k)).astype(dtype)
+    bias = mx.random.normal((n,)).astype(dtype) if with_bias else None
+    assert _gemm_tma_dequant.supported(x, s, bits, group, "affine", k, n)
+    out = quantized_linear(x, wq, s, b, bits, group, "affine", bias=bias)
+    # MLX's CPU dequantize, the reference our kernels match (its CUDA kernel rounds q * s + b once, a fused
+    # multiply-add, where the CPU rounds the product and then the sum: 1 ulp apart in some elements)
+    w_deq = mx.dequantize(wq, s, b, group, bits, stream=mx.cpu)
+    ref = x.astype(mx.float32) @ w_deq.astype(mx.float32).T + (0 if bias is None else bias.astype(mx.float32))
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert rel_err(out, ref) < 1e-2
+    if not with_bias:
+        same = _gemm_cuda.dense_gemm(x, w_deq, engine="wgmma tma")
+        assert mx.array_equal(out, same).item()
+
+
 @pytest.mark.parametrize("quantized", MOE_QUANT_CASES)
 @pytest.mark.parametrize("per_slot", [False, True])
 def test_moe_gemm_cuda(quantized, per_slot):

@@ -265,7 +265,13 @@ def _kernel(backend: str, affine: bool, flat: bool = True):
 def dequantize(w, scales, biases=None, bits=None, group_size=None, mode="affine", dtype=mx.bfloat16,
                backend="reference", stream=None):
     """``mx.dequantize`` with a custom GPU kernel: (..., N, packed) -> (..., N, K) in ``dtype``."""
-    bits, group_size, n, k = check_quantized(w, scales, biases, bits, group_size, mode)
+    bits, group_size, _, k = check_quantized(w, scales, biases, bits, group_size, mode)
+    return dequantize_checked(w, scales, biases, bits, group_size, k, mode, dtype, backend, stream)
+
+
+def dequantize_checked(w, scales, biases, bits, group_size, k, mode, dtype, backend, stream=None):
+    """``dequantize`` for arrays ``check_quantized`` has passed (bits, group_size, K as it returned):
+    callers that checked already (quantized_linear, moe_gemm) skip the second check's host time."""
     if backend == "reference":
         out = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode, stream=stream)
         return out.astype(dtype, stream=stream)
@@ -273,21 +279,36 @@ def dequantize(w, scales, biases=None, bits=None, group_size=None, mode="affine"
     for d in w.shape[:-1]:
         rows *= d
     affine = mode == "affine"
-    inputs = [w, scales, biases if affine else mx.zeros((1,), dtype=mx.float32)]
-    template = [("T", dtype), ("ST", scales.dtype if affine else mx.float32), ("ROWS", rows), ("K", k),
-                ("BITS", bits), ("GROUP", group_size), ("MODE", MODES[mode])]
     # FLASHDIFF_DEQUANT_ROWS=1: the earlier row-per-grid-y CUDA kernel (kept for side-by-side measurement)
     flat = backend == "cuda" and not os.environ.get("FLASHDIFF_DEQUANT_ROWS")
-    if flat:
-        template.append(("CPT", FLAT_CPT))
-        grid, group = flat_launch(rows, k)
-    else:
-        grid, group = dequant_launch(rows, k)
+    template, grid, group = _launch(dtype, scales.dtype if affine else mx.float32, rows, k, bits, group_size,
+                                    mode, flat)
+    inputs = [w, scales, biases if affine else _dummy_biases()]
     (out,) = _kernel(backend, affine, flat)(
         inputs=inputs, template=template, output_shapes=[(*w.shape[:-1], k)], output_dtypes=[dtype],
         grid=grid, threadgroup=group, stream=stream,
     )
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch(dtype, scale_dtype, rows, k, bits, group_size, mode, flat):
+    """Template arguments, grid and threadgroup of one dequantize launch (cached: a model calls the
+    same few shapes thousands of times, and building them showed in the host time per call)."""
+    template = [("T", dtype), ("ST", scale_dtype), ("ROWS", rows), ("K", k), ("BITS", bits),
+                ("GROUP", group_size), ("MODE", MODES[mode])]
+    if flat:
+        template.append(("CPT", FLAT_CPT))
+        grid, group = flat_launch(rows, k)
+    else:
+        grid, group = dequant_launch(rows, k)
+    return template, grid, group
+
+
+@functools.cache
+def _dummy_biases():
+    """The fp modes' stand-in for `biases` (their kernel source names the input but never reads it)."""
+    return mx.zeros((1,), dtype=mx.float32)
 
 
 FLAT_CPT = 4  # chunks per thread of the flat CUDA kernel

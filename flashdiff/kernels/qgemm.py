@@ -17,13 +17,30 @@ For small M we use ``quantized_matmul``, and on Metal too unless the custom (unt
 dequantize kernel is asked for with backend="metal" / FLASHDIFF_KERNELS=metal.
 """
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 
-from ._dequant import check_quantized, dequantize
+from . import _gemm_tma_dequant
+from ._dequant import check_quantized, dequantize_checked
 from ._dispatch import metal_kernels_requested, resolve_backend
 
 SMALL_M = 32  # below this many rows, MLX's quantized_matmul (decode kernel) wins
+FUSED_DEFAULT = False  # the fused sm_90 kernel by default (else only with FLASHDIFF_QLINEAR=fused)
+QLINEAR_PATHS = ("auto", "fused", "dequant")
+
+
+def _use_fused(x, scales, bits, group_size, mode, k, n) -> bool:
+    """The fused dequantize-GEMM kernel (_gemm_tma_dequant, sm_90) or dequantize + GEMM: FLASHDIFF_QLINEAR
+    = "fused" / "dequant" forces one (fused only where the kernel takes the arguments), "auto" (unset)
+    takes FUSED_DEFAULT."""
+    choice = (os.environ.get("FLASHDIFF_QLINEAR") or "auto").lower()
+    if choice not in QLINEAR_PATHS:
+        raise ValueError(f"FLASHDIFF_QLINEAR={choice!r}: use one of {QLINEAR_PATHS}.")
+    if choice == "dequant" or (choice == "auto" and not FUSED_DEFAULT):
+        return False
+    return _gemm_tma_dequant.supported(x, scales, bits, group_size, mode, k, n)
 
 
 def quantized_linear(x, w, scales, biases, bits=None, group_size=None, mode="affine", bias=None, *,
@@ -49,12 +66,15 @@ def quantized_linear(x, w, scales, biases, bits=None, group_size=None, mode="aff
     if impl != "reference" and builtin:
         y = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
         return y if bias is None else y + bias.astype(y.dtype)
+    if impl == "cuda" and _use_fused(x, scales, bits, group_size, mode, k, n):
+        y = _gemm_tma_dequant.dequant_gemm(x.reshape(m, k), w, scales, biases, bits, group_size, bias)
+        return y.reshape(*x.shape[:-1], n)
     # Order: the weight is dequantized only once x exists (bounds live scratch to one layer).
     w_dep = mx.depends(w, x)
     if impl == "reference":
         w_full = mx.dequantize(w_dep, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=x.dtype)
     else:
-        w_full = dequantize(w_dep, scales, biases, bits, group_size, mode, dtype=x.dtype, backend=impl)
+        w_full = dequantize_checked(w_dep, scales, biases, bits, group_size, k, mode, x.dtype, impl)
     x2 = x.reshape(m, k)
     if bias is None:
         y = x2 @ w_full.T

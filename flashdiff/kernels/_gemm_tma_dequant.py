@@ -1,0 +1,285 @@
+"""The sm_90 TMA GEMM with the weight dequantized inside it: y = x @ dequantize(w).T (+ bias), one kernel,
+no dequantized copy of the weight in memory. Affine 4- and 8-bit weights (``mx.quantize`` layout), the
+scales/biases in x's dtype (bf16 or fp16), K a multiple of 64.
+
+Same CTA tile, consumer warpgroups, barriers and epilogue as ``_gemm_tma._SOURCE`` (128 x 256 x 64, two
+consumer warpgroups issuing ``wgmma.m64n256k16`` from 128B-swizzled shared tiles); what changes is the
+producer warpgroup. Per K tile:
+- thread 256 issues the input tile's TMA load, as before;
+- all 128 producer threads build the weight tile: each loads its share of the packed codes (16-byte
+  loads, coalesced along the rows, ``BITS`` per thread) and the rows' scales and biases,
+  ``PREFETCH`` K tiles ahead (held in registers while the current tile is converted; the scales and
+  biases are combined into pairs only when used, since a use right after the load stalls on it), turns every 8 codes into
+  one 16-byte chunk of x.dtype values and stores it where the 128-byte swizzle puts it, then fences its
+  shared-memory writes for the asynchronous proxy (wgmma reads through it) and arrives on the stage's
+  "full" barrier (129 arrivals: the TMA thread's expect_tx and one per producer thread). (Two producer
+  warpgroups, 512 threads, do not compile: at 128 registers per thread at launch ptxas cannot
+  allocate the consumers' m64n256 wgmma, C7602, whatever setmaxnreg raises them to later.)
+- Dequantizing two codes at once (``fd_dq_pair``): the codes go into the mantissas of a packed pair of
+  x.dtype values whose exponent makes them 128 + m (bf16, 7-bit m) or 1024 + q (fp16), the offset is
+  subtracted exactly, then one paired multiply by the scale and one paired add of the bias round as
+  ``mx.dequantize`` rounds (the product to the scales' dtype, then the sum). For bf16 8-bit codes the
+  8th bit decides whether 128 comes off (``(~p & 0x80) * 0x86`` is 0x4300, bf16 128.0, where it is clear).
+  Integer and paired-half ops only: float conversions (I2F / F2F) run at a sixteenth of that rate.
+- Bias (optional) is added in the epilogue in float32 before the rounding to x.dtype, as cuBLAS's
+  epilogue in ``mx.addmm`` does.
+The dense form only (one weight); ``quantized_linear`` uses it on sm_90 where the launcher accepts the
+arguments (``supported``), else dequantize + GEMM.
+"""
+
+import functools
+
+import mlx.core as mx
+
+from . import _gemm_tma
+from ._gemm_cuda import TILE_SETUP, group_m, is_sm90
+from ._gemm_sm90 import _EPILOGUE_CONSUMERS
+
+THREADS = _gemm_tma.THREADS
+PREFETCH = 1  # K tiles of codes, scales and biases each producer thread has in flight (registers)
+SMEM_BYTES = _gemm_tma.SMEM_BYTES
+
+_ASM_HELPERS = r"""
+// Paired x.dtype arithmetic on packed 32-bit words (low half = first element).
+template <bool BF16>
+__device__ __forceinline__ unsigned fd_h2_sub(unsigned a, unsigned b) {
+  unsigned r;
+  if (BF16) asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  else asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+template <bool BF16>
+__device__ __forceinline__ unsigned fd_h2_mul(unsigned a, unsigned b) {
+  unsigned r;
+  if (BF16) asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  else asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+template <bool BF16>
+__device__ __forceinline__ unsigned fd_h2_add(unsigned a, unsigned b) {
+  unsigned r;
+  if (BF16) asm("add.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  else asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+__device__ __forceinline__ uint4 fd_ldg16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ unsigned fd_ldg_u16(const void* p) {  // zero-extended; used no earlier than needed
+  unsigned v;
+  asm volatile("ld.global.nc.u16 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ void fd_sts16(unsigned addr, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" :: "r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+__device__ __forceinline__ void fd_fence_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+"""
+
+# Plain C++ over the helpers above (the CPU emulation compiles it as written, tests/cuda_emulation.py).
+DEQUANT_CODE = r"""
+// Two codes, q0 in bits 0..7 and q1 in bits 16..23 of p (each < 2^BITS), to the pair (q0 s + b, q1 s + b).
+template <bool BF16, int BITS>
+__device__ __forceinline__ unsigned fd_dq_pair(unsigned p, unsigned s2, unsigned b2) {
+  unsigned v, sub;
+  if (BF16 && BITS == 8) {  // bf16 0x4300 | m is 128 + m for a 7-bit m; 128 comes off where bit 7 is clear
+    v = (p & 0x007F007Fu) | 0x43004300u;
+    sub = (~p & 0x00800080u) * 0x86u;
+  } else {  // bf16 0x4300 | q = 128 + q (q < 16); fp16 0x6400 | q = 1024 + q (q < 256)
+    const unsigned magic = BF16 ? 0x43004300u : 0x64006400u;
+    v = p | magic;
+    sub = magic;
+  }
+  return fd_h2_add<BF16>(fd_h2_mul<BF16>(fd_h2_sub<BF16>(v, sub), s2), b2);
+}
+// 8 consecutive codes (one uint32 word at 4 bits, two at 8 bits) to one 16-byte chunk of x.dtype values.
+template <bool BF16, int BITS>
+__device__ __forceinline__ uint4 fd_dq_chunk(const unsigned* wd, unsigned s2, unsigned b2) {
+  uint4 o;
+  if (BITS == 4) {  // pair j = codes (j, j + 4)
+    const unsigned w = wd[0];
+    const unsigned p0 = fd_dq_pair<BF16, BITS>(w & 0x000F000Fu, s2, b2), p1 = fd_dq_pair<BF16, BITS>((w >> 4) & 0x000F000Fu, s2, b2);
+    const unsigned p2 = fd_dq_pair<BF16, BITS>((w >> 8) & 0x000F000Fu, s2, b2), p3 = fd_dq_pair<BF16, BITS>((w >> 12) & 0x000F000Fu, s2, b2);
+    o.x = __byte_perm(p0, p1, 0x5410);
+    o.y = __byte_perm(p2, p3, 0x5410);
+    o.z = __byte_perm(p0, p1, 0x7632);
+    o.w = __byte_perm(p2, p3, 0x7632);
+  } else {  // per word: pairs (0, 2) and (1, 3)
+    unsigned r[2][2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const unsigned a = fd_dq_pair<BF16, BITS>(wd[h] & 0x00FF00FFu, s2, b2), b = fd_dq_pair<BF16, BITS>((wd[h] >> 8) & 0x00FF00FFu, s2, b2);
+      r[h][0] = __byte_perm(a, b, 0x5410);
+      r[h][1] = __byte_perm(a, b, 0x7632);
+    }
+    o.x = r[0][0]; o.y = r[0][1]; o.z = r[1][0]; o.w = r[1][1];
+  }
+  return o;
+}
+"""
+
+# launch bounds through the signature mx.fast.cuda_kernel writes (as _attention_sm90 does): without them
+# ptxas gave the f16 8-bit form 169 registers, which 384 threads cannot launch with (168 at most)
+def _launch_bounds(threads: int) -> str:
+    return ("\n#undef __global__\n"
+            f"#define __global__ __attribute__((global)) __launch_bounds__({threads}, 1)\n")
+
+
+_HEADER = _gemm_tma._GEMM_HEADER + _ASM_HELPERS + DEQUANT_CODE + _launch_bounds(THREADS)
+
+_PRODUCER = r"""
+  if (warp >= 8) {  // producer warpgroup(s)
+    // thread p: part c (16 bytes of codes) of rows r0 + RSTEP j of the tile's 256 weight rows; the codes,
+    // scales and biases of tiles kt + 1 .. kt + PF are in flight while tile kt is converted
+    constexpr int LPR = BITS / 2, VPT = 2 * LPR, RSTEP = 128 / LPR, CPV = 16 / BITS;
+    constexpr int PF = PREFETCH;  // tiles in flight (2 at 4 bits spilled 16 bytes under the 168-register bound)
+    constexpr int WPR = K * BITS / 32, GPR = K / GROUP;  // words, groups per weight row
+    const int p = tid - 256, c = p % LPR, r0 = p / LPR;
+    if (p == 0) fd_acquire_map(maps);
+    uint4 pk[PF][VPT];
+    unsigned sc[PF][VPT], bs[PF][VPT];  // scale and bias bits, combined only when used (a use right after
+    auto fetch = [&](int kt, uint4 (&dst)[VPT], unsigned (&dsc)[VPT], unsigned (&dbs)[VPT]) {  // the load stalls)
+#pragma unroll
+      for (int j = 0; j < VPT; ++j) {
+        const int n = tile_n * BN + r0 + RSTEP * j;
+        if (kt < KT && n < N) {
+          const size_t row = (size_t)expert * N + n;
+          dst[j] = fd_ldg16(wq + row * WPR + kt * 2 * BITS + c * 4);
+          const size_t g = row * GPR + (kt * BK + c * (128 / BITS)) / GROUP;
+          dsc[j] = fd_ldg_u16(scales + g);
+          dbs[j] = fd_ldg_u16(biases + g);
+        } else {  // rows past N: zeros (0 * 0 + 0); tiles past K: never converted
+          dst[j] = make_uint4(0u, 0u, 0u, 0u);
+          dsc[j] = dbs[j] = 0u;
+        }
+      }
+    };
+#pragma unroll
+    for (int u = 0; u < PF; ++u) fetch(u, pk[u], sc[u], bs[u]);
+    for (int kt0 = 0; kt0 < KT; kt0 += PF) {
+#pragma unroll
+      for (int u = 0; u < PF; ++u) {
+        const int kt = kt0 + u;
+        if (kt >= KT) break;
+        const int s = kt % STAGES;
+        const unsigned full = fd_smem_addr(&full_bar[s]), a_dst = smem_base + s * STAGE_BYTES, b_dst = a_dst + A_BYTES;
+        uint4 cur[VPT];
+        unsigned cur_sc[VPT], cur_bs[VPT];
+#pragma unroll
+        for (int j = 0; j < VPT; ++j) {
+          cur[j] = pk[u][j];
+          cur_sc[j] = sc[u][j];
+          cur_bs[j] = bs[u][j];
+        }
+        fetch(kt + PF, pk[u], sc[u], bs[u]);  // refill this slot with the tile PF ahead
+        fd_mbar_wait(fd_smem_addr(&empty_bar[s]), ((kt / STAGES) & 1) ^ 1);
+        if (p == 0) {
+          fd_mbar_expect_tx(full, A_BYTES);
+          fd_tma_load(a_dst, maps, kt * BK, tile_m * BM, full);
+        }
+#pragma unroll
+        for (int j = 0; j < VPT; ++j) {
+          const int r = r0 + RSTEP * j;
+          const unsigned s2 = __byte_perm(cur_sc[j], 0u, 0x1010), b2 = __byte_perm(cur_bs[j], 0u, 0x1010);
+          const unsigned words[4] = {cur[j].x, cur[j].y, cur[j].z, cur[j].w};
+#pragma unroll
+          for (int i = 0; i < CPV; ++i) {
+            const int ch = c * CPV + i;
+            fd_sts16(b_dst + r * 128 + ((ch ^ (r & 7)) << 4), fd_dq_chunk<IS_BF16, BITS>(words + i * (BITS / 4), s2, b2));
+          }
+        }
+        fd_fence_async_smem();
+        fd_mbar_arrive(full);
+      }
+    }
+    return;
+  }
+"""
+
+_EPILOGUE_BIAS = (_EPILOGUE_CONSUMERS
+                  .replace("(T)d[4 * j];", "(T)(d[4 * j] + bias_at(c));")
+                  .replace("(T)d[4 * j + 1];", "(T)(d[4 * j + 1] + bias_at(c + 1));")
+                  .replace("(T)d[4 * j + 2];", "(T)(d[4 * j + 2] + bias_at(c));")
+                  .replace("(T)d[4 * j + 3];", "(T)(d[4 * j + 3] + bias_at(c + 1));"))
+
+_SOURCE = r"""
+  constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4;
+  constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
+  extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
+  __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
+  unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
+  const unsigned smem_base = fd_smem_addr(fd_smem);
+""" + TILE_SETUP + r"""
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const unsigned long long maps = fd_maps_addr(tmaps);
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      fd_mbar_init(fd_smem_addr(&full_bar[s]), 129);  // the TMA thread's expect_tx + every producer thread
+      fd_mbar_init(fd_smem_addr(&empty_bar[s]), 256);  // every consumer thread
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  constexpr int KT = K / BK;
+""" + _PRODUCER + r"""
+  // consumers: warpgroup wg owns rows wg * 64 .. + 63 of the tile
+  const int wg = warp >> 2, warp_in_wg = warp & 3;
+  float d[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+  for (int kt = 0; kt < KT; ++kt) {
+    const int s = kt % STAGES;
+    fd_mbar_wait(fd_smem_addr(&full_bar[s]), (kt / STAGES) & 1);
+    const unsigned a_addr = smem_base + s * STAGE_BYTES + wg * 64 * 128, b_addr = smem_base + s * STAGE_BYTES + A_BYTES;
+    fd_wgmma_tile<IS_BF16, BK / 16>(d, a_addr, b_addr);
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // tile kt - 1 is done with its stage
+    fd_fence_acc(d);
+    if (kt > 0) fd_mbar_arrive(fd_smem_addr(&empty_bar[(kt - 1) % STAGES]));
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  fd_fence_acc(d);
+  asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both warpgroups done reading the stages
+  auto bias_at = [&](int c) -> float { return HAS_BIAS ? (float)bias[tile_n * BN + c] : 0.0f; };
+""" + _EPILOGUE_BIAS
+
+
+def supported(x, scales, bits: int, group_size: int, mode: str, k: int, n: int) -> bool:
+    """Whether the fused kernel takes these arguments (else dequantize + GEMM)."""
+    return (mode == "affine" and bits in (4, 8) and x.dtype in (mx.bfloat16, mx.float16) and scales.dtype == x.dtype
+            and k % 64 == 0 and n % 8 == 0 and x.size // k > 0 and is_sm90())
+
+
+@functools.cache
+def _kernel():
+    return mx.fast.cuda_kernel(
+        name="flashdiff_dequant_gemm_tma",
+        input_names=["x", "wq", "scales", "biases", "bias", "slot_row", "tile_expert", "tmaps"],
+        output_names=["out"], source=_SOURCE, header=_HEADER, shared_memory=SMEM_BYTES,
+    )
+
+
+def template(dtype, m: int, k: int, n: int, bits: int, group_size: int, has_bias: bool):
+    return [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("K", k), ("N", n), ("A_DIV", 1), ("DIRECT", True),
+            ("M_ROWS", m), ("THREADS", THREADS), ("GROUP_M", group_m()), ("BITS", bits), ("GROUP", group_size),
+            ("HAS_BIAS", has_bias), ("PREFETCH", PREFETCH)]
+
+
+def dequant_gemm(x2, wq, scales, biases, bits: int, group_size: int, bias=None, stream=None):
+    """x2 (M, K) @ dequantize(wq, scales, biases).T (+ bias) -> (M, N) in x2.dtype, one kernel (plus the
+    one-warp kernel that encodes x2's tensor map). Arguments as ``supported`` accepts them."""
+    m, k = x2.shape
+    n = wq.shape[0]
+    maps = _gemm_tma.tensor_maps(x2, wq.reshape(1, n, -1), stream)
+    dummy = mx.zeros((1,), mx.int32)
+    has_bias = bias is not None
+    (out,) = _kernel()(
+        inputs=[x2, wq, scales, biases, bias.astype(x2.dtype) if has_bias else dummy, dummy, dummy, maps],
+        template=template(x2.dtype, m, k, n, bits, group_size, has_bias), output_shapes=[(m, n)],
+        output_dtypes=[x2.dtype], grid=(-(-n // _gemm_tma.BN) * THREADS, -(-m // _gemm_tma.BM), 1),
+        threadgroup=(THREADS, 1, 1), stream=stream,
+    )
+    return out
