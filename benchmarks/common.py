@@ -218,6 +218,17 @@ def streamed_call(fn, calls: int = 40, samples: int = 5, warmup: int = 1) -> flo
     return stats["median_s"] / calls
 
 
+def quantized_problem(spec: str, bits: int = 4, group: int = 64):
+    """'MxKxN' -> (m, k, n, x, w, wq, scales, biases): bf16 x (M, K) and weight w (N, K) * 0.02, w quantized
+    (affine, `bits`, `group`), all evaluated."""
+    m, k, n = (int(v) for v in spec.split("x"))
+    x = mx.random.normal((m, k)).astype(mx.bfloat16)
+    w = (mx.random.normal((n, k)) * 0.02).astype(mx.bfloat16)
+    wq, s, b = mx.quantize(w, group, bits)
+    mx.eval(x, w, wq, s, b)
+    return m, k, n, x, w, wq, s, b
+
+
 def moe_problem(t: int = 4096, k: int = 2560, n: int = 6912, e: int = 4, top_k: int = 2):
     """HiDream-shaped MoE inputs in bf16, evaluated: x (T, K); experts w (E, N, K); ids, a random
     top-k routing; skew, every token to expert 0 + one other; dense_x (T*top_k, K) for the dense GEMM

@@ -319,14 +319,20 @@ def flux_rows(quick):
     vec = mx.random.normal((1, 3072)).astype(mx.bfloat16)
     mx.eval(img, txt, vec)
 
-    def measure(label):
+    def measure(label, env=None, base=None):
+        """One forward's time and peak; base: the row index whose time this one is compared with (the
+        ratio goes into the row before it is written)."""
         mx.clear_cache()
         mx.reset_peak_memory()
-        t = bench(lambda: model(img, txt, vec), warmup=2, iters=5)
+        run = lambda: model(img, txt, vec)  # noqa: E731
+        t = bench(with_env(*env, run) if env else run, warmup=2, iters=5)
         weights = sum(a.nbytes for _, a in nn.utils.tree_flatten(model.parameters()))
-        rows.append(dict(kernel="flux_forward", shape="1024^2 (4096+512 tokens)", mode=label, ms=t * 1e3,
-                         peak_gib=mx.get_peak_memory() / 2**30, weight_gib=weights / 2**30))
-        emit(rows[-1])
+        row = dict(kernel="flux_forward", shape="1024^2 (4096+512 tokens)", mode=label, ms=t * 1e3,
+                   peak_gib=mx.get_peak_memory() / 2**30, weight_gib=weights / 2**30)
+        if base is not None:
+            row["ratio_vs_bf16"] = rows[base]["ms"] / row["ms"]
+        rows.append(row)
+        emit(row)
 
     measure("bf16")
     model.eval_every_block = True
@@ -334,11 +340,14 @@ def flux_rows(quick):
     model.eval_every_block = False
     quantize_model(model, group_size=64, bits=4)
     mx.eval(model.parameters())
-    measure("affine4 g64 (flashdiff QuantizedLinear)")
-    rows[-1]["ratio_vs_bf16"] = rows[-3]["ms"] / rows[-1]["ms"]
+    measure("affine4 g64 (flashdiff QuantizedLinear)", base=0)
     model.eval_every_block = True
-    measure("affine4 g64, eval per block")
-    rows[-1]["ratio_vs_bf16"] = rows[-3]["ms"] / rows[-1]["ms"]
+    measure("affine4 g64, eval per block", base=1)
+    if _gemm_cuda.is_sm90():  # the fused dequantize GEMM (no dequantized scratch), forced
+        model.eval_every_block = False
+        measure("affine4 g64, fused dequantize GEMM (FLASHDIFF_QLINEAR=fused)", ("FLASHDIFF_QLINEAR", "fused"), base=0)
+        model.eval_every_block = True
+        measure("affine4 g64, fused dequantize GEMM, eval per block", ("FLASHDIFF_QLINEAR", "fused"), base=1)
     return rows
 
 

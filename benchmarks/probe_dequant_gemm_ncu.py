@@ -15,13 +15,10 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashdiff.kernels._gemm_tma_dequant import dequant_gemm  # noqa: E402
+from common import quantized_problem  # noqa: E402
 
-m, k, n = (int(v) for v in os.environ.get("SHAPE", "4608x3072x3072").split("x"))
 bits = int(os.environ.get("BITS", "4"))
-x = mx.random.normal((m, k)).astype(mx.bfloat16)
-w = (mx.random.normal((n, k)) * 0.02).astype(mx.bfloat16)
-wq, s, b = mx.quantize(w, 64, bits)
-mx.eval(x, w, wq, s, b)
+m, k, n, x, w, wq, s, b = quantized_problem(os.environ.get("SHAPE", "4608x3072x3072"), bits)
 for _ in range(2):
     mx.eval(dequant_gemm(x, wq, s, b, bits, 64))
     mx.eval(x @ w.T)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashdiff.kernels import quantized_linear  # noqa: E402
 from flashdiff.kernels._dequant import check_quantized, dequantize  # noqa: E402
 from flashdiff.kernels._gemm_tma_dequant import dequant_gemm  # noqa: E402
-from common import median_call, streamed_call, write_json  # noqa: E402
+from common import median_call, quantized_problem, streamed_call, write_json  # noqa: E402
 
 
 def host_us(fn, n=300):
@@ -56,11 +56,7 @@ def main():
     args = ap.parse_args()
     rows = []
     for spec in args.shapes.split(","):
-        m, k, n = (int(v) for v in spec.split("x"))
-        x = mx.random.normal((m, k)).astype(mx.bfloat16)
-        w = (mx.random.normal((n, k)) * 0.02).astype(mx.bfloat16)
-        wq, s, b = mx.quantize(w, 64, 4)
-        mx.eval(x, w, wq, s, b)
+        m, k, n, x, w, wq, s, b = quantized_problem(spec)
         paths = {
             "bf16 x @ w.T": lambda x=x: x @ w.T,
             "quantized_linear": lambda x=x: quantized_linear(x, wq, s, b, 4, 64, "affine"),

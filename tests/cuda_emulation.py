@@ -318,7 +318,6 @@ static inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   return r;
 }
 static inline uint4 fd_ldg16(const void* p) { uint4 v; std::memcpy(&v, p, 16); return v; }
-static inline unsigned fd_ldg_u16(const void* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
 static inline void fd_sts16(unsigned addr, uint4 v) { std::memcpy(emu_ptr(addr), &v, 16); }
 static inline void fd_fence_async_smem() {}
 template <int N> static inline void emu_fence(float (&)[N]) {}

@@ -384,7 +384,7 @@ def flash_attention_sm90(q, k, v, scale, key_bias=None, pingpong=True, seq_major
     k / v (B, Lk, Hk, 128) -> (B, Lq, H, 128), the layout the models' fused q/k/v projections give
     (no transposes). bf16 / fp16; key_bias None or (B, Lk) additive float.
     pingpong: the two consumer warpgroups take turns issuing their MMAs (FlashAttention-3's schedule).
-    persistent: one CTA per SM walks the tiles (``_attention_sm90_forms``; **not run on a GPU yet**)."""
+    persistent: one CTA per SM walks the tiles (``_attention_sm90_forms``; exact on the H200, measured no faster, opt-in)."""
     if seq_major:
         b, lq, h, d = q.shape
         lk, hk = k.shape[1], k.shape[2]

@@ -1,4 +1,4 @@
-"""The opt-in persistent form of the sm_90 attention (``_attention_sm90``): **not run on a GPU yet**.
+"""The opt-in persistent form of the sm_90 attention (``_attention_sm90``): exact on the H200, and slower.
 
 Written in session 7 after that session's device time was spent, for what its measurements left: at
 4608 tokens the one-CTA-per-tile kernel ran at 0.88x cuDNN against 0.99x at 16384, and fitting both to
@@ -9,8 +9,11 @@ share heads) as one pipeline: the producer's K / V ring runs on across tiles and
 so the next tile's loads are in flight while this one finishes; the consumers issue tile t + 1's S_0
 together with tile t's last P V, run S_0's softmax during it, then write tile t's O. Same MMA steps
 (``_CONSUMER_STEPS``), barriers, register split and ping-pong turns as ``_SOURCE``. Checked by nvcc and
-by the CPU emulation (tests/test_cuda_emulation.py, with grids of fewer CTAs than tiles); its GPU tests
-(tests/test_kernels_cuda.py, ``persistent=True``) and its timing have not run.
+by the CPU emulation (tests/test_cuda_emulation.py, with grids of fewer CTAs than tiles). Session 8 ran
+it on the H200: its four GPU tests (tests/test_kernels_cuda.py, ``persistent=True``) passed as written,
+but it measured no faster than the per-tile kernel (4608 tokens: 0.592 ms against 0.549 ms; 4621: 0.606
+against 0.614; 16384: 5.81 against 5.61; benchmarks/results/attention-dispatch-persistent-h200-s8.json),
+so it stays opt-in and is never dispatched.
 """
 
 from ._attention_sm90 import _CONSUMER_STEPS, BM, BN, D, STAGES

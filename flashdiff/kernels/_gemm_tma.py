@@ -139,6 +139,27 @@ __device__ __forceinline__ unsigned fd_pack2(float lo, float hi) {
 }
 """
 
+# The consumer warpgroups' K loop (shared with _gemm_tma_dequant): wait for a stage, issue its wgmmas with one
+# group in flight, release the stage the previous group used.
+_CONSUMER_LOOP = r"""  // consumers: warpgroup wg owns rows wg * 64 .. + 63 of the tile
+  const int wg = warp >> 2, warp_in_wg = warp & 3;
+  float d[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+  for (int kt = 0; kt < KT; ++kt) {
+    const int s = kt % STAGES;
+    fd_mbar_wait(fd_smem_addr(&full_bar[s]), (kt / STAGES) & 1);
+    const unsigned a_addr = smem_base + s * STAGE_BYTES + wg * 64 * 128, b_addr = smem_base + s * STAGE_BYTES + A_BYTES;
+    fd_wgmma_tile<IS_BF16, BK / 16>(d, a_addr, b_addr);
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // tile kt - 1 is done with its stage
+    fd_fence_acc(d);
+    if (kt > 0) fd_mbar_arrive(fd_smem_addr(&empty_bar[(kt - 1) % STAGES]));
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  fd_fence_acc(d);
+  asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both warpgroups done reading the stages
+"""
+
 _SOURCE = r"""
   constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4;
   constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
@@ -181,24 +202,7 @@ _SOURCE = r"""
     return;
   }
 
-  // consumers: warpgroup wg owns rows wg * 64 .. + 63 of the tile
-  const int wg = warp >> 2, warp_in_wg = warp & 3;
-  float d[128];
-#pragma unroll
-  for (int i = 0; i < 128; ++i) d[i] = 0.0f;
-  for (int kt = 0; kt < KT; ++kt) {
-    const int s = kt % STAGES;
-    fd_mbar_wait(fd_smem_addr(&full_bar[s]), (kt / STAGES) & 1);
-    const unsigned a_addr = smem_base + s * STAGE_BYTES + wg * 64 * 128, b_addr = smem_base + s * STAGE_BYTES + A_BYTES;
-    fd_wgmma_tile<IS_BF16, BK / 16>(d, a_addr, b_addr);
-    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // tile kt - 1 is done with its stage
-    fd_fence_acc(d);
-    if (kt > 0) fd_mbar_arrive(fd_smem_addr(&empty_bar[(kt - 1) % STAGES]));
-  }
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-  fd_fence_acc(d);
-  asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both warpgroups done reading the stages
-""" + _EPILOGUE_CONSUMERS
+""" + _CONSUMER_LOOP + _EPILOGUE_CONSUMERS
 
 
 @functools.cache

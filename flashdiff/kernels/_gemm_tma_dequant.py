@@ -8,8 +8,8 @@ producer warpgroup. Per K tile:
 - thread 256 issues the input tile's TMA load, as before;
 - all 128 producer threads build the weight tile: each loads its share of the packed codes (16-byte
   loads, coalesced along the rows, ``BITS`` per thread) and the rows' scales and biases,
-  ``PREFETCH`` K tiles ahead (held in registers while the current tile is converted; the scales and
-  biases are combined into pairs only when used, since a use right after the load stalls on it), turns every 8 codes into
+  two K tiles ahead at 4 bits, one at 8 (held in registers while the current tile is converted), turns
+  every 8 codes into
   one 16-byte chunk of x.dtype values and stores it where the 128-byte swizzle puts it, then fences its
   shared-memory writes for the asynchronous proxy (wgmma reads through it) and arrives on the stage's
   "full" barrier (129 arrivals: the TMA thread's expect_tx and one per producer thread). (Two producer
@@ -23,8 +23,16 @@ producer warpgroup. Per K tile:
   Integer and paired-half ops only: float conversions (I2F / F2F) run at a sixteenth of that rate.
 - Bias (optional) is added in the epilogue in float32 before the rounding to x.dtype, as cuBLAS's
   epilogue in ``mx.addmm`` does.
-The dense form only (one weight); ``quantized_linear`` uses it on sm_90 where the launcher accepts the
-arguments (``supported``), else dequantize + GEMM.
+The dense form only (one weight). ``quantized_linear`` uses it only when asked (FLASHDIFF_QLINEAR=fused,
+on sm_90, for arguments ``supported`` accepts); by default it dequantizes into a scratch and runs cuBLAS.
+
+Measured on the H200 (session 8, benchmarks/README.md): exact (bit-identical without bias to the TMA
+GEMM on MLX's CPU dequantize), but 272 us against cuBLAS's 129 us per streamed call at 4608 x 3072 ->
+3072 4-bit, 79 us against 38 at 1024 rows. The producer warpgroup, one warp per scheduler, needs about
+twice the MMA's time per K tile, and the base TMA GEMM is 0.8x cuBLAS at these shapes. A variant that loaded
+the scales and biases as separate registers ran 18% faster but failed its bit-exact GPU cases, and was
+reverted. Session 4 had tried the same design and removed it; this one stays, opt-in, because it
+needs no dequantized scratch.
 """
 
 import functools
@@ -36,40 +44,21 @@ from ._gemm_cuda import TILE_SETUP, group_m, is_sm90
 from ._gemm_sm90 import _EPILOGUE_CONSUMERS
 
 THREADS = _gemm_tma.THREADS
-PREFETCH = 1  # K tiles of codes, scales and biases each producer thread has in flight (registers)
 SMEM_BYTES = _gemm_tma.SMEM_BYTES
 
-_ASM_HELPERS = r"""
-// Paired x.dtype arithmetic on packed 32-bit words (low half = first element).
-template <bool BF16>
-__device__ __forceinline__ unsigned fd_h2_sub(unsigned a, unsigned b) {
-  unsigned r;
-  if (BF16) asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-  else asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-  return r;
-}
-template <bool BF16>
-__device__ __forceinline__ unsigned fd_h2_mul(unsigned a, unsigned b) {
-  unsigned r;
-  if (BF16) asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-  else asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-  return r;
-}
-template <bool BF16>
-__device__ __forceinline__ unsigned fd_h2_add(unsigned a, unsigned b) {
-  unsigned r;
-  if (BF16) asm("add.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-  else asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-  return r;
-}
-__device__ __forceinline__ uint4 fd_ldg16(const void* p) {
+def _paired_op(op: str) -> str:
+    """fd_h2_<op>: one paired bf16 / fp16 instruction on packed 32-bit words (low half = first element)."""
+    return (f"template <bool BF16>\n__device__ __forceinline__ unsigned fd_h2_{op}(unsigned a, unsigned b) {{\n"
+            "  unsigned r;\n"
+            f'  if (BF16) asm("{op}.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));\n'
+            f'  else asm("{op}.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));\n'
+            "  return r;\n}\n")
+
+
+_ASM_HELPERS = "\n// Paired x.dtype arithmetic on packed 32-bit words (low half = first element).\n" + "".join(
+    _paired_op(op) for op in ("sub", "mul", "add")) + r"""__device__ __forceinline__ uint4 fd_ldg16(const void* p) {
   uint4 v;
   asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-__device__ __forceinline__ unsigned fd_ldg_u16(const void* p) {  // zero-extended; used no earlier than needed
-  unsigned v;
-  asm volatile("ld.global.nc.u16 %0, [%1];" : "=r"(v) : "l"(p));
   return v;
 }
 __device__ __forceinline__ void fd_sts16(unsigned addr, uint4 v) {
@@ -132,17 +121,17 @@ def _launch_bounds(threads: int) -> str:
 _HEADER = _gemm_tma._GEMM_HEADER + _ASM_HELPERS + DEQUANT_CODE + _launch_bounds(THREADS)
 
 _PRODUCER = r"""
-  if (warp >= 8) {  // producer warpgroup(s)
+  if (warp >= 8) {  // producer warpgroup
     // thread p: part c (16 bytes of codes) of rows r0 + RSTEP j of the tile's 256 weight rows; the codes,
     // scales and biases of tiles kt + 1 .. kt + PF are in flight while tile kt is converted
     constexpr int LPR = BITS / 2, VPT = 2 * LPR, RSTEP = 128 / LPR, CPV = 16 / BITS;
-    constexpr int PF = PREFETCH;  // tiles in flight (2 at 4 bits spilled 16 bytes under the 168-register bound)
+    constexpr int PF = BITS == 4 ? 2 : 1;  // tiles in flight (8-bit codes two tiles ahead spilled 68 bytes)
     constexpr int WPR = K * BITS / 32, GPR = K / GROUP;  // words, groups per weight row
     const int p = tid - 256, c = p % LPR, r0 = p / LPR;
     if (p == 0) fd_acquire_map(maps);
     uint4 pk[PF][VPT];
-    unsigned sc[PF][VPT], bs[PF][VPT];  // scale and bias bits, combined only when used (a use right after
-    auto fetch = [&](int kt, uint4 (&dst)[VPT], unsigned (&dsc)[VPT], unsigned (&dbs)[VPT]) {  // the load stalls)
+    unsigned sb[PF][VPT];  // scale bits | bias bits << 16
+    auto fetch = [&](int kt, uint4 (&dst)[VPT], unsigned (&dsb)[VPT]) {
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
         const int n = tile_n * BN + r0 + RSTEP * j;
@@ -150,16 +139,16 @@ _PRODUCER = r"""
           const size_t row = (size_t)expert * N + n;
           dst[j] = fd_ldg16(wq + row * WPR + kt * 2 * BITS + c * 4);
           const size_t g = row * GPR + (kt * BK + c * (128 / BITS)) / GROUP;
-          dsc[j] = fd_ldg_u16(scales + g);
-          dbs[j] = fd_ldg_u16(biases + g);
+          dsb[j] = (unsigned)*reinterpret_cast<const unsigned short*>(scales + g)
+                 | ((unsigned)*reinterpret_cast<const unsigned short*>(biases + g) << 16);
         } else {  // rows past N: zeros (0 * 0 + 0); tiles past K: never converted
           dst[j] = make_uint4(0u, 0u, 0u, 0u);
-          dsc[j] = dbs[j] = 0u;
+          dsb[j] = 0u;
         }
       }
     };
 #pragma unroll
-    for (int u = 0; u < PF; ++u) fetch(u, pk[u], sc[u], bs[u]);
+    for (int u = 0; u < PF; ++u) fetch(u, pk[u], sb[u]);
     for (int kt0 = 0; kt0 < KT; kt0 += PF) {
 #pragma unroll
       for (int u = 0; u < PF; ++u) {
@@ -168,14 +157,13 @@ _PRODUCER = r"""
         const int s = kt % STAGES;
         const unsigned full = fd_smem_addr(&full_bar[s]), a_dst = smem_base + s * STAGE_BYTES, b_dst = a_dst + A_BYTES;
         uint4 cur[VPT];
-        unsigned cur_sc[VPT], cur_bs[VPT];
+        unsigned cur_sb[VPT];
 #pragma unroll
         for (int j = 0; j < VPT; ++j) {
           cur[j] = pk[u][j];
-          cur_sc[j] = sc[u][j];
-          cur_bs[j] = bs[u][j];
+          cur_sb[j] = sb[u][j];
         }
-        fetch(kt + PF, pk[u], sc[u], bs[u]);  // refill this slot with the tile PF ahead
+        fetch(kt + PF, pk[u], sb[u]);  // refill this slot with the tile PF ahead
         fd_mbar_wait(fd_smem_addr(&empty_bar[s]), ((kt / STAGES) & 1) ^ 1);
         if (p == 0) {
           fd_mbar_expect_tx(full, A_BYTES);
@@ -184,7 +172,7 @@ _PRODUCER = r"""
 #pragma unroll
         for (int j = 0; j < VPT; ++j) {
           const int r = r0 + RSTEP * j;
-          const unsigned s2 = __byte_perm(cur_sc[j], 0u, 0x1010), b2 = __byte_perm(cur_bs[j], 0u, 0x1010);
+          const unsigned s2 = __byte_perm(cur_sb[j], 0u, 0x1010), b2 = __byte_perm(cur_sb[j], 0u, 0x3232);
           const unsigned words[4] = {cur[j].x, cur[j].y, cur[j].z, cur[j].w};
 #pragma unroll
           for (int i = 0; i < CPV; ++i) {
@@ -225,25 +213,7 @@ _SOURCE = r"""
   }
   __syncthreads();
   constexpr int KT = K / BK;
-""" + _PRODUCER + r"""
-  // consumers: warpgroup wg owns rows wg * 64 .. + 63 of the tile
-  const int wg = warp >> 2, warp_in_wg = warp & 3;
-  float d[128];
-#pragma unroll
-  for (int i = 0; i < 128; ++i) d[i] = 0.0f;
-  for (int kt = 0; kt < KT; ++kt) {
-    const int s = kt % STAGES;
-    fd_mbar_wait(fd_smem_addr(&full_bar[s]), (kt / STAGES) & 1);
-    const unsigned a_addr = smem_base + s * STAGE_BYTES + wg * 64 * 128, b_addr = smem_base + s * STAGE_BYTES + A_BYTES;
-    fd_wgmma_tile<IS_BF16, BK / 16>(d, a_addr, b_addr);
-    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // tile kt - 1 is done with its stage
-    fd_fence_acc(d);
-    if (kt > 0) fd_mbar_arrive(fd_smem_addr(&empty_bar[(kt - 1) % STAGES]));
-  }
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-  fd_fence_acc(d);
-  asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both warpgroups done reading the stages
-  auto bias_at = [&](int c) -> float { return HAS_BIAS ? (float)bias[tile_n * BN + c] : 0.0f; };
+""" + _PRODUCER + "\n" + _gemm_tma._CONSUMER_LOOP + r"""  auto bias_at = [&](int c) -> float { return HAS_BIAS ? (float)bias[tile_n * BN + c] : 0.0f; };
 """ + _EPILOGUE_BIAS
 
 
@@ -265,7 +235,7 @@ def _kernel():
 def template(dtype, m: int, k: int, n: int, bits: int, group_size: int, has_bias: bool):
     return [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("K", k), ("N", n), ("A_DIV", 1), ("DIRECT", True),
             ("M_ROWS", m), ("THREADS", THREADS), ("GROUP_M", group_m()), ("BITS", bits), ("GROUP", group_size),
-            ("HAS_BIAS", has_bias), ("PREFETCH", PREFETCH)]
+            ("HAS_BIAS", has_bias)]
 
 
 def dequant_gemm(x2, wq, scales, biases, bits: int, group_size: int, bias=None, stream=None):

@@ -15,6 +15,13 @@ buffers stay allocated until the GPU reaches them (FLUX-dev-shaped 4-bit forward
 it (7.3 GiB) at ~13% more time. A fused dequantize-in-GEMM kernel would remove the scratch.
 For small M we use ``quantized_matmul``, and on Metal too unless the custom (untested) Metal
 dequantize kernel is asked for with backend="metal" / FLASHDIFF_KERNELS=metal.
+
+Measured in session 8 (benchmarks/README.md): evaluated as a model's blocks are (``streamed``, the
+host building the next call while the GPU runs this one), 0.90-1.03x of bf16 at M >= 4608 and
+0.54x at M = 1024 (K = N = 3072), where the host time of the two extra graph nodes, not the GPU,
+sets the pace. The fused kernel (``_gemm_tma_dequant``, sm_90, FLASHDIFF_QLINEAR=fused: the weight
+dequantized inside the GEMM, no scratch) is exact but ran at about half of bf16 speed, so it is
+opt-in (FUSED_DEFAULT).
 """
 
 import os
