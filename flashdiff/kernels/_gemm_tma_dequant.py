@@ -9,8 +9,8 @@ producer warpgroup. Per K tile:
 - all 128 producer threads build the weight tile: each loads its share of the packed codes (16-byte
   loads, coalesced along the rows, ``BITS`` per thread) and the rows' scales and biases,
   two K tiles ahead at 4 bits, one at 8 (held in registers while the current tile is converted), turns
-  every 8 codes into
-  one 16-byte chunk of x.dtype values and stores it where the 128-byte swizzle puts it, then fences its
+  every 8 codes into one 16-byte chunk of x.dtype values and stores it where the 128-byte swizzle puts it,
+  then fences its
   shared-memory writes for the asynchronous proxy (wgmma reads through it) and arrives on the stage's
   "full" barrier (129 arrivals: the TMA thread's expect_tx and one per producer thread). (Two producer
   warpgroups, 512 threads, do not compile: at 128 registers per thread at launch ptxas cannot
@@ -30,7 +30,7 @@ Measured on the H200 (session 8, benchmarks/README.md): exact (bit-identical wit
 GEMM on MLX's CPU dequantize), but 272 us against cuBLAS's 129 us per streamed call at 4608 x 3072 ->
 3072 4-bit, 79 us against 38 at 1024 rows. The producer warpgroup, one warp per scheduler, needs about
 twice the MMA's time per K tile, and the base TMA GEMM is 0.8x cuBLAS at these shapes. A variant that loaded
-the scales and biases as separate registers ran 18% faster but failed its bit-exact GPU cases, and was
+the scales and biases as separate registers took 18% less time but failed its bit-exact GPU cases, and was
 reverted. Session 4 had tried the same design and removed it; this one stays, opt-in, because it
 needs no dequantized scratch.
 """
@@ -45,6 +45,7 @@ from ._gemm_sm90 import _EPILOGUE_CONSUMERS
 
 THREADS = _gemm_tma.THREADS
 SMEM_BYTES = _gemm_tma.SMEM_BYTES
+
 
 def _paired_op(op: str) -> str:
     """fd_h2_<op>: one paired bf16 / fp16 instruction on packed 32-bit words (low half = first element)."""
@@ -113,12 +114,11 @@ __device__ __forceinline__ uint4 fd_dq_chunk(const unsigned* wd, unsigned s2, un
 
 # launch bounds through the signature mx.fast.cuda_kernel writes (as _attention_sm90 does): without them
 # ptxas gave the f16 8-bit form 169 registers, which 384 threads cannot launch with (168 at most)
-def _launch_bounds(threads: int) -> str:
-    return ("\n#undef __global__\n"
-            f"#define __global__ __attribute__((global)) __launch_bounds__({threads}, 1)\n")
-
-
-_HEADER = _gemm_tma._GEMM_HEADER + _ASM_HELPERS + DEQUANT_CODE + _launch_bounds(THREADS)
+_LAUNCH_BOUNDS = r"""
+#undef __global__
+#define __global__ __attribute__((global)) __launch_bounds__(384, 1)
+"""
+_HEADER = _gemm_tma._GEMM_HEADER + _ASM_HELPERS + DEQUANT_CODE + _LAUNCH_BOUNDS
 
 _PRODUCER = r"""
   if (warp >= 8) {  // producer warpgroup

@@ -38,14 +38,14 @@ FUSED_DEFAULT = False  # the fused sm_90 kernel by default (else only with FLASH
 QLINEAR_PATHS = ("auto", "fused", "dequant")
 
 
-def _use_fused(x, scales, bits, group_size, mode, k, n) -> bool:
-    """The fused dequantize-GEMM kernel (_gemm_tma_dequant, sm_90) or dequantize + GEMM: FLASHDIFF_QLINEAR
-    = "fused" / "dequant" forces one (fused only where the kernel takes the arguments), "auto" (unset)
-    takes FUSED_DEFAULT."""
+def _use_fused(impl, x, scales, bits, group_size, mode, k, n) -> bool:
+    """The fused dequantize-GEMM kernel (_gemm_tma_dequant, CUDA sm_90) or dequantize + GEMM:
+    FLASHDIFF_QLINEAR = "fused" / "dequant" forces one (fused only where the kernel takes the arguments),
+    "auto" (unset) takes FUSED_DEFAULT. A value outside QLINEAR_PATHS raises on every backend."""
     choice = (os.environ.get("FLASHDIFF_QLINEAR") or "auto").lower()
     if choice not in QLINEAR_PATHS:
         raise ValueError(f"FLASHDIFF_QLINEAR={choice!r}: use one of {QLINEAR_PATHS}.")
-    if choice == "dequant" or (choice == "auto" and not FUSED_DEFAULT):
+    if impl != "cuda" or choice == "dequant" or (choice == "auto" and not FUSED_DEFAULT):
         return False
     return _gemm_tma_dequant.supported(x, scales, bits, group_size, mode, k, n)
 
@@ -73,7 +73,7 @@ def quantized_linear(x, w, scales, biases, bits=None, group_size=None, mode="aff
     if impl != "reference" and builtin:
         y = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
         return y if bias is None else y + bias.astype(y.dtype)
-    if impl == "cuda" and _use_fused(x, scales, bits, group_size, mode, k, n):
+    if _use_fused(impl, x, scales, bits, group_size, mode, k, n):
         y = _gemm_tma_dequant.dequant_gemm(x.reshape(m, k), w, scales, biases, bits, group_size, bias)
         return y.reshape(*x.shape[:-1], n)
     # Order: the weight is dequantized only once x exists (bounds live scratch to one layer).
