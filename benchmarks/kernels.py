@@ -83,6 +83,8 @@ def qlinear_rows(quick):
         t_dense = bench(lambda: x @ w.T, reps=reps)
         t_dense_iso = bench(lambda: x @ w.T)
         t_dense_stream = streamed_call(lambda: x @ w.T)
+        dense_compiled = mx.compile(lambda a: a @ w.T)  # a traced graph: less host work per call
+        t_dense_stream_c = streamed_call(lambda: dense_compiled(x))
         for mode, bits, group in configs + (extra if (m, k, n) == QLINEAR_SIZES[0] and not NO_EXTRA_MODES else []):
             q = mx.quantize(w, group, bits, mode=mode)
             wq, s, b = q[0], q[1], (q[2] if len(q) > 2 else None)
@@ -93,6 +95,15 @@ def qlinear_rows(quick):
             t_ours = bench(lambda: quantized_linear(x, wq, s, b, bits, group, mode), reps=reps)
             t_ours_iso = bench(lambda: quantized_linear(x, wq, s, b, bits, group, mode))
             t_ours_stream = streamed_call(lambda: quantized_linear(x, wq, s, b, bits, group, mode))
+            compiled = {}
+            try:  # not yet run on CUDA (session 8 wrote it after its device time): a failure is a row field
+                ours_compiled = mx.compile(lambda a: quantized_linear(a, wq, s, b, bits, group, mode))
+                t_ours_stream_c = streamed_call(lambda: ours_compiled(x))
+                compiled = dict(streamed_compiled_ours_ms=t_ours_stream_c * 1e3,
+                                streamed_compiled_bf16_ms=t_dense_stream_c * 1e3,
+                                streamed_compiled_ratio_vs_bf16=t_dense_stream_c / t_ours_stream_c)
+            except Exception as e:  # noqa: BLE001
+                compiled = dict(streamed_compiled_error=f"{type(e).__name__}: {e}"[:300])
             t_qmm = bench(lambda: mx.quantized_matmul(x, wq, s, b, True, group, bits, mode), reps=reps)
             fused = {}
             if _gemm_tma_dequant.supported(x, s, bits, group, mode, k, n):  # the fused kernel, forced
@@ -110,7 +121,7 @@ def qlinear_rows(quick):
                              ratio_vs_bf16=t_dense / t_ours, qmm_ratio_vs_bf16=t_dense / t_qmm,
                              isolated_ratio_vs_bf16=t_dense_iso / t_ours_iso, reps=reps,
                              streamed_ours_ms=t_ours_stream * 1e3, streamed_bf16_ms=t_dense_stream * 1e3,
-                             streamed_ratio_vs_bf16=t_dense_stream / t_ours_stream,
+                             streamed_ratio_vs_bf16=t_dense_stream / t_ours_stream, **compiled,
                              equals_dequantize_matmul=same, **fused))
             emit(rows[-1])
     return rows
@@ -359,7 +370,11 @@ def markdown(rows):
                        f"({r['ours_tflops']:.0f} TFLOP/s) | bf16 {r['bf16_ms']:.3f} ms ({r['bf16_tflops']:.0f}); "
                        f"mx.quantized_matmul {r['qmm_ms']:.3f} ms | **{r['ratio_vs_bf16']:.2f}x** bf16 "
                        f"(streamed {r['streamed_ours_ms']:.3f} / {r['streamed_bf16_ms']:.3f} ms = "
-                       f"**{r['streamed_ratio_vs_bf16']:.2f}x**; isolated calls {r['isolated_ratio_vs_bf16']:.2f}x; "
+                       f"**{r['streamed_ratio_vs_bf16']:.2f}x**; "
+                       + (f"compiled, streamed {r['streamed_compiled_ours_ms']:.3f} / {r['streamed_compiled_bf16_ms']:.3f} ms"
+                          f" = {r['streamed_compiled_ratio_vs_bf16']:.2f}x; " if "streamed_compiled_ours_ms" in r
+                          else "compiled: failed; ")
+                       + f"isolated calls {r['isolated_ratio_vs_bf16']:.2f}x; "
                        f"qmm {r['qmm_ratio_vs_bf16']:.2f}x)"
                        + (f"; fused {r['fused_ms']:.3f} ms = **{r['fused_ratio_vs_bf16']:.2f}x** (streamed "
                           f"{r['streamed_fused_ms']:.3f} ms = **{r['streamed_fused_ratio_vs_bf16']:.2f}x**)"
