@@ -218,6 +218,17 @@ def streamed_call(fn, calls: int = 40, samples: int = 5, warmup: int = 1) -> flo
     return stats["median_s"] / calls
 
 
+def interleaved(fns: dict, measure, rounds: int = 3) -> dict:
+    """{name: median over `rounds` of measure(fn)}, the functions measured in turn within each round
+    (a, b, a, b, ...), so a drift of the machine's speed during the run (clocks, other tenants) moves
+    every one of them alike instead of biasing the ratio of whichever was measured later."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(measure(fn))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def quantized_problem(spec: str, bits: int = 4, group: int = 64):
     """'MxKxN' -> (m, k, n, x, w, wq, scales, biases): bf16 x (M, K) and weight w (N, K) * 0.02, w quantized
     (affine, `bits`, `group`), all evaluated."""

@@ -18,9 +18,9 @@ import mlx.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashdiff.kernels import (attention, moe_gemm, qk_norm_rope, qk_norm_rope_reference, quantize_model,  # noqa: E402
                                quantized_linear)
-from flashdiff.kernels import _attention_sm90, _gemm_cuda, _gemm_tma_dequant  # noqa: E402
+from flashdiff.kernels import _attention_sm90, _dequant, _gemm_cuda, _gemm_mixed, _gemm_tma_dequant  # noqa: E402
 from flashdiff.kernels.moe import _moe_dense_experts, moe_windowed  # noqa: E402
-from common import median_call, moe_problem, streamed_call, write_json, write_text_atomic  # noqa: E402
+from common import interleaved, median_call, moe_problem, streamed_call, write_json, write_text_atomic  # noqa: E402
 
 
 def bench(fn, warmup=3, iters=10, reps=1):
@@ -82,9 +82,7 @@ def qlinear_rows(quick):
         reps = 10 if m * n < 2e8 else 3
         t_dense = bench(lambda: x @ w.T, reps=reps)
         t_dense_iso = bench(lambda: x @ w.T)
-        t_dense_stream = streamed_call(lambda: x @ w.T)
         dense_compiled = mx.compile(lambda a: a @ w.T)  # a traced graph: less host work per call
-        t_dense_stream_c = streamed_call(lambda: dense_compiled(x))
         for mode, bits, group in configs + (extra if (m, k, n) == QLINEAR_SIZES[0] and not NO_EXTRA_MODES else []):
             q = mx.quantize(w, group, bits, mode=mode)
             wq, s, b = q[0], q[1], (q[2] if len(q) > 2 else None)
@@ -94,19 +92,40 @@ def qlinear_rows(quick):
                                   x @ mx.dequantize(wq, s, b, group, bits, mode=mode, dtype=x.dtype, stream=mx.cpu).T).item()
             t_ours = bench(lambda: quantized_linear(x, wq, s, b, bits, group, mode), reps=reps)
             t_ours_iso = bench(lambda: quantized_linear(x, wq, s, b, bits, group, mode))
-            t_ours_stream = streamed_call(lambda: quantized_linear(x, wq, s, b, bits, group, mode))
-            compiled = {}
-            try:  # not yet run on CUDA (session 8 wrote it after its device time): a failure is a row field
-                ours_compiled = mx.compile(lambda a: quantized_linear(a, wq, s, b, bits, group, mode))
-                t_ours_stream_c = streamed_call(lambda: ours_compiled(x))
-                compiled = dict(streamed_compiled_ours_ms=t_ours_stream_c * 1e3,
-                                streamed_compiled_bf16_ms=t_dense_stream_c * 1e3,
-                                streamed_compiled_ratio_vs_bf16=t_dense_stream_c / t_ours_stream_c)
-            except Exception as e:  # noqa: BLE001
-                compiled = dict(streamed_compiled_error=f"{type(e).__name__}: {e}"[:300])
+            # streamed, plain and compiled (as the pipelines compile their blocks): ours and bf16 measured in
+            # turn over STREAM_ROUNDS rounds, medians (common.interleaved)
+            ours_compiled = mx.compile(lambda a: quantized_linear(a, wq, s, b, bits, group, mode))
+            fns = {"ours": lambda: quantized_linear(x, wq, s, b, bits, group, mode), "bf16": lambda: x @ w.T,
+                   "ours_c": lambda: ours_compiled(x), "bf16_c": lambda: dense_compiled(x)}
+            float_path = _dequant.paired(x.dtype, s.dtype, bits, mode)  # the dequantize kernel's float path too
+            if float_path:  # (FLASHDIFF_DEQUANT_FLOAT=1 while the compiled call is traced)
+                float_compiled = mx.compile(lambda a: quantized_linear(a, wq, s, b, bits, group, mode))
+                fns["float_c"] = with_env("FLASHDIFF_DEQUANT_FLOAT", "1", lambda: float_compiled(x))
+            mixed = not NO_MIXED and _gemm_mixed.supported(x, s, bits, group, mode, k, n)
+            if mixed:  # the mixed-input GEMM (FLASHDIFF_QLINEAR=mixed while each call builds / traces its graph)
+                mixed_compiled = mx.compile(lambda a: quantized_linear(a, wq, s, b, bits, group, mode))
+                run_mixed = with_env("FLASHDIFF_QLINEAR", "mixed", lambda: quantized_linear(x, wq, s, b, bits, group, mode))
+                fns["mixed"], fns["mixed_c"] = run_mixed, with_env("FLASHDIFF_QLINEAR", "mixed", lambda: mixed_compiled(x))
+            st = interleaved(fns, lambda fn: streamed_call(fn, calls=40 if m * n < 2e8 else 10, samples=3), STREAM_ROUNDS)
+            t_ours_stream, t_dense_stream = st["ours"], st["bf16"]
+            compiled = dict(streamed_compiled_ours_ms=st["ours_c"] * 1e3, streamed_compiled_bf16_ms=st["bf16_c"] * 1e3,
+                            streamed_compiled_ratio_vs_bf16=st["bf16_c"] / st["ours_c"])
+            if float_path:
+                compiled.update(streamed_compiled_float_dequant_ms=st["float_c"] * 1e3,
+                                streamed_compiled_float_dequant_ratio_vs_bf16=st["bf16_c"] / st["float_c"])
+            if mixed:
+                y_mixed = run_mixed()
+                ref_c = x @ mx.dequantize(wq, s, b, group, bits, mode=mode, dtype=x.dtype, stream=mx.cpu).T
+                t_mixed = bench(run_mixed, reps=reps)
+                compiled.update(mixed_ms=t_mixed * 1e3, mixed_ratio_vs_bf16=t_dense / t_mixed,
+                                streamed_mixed_ms=st["mixed"] * 1e3, streamed_mixed_ratio_vs_bf16=st["bf16"] / st["mixed"],
+                                streamed_compiled_mixed_ms=st["mixed_c"] * 1e3,
+                                streamed_compiled_mixed_ratio_vs_bf16=st["bf16_c"] / st["mixed_c"],
+                                mixed_max_rel_diff=(mx.abs(y_mixed.astype(mx.float32) - ref_c.astype(mx.float32)).max()
+                                                    / mx.abs(ref_c.astype(mx.float32)).max()).item())
             t_qmm = bench(lambda: mx.quantized_matmul(x, wq, s, b, True, group, bits, mode), reps=reps)
             fused = {}
-            if _gemm_tma_dequant.supported(x, s, bits, group, mode, k, n):  # the fused kernel, forced
+            if not NO_FUSED and _gemm_tma_dequant.supported(x, s, bits, group, mode, k, n):  # the fused kernel, forced
                 run_fused = with_env("FLASHDIFF_QLINEAR", "fused", lambda: quantized_linear(x, wq, s, b, bits, group, mode))
                 ref = with_env("FLASHDIFF_QLINEAR", "dequant", lambda: quantized_linear(x, wq, s, b, bits, group, mode))()
                 y = run_fused()
@@ -119,7 +138,7 @@ def qlinear_rows(quick):
                              ours_ms=t_ours * 1e3, bf16_ms=t_dense * 1e3, qmm_ms=t_qmm * 1e3,
                              ours_tflops=flops / t_ours / 1e12, bf16_tflops=flops / t_dense / 1e12,
                              ratio_vs_bf16=t_dense / t_ours, qmm_ratio_vs_bf16=t_dense / t_qmm,
-                             isolated_ratio_vs_bf16=t_dense_iso / t_ours_iso, reps=reps,
+                             isolated_ratio_vs_bf16=t_dense_iso / t_ours_iso, reps=reps, stream_rounds=STREAM_ROUNDS,
                              streamed_ours_ms=t_ours_stream * 1e3, streamed_bf16_ms=t_dense_stream * 1e3,
                              streamed_ratio_vs_bf16=t_dense_stream / t_ours_stream, **compiled,
                              equals_dequantize_matmul=same, **fused))
@@ -133,35 +152,58 @@ def moe_rows():
     shape = "T{t} K{k} N{n} E{e} top{top_k}".format(**p)
     x, w, ids, skew, dense_x, w0, flops = (p[key] for key in ("x", "w", "ids", "skew", "dense_x", "w0", "flop"))
     t_dense = bench(lambda: dense_x @ w0.T, reps=5)
-    t_dense_stream = streamed_call(lambda: dense_x @ w0.T)
-    variants = [("bf16", lambda: moe_gemm(x, w, ids)), ("bf16, skewed routing (every token: expert 0 + one other)",
-                                                        lambda: moe_gemm(x, w, skew))]
+    dense_c = mx.compile(lambda a: a @ w0.T)
+    # variants as functions of x, so each can also run compiled (as a pipeline's compiled block calls it)
+    main = [("bf16", lambda a: moe_gemm(a, w, ids)),
+            ("bf16, skewed routing (every token: expert 0 + one other)", lambda a: moe_gemm(a, w, skew))]
     quantized = []
     for bits in (4, 8):
         wq, s, b = mx.quantize(w, 64, bits)
         mx.eval(wq, s, b)
-        quantized.append((f"affine{bits} g64", lambda wq=wq, s=s, b=b, bits=bits: moe_gemm(
-            x, wq, ids, scales=s, biases=b, bits=bits, group_size=64)))
-    variants += quantized
+        quantized.append((f"affine{bits} g64", lambda a, wq=wq, s=s, b=b, bits=bits: moe_gemm(
+            a, wq, ids, scales=s, biases=b, bits=bits, group_size=64)))
+    main += quantized
+    others = []
     if _gemm_cuda.is_sm90():  # the other sm_90 GEMM engines side by side (moe_gemm uses the default)
         for engine in [e for e in _gemm_cuda.ENGINES
                        if e.startswith(("wgmma tma", "wgmma persistent")) and e != _gemm_cuda.default_engine()]:
-            for label, fn in variants[:1] + quantized[:1]:
-                variants.append((f"{label}, GEMM engine {engine!r}", with_engine(engine, fn)))
-    variants += [("bf16, previous: every expert on all rows + select", lambda: _moe_dense_experts(x, w, ids)),
-                 ("bf16, rejected: windowed gather_mm (128)", lambda: moe_windowed(x, w, ids, 128))]
-    for mode, fn in variants:
+            for label, fn in main[:1] + quantized[:1]:
+                others.append((f"{label}, GEMM engine {engine!r}", with_engine(engine, lambda fn=fn: fn(x))))
+    others += [("bf16, previous: every expert on all rows + select", lambda: _moe_dense_experts(x, w, ids)),
+               ("bf16, rejected: windowed gather_mm (128)", lambda: moe_windowed(x, w, ids, 128))]
+    for mode, fn, dispatched in [(m, f, True) for m, f in main] + [(m, f, False) for m, f in others]:
+        compiled = {}
+        if dispatched:  # the dispatched paths: streamed plain and compiled, in turn with the dense GEMM
+            fn_c = mx.compile(fn)
+            fns = {"ours": lambda: fn(x), "dense": lambda: dense_x @ w0.T, "ours_c": lambda: fn_c(x),
+                   "dense_c": lambda: dense_c(dense_x)}
+            if mode.startswith("affine"):  # the experts' dequantize on its float path, side by side
+                fn_float = mx.compile(fn)
+                fns["float_c"] = with_env("FLASHDIFF_DEQUANT_FLOAT", "1", lambda: fn_float(x))
+            st = interleaved(fns, streamed_call, STREAM_ROUNDS)
+            tm_stream, t_dense_stream = st["ours"], st["dense"]
+            compiled = dict(streamed_compiled_ours_ms=st["ours_c"] * 1e3, streamed_compiled_dense_ms=st["dense_c"] * 1e3,
+                            streamed_compiled_ratio_vs_dense=st["dense_c"] / st["ours_c"])
+            if "float_c" in st:
+                compiled.update(streamed_compiled_float_dequant_ms=st["float_c"] * 1e3,
+                                streamed_compiled_float_dequant_ratio_vs_dense=st["dense_c"] / st["float_c"])
+            fn = (lambda fn: lambda: fn(x))(fn)
+        else:
+            st = interleaved({"ours": fn, "dense": lambda: dense_x @ w0.T}, streamed_call, 1)
+            tm_stream, t_dense_stream = st["ours"], st["dense"]
         tm = bench(fn, reps=5)
-        tm_stream = streamed_call(fn)
         rows.append(dict(kernel="moe_gemm", shape=shape, mode=mode, ours_ms=tm * 1e3, dense_ms=t_dense * 1e3,
                          ours_tflops=flops / tm / 1e12, ratio_vs_dense=t_dense / tm,
                          streamed_ours_ms=tm_stream * 1e3, streamed_dense_ms=t_dense_stream * 1e3,
-                         streamed_ratio_vs_dense=t_dense_stream / tm_stream))
+                         streamed_ratio_vs_dense=t_dense_stream / tm_stream, **compiled))
         emit(rows[-1])
     return rows
 
 
 WGMMA_ATTENTION = False  # --wgmma-attention: also the sm_90 kernel, with and without its ping-pong schedule
+STREAM_ROUNDS = 3  # rounds of the interleaved streamed measures (--stream-rounds)
+NO_FUSED = False  # --no-fused: leave out the opt-in fused dequantize GEMM's columns (FLASHDIFF_QLINEAR=fused)
+NO_MIXED = False  # --no-mixed: leave out the opt-in mixed-input GEMM's columns (FLASHDIFF_QLINEAR=mixed)
 NO_EXTRA_MODES = False  # --no-extra-modes: quantized linear in affine 4/8-bit only
 QLINEAR_SHAPES = ()  # --qlinear-shapes MxKxN,...: only these quantized-linear shapes (split a long run)
 
@@ -354,11 +396,14 @@ def flux_rows(quick):
     measure("affine4 g64 (flashdiff QuantizedLinear)", base=0)
     model.eval_every_block = True
     measure("affine4 g64, eval per block", base=1)
-    if _gemm_cuda.is_sm90():  # the fused dequantize GEMM (no dequantized scratch), forced
-        model.eval_every_block = False
-        measure("affine4 g64, fused dequantize GEMM (FLASHDIFF_QLINEAR=fused)", ("FLASHDIFF_QLINEAR", "fused"), base=0)
-        model.eval_every_block = True
-        measure("affine4 g64, fused dequantize GEMM, eval per block", ("FLASHDIFF_QLINEAR", "fused"), base=1)
+    if _gemm_cuda.is_sm90():  # the fused kernels (no dequantized scratch), forced
+        for path, label, skip in (("mixed", "mixed-input GEMM", NO_MIXED), ("fused", "fused dequantize GEMM", NO_FUSED)):
+            if skip:
+                continue
+            model.eval_every_block = False
+            measure(f"affine4 g64, {label} (FLASHDIFF_QLINEAR={path})", ("FLASHDIFF_QLINEAR", path), base=0)
+            model.eval_every_block = True
+            measure(f"affine4 g64, {label}, eval per block", ("FLASHDIFF_QLINEAR", path), base=1)
     return rows
 
 
@@ -372,10 +417,17 @@ def markdown(rows):
                        f"(streamed {r['streamed_ours_ms']:.3f} / {r['streamed_bf16_ms']:.3f} ms = "
                        f"**{r['streamed_ratio_vs_bf16']:.2f}x**; "
                        + (f"compiled, streamed {r['streamed_compiled_ours_ms']:.3f} / {r['streamed_compiled_bf16_ms']:.3f} ms"
-                          f" = {r['streamed_compiled_ratio_vs_bf16']:.2f}x; " if "streamed_compiled_ours_ms" in r
-                          else "compiled: failed; ")
+                          f" = **{r['streamed_compiled_ratio_vs_bf16']:.2f}x**; " if "streamed_compiled_ours_ms" in r
+                          else "")
+                       + (f"the same with the float dequantize {r['streamed_compiled_float_dequant_ms']:.3f} ms = "
+                          f"{r['streamed_compiled_float_dequant_ratio_vs_bf16']:.2f}x; "
+                          if "streamed_compiled_float_dequant_ms" in r else "")
                        + f"isolated calls {r['isolated_ratio_vs_bf16']:.2f}x; "
                        f"qmm {r['qmm_ratio_vs_bf16']:.2f}x)"
+                       + (f"; mixed-input GEMM {r['mixed_ms']:.3f} ms = {r['mixed_ratio_vs_bf16']:.2f}x (streamed "
+                          f"{r['streamed_mixed_ms']:.3f} ms = **{r['streamed_mixed_ratio_vs_bf16']:.2f}x**, compiled "
+                          f"{r['streamed_compiled_mixed_ms']:.3f} ms = **{r['streamed_compiled_mixed_ratio_vs_bf16']:.2f}x**)"
+                          if "mixed_ms" in r else "")
                        + (f"; fused {r['fused_ms']:.3f} ms = **{r['fused_ratio_vs_bf16']:.2f}x** (streamed "
                           f"{r['streamed_fused_ms']:.3f} ms = **{r['streamed_fused_ratio_vs_bf16']:.2f}x**)"
                           if "fused_ms" in r else "") + " |")
@@ -383,7 +435,13 @@ def markdown(rows):
             out.append(f"| moe_gemm | {r['shape']} | {r['mode']} | {r['ours_ms']:.3f} ms ({r['ours_tflops']:.0f} "
                        f"TFLOP/s) | dense same FLOPs {r['dense_ms']:.3f} ms | {r['ratio_vs_dense']:.2f}x dense "
                        f"(streamed {r['streamed_ours_ms']:.3f} / {r['streamed_dense_ms']:.3f} ms = "
-                       f"{r['streamed_ratio_vs_dense']:.2f}x) |")
+                       f"{r['streamed_ratio_vs_dense']:.2f}x"
+                       + (f"; compiled, streamed {r['streamed_compiled_ours_ms']:.3f} / {r['streamed_compiled_dense_ms']:.3f}"
+                          f" ms = **{r['streamed_compiled_ratio_vs_dense']:.2f}x**" if "streamed_compiled_ours_ms" in r else "")
+                       + (f"; with the float dequantize {r['streamed_compiled_float_dequant_ms']:.3f} ms = "
+                          f"{r['streamed_compiled_float_dequant_ratio_vs_dense']:.2f}x"
+                          if "streamed_compiled_float_dequant_ms" in r else "")
+                       + ") |")
         elif r["kernel"] == "attention":
             extra = f"; padded q {r['pad_q_ms']:.3f} ms" if "pad_q_ms" in r else ""
             if "pad_all_key_mask_ms" in r:
@@ -424,10 +482,19 @@ def main():
                     help="quantized linear in affine 4/8-bit only (the other modes run at the first shape)")
     ap.add_argument("--qlinear-shapes", default="",
                     help="comma-separated MxKxN, e.g. 32760x5120x13824: only these quantized-linear shapes")
+    ap.add_argument("--no-fused", action="store_true",
+                    help="leave out the opt-in fused dequantize GEMM's columns (FLASHDIFF_QLINEAR=fused)")
+    ap.add_argument("--no-mixed", action="store_true",
+                    help="leave out the opt-in mixed-input GEMM's columns (FLASHDIFF_QLINEAR=mixed)")
+    ap.add_argument("--stream-rounds", type=int, default=3,
+                    help="rounds of the interleaved streamed measures (ours and bf16 in turn; medians)")
     ap.add_argument("--only", default="qlinear,moe,attention,prologue,flux")
     args = ap.parse_args()
-    global WGMMA_ATTENTION, QLINEAR_SHAPES, NO_EXTRA_MODES
-    NO_EXTRA_MODES = args.no_extra_modes
+    global WGMMA_ATTENTION, QLINEAR_SHAPES, NO_EXTRA_MODES, NO_FUSED, NO_MIXED, STREAM_ROUNDS
+    NO_EXTRA_MODES, NO_FUSED, NO_MIXED = args.no_extra_modes, args.no_fused, args.no_mixed
+    if args.stream_rounds < 1:
+        ap.error(f"--stream-rounds must be at least 1, got {args.stream_rounds}")
+    STREAM_ROUNDS = args.stream_rounds
     WGMMA_ATTENTION = args.wgmma_attention
     QLINEAR_SHAPES = tuple(s for s in args.qlinear_shapes.split(",") if s)
     known = {"x".join(map(str, s)) for s in QLINEAR_SIZES}

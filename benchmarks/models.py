@@ -463,6 +463,8 @@ def _display_path(path) -> str:
 
 
 def _res(args) -> int:
+    if args.resolution:
+        return args.resolution
     return RESOLUTION[1] if args.tiny else RESOLUTION[0]
 
 
@@ -520,6 +522,9 @@ def parse_args(argv):
                    help="with --budget-s: do not start a torch.compile measurement with less than this left")
     p.add_argument("--e2e", action="store_true", help="also time one FLUX-schnell 4-step image end to end")
     p.add_argument("--e2e-quant", default="bf16,4", help="precisions for the end-to-end run (T5 and transformer)")
+    p.add_argument("--resolution", type=int, default=0,
+                   help="image side in pixels, a multiple of 16 (default 1024, --tiny 64); e.g. 512 for the "
+                        "1024-image-token case")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--skip", default="", help="comma list of MODEL/VARIANT glob patterns to leave out, "
@@ -552,6 +557,8 @@ def parse_args(argv):
     for st in args.settings + ([] if args.quant_setting == "auto" else [args.quant_setting]):
         if st not in SETTINGS:
             p.error(f"unknown setting {st!r}; choose from {', '.join(SETTINGS)}")
+    if args.resolution and (args.resolution < 16 or args.resolution % 16):
+        p.error(f"--resolution must be a positive multiple of 16 (pixels per side), got {args.resolution}")
     if args.warmup < 0 or args.iters < 1:
         p.error("--warmup must be >= 0 and --iters >= 1")
     suffix = "-tiny" if args.tiny else ""

@@ -62,6 +62,7 @@ struct __half {
   operator float() const { _Float16 h; std::memcpy(&h, &x, 2); return (float)h; }
 };
 struct uint4 { unsigned x, y, z, w; };
+struct uint2 { unsigned x, y; };
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
 struct emu_dim3 { unsigned x, y, z; };
 thread_local emu_dim3 threadIdx;
@@ -87,13 +88,24 @@ struct EmuBarrier {  // a reusable barrier for `count` threads
     if (++arrived == count) { arrived = 0; ++gen; cv.notify_all(); }
   }
 };
-static EmuBarrier emu_cta, emu_named[16], emu_warp[32], emu_wg[8];
+static EmuBarrier emu_cta, emu_named[16], emu_warp[32], emu_wg[8], emu_consumers384;
+static inline unsigned emu_tid_early();
 static float emu_shfl[1024];
-static const unsigned (*emu_afrag_of[1024])[8][4];  // each thread's register-A fragments, while a wgmma may read them
+// each thread's register-A fragments ([k16 step][4 registers]) per issued register-A wgmma group, kept
+// until the group retires (a ring: at most a few groups are in flight); the n-th group of every thread
+// of a warpgroup is the same wgmma, so lane src's fragments of group n are emu_afrag_hist[src][n % 8]
+static const unsigned* emu_afrag_hist[1024][8];
+thread_local unsigned emu_afrag_seq = 0;
+static inline unsigned emu_afrag_issue(const unsigned* a) {
+  const unsigned n = emu_afrag_seq++;
+  emu_afrag_hist[emu_tid_early()][n % 8] = a;
+  return n;
+}
 
 alignas(1024) static unsigned char emu_dyn_smem[240 * 1024];
 
 static inline unsigned emu_tid() { return threadIdx.x; }
+static inline unsigned emu_tid_early() { return threadIdx.x; }
 static inline void __syncthreads() { emu_cta.wait(); }
 static inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp[emu_tid() / 32].wait(); }
 static inline float __shfl_xor_sync(unsigned, float v, int m) {
@@ -231,7 +243,7 @@ static inline float emu_operand(unsigned long long desc, int row, int k) {  // e
 }
 // d += A (64 x 16) . B (N x 16)^T for this thread's accumulator elements (m64nN layout)
 template <bool BF16, int N, bool A_REGS>
-static void emu_wgmma(float* d, unsigned long long da, unsigned long long db, int kk) {
+static void emu_wgmma(float* d, unsigned long long da, unsigned long long db, int kk, unsigned group = 0) {
   const unsigned tid = emu_tid(), lane = tid & 31, w = (tid / 32) % 4, g = lane >> 2, t = lane & 3;
   const unsigned wg0 = tid / 128 * 128;
   for (int i = 0; i < N / 2; ++i) {
@@ -241,7 +253,7 @@ static void emu_wgmma(float* d, unsigned long long da, unsigned long long db, in
       float a;
       if (A_REGS) {  // (row, k) lives in lane 4 (row % 8) + (k % 8) / 2 of warp row / 16, register (row % 16) / 8 + 2 (k / 8)
         const int rl = row % 16, src = wg0 + (row / 16) * 32 + 4 * (rl % 8) + (k % 8) / 2, reg = rl / 8 + 2 * (k / 8);
-        const uint16_t bits = (uint16_t)((*emu_afrag_of[src])[kk][reg] >> (16 * (k % 2)));
+        const uint16_t bits = (uint16_t)(emu_afrag_hist[src][group % 8][kk * 4 + reg] >> (16 * (k % 2)));
         if (BF16) { __nv_bfloat16 b; b.x = bits; a = (float)b; } else { __half h; h.x = bits; a = (float)h; }
       } else {
         a = emu_operand<BF16>(da, row, k);
@@ -283,13 +295,25 @@ static inline void fd_mma_ss128(float (&d)[64], unsigned a_addr, unsigned b_addr
 }
 template <bool BF16>
 static inline void fd_mma_rs128(float (&d)[64], const unsigned (&a)[8][4], unsigned b_addr, unsigned chunk) {
-  emu_afrag_of[emu_tid()] = &a;  // B = V, MN-major, as the kernel's header addresses it
+  const unsigned group = emu_afrag_issue(&a[0][0]);  // B = V, MN-major, as the kernel's header addresses it
   for (int kk = 0; kk < 8; ++kk) {
     const unsigned long long db = fd_desc_mn(b_addr + kk * 2048, chunk);
-    emu_open_group.push_back([&d, db, kk] { emu_wgmma<BF16, 128, true>(d, 0, db, kk); });
+    emu_open_group.push_back([&d, db, kk, group] { emu_wgmma<BF16, 128, true>(d, 0, db, kk, group); });
   }
   emu_wgmma_commit();
 }
+// the mixed-input GEMM's (_gemm_mixed) K tile: A = this thread's fragments a[kk], B = the x tile, K-major
+template <bool BF16>
+static inline void fd_mma_rs_k64(float (&d)[64], const unsigned (&a)[4][4], unsigned b_addr) {
+  const unsigned group = emu_afrag_issue(&a[0][0]);
+  for (int kk = 0; kk < 4; ++kk) {
+    const unsigned long long db = fd_desc(b_addr + kk * 32);
+    emu_open_group.push_back([&d, db, kk, group] { emu_wgmma<BF16, 128, true>(d, 0, db, kk, group); });
+  }
+  emu_wgmma_commit();
+}
+static inline void fd_fence_frag(unsigned (&)[4][4]) {}
+static inline void fd_bar_consumers() { emu_consumers384.wait(); }
 // ---- the fused dequantize GEMM's helpers (_gemm_tma_dequant): paired bf16/fp16 arithmetic, each half
 // computed in float (exact for a product of two 8-bit-mantissa values and a difference of the codes)
 // and rounded to nearest even, as sub/mul/add.rn.{bf16,f16}x2 round
@@ -394,6 +418,7 @@ static void emu_reset_cta(unsigned threads) {
   for (auto& b : emu_named) b.count = 256;
   for (auto& b : emu_warp) b.count = 32;
   for (auto& b : emu_wg) b.count = 128;
+  emu_consumers384.count = 384;
   emu_mbars.clear();
 }
 """

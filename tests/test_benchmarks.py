@@ -144,6 +144,20 @@ def test_bad_arguments_name_the_fix():
         models.parse_args(["--settings", "fused,turbo"])
     with pytest.raises(SystemExit):
         models.parse_args(["--quant-setting", "turbo"])
+    with pytest.raises(SystemExit):
+        models.parse_args(["--resolution", "500"])  # not a multiple of 16
+
+
+def test_resolution_sets_the_token_count(tmp_path):
+    out = tmp_path / "models.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "models.py"), "--tiny", "--models", "flux-schnell", "--quant", "bf16",
+           "--flashdiff", "eager", "--diffusers", "none", "--no-probes", "--resolution", "32", "--warmup", "0",
+           "--iters", "1", "--out", str(out), "--no-readme"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    entry = json.loads(out.read_text())["models"]["flux-schnell"]
+    assert (entry["resolution"], entry["image_tokens"]) == (32, 4)
+    assert all(run["ok"] for run in entry["runs"].values()), entry["runs"]
 
 
 def test_best_setting_prefers_compiled_and_old_results_still_render():
@@ -223,6 +237,19 @@ def test_kernel_benchmark_saves_each_row_as_it_goes(tmp_path, monkeypatch):
     assert rows[2]["kernel"] == "qlinear" and "stopped mid-section" in rows[2]["error"]
 
 
+def test_interleaved_measures_in_turn_and_takes_medians():
+    order = []
+    fake = {"a": [5.0, 1.0, 3.0], "b": [2.0, 9.0, 4.0]}
+
+    def measure(fn):
+        name = fn()
+        order.append(name)
+        return fake[name][sum(o == name for o in order) - 1]
+
+    got = common.interleaved({"a": lambda: "a", "b": lambda: "b"}, measure, rounds=3)
+    assert order == ["a", "b"] * 3 and got == {"a": 3.0, "b": 4.0}
+
+
 def test_kernel_benchmark_qlinear_shape_filter(monkeypatch, tmp_path):
     """--qlinear-shapes runs only the named quantized-linear shapes (to split a long run over device
     calls) and rejects a shape the benchmark does not have."""
@@ -237,6 +264,10 @@ def test_kernel_benchmark_qlinear_shape_filter(monkeypatch, tmp_path):
     kernels.main()
     rows = json.loads(out.read_text())["rows"]
     assert {r["shape"] for r in rows} == {"16x64->64"} and len(rows) == 2  # affine 4 and 8 bit
+    for r in rows:  # the interleaved streamed columns, plain and compiled, are there and positive
+        assert r["stream_rounds"] == 3 and r["equals_dequantize_matmul"] is True
+        for key in ("streamed_ours_ms", "streamed_bf16_ms", "streamed_compiled_ours_ms", "streamed_compiled_bf16_ms"):
+            assert _positive(r[key]), (key, r[key])
     monkeypatch.setattr(sys, "argv", ["kernels.py", "--only", "qlinear", "--qlinear-shapes", "1x2x3"])
     with pytest.raises(SystemExit):
         kernels.main()

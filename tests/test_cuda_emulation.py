@@ -19,7 +19,7 @@ from cuda_emulation import LaunchRecorder, bf16_bits, bf16_values, replay, run
 from helpers import softmax_attention_np
 from flashdiff.kernels import _attention_sm90 as att
 from flashdiff.kernels import _attention_sm90_forms as att_forms
-from flashdiff.kernels import _gemm_tma, _gemm_tma_dequant
+from flashdiff.kernels import _gemm_mixed, _gemm_tma, _gemm_tma_dequant
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
@@ -212,6 +212,52 @@ def test_emulated_persistent_attention_matches_softmax_attention(tmp_path, b, h,
     np.testing.assert_allclose(out, softmax_attention_np(qf, kf, vf, 0.088, bias), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("bits, group, dtype, with_bias, m, k, n", [
+    (4, 64, "bf16", False, 200, 320, 264), (8, 64, "bf16", True, 130, 256, 200), (4, 32, "f16", True, 64, 192, 72),
+    (8, 128, "f16", False, 100, 384, 136), (4, 128, "bf16", True, 60, 256, 392), (8, 32, "bf16", False, 129, 448, 192)])
+def test_emulated_mixed_gemm_matches_gemm_on_dequantized_weight(tmp_path, bits, group, dtype, with_bias, m, k, n):
+    """The mixed-input GEMM (_gemm_mixed: the weight converted into wgmma's register operand) against the TMA
+    GEMM on mx.dequantize's weight in the same emulation: without bias bit for bit (the same products summed
+    in the same order, so a difference is a weight value, a fragment slot, a row or a token out of place);
+    with bias against float64. Cases: 4/8 bits, groups 32/64/128, bf16/fp16, K tiles > stages (the ring and
+    both fragment buffers reused), token and weight tails, codes 0 and 2^bits - 1 in every row."""
+    import mlx.core as mx
+
+    rng = np.random.default_rng(bits * 10 + group + k)
+    mdt = mx.bfloat16 if dtype == "bf16" else mx.float16
+    w = mx.array(rng.standard_normal((n, k)) * 0.05).astype(mdt)
+    wq, scales, biases = mx.quantize(w, group, bits)
+    w_deq = mx.dequantize(wq, scales, biases, group, bits)
+    x = mx.array(rng.standard_normal((m, k))).astype(mdt)
+    bias = mx.array(rng.standard_normal((n,))).astype(mdt)
+    codes = np.array(wq).view(np.uint8)
+    assert codes.min() == 0 and (codes.max() == 255 if bits == 8 else np.any((codes & 15) == 15))
+    maps_t = [("IS_BF16", dtype == "bf16"), ("K", k), ("W_ROWS", n), ("X_ROWS", m)]
+    gemm_t = [("T", dtype), ("IS_BF16", dtype == "bf16"), ("K", k), ("N", n), ("A_DIV", 1), ("DIRECT", True),
+              ("M_ROWS", m), ("THREADS", _gemm_tma.THREADS), ("GROUP_M", 8)]
+    mixed_t = [(a, dtype if a == "T" else v) for a, v in _gemm_mixed.template(mdt, m, k, n, bits, group, with_bias)]
+    (gx, gy, _), (threads, _, _) = _gemm_mixed.grid(m, n)
+    buffers = {"x": (dtype, _u16(x)), "w_deq": (dtype, _u16(w_deq)), "wq": ("u32", np.array(wq)),
+               "scales": (dtype, _u16(scales)), "biases": (dtype, _u16(biases)), "bias": (dtype, _u16(bias)),
+               "dummy": ("i32", np.zeros(1, np.int32)), "tmaps": ("u8", _gemm_tma.MAP_BYTES),
+               "tmaps2": ("u8", _gemm_tma.MAP_BYTES), "ref": (dtype, m * n), "out": (dtype, m * n)}
+    got = run(tmp_path, buffers, [
+        (_gemm_tma._MAPS_SOURCE, maps_t, ["x", ("w", "w_deq")], ["tmaps"], (1, 1), 32),
+        (_gemm_tma._SOURCE, gemm_t, ["x", ("w", "w_deq"), ("slot_row", "dummy"), ("tile_expert", "dummy"), "tmaps"],
+         [("out", "ref")], (-(-n // _gemm_tma.BN), -(-m // _gemm_tma.BM)), _gemm_tma.THREADS),
+        (_gemm_tma._MAPS_SOURCE, maps_t, ["x", ("w", "wq")], [("tmaps", "tmaps2")], (1, 1), 32),
+        (_gemm_mixed._SOURCE, mixed_t, ["x", "wq", "scales", "biases", ("bias", "bias" if with_bias else "x"),
+                                        ("tmaps", "tmaps2")], ["out"], (gx // threads, gy), threads),
+    ], ["ref", "out"], headers=_gemm_tma_dequant.DEQUANT_CODE + _gemm_mixed.MIXED_CODE)
+    values = bf16_values if dtype == "bf16" else (lambda b: b.view(np.float16).astype(np.float32))
+    if not with_bias:
+        np.testing.assert_array_equal(got["out"], got["ref"])
+    ref = np.array(x.astype(mx.float32), np.float64) @ np.array(w_deq.astype(mx.float32), np.float64).T
+    if with_bias:
+        ref = ref + np.array(bias.astype(mx.float32), np.float64)
+    np.testing.assert_allclose(values(got["out"]).reshape(m, n), ref, rtol=1e-2, atol=1e-2)
+
+
 # ---- the same kernels as the Python launchers ask for them (templates, grids, buffers as computed there)
 
 @pytest.fixture
@@ -224,7 +270,7 @@ def recorder(monkeypatch):
     from flashdiff.kernels import _gemm_cuda
 
     caches = [att._kernel, att._maps_kernel, _gemm_tma._kernel, _gemm_tma._gather_kernel, _gemm_tma._maps_kernel,
-              _dequant._kernel, qk_rope._kernel, _gemm_cuda._layout_kernel, _gemm_cuda._kernel]
+              _dequant._kernel, qk_rope._kernel, _gemm_cuda._layout_kernel, _gemm_cuda._kernel, _gemm_mixed._kernel]
     for cache in caches:
         cache.cache_clear()
     rec = LaunchRecorder()
@@ -277,6 +323,36 @@ def test_persistent_attention_as_launched(tmp_path, recorder, monkeypatch):
     np.testing.assert_allclose(bf16_values(out).reshape(q.shape), np.array(ref), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("bits, group, with_bias", [(4, 64, True), (8, 32, False)])
+def test_quantized_linear_mixed_as_launched(tmp_path, recorder, monkeypatch, bits, group, with_bias):
+    """quantized_linear under FLASHDIFF_QLINEAR=mixed as it launches the mixed-input GEMM on an sm_90 GPU
+    (tensor-map kernel + GEMM; template, grid and shared memory as computed there), against float64."""
+    import mlx.core as mx
+
+    from flashdiff.kernels import quantized_linear
+
+    monkeypatch.setenv("FLASHDIFF_QLINEAR", "mixed")
+    monkeypatch.setattr(_gemm_mixed, "is_sm90", lambda: True)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)  # backend="cuda" as on the GPU
+    rng = np.random.default_rng(bits)
+    m, k, n = 140, 256, 200
+    w = mx.array(rng.standard_normal((n, k)) * 0.05).astype(mx.bfloat16)
+    wq, s, b = mx.quantize(w, group, bits)
+    x = mx.array(rng.standard_normal((2, m // 2, k))).astype(mx.bfloat16)
+    bias = mx.array(rng.standard_normal((n,))).astype(mx.bfloat16) if with_bias else None
+    y = quantized_linear(x, wq, s, b, bits, group, bias=bias, backend="cuda")
+    assert y.shape == (2, m // 2, n)
+    names = [r["name"] for r in recorder.launches]
+    assert names == ["flashdiff_gemm_tensor_maps", "flashdiff_mixed_gemm"], names
+    assert recorder.launches[-1]["shared_memory"] == _gemm_mixed.smem_bytes(bits, group)
+    (out,) = replay(tmp_path, recorder.launches, _gemm_tma_dequant.DEQUANT_CODE + _gemm_mixed.MIXED_CODE)
+    w_deq = np.array(mx.dequantize(wq, s, b, group, bits, stream=mx.cpu).astype(mx.float32), np.float64)
+    ref = np.array(x.astype(mx.float32), np.float64).reshape(m, k) @ w_deq.T
+    if with_bias:
+        ref = ref + np.array(bias.astype(mx.float32), np.float64)
+    np.testing.assert_allclose(bf16_values(out).reshape(m, n), ref, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("mode, bits, group", [("affine", 4, 64), ("affine", 3, 32), ("affine", 8, 128),
                                                ("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)])
 @pytest.mark.parametrize("row_kernel", [False, True])
@@ -293,9 +369,32 @@ def test_cuda_dequantize_kernel_as_launched(tmp_path, recorder, monkeypatch, mod
         monkeypatch.setenv("FLASHDIFF_DEQUANT_ROWS", "1")
     w, s, b = quant((3, 40, 384), mode, bits, group)
     dequantize(w, s, b, bits, group, mode, dtype=mx.float32, backend="cuda")
-    (out,) = replay(tmp_path, recorder.launches, _dequant._CUDA_HEADER)
+    assert ("PAIRED", False) in recorder.launches[-1]["template"] or row_kernel
+    (out,) = replay(tmp_path, recorder.launches, _dequant._CUDA_HEADER + _dequant.DEQUANT_CODE)
     ref = mx.dequantize(w, s, b, group_size=group, bits=bits, mode=mode, dtype=mx.float32, stream=mx.cpu)
     np.testing.assert_array_equal(out.reshape(ref.shape), np.array(ref))
+
+
+@pytest.mark.parametrize("bits, group", [(4, 64), (8, 64), (4, 32), (8, 128)])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_cuda_dequantize_paired_path_as_launched(tmp_path, recorder, bits, group, dtype_name):
+    """The flat kernel's paired path (affine 4/8-bit, scales in the output's bf16/fp16: fd_dq_chunk, two
+    values per instruction, no float conversions) as dequantize launches it, bit-identical to MLX's CPU
+    dequantize in that dtype; the weights span the codes' whole range, with negative and tiny biases."""
+    import mlx.core as mx
+
+    from flashdiff.kernels import _dequant, dequantize
+    from helpers import quant
+
+    dtype = getattr(mx, dtype_name)
+    w, s, b = quant((2, 24, 256), "affine", bits, group, dtype=dtype, seed=5)
+    assert s.dtype == dtype and b.dtype == dtype
+    dequantize(w, s, b, bits, group, "affine", dtype=dtype, backend="cuda")
+    assert ("PAIRED", True) in recorder.launches[-1]["template"]
+    (out,) = replay(tmp_path, recorder.launches, _dequant._CUDA_HEADER + _dequant.DEQUANT_CODE)
+    ref = mx.dequantize(w, s, b, group_size=group, bits=bits, dtype=dtype, stream=mx.cpu)
+    ref_bits = np.array(ref.view(mx.uint16))
+    np.testing.assert_array_equal(np.asarray(out).view(np.uint16).reshape(ref_bits.shape), ref_bits)
 
 
 @pytest.mark.parametrize("lengths, heads, dh, extra", [((5, 11), 3, 64, 0), ((37,), 3, 128, 96), ((1, 300), 1, 128, 0)])
@@ -345,7 +444,7 @@ def test_cuda_moe_path_as_launched(tmp_path, recorder, monkeypatch, quantized):
     moe_grouped(x, w_used, ids)
     names = [r["name"] for r in recorder.launches]
     assert names[-3:] == ["flashdiff_moe_layout", "flashdiff_gather_slots", "flashdiff_grouped_gemm_tma"], names
-    (out,) = replay(tmp_path, recorder.launches, _dequant._CUDA_HEADER)
+    (out,) = replay(tmp_path, recorder.launches, _dequant._CUDA_HEADER + _dequant.DEQUANT_CODE)
     xf, wf = np.array(x.astype(mx.float32)).astype(np.float64), np.array(w.astype(mx.float32)).astype(np.float64)
     ref = np.einsum("tk,tjnk->tjn", xf, wf[np.array(ids)]).reshape(t * 2, n)
     np.testing.assert_allclose(bf16_values(out).reshape(t * 2, n), ref, rtol=2e-2, atol=2e-2)

@@ -13,7 +13,8 @@ import mlx.core as mx
 import pytest
 from helpers import cuda_kernel_source, nvcc_compile
 
-from flashdiff.kernels import _attention_sm90, _attention_sm90_forms, _dequant, _gemm_cuda, _gemm_sm90, _gemm_tma, _gemm_tma_dequant, _gemm_tma_forms
+from flashdiff.kernels import (_attention_sm90, _attention_sm90_forms, _dequant, _gemm_cuda, _gemm_mixed, _gemm_sm90, _gemm_tma,
+                               _gemm_tma_dequant, _gemm_tma_forms)
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA toolkit (nvcc)")
 
@@ -105,22 +106,39 @@ def test_dequant_gemm_compiles(tmp_path, dtype, bits, has_bias):
     assert_fits_tma_block(text)
 
 
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("bits, group, has_bias", [(4, 64, False), (4, 32, True), (8, 64, True), (8, 128, False)])
+def test_mixed_gemm_compiles(tmp_path, dtype, bits, group, has_bias):
+    """The mixed-input GEMM (_gemm_mixed) fits 512 threads' registers (128 each) without spills or
+    serialised wgmmas, and its shared memory fits the H200's 227 KB per block."""
+    inputs = [("x", dtype), ("wq", mx.uint32), ("scales", dtype), ("biases", dtype), ("bias", dtype), ("tmaps", mx.uint8)]
+    template = _gemm_mixed.template(dtype, 1024, 3072, 3072, bits, group, has_bias)
+    text = report(tmp_path, "mixed_gemm", _gemm_mixed._HEADER, _gemm_mixed._SOURCE, inputs, [("out", dtype)], template)
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    assert -(-regs // 8) * 8 * _gemm_mixed.THREADS <= 65536, f"{regs} registers x {_gemm_mixed.THREADS} threads"
+    assert "C7514" not in text and "C7515" not in text, text
+    assert _gemm_mixed.smem_bytes(bits, group) <= 227 * 1024
+
+
 def test_layout_kernel_compiles(tmp_path):
     report(tmp_path, "layout", "", _gemm_cuda._LAYOUT_SOURCE, [("expert_ids", mx.int32)],
            [("slot_row", mx.int32), ("tile_expert", mx.int32)],
            [("E", 300), ("MAX_E", 1024), ("R", 8192), ("TILE", 128), ("TILES", 364)])
 
 
-@pytest.mark.parametrize("bits, mode", [(4, 0), (8, 0), (3, 0), (5, 0), (6, 0), (2, 0), (4, 2), (8, 3)])
+@pytest.mark.parametrize("bits, mode", [(4, "affine"), (8, "affine"), (3, "affine"), (5, "affine"), (6, "affine"),
+                                        (2, "affine"), (4, "nvfp4"), (8, "mxfp8")])
 @pytest.mark.parametrize("flat", [True, False])
-def test_dequant_kernel_compiles(tmp_path, bits, mode, flat):
-    template = [("T", mx.bfloat16), ("ST", mx.bfloat16), ("ROWS", 3072), ("K", 3072), ("BITS", bits),
-                ("GROUP", {0: 64, 2: 16, 3: 32}[mode]), ("MODE", mode)]
-    if flat:
-        template.append(("CPT", _dequant.FLAT_CPT))
-    report(tmp_path, "dequant", _dequant._CUDA_HEADER, _dequant._CUDA_SOURCE_FLAT if flat else _dequant._CUDA_SOURCE,
-           [("w", mx.uint32), ("scales", mx.bfloat16 if mode == 0 else mx.uint8), ("biases", mx.bfloat16)],
-           [("out", mx.bfloat16)], template)
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_dequant_kernel_compiles(tmp_path, bits, mode, flat, dtype):
+    """Both dequantize kernels with the template and header they launch with (the flat kernel's paired
+    path at affine 4/8 bits, its float path elsewhere)."""
+    group = {"affine": 64, "nvfp4": 16, "mxfp8": 32}[mode]
+    template, _, _ = _dequant._launch(dtype, dtype if mode == "affine" else mx.float32, 3072, 3072, bits, group, mode, flat)
+    assert ("PAIRED", mode == "affine" and bits in (4, 8)) in template or not flat
+    report(tmp_path, "dequant", _dequant.CUDA_KERNEL_HEADER, _dequant._CUDA_SOURCE_FLAT if flat else _dequant._CUDA_SOURCE,
+           [("w", mx.uint32), ("scales", dtype if mode == "affine" else mx.uint8), ("biases", dtype)],
+           [("out", dtype)], template)
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])

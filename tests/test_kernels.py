@@ -260,25 +260,31 @@ def test_quantized_linear_bad_arguments():
 
 
 def test_quantized_linear_path_choice(monkeypatch):
-    """FLASHDIFF_QLINEAR: a bad value is a clear error on every backend; the fused kernel is taken only on
-    CUDA sm_90 for arguments it supports, and not by default (qgemm.FUSED_DEFAULT)."""
-    from flashdiff.kernels import _gemm_tma_dequant, qgemm
+    """FLASHDIFF_QLINEAR: a bad value is a clear error on every backend; each fused kernel (fused =
+    _gemm_tma_dequant, mixed = _gemm_mixed) is taken only on CUDA sm_90 for arguments it supports, and
+    neither by default (qgemm.FUSED_DEFAULT)."""
+    from flashdiff.kernels import _gemm_mixed, _gemm_tma_dequant, qgemm
     w, s, b = _quant(32, 128, "affine", 4, 64)
     x = mx.random.normal((64, 128)).astype(mx.bfloat16)
     monkeypatch.setenv("FLASHDIFF_QLINEAR", "fastest")
     with pytest.raises(ValueError, match="FLASHDIFF_QLINEAR='fastest'"):
         quantized_linear(x, w, s, b, 4, 64)
-    monkeypatch.setattr(_gemm_tma_dequant, "is_sm90", lambda: True)  # as on an H200: the arguments decide
+    for module in (_gemm_tma_dequant, _gemm_mixed):
+        monkeypatch.setattr(module, "is_sm90", lambda: True)  # as on an H200: the arguments decide
     args = (x, s.astype(mx.bfloat16), 4, 64, "affine", 128, 32)
-    for choice, impl, want in [("fused", "cuda", True), ("fused", "reference", False), ("dequant", "cuda", False),
-                               ("auto", "cuda", qgemm.FUSED_DEFAULT), ("FUSED", "cuda", True)]:
+    for choice, impl, want in [("fused", "cuda", _gemm_tma_dequant), ("fused", "reference", None),
+                               ("mixed", "cuda", _gemm_mixed), ("MIXED", "cuda", _gemm_mixed), ("mixed", "metal", None),
+                               ("dequant", "cuda", None), ("auto", "cuda", None), ("FUSED", "cuda", _gemm_tma_dequant)]:
         monkeypatch.setenv("FLASHDIFF_QLINEAR", choice)
-        assert qgemm._use_fused(impl, *args) is want, (choice, impl)
-    monkeypatch.setenv("FLASHDIFF_QLINEAR", "fused")
-    assert not qgemm._use_fused("cuda", x, s.astype(mx.bfloat16), 3, 64, "affine", 128, 32)  # 3-bit codes
-    assert not qgemm._use_fused("cuda", x, s.astype(mx.float16), 4, 64, "affine", 128, 32)  # scales' dtype != x's
-    assert not qgemm._use_fused("cuda", x, s.astype(mx.bfloat16), 4, 64, "affine", 96, 32)  # K % 64
-    assert not qgemm._use_fused("cuda", x, s.astype(mx.bfloat16), 4, 32, "mxfp4", 128, 32)
+        assert qgemm._fused_path(impl, *args) is want, (choice, impl)
+    assert not qgemm.FUSED_DEFAULT
+    for choice in ("fused", "mixed"):
+        monkeypatch.setenv("FLASHDIFF_QLINEAR", choice)
+        assert qgemm._fused_path("cuda", x, s.astype(mx.bfloat16), 3, 64, "affine", 128, 32) is None  # 3-bit codes
+        assert qgemm._fused_path("cuda", x, s.astype(mx.float16), 4, 64, "affine", 128, 32) is None  # scales' dtype != x's
+        assert qgemm._fused_path("cuda", x, s.astype(mx.bfloat16), 4, 64, "affine", 96, 32) is None  # K % 64
+        assert qgemm._fused_path("cuda", x, s.astype(mx.bfloat16), 4, 32, "mxfp4", 128, 32) is None
+        assert qgemm._fused_path("cuda", x, s.astype(mx.bfloat16), 4, 64, "affine", 128, 36) is None  # N % 8
 
 
 @pytest.mark.parametrize("mode,bits,group", [("affine", 4, 64), ("affine", 8, 32), ("nvfp4", 4, 16)])

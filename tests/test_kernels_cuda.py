@@ -19,6 +19,30 @@ def test_dequantize_kernel(mode, bits, group, dtype):
     check_dequantize("cuda", mode, bits, group, dtype)
 
 
+@pytest.mark.parametrize("bits, group", [(4, 64), (8, 64), (4, 32), (8, 128)])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("shape", [(3, 40, 384), (3072, 3072)])
+def test_dequantize_kernel_paired_path_exact(bits, group, dtype, shape):
+    """The flat kernel's paired path (affine 4/8-bit, scales in the output's dtype) bit-identical to MLX's
+    CPU dequantize in that dtype, and to the kernel's own float path (FLASHDIFF_DEQUANT_FLOAT=1)."""
+    import os
+
+    from flashdiff.kernels import _dequant
+
+    w, s, b = quant(shape, "affine", bits, group, dtype=dtype, seed=4)
+    out = dequantize(w, s, b, bits, group, "affine", dtype=dtype, backend="cuda")
+    ref = mx.dequantize(w, s, b, group_size=group, bits=bits, dtype=dtype, stream=mx.cpu)
+    assert _dequant.paired(dtype, s.dtype, bits, "affine")
+    assert mx.array_equal(out.view(mx.uint16), ref.view(mx.uint16)).item()
+    os.environ["FLASHDIFF_DEQUANT_FLOAT"] = "1"
+    try:
+        floated = dequantize(w, s, b, bits, group, "affine", dtype=dtype, backend="cuda")
+        mx.eval(floated)
+    finally:
+        del os.environ["FLASHDIFF_DEQUANT_FLOAT"]
+    assert mx.array_equal(floated.view(mx.uint16), out.view(mx.uint16)).item()
+
+
 @pytest.mark.parametrize("mode,bits,group", QLINEAR_CASES)
 @pytest.mark.parametrize("m", [5, 300])
 def test_quantized_linear_cuda(mode, bits, group, m):
@@ -58,6 +82,38 @@ def test_quantized_linear_cuda_fused(monkeypatch, bits, group, dtype, m, k, n, w
         diff = mx.abs(out.astype(mx.float32) - same.astype(mx.float32))
         assert mx.array_equal(out, same).item(), (f"max |diff| {diff.max().item()} in {(diff > 0).sum().item()} of "
                                                   f"{diff.size} elements; rel_err vs float32 {rel_err(same, ref)}")
+
+
+MIXED_CASES = FUSED_CASES + [(129, 448, 392, False, 8, 32), (4608, 3072, 3072, False, 4, 64)]
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("m, k, n, with_bias, bits, group", MIXED_CASES)
+def test_quantized_linear_cuda_mixed(monkeypatch, bits, group, dtype, m, k, n, with_bias):
+    """The mixed-input GEMM (_gemm_mixed) as quantized_linear runs it (FLASHDIFF_QLINEAR=mixed): against
+    float32 on MLX's CPU dequantize (rel. L2 < 1e-2), and within a few bf16 roundings of the TMA GEMM on that
+    weight (rel. L2 < 2e-3; the share of bit-identical elements is in the message)."""
+    from flashdiff.kernels import _gemm_mixed, quantized_linear
+    if not _gemm_cuda.is_sm90():
+        pytest.skip("the mixed-input kernel needs an sm_90 GPU")
+    monkeypatch.setenv("FLASHDIFF_QLINEAR", "mixed")
+    mx.random.seed(bits + group + m + 7)
+    w = (mx.random.normal((n, k)) * 0.05).astype(dtype)
+    wq, s, b = mx.quantize(w, group, bits)
+    x = mx.random.normal((m, k)).astype(dtype)
+    bias = mx.random.normal((n,)).astype(dtype) if with_bias else None
+    assert _gemm_mixed.supported(x, s, bits, group, "affine", k, n)
+    out = quantized_linear(x, wq, s, b, bits, group, "affine", bias=bias)
+    w_deq = mx.dequantize(wq, s, b, group, bits, stream=mx.cpu)
+    ref = x.astype(mx.float32) @ w_deq.astype(mx.float32).T + (0 if bias is None else bias.astype(mx.float32))
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert rel_err(out, ref) < 1e-2
+    same = _gemm_cuda.dense_gemm(x, w_deq, engine="wgmma tma")
+    if bias is not None:
+        same = (same.astype(mx.float32) + bias.astype(mx.float32)).astype(dtype)
+    equal = (out == same).astype(mx.float32).mean().item()
+    # with a bias the comparison rounds twice (GEMM, then + bias) where the kernel rounds once
+    assert rel_err(out, same) < (5e-3 if with_bias else 2e-3), f"{equal:.4f} of the elements bit-identical to the TMA GEMM"
 
 
 @pytest.mark.parametrize("quantized", MOE_QUANT_CASES)

@@ -90,6 +90,64 @@ __device__ __forceinline__ float fd_e8m0(unsigned int c) {
 }
 """
 
+def _paired_op(op: str) -> str:
+    """fd_h2_<op>: one paired bf16 / fp16 instruction on packed 32-bit words (low half = first element)."""
+    return (f"template <bool BF16>\n__device__ __forceinline__ unsigned fd_h2_{op}(unsigned a, unsigned b) {{\n"
+            "  unsigned r;\n"
+            f'  if (BF16) asm("{op}.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));\n'
+            f'  else asm("{op}.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));\n'
+            "  return r;\n}\n")
+
+
+PAIRED_ASM = "\n// Paired x.dtype arithmetic on packed 32-bit words (low half = first element).\n" + "".join(
+    _paired_op(op) for op in ("sub", "mul", "add"))
+
+# Plain C++ over PAIRED_ASM's helpers (the CPU emulation compiles it as written against its own versions of
+# them, tests/cuda_emulation.py). Used by the flat dequantize kernel and the fused dequantize GEMM.
+DEQUANT_CODE = r"""
+// Two codes, q0 in bits 0..7 and q1 in bits 16..23 of p (each < 2^BITS), to the pair (q0 s + b, q1 s + b).
+template <bool BF16, int BITS>
+__device__ __forceinline__ unsigned fd_dq_pair(unsigned p, unsigned s2, unsigned b2) {
+  unsigned v, sub;
+  if (BF16 && BITS == 8) {  // bf16 0x4300 | m is 128 + m for a 7-bit m; 128 comes off where bit 7 is clear
+    v = (p & 0x007F007Fu) | 0x43004300u;
+    sub = (~p & 0x00800080u) * 0x86u;
+  } else {  // bf16 0x4300 | q = 128 + q (q < 16); fp16 0x6400 | q = 1024 + q (q < 256)
+    const unsigned magic = BF16 ? 0x43004300u : 0x64006400u;
+    v = p | magic;
+    sub = magic;
+  }
+  return fd_h2_add<BF16>(fd_h2_mul<BF16>(fd_h2_sub<BF16>(v, sub), s2), b2);
+}
+// 8 consecutive codes (one uint32 word at 4 bits, two at 8 bits) to one 16-byte chunk of x.dtype values.
+template <bool BF16, int BITS>
+__device__ __forceinline__ uint4 fd_dq_chunk(const unsigned* wd, unsigned s2, unsigned b2) {
+  uint4 o;
+  if (BITS == 4) {  // pair j = codes (j, j + 4)
+    const unsigned w = wd[0];
+    const unsigned p0 = fd_dq_pair<BF16, BITS>(w & 0x000F000Fu, s2, b2), p1 = fd_dq_pair<BF16, BITS>((w >> 4) & 0x000F000Fu, s2, b2);
+    const unsigned p2 = fd_dq_pair<BF16, BITS>((w >> 8) & 0x000F000Fu, s2, b2), p3 = fd_dq_pair<BF16, BITS>((w >> 12) & 0x000F000Fu, s2, b2);
+    o.x = __byte_perm(p0, p1, 0x5410);
+    o.y = __byte_perm(p2, p3, 0x5410);
+    o.z = __byte_perm(p0, p1, 0x7632);
+    o.w = __byte_perm(p2, p3, 0x7632);
+  } else {  // per word: pairs (0, 2) and (1, 3)
+    unsigned r[2][2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const unsigned a = fd_dq_pair<BF16, BITS>(wd[h] & 0x00FF00FFu, s2, b2), b = fd_dq_pair<BF16, BITS>((wd[h] >> 8) & 0x00FF00FFu, s2, b2);
+      r[h][0] = __byte_perm(a, b, 0x5410);
+      r[h][1] = __byte_perm(a, b, 0x7632);
+    }
+    o.x = r[0][0]; o.y = r[0][1]; o.z = r[1][0]; o.w = r[1][1];
+  }
+  return o;
+}
+"""
+
+CUDA_KERNEL_HEADER = PAIRED_ASM + _CUDA_HEADER + DEQUANT_CODE  # the CUDA kernels' header
+
+
 # Row-per-grid-y kernel (FLASHDIFF_DEQUANT_ROWS=1; the Metal kernel's twin). One thread: 8 consecutive
 # elements (chunk c) of a row, read from BITS bytes. Grid: x = chunks of a row, y = rows (a block loops
 # over rows y, y + gridDim.y, ... when there are more than 65535).
@@ -148,12 +206,14 @@ _CUDA_SOURCE_FLAT = r"""
                                   + (threadIdx.x & 31);
   unsigned long long packed[CPT];
   float s[CPT], b[CPT];
+  unsigned sb[CPT];
 #pragma unroll
   for (int j = 0; j < CPT; ++j) {
     const unsigned long long c = base + 32 * j;
     packed[j] = 0;
     s[j] = 0.0f;
     b[j] = 0.0f;
+    sb[j] = 0u;
     if (c >= CHUNKS) continue;
     const unsigned char* src = reinterpret_cast<const unsigned char*>(w) + c * BITS;
     if (BITS == 4) {
@@ -165,7 +225,10 @@ _CUDA_SOURCE_FLAT = r"""
       for (int i = 0; i < BITS; ++i) packed[j] |= (unsigned long long)src[i] << (8 * i);
     }
     const unsigned long long g = c * 8 / GROUP;
-    if (MODE == 0) {
+    if (PAIRED) {  // the scale's and the bias's bits, packed (scale | bias << 16)
+      sb[j] = (unsigned)*reinterpret_cast<const unsigned short*>(scales + g)
+            | ((unsigned)*reinterpret_cast<const unsigned short*>(biases + g) << 16);
+    } else if (MODE == 0) {
       s[j] = (float)scales[g];
       b[j] = (float)biases[g];
     } else if (MODE == 2) {
@@ -178,6 +241,12 @@ _CUDA_SOURCE_FLAT = r"""
   for (int j = 0; j < CPT; ++j) {
     const unsigned long long c = base + 32 * j;
     if (c >= CHUNKS) continue;
+    T* dst = out + c * 8;
+    if (PAIRED) {  // two values per instruction, no float conversions (fd_dq_chunk)
+      const unsigned wd[2] = {(unsigned)packed[j], (unsigned)(packed[j] >> 32)};
+      *reinterpret_cast<uint4*>(dst) = fd_dq_chunk<IS_BF16, BITS>(wd, __byte_perm(sb[j], 0u, 0x1010), __byte_perm(sb[j], 0u, 0x3232));
+      continue;
+    }
     alignas(16) T vals[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -189,7 +258,6 @@ _CUDA_SOURCE_FLAT = r"""
       else v = fd_e2m1(q) * s[j];
       vals[i] = (T)v;
     }
-    T* dst = out + c * 8;
     if (sizeof(T) == 2) {
       *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(vals);
     } else {
@@ -254,7 +322,7 @@ def _kernel(backend: str, affine: bool, flat: bool = True):
         return mx.fast.cuda_kernel(
             name="flashdiff_dequant" + ("_affine" if affine else "_fp") + ("_flat" if flat else ""),
             input_names=inputs, output_names=["out"], source=_CUDA_SOURCE_FLAT if flat else _CUDA_SOURCE,
-            header=_CUDA_HEADER,
+            header=CUDA_KERNEL_HEADER,
         )
     return mx.fast.metal_kernel(
         name="flashdiff_dequant" + ("_affine" if affine else "_fp"),
@@ -282,7 +350,7 @@ def dequantize_checked(w, scales, biases, bits, group_size, k, mode, dtype, back
     # FLASHDIFF_DEQUANT_ROWS=1: the earlier row-per-grid-y CUDA kernel (kept for side-by-side measurement)
     flat = backend == "cuda" and not os.environ.get("FLASHDIFF_DEQUANT_ROWS")
     template, grid, group = _launch(dtype, scales.dtype if affine else mx.float32, rows, k, bits, group_size,
-                                    mode, flat)
+                                    mode, flat, flat and not os.environ.get("FLASHDIFF_DEQUANT_FLOAT"))
     inputs = [w, scales, biases if affine else _dummy_biases()]
     (out,) = _kernel(backend, affine, flat)(
         inputs=inputs, template=template, output_shapes=[(*w.shape[:-1], k)], output_dtypes=[dtype],
@@ -291,14 +359,22 @@ def dequantize_checked(w, scales, biases, bits, group_size, k, mode, dtype, back
     return out
 
 
+def paired(dtype, scale_dtype, bits: int, mode: str) -> bool:
+    """Whether the flat CUDA kernel takes its paired path (``fd_dq_chunk``): affine 4/8-bit codes whose
+    scales are in the output's dtype, bf16 or fp16 (what quantized_linear and moe_gemm ask for)."""
+    return mode == "affine" and bits in (4, 8) and dtype == scale_dtype and dtype in (mx.bfloat16, mx.float16)
+
+
 @functools.lru_cache(maxsize=1024)
-def _launch(dtype, scale_dtype, rows, k, bits, group_size, mode, flat):
+def _launch(dtype, scale_dtype, rows, k, bits, group_size, mode, flat, allow_paired=True):
     """Template arguments, grid and threadgroup of one dequantize launch (cached: a model calls the
-    same few shapes thousands of times, and building them showed in the host time per call)."""
+    same few shapes thousands of times, and building them showed in the host time per call).
+    allow_paired=False (FLASHDIFF_DEQUANT_FLOAT=1): the float path everywhere, for side-by-side runs."""
     template = [("T", dtype), ("ST", scale_dtype), ("ROWS", rows), ("K", k), ("BITS", bits),
                 ("GROUP", group_size), ("MODE", MODES[mode])]
     if flat:
-        template.append(("CPT", FLAT_CPT))
+        template += [("CPT", FLAT_CPT), ("PAIRED", allow_paired and paired(dtype, scale_dtype, bits, mode)),
+                     ("IS_BF16", dtype == mx.bfloat16)]
         grid, group = flat_launch(rows, k)
     else:
         grid, group = dequant_launch(rows, k)

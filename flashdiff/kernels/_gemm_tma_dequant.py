@@ -40,6 +40,7 @@ import functools
 import mlx.core as mx
 
 from . import _gemm_tma
+from ._dequant import DEQUANT_CODE, PAIRED_ASM
 from ._gemm_cuda import TILE_SETUP, group_m, is_sm90
 from ._gemm_sm90 import _EPILOGUE_CONSUMERS
 
@@ -47,17 +48,7 @@ THREADS = _gemm_tma.THREADS
 SMEM_BYTES = _gemm_tma.SMEM_BYTES
 
 
-def _paired_op(op: str) -> str:
-    """fd_h2_<op>: one paired bf16 / fp16 instruction on packed 32-bit words (low half = first element)."""
-    return (f"template <bool BF16>\n__device__ __forceinline__ unsigned fd_h2_{op}(unsigned a, unsigned b) {{\n"
-            "  unsigned r;\n"
-            f'  if (BF16) asm("{op}.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));\n'
-            f'  else asm("{op}.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));\n'
-            "  return r;\n}\n")
-
-
-_ASM_HELPERS = "\n// Paired x.dtype arithmetic on packed 32-bit words (low half = first element).\n" + "".join(
-    _paired_op(op) for op in ("sub", "mul", "add")) + r"""__device__ __forceinline__ uint4 fd_ldg16(const void* p) {
+_ASM_HELPERS = r"""__device__ __forceinline__ uint4 fd_ldg16(const void* p) {
   uint4 v;
   asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
@@ -70,55 +61,13 @@ __device__ __forceinline__ void fd_fence_async_smem() {
 }
 """
 
-# Plain C++ over the helpers above (the CPU emulation compiles it as written, tests/cuda_emulation.py).
-DEQUANT_CODE = r"""
-// Two codes, q0 in bits 0..7 and q1 in bits 16..23 of p (each < 2^BITS), to the pair (q0 s + b, q1 s + b).
-template <bool BF16, int BITS>
-__device__ __forceinline__ unsigned fd_dq_pair(unsigned p, unsigned s2, unsigned b2) {
-  unsigned v, sub;
-  if (BF16 && BITS == 8) {  // bf16 0x4300 | m is 128 + m for a 7-bit m; 128 comes off where bit 7 is clear
-    v = (p & 0x007F007Fu) | 0x43004300u;
-    sub = (~p & 0x00800080u) * 0x86u;
-  } else {  // bf16 0x4300 | q = 128 + q (q < 16); fp16 0x6400 | q = 1024 + q (q < 256)
-    const unsigned magic = BF16 ? 0x43004300u : 0x64006400u;
-    v = p | magic;
-    sub = magic;
-  }
-  return fd_h2_add<BF16>(fd_h2_mul<BF16>(fd_h2_sub<BF16>(v, sub), s2), b2);
-}
-// 8 consecutive codes (one uint32 word at 4 bits, two at 8 bits) to one 16-byte chunk of x.dtype values.
-template <bool BF16, int BITS>
-__device__ __forceinline__ uint4 fd_dq_chunk(const unsigned* wd, unsigned s2, unsigned b2) {
-  uint4 o;
-  if (BITS == 4) {  // pair j = codes (j, j + 4)
-    const unsigned w = wd[0];
-    const unsigned p0 = fd_dq_pair<BF16, BITS>(w & 0x000F000Fu, s2, b2), p1 = fd_dq_pair<BF16, BITS>((w >> 4) & 0x000F000Fu, s2, b2);
-    const unsigned p2 = fd_dq_pair<BF16, BITS>((w >> 8) & 0x000F000Fu, s2, b2), p3 = fd_dq_pair<BF16, BITS>((w >> 12) & 0x000F000Fu, s2, b2);
-    o.x = __byte_perm(p0, p1, 0x5410);
-    o.y = __byte_perm(p2, p3, 0x5410);
-    o.z = __byte_perm(p0, p1, 0x7632);
-    o.w = __byte_perm(p2, p3, 0x7632);
-  } else {  // per word: pairs (0, 2) and (1, 3)
-    unsigned r[2][2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const unsigned a = fd_dq_pair<BF16, BITS>(wd[h] & 0x00FF00FFu, s2, b2), b = fd_dq_pair<BF16, BITS>((wd[h] >> 8) & 0x00FF00FFu, s2, b2);
-      r[h][0] = __byte_perm(a, b, 0x5410);
-      r[h][1] = __byte_perm(a, b, 0x7632);
-    }
-    o.x = r[0][0]; o.y = r[0][1]; o.z = r[1][0]; o.w = r[1][1];
-  }
-  return o;
-}
-"""
-
 # launch bounds through the signature mx.fast.cuda_kernel writes (as _attention_sm90 does): without them
 # ptxas gave the f16 8-bit form 169 registers, which 384 threads cannot launch with (168 at most)
 _LAUNCH_BOUNDS = r"""
 #undef __global__
 #define __global__ __attribute__((global)) __launch_bounds__(384, 1)
 """
-_HEADER = _gemm_tma._GEMM_HEADER + _ASM_HELPERS + DEQUANT_CODE + _LAUNCH_BOUNDS
+_HEADER = _gemm_tma._GEMM_HEADER + PAIRED_ASM + _ASM_HELPERS + DEQUANT_CODE + _LAUNCH_BOUNDS
 
 _PRODUCER = r"""
   if (warp >= 8) {  // producer warpgroup

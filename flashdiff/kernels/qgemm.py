@@ -29,25 +29,28 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import _gemm_tma_dequant
+from . import _gemm_mixed, _gemm_tma_dequant
 from ._dequant import check_quantized, dequantize_checked
 from ._dispatch import metal_kernels_requested, resolve_backend
 
 SMALL_M = 32  # below this many rows, MLX's quantized_matmul (decode kernel) wins
-FUSED_DEFAULT = False  # the fused sm_90 kernel by default (else only with FLASHDIFF_QLINEAR=fused)
-QLINEAR_PATHS = ("auto", "fused", "dequant")
+FUSED_DEFAULT = False  # the fused sm_90 kernels by default (else only with FLASHDIFF_QLINEAR=fused / mixed)
+QLINEAR_PATHS = ("auto", "fused", "mixed", "dequant")
 
 
-def _use_fused(impl, x, scales, bits, group_size, mode, k, n) -> bool:
-    """The fused dequantize-GEMM kernel (_gemm_tma_dequant, CUDA sm_90) or dequantize + GEMM:
-    FLASHDIFF_QLINEAR = "fused" / "dequant" forces one (fused only where the kernel takes the arguments),
-    "auto" (unset) takes FUSED_DEFAULT. A value outside QLINEAR_PATHS raises on every backend."""
+def _fused_path(impl, x, scales, bits, group_size, mode, k, n):
+    """Which sm_90 kernel computes this call whole, or None for dequantize + GEMM. FLASHDIFF_QLINEAR:
+    "fused" = _gemm_tma_dequant (the weight tile dequantized into shared memory), "mixed" = _gemm_mixed
+    (the weight converted into wgmma's register operand), each only where it takes the arguments;
+    "dequant" = never; "auto" (unset) = FUSED_DEFAULT (False: dequantize + GEMM). A value outside
+    QLINEAR_PATHS raises on every backend."""
     choice = (os.environ.get("FLASHDIFF_QLINEAR") or "auto").lower()
     if choice not in QLINEAR_PATHS:
         raise ValueError(f"FLASHDIFF_QLINEAR={choice!r}: use one of {QLINEAR_PATHS}.")
     if impl != "cuda" or choice == "dequant" or (choice == "auto" and not FUSED_DEFAULT):
-        return False
-    return _gemm_tma_dequant.supported(x, scales, bits, group_size, mode, k, n)
+        return None
+    kernel = _gemm_mixed if choice == "mixed" else _gemm_tma_dequant
+    return kernel if kernel.supported(x, scales, bits, group_size, mode, k, n) else None
 
 
 def quantized_linear(x, w, scales, biases, bits=None, group_size=None, mode="affine", bias=None, *,
@@ -73,7 +76,10 @@ def quantized_linear(x, w, scales, biases, bits=None, group_size=None, mode="aff
     if impl != "reference" and builtin:
         y = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
         return y if bias is None else y + bias.astype(y.dtype)
-    if _use_fused(impl, x, scales, bits, group_size, mode, k, n):
+    fused = _fused_path(impl, x, scales, bits, group_size, mode, k, n)
+    if fused is _gemm_mixed:
+        return _gemm_mixed.mixed_gemm(x.reshape(m, k), w, scales, biases, bits, group_size, bias).reshape(*x.shape[:-1], n)
+    if fused is _gemm_tma_dequant:
         y = _gemm_tma_dequant.dequant_gemm(x.reshape(m, k), w, scales, biases, bits, group_size, bias)
         return y.reshape(*x.shape[:-1], n)
     # Order: the weight is dequantized only once x exists (bounds live scratch to one layer).

@@ -1,0 +1,349 @@
+"""The sm_90 mixed-input GEMM: y = x @ dequantize(w).T (+ bias) with the quantized weight as wgmma's
+*register* operand, one kernel, no dequantized copy of the weight. Affine 4- and 8-bit weights
+(``mx.quantize`` layout), scales/biases in x's dtype (bf16 or fp16), K a multiple of 64.
+
+Why a second fused design. ``_gemm_tma_dequant`` (sessions 4 and 8) has the producer warpgroup write the
+dequantized weight tile into shared memory for wgmma to read back: 128 threads convert 16K values per K
+tile, twice the MMA's time. Hopper's wgmma also takes its A operand from registers, and y^T = W x^T puts
+the weight there: each consumer thread converts only the 32 weight values of its own A fragments per K
+tile (two rows x 16 columns), with the paired-half arithmetic of ``_dequant.fd_dq_pair``, while the
+previous tile's wgmmas run. This is how Hopper mixed-input GEMMs are usually built.
+
+CTA tile: 192 weights x 128 tokens x 64 k (WT x TT x BK). Three consumer warpgroups each own 64 weight
+rows and issue ``wgmma.m64n128k16`` (A = their converted fragments, B = the x tile, K-major, 128B
+swizzle, loaded by TMA); 64 float32 accumulators per thread. 192 divides every N of FLUX, Wan and
+HiDream, and 3072 / 192 x 1024 / 128 = 128 CTAs fill the H200's 132 SMs in one wave at M = 1024, where
+the 128 x 256 tiles of ``_gemm_tma`` leave 36 idle. The producer warpgroup (threads 384..511):
+- thread 384 issues the x tile's TMA load per stage (as ``_gemm_tma``);
+- all 128 copy the tile's packed codes and its rows' scales and biases from global memory (one K tile
+  ahead, in registers) into the stage, rearranged so that consumer lane (g, t) finds everything it needs
+  for a row in one 8-byte (4-bit) or 16-byte (8-bit) shared load, already in the bit positions
+  ``fd_dq_pair`` takes (4-bit: ``fd_mixed_nibbles``; 8-bit: one byte permute), then arrive on the stage's
+  "full" barrier (129 arrivals: the TMA thread's expect_tx and one per producer thread).
+A-fragment layout (PTX ISA, m64k16 with A in registers, as the attention's P operand): lane (g, t) of
+warp w holds rows 16 w + g and + 8, columns 2t, 2t + 1, 2t + 8, 2t + 9 of each k16 step; register
+r = (row is + 8) + 2 (column is + 8). Numerics: every weight value is bit-identical to MLX's CPU
+dequantize (the product and then the sum rounded to x's dtype); bias added in float32 before the
+final rounding, as in ``_gemm_tma_dequant``. Epilogue: accumulators (weight, token) -> a padded
+[token][weight] shared tile -> 16-byte row stores.
+
+Dense form only. ``quantized_linear`` uses it only when asked (FLASHDIFF_QLINEAR=mixed, on sm_90, for
+arguments ``supported`` accepts). Emulated on the CPU (tests/test_cuda_emulation.py) and compiled with nvcc
+(tests/test_cuda_sources.py); see benchmarks/README.md (session 9) for what ran on the H200.
+"""
+
+import functools
+
+import mlx.core as mx
+
+from . import _gemm_tma
+from ._dequant import DEQUANT_CODE, PAIRED_ASM
+from ._gemm_cuda import is_sm90
+
+WT, TT, BK, STAGES = 192, 128, 64, 4  # weights, tokens, k per CTA tile; pipeline stages
+THREADS = 512  # three consumer warpgroups + one producer warpgroup
+
+
+def stage_bytes(bits: int, group_size: int) -> int:
+    """One stage: the x tile (TT x BK, 1024-byte aligned for TMA), the codes, the packed scales | biases."""
+    groups = max(BK // group_size, 1)
+    raw = TT * BK * 2 + WT * BK * bits // 8 + WT * groups * 4
+    return -(-raw // 1024) * 1024
+
+
+def smem_bytes(bits: int, group_size: int) -> int:
+    return STAGES * stage_bytes(bits, group_size) + 1024  # + room to align to 1024 bytes
+
+
+def _wgmma_rs_n128(dtype: str) -> str:
+    """m64n128k16, A from registers, B K-major from shared memory (imm-trans-b = 0)."""
+    d = ", ".join(f"%{i}" for i in range(64))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(64))
+    return (
+        f"__device__ __forceinline__ void fd_wgmma_rsk_{dtype}(float (&d)[64], const unsigned (&a)[4], unsigned long long db) {{\n"
+        f'  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"\n'
+        f'    "wgmma.mma_async.sync.aligned.m64n128k16.f32.{dtype}.{dtype} {{{d}}}, {{%64, %65, %66, %67}}, %68, p, 1, 1, 0;\\n}}\\n"\n'
+        f"    : {outs}\n"
+        f'    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));\n'
+        "}\n"
+    )
+
+
+_MMA = _wgmma_rs_n128("bf16") + _wgmma_rs_n128("f16") + r"""
+__device__ __forceinline__ void fd_fence64(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
+}
+// d += W . x^T over one K tile: four k16 wgmmas, A = this thread's fragments a[kk], B = the x tile at
+// b_addr (TT rows of 128 bytes, 128B swizzle), committed as one group
+template <bool BF16>
+__device__ __forceinline__ void fd_mma_rs_k64(float (&d)[64], const unsigned (&a)[4][4], unsigned b_addr) {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    if (BF16) fd_wgmma_rsk_bf16(d, a[kk], fd_desc(b_addr + kk * 32));
+    else fd_wgmma_rsk_f16(d, a[kk], fd_desc(b_addr + kk * 32));
+  }
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+// keeps a wgmma's register operand live (unmoved, unreused) up to this point: the MMA reads it asynchronously
+__device__ __forceinline__ void fd_fence_frag(unsigned (&a)[4][4]) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) asm volatile("" : "+r"(a[i / 4][i % 4]) :: "memory");
+}
+// the three consumer warpgroups (384 threads) only
+__device__ __forceinline__ void fd_bar_consumers() { asm volatile("bar.sync 2, 384;\n" ::: "memory"); }
+"""
+
+# Plain C++ (the CPU emulation compiles it as written): the producer's rearrangement of 4-bit codes.
+MIXED_CODE = r"""
+// Four words w[0..3] of a row's K tile (codes 8 j .. 8 j + 7 in word j) to the word lane t reads: for
+// j = 0..3, bits 4j..4j+3 = low nibble of byte t of w[j], bits 16+4j.. = its high nibble, so that
+// (z >> 4j) & 0x000F000F is the pair of codes (8 j + 2 t, 8 j + 2 t + 1) where fd_dq_pair takes them.
+__device__ __forceinline__ void fd_mixed_nibbles(const unsigned (&w)[4], unsigned (&z)[4]) {
+  const unsigned lo01 = __byte_perm(w[0], w[1], 0x5140), hi01 = __byte_perm(w[0], w[1], 0x7362);
+  const unsigned lo23 = __byte_perm(w[2], w[3], 0x5140), hi23 = __byte_perm(w[2], w[3], 0x7362);
+  const unsigned r[4] = {__byte_perm(lo01, lo23, 0x5410), __byte_perm(lo01, lo23, 0x7632),
+                         __byte_perm(hi01, hi23, 0x5410), __byte_perm(hi01, hi23, 0x7632)};  // byte t of w[0..3]
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    const unsigned m = r[t] & 0x0F0F0F0Fu, h = (r[t] >> 4) & 0x0F0F0F0Fu;
+    z[t] = __byte_perm(m | (m >> 4), h | (h >> 4), 0x6420);
+  }
+}
+"""
+
+_LAUNCH_BOUNDS = r"""
+#undef __global__
+#define __global__ __attribute__((global)) __launch_bounds__(512, 1)
+"""
+_HEADER = _gemm_tma._GEMM_HEADER + PAIRED_ASM + DEQUANT_CODE + _MMA + MIXED_CODE + _LAUNCH_BOUNDS
+
+_SOURCE = r"""
+  constexpr int WT = 192, TT = 128, BK = 64, STAGES = 4, KT = K / BK;
+  constexpr int GPT = BK >= GROUP ? BK / GROUP : 1;  // scale groups per row per K tile
+  constexpr int X_BYTES = TT * BK * 2, ROW_BYTES = BK * BITS / 8, C_BYTES = WT * ROW_BYTES;
+  constexpr int STAGE_BYTES = (X_BYTES + C_BYTES + WT * GPT * 4 + 1023) / 1024 * 1024;
+  extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
+  __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
+  unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
+  const unsigned smem_base = fd_smem_addr(fd_smem);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tile_w = blockIdx.x, tile_t = blockIdx.y;
+  const unsigned long long maps = fd_maps_addr(tmaps);
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      fd_mbar_init(fd_smem_addr(&full_bar[s]), 129);  // the TMA thread's expect_tx + every producer thread
+      fd_mbar_init(fd_smem_addr(&empty_bar[s]), 384);  // every consumer thread
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp >= 12) {  // producer warpgroup
+    constexpr int UPR = BITS == 4 ? 2 : 4;      // 16-byte units of codes per row per K tile
+    constexpr int UPT = WT * UPR / 128;          // units per producer thread
+    constexpr int SPT = (WT * GPT + 127) / 128;  // (row, group) scale | bias pairs per producer thread
+    constexpr int WPR = K * BITS / 32;           // code words per weight row
+    const int p = tid - 384;
+    if (p == 0) fd_acquire_map(maps);
+    // K tiles of codes in flight: two at 4 bits (one left the producer waiting on each load), one at 8 bits
+    // (as many bytes; two spilled 36-60 bytes under the 128 registers of 512 threads)
+    constexpr int PF = BITS == 4 ? 2 : 1;
+    uint4 pk[PF][UPT];
+    unsigned psb[PF][SPT];
+    auto fetch = [&](int kt, uint4 (&dst)[UPT], unsigned (&dsb)[SPT]) {  // tile kt into registers (zeros past N / K)
+#pragma unroll
+      for (int i = 0; i < UPT; ++i) {
+        const int unit = p + 128 * i, n = tile_w * WT + unit / UPR;
+        dst[i] = make_uint4(0u, 0u, 0u, 0u);
+        if (kt < KT && n < N)
+          dst[i] = *reinterpret_cast<const uint4*>(wq + (size_t)n * WPR + kt * (BK * BITS / 32) + (unit % UPR) * 4);
+      }
+#pragma unroll
+      for (int i = 0; i < SPT; ++i) {
+        const int v = p + 128 * i, n = tile_w * WT + v / GPT;
+        dsb[i] = 0u;
+        if (v < WT * GPT && kt < KT && n < N) {
+          const size_t g = (size_t)n * (K / GROUP) + (kt * BK) / GROUP + v % GPT;
+          dsb[i] = (unsigned)*reinterpret_cast<const unsigned short*>(scales + g)
+                 | ((unsigned)*reinterpret_cast<const unsigned short*>(biases + g) << 16);
+        }
+      }
+    };
+#pragma unroll
+    for (int u = 0; u < PF; ++u) fetch(u, pk[u], psb[u]);
+    for (int kt0 = 0; kt0 < KT; kt0 += PF)
+#pragma unroll
+    for (int u = 0; u < PF; ++u) {
+      const int kt = kt0 + u;
+      if (kt >= KT) break;
+      const int s = kt % STAGES;
+      uint4 cur[UPT];
+      unsigned cur_sb[SPT];
+#pragma unroll
+      for (int i = 0; i < UPT; ++i) cur[i] = pk[u][i];
+#pragma unroll
+      for (int i = 0; i < SPT; ++i) cur_sb[i] = psb[u][i];
+      fetch(kt + PF, pk[u], psb[u]);  // refill this slot with the tile PF ahead
+      const unsigned full = fd_smem_addr(&full_bar[s]);
+      unsigned char* stage = fd_smem + s * STAGE_BYTES;
+      fd_mbar_wait(fd_smem_addr(&empty_bar[s]), ((kt / STAGES) & 1) ^ 1);
+      if (p == 0) {
+        fd_mbar_expect_tx(full, X_BYTES);
+        fd_tma_load(smem_base + s * STAGE_BYTES, maps, kt * BK, tile_t * TT, full);
+      }
+#pragma unroll
+      for (int i = 0; i < UPT; ++i) {
+        const int unit = p + 128 * i, row = unit / UPR, part = unit % UPR;
+        const unsigned w[4] = {cur[i].x, cur[i].y, cur[i].z, cur[i].w};
+        unsigned z[4];
+        if (BITS == 4) {  // words 4 part .. + 3: lane t's word `part` of its 8 bytes
+          fd_mixed_nibbles(w, z);
+#pragma unroll
+          for (int t = 0; t < 4; ++t) *reinterpret_cast<unsigned*>(stage + X_BYTES + row * ROW_BYTES + t * 8 + part * 4) = z[t];
+        } else {  // words 4 part .. + 3 = k16 step `part`: lane t's codes (2t, 2t + 8, 2t + 1, 2t + 9)
+          z[0] = __byte_perm(w[0], w[2], 0x5140); z[1] = __byte_perm(w[0], w[2], 0x7362);
+          z[2] = __byte_perm(w[1], w[3], 0x5140); z[3] = __byte_perm(w[1], w[3], 0x7362);
+#pragma unroll
+          for (int t = 0; t < 4; ++t) *reinterpret_cast<unsigned*>(stage + X_BYTES + row * ROW_BYTES + t * 16 + part * 4) = z[t];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < SPT; ++i) {
+        const int v = p + 128 * i;
+        if (v < WT * GPT) reinterpret_cast<unsigned*>(stage + X_BYTES + C_BYTES)[v] = cur_sb[i];
+      }
+      fd_mbar_arrive(full);
+    }
+    return;
+  }
+
+  // consumers: warpgroup wg owns weight rows wg * 64 .. + 63 of the tile; lane (g, t) rows r0 and r0 + 8
+  const int wg = warp >> 2, g = lane >> 2, t = lane & 3, r0 = wg * 64 + (warp & 3) * 16 + g;
+  float d[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) d[i] = 0.0f;
+  unsigned fa[4][4], fb[4][4];  // A fragments of two K tiles: [k16 step][register]
+  auto convert = [&](int kt, unsigned (&a)[4][4]) {
+    const unsigned char* stage = fd_smem + (kt % STAGES) * STAGE_BYTES;
+    const unsigned* sbs = reinterpret_cast<const unsigned*>(stage + X_BYTES + C_BYTES);
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int row = r0 + 8 * rr;
+      unsigned s2[GPT], b2[GPT];
+#pragma unroll
+      for (int gi = 0; gi < GPT; ++gi) {
+        const unsigned sb = sbs[row * GPT + gi];
+        s2[gi] = __byte_perm(sb, 0u, 0x1010);
+        b2[gi] = __byte_perm(sb, 0u, 0x3232);
+      }
+      if (BITS == 4) {
+        const uint2 z = *reinterpret_cast<const uint2*>(stage + X_BYTES + row * ROW_BYTES + t * 8);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {  // word j of the tile: k16 step j / 2, columns + 8 if j is odd
+          const int kk = j >> 1, gi = GPT == 2 ? kk >> 1 : 0;
+          const unsigned zz = j < 4 ? z.x : z.y;
+          a[kk][rr + 2 * (j & 1)] = fd_dq_pair<IS_BF16, 4>((zz >> (4 * (j & 3))) & 0x000F000Fu, s2[gi], b2[gi]);
+        }
+      } else {
+        const uint4 z = *reinterpret_cast<const uint4*>(stage + X_BYTES + row * ROW_BYTES + t * 16);
+        const unsigned zs[4] = {z.x, z.y, z.z, z.w};
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          const int gi = GPT == 2 ? kk >> 1 : 0;
+          a[kk][rr] = fd_dq_pair<IS_BF16, 8>(zs[kk] & 0x00FF00FFu, s2[gi], b2[gi]);
+          a[kk][rr + 2] = fd_dq_pair<IS_BF16, 8>((zs[kk] >> 8) & 0x00FF00FFu, s2[gi], b2[gi]);
+        }
+      }
+    }
+  };
+  // tile kt: its wgmmas on fragments `cur` (converted before), then, while they run, tile kt + 1's
+  // fragments into `nxt` (which tile kt - 1's wgmmas read: wait_group 1 has retired them)
+  auto step = [&](int kt, unsigned (&cur)[4][4], unsigned (&nxt)[4][4]) {
+    fd_fence64(d);
+    fd_mma_rs_k64<IS_BF16>(d, cur, smem_base + (kt % STAGES) * STAGE_BYTES);
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+    fd_fence64(d);
+    if (kt > 0) fd_mbar_arrive(fd_smem_addr(&empty_bar[(kt - 1) % STAGES]));
+    if (kt + 1 < KT) {
+      fd_mbar_wait(fd_smem_addr(&full_bar[(kt + 1) % STAGES]), ((kt + 1) / STAGES) & 1);
+      convert(kt + 1, nxt);
+    }
+    fd_fence_frag(cur);  // tile kt's wgmmas may still read `cur`: nothing may take its registers before here
+  };
+  fd_mbar_wait(fd_smem_addr(&full_bar[0]), 0);
+  convert(0, fa);
+  for (int kt = 0; kt < KT; kt += 2) {
+    step(kt, fa, fb);
+    if (kt + 1 < KT) step(kt + 1, fb, fa);
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  fd_fence64(d);
+  fd_bar_consumers();  // every consumer is done with the stages: the epilogue tile reuses them
+
+  // d[i]: weight row r0 + 8 ((i >> 1) & 1), token 8 (i >> 2) + 2 t + (i & 1)
+  constexpr int LDC = WT + 8;
+  T* Cs = reinterpret_cast<T*>(fd_smem);
+  float bias_r[2] = {0.0f, 0.0f};
+  if (HAS_BIAS) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int n = tile_w * WT + r0 + 8 * rr;
+      bias_r[rr] = n < N ? (float)bias[n] : 0.0f;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 64; ++i) {
+    const int rr = (i >> 1) & 1, tok = 8 * (i >> 2) + 2 * t + (i & 1);
+    Cs[tok * LDC + r0 + 8 * rr] = (T)(d[i] + bias_r[rr]);
+  }
+  fd_bar_consumers();
+  constexpr int CPR = WT / 8;  // 16-byte chunks per token row
+  for (int c = tid; c < TT * CPR; c += 384) {
+    const int tok = c / CPR, ch = c % CPR, m = tile_t * TT + tok, n = tile_w * WT + ch * 8;
+    if (m < M_ROWS && n < N)
+      *reinterpret_cast<uint4*>(out + (size_t)m * N + n) = *reinterpret_cast<const uint4*>(Cs + tok * LDC + ch * 8);
+  }
+"""
+
+
+def supported(x, scales, bits: int, group_size: int, mode: str, k: int, n: int) -> bool:
+    """Whether this kernel takes these arguments (else dequantize + GEMM)."""
+    return (mode == "affine" and bits in (4, 8) and x.dtype in (mx.bfloat16, mx.float16) and scales.dtype == x.dtype
+            and k % BK == 0 and n % 8 == 0 and x.size // k > 0 and is_sm90())
+
+
+@functools.cache
+def _kernel(bits: int, group_size: int):
+    return mx.fast.cuda_kernel(
+        name="flashdiff_mixed_gemm", input_names=["x", "wq", "scales", "biases", "bias", "tmaps"],
+        output_names=["out"], source=_SOURCE, header=_HEADER, shared_memory=smem_bytes(bits, group_size),
+    )
+
+
+def template(dtype, m: int, k: int, n: int, bits: int, group_size: int, has_bias: bool):
+    return [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("K", k), ("N", n), ("M_ROWS", m), ("BITS", bits),
+            ("GROUP", group_size), ("HAS_BIAS", has_bias)]
+
+
+def grid(m: int, n: int):
+    """(grid in threads, threadgroup): x = weight tiles of WT, y = token tiles of TT."""
+    return (-(-n // WT) * THREADS, -(-m // TT), 1), (THREADS, 1, 1)
+
+
+def mixed_gemm(x2, wq, scales, biases, bits: int, group_size: int, bias=None, stream=None):
+    """x2 (M, K) @ dequantize(wq, scales, biases).T (+ bias) -> (M, N) in x2.dtype, one kernel (plus the
+    one-warp kernel that encodes x2's tensor map). Arguments as ``supported`` accepts them."""
+    m, k = x2.shape
+    n = wq.shape[0]
+    maps = _gemm_tma.tensor_maps(x2, wq.reshape(1, n, -1), stream)
+    has_bias = bias is not None
+    dummy = mx.zeros((1,), x2.dtype)
+    g, tg = grid(m, n)
+    (out,) = _kernel(bits, group_size)(
+        inputs=[x2, wq, scales, biases, bias.astype(x2.dtype) if has_bias else dummy, maps],
+        template=template(x2.dtype, m, k, n, bits, group_size, has_bias), output_shapes=[(m, n)],
+        output_dtypes=[x2.dtype], grid=g, threadgroup=tg, stream=stream,
+    )
+    return out
