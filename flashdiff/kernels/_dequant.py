@@ -16,6 +16,14 @@ HiDream's stacked 4-bit experts, benchmarks/results/dequant-h200-s5-coalesced.js
 row-per-grid-y one (one chunk per thread; FLASHDIFF_DEQUANT_ROWS=1), which the Metal kernel mirrors.
 The reference is ``mx.dequantize``, matched bit for bit: affine rounds q * s and then + b to the
 scales' dtype (as MLX does), fp modes are exact products.
+
+The flat kernel's paired path (``paired``: affine 4/8-bit with scales in the output's bf16/fp16, what
+quantized_linear and moe_gemm ask for) computes two values per instruction with no float conversions
+(``DEQUANT_CODE``: the codes placed in the mantissas of a packed pair, the offset subtracted, one
+paired multiply and one paired add, rounding as above). Session 9 on the H200 (Nsight Compute,
+benchmarks/results/ncu-dequant-paired-h200-s9.csv): 7.7 / 9.0 us against 8.1 / 9.8 us for the float
+path at 3072 x 3072 (4 / 8 bits), the same within 5% at the larger shapes, which memory bandwidth
+bounds; bit-identical everywhere. FLASHDIFF_DEQUANT_FLOAT=1 takes the float path (side-by-side runs).
 """
 
 import functools

@@ -28,8 +28,17 @@ final rounding, as in ``_gemm_tma_dequant``. Epilogue: accumulators (weight, tok
 [token][weight] shared tile -> 16-byte row stores.
 
 Dense form only. ``quantized_linear`` uses it only when asked (FLASHDIFF_QLINEAR=mixed, on sm_90, for
-arguments ``supported`` accepts). Emulated on the CPU (tests/test_cuda_emulation.py) and compiled with nvcc
-(tests/test_cuda_sources.py); see benchmarks/README.md (session 9) for what ran on the H200.
+arguments ``supported`` accepts). Emulated on the CPU bit for bit against the TMA GEMM on the dequantized
+weight (tests/test_cuda_emulation.py; eight planted bugs fail it) and compiled with nvcc
+(tests/test_cuda_sources.py: 122 registers, no spills).
+
+Measured on the H200 (session 9, benchmarks/README.md): with two K tiles of 4-bit codes in flight, all 26
+GPU cases of ``test_quantized_linear_cuda_mixed`` passed; with four (this source), the 8 that ran before
+the device time ended passed, and its output at 1024 x 3072 -> 3072 equalled dequantize + cuBLAS's.
+Speed, compiled and streamed: 0.82x of bf16 at 1024 x 3072 -> 3072 4-bit (dequantize + cuBLAS 0.81x
+in the same run), 0.50-0.63x at 4608 rows. At 4608 x 3072 -> 12288 (probe_mixed_gemm_variants.py) the
+producer's global loads cost 126 of its 796 us and the conversion 76; without either this tile shape
+still took 670 us against 570 for the TMA GEMM and 511 for cuBLAS. So it stays opt-in.
 """
 
 import functools
@@ -147,9 +156,9 @@ _SOURCE = r"""
     constexpr int WPR = K * BITS / 32;           // code words per weight row
     const int p = tid - 384;
     if (p == 0) fd_acquire_map(maps);
-    // K tiles of codes in flight: two at 4 bits (one left the producer waiting on each load), one at 8 bits
-    // (as many bytes; two spilled 36-60 bytes under the 128 registers of 512 threads)
-    constexpr int PF = BITS == 4 ? 2 : 1;
+    // K tiles of codes in flight: four at 4 bits (the H200 ran 1024 x 3072 -> 3072 in 51.9 us with four, 54.8
+    // with two), one at 8 bits (two spilled 36-60 bytes under the 128 registers of 512 threads)
+    constexpr int PF = BITS == 4 ? 4 : 1;
     uint4 pk[PF][UPT];
     unsigned psb[PF][SPT];
     auto fetch = [&](int kt, uint4 (&dst)[UPT], unsigned (&dsb)[SPT]) {  // tile kt into registers (zeros past N / K)

@@ -22,6 +22,13 @@ host building the next call while the GPU runs this one), 0.90-1.03x of bf16 at 
 sets the pace. The fused kernel (``_gemm_tma_dequant``, sm_90, FLASHDIFF_QLINEAR=fused: the weight
 dequantized inside the GEMM, no scratch) is exact but ran at about half of bf16 speed, so it is
 opt-in (FUSED_DEFAULT).
+
+Session 9, each call compiled (as the pipelines compile their blocks) and streamed, ours and bf16 measured
+in turn: 0.91-1.01x of bf16 at every FLUX / Wan shape with M >= 4608, 0.76-0.84x at M = 1024, where the
+dequantize pass itself (~8 us of GPU time against ~38 us for the GEMM) is what is left. The mixed-input
+GEMM (``_gemm_mixed``, FLASHDIFF_QLINEAR=mixed: the weight converted into wgmma's register operand) ties
+this path at M = 1024 (0.82x against 0.81x in one run) and loses at M = 4608 (0.5-0.63x), so it is
+opt-in too.
 """
 
 import os
