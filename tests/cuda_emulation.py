@@ -18,7 +18,9 @@ What the shim models, one CTA at a time with one host thread per GPU thread:
 - warp shuffles and matches, integer atomics, __syncwarp, __syncthreads and 256-thread named barriers (bar.sync, bar.arrive).
 The model is the one the kernels are written against; `test_cuda_emulation.py` first runs the TMA
 GEMM, which is exact on the H200, through it, so a wrong model shows up there, except in what the GEMM
-does not use: the register-A operand (its layout here is the PTX ISA's m64k16 A fragment as read).
+does not use: the register-A operand (the PTX ISA's m64k16 A fragment, read from each issuing thread's
+registers as they are when the group retires), which the attention's P . V (session 7) and the
+mixed-input GEMM (session 9) use and which passed their GPU tests as modelled here.
 """
 
 import re

@@ -87,6 +87,21 @@ def _u16(a):
     return np.array(a.view(mx.uint16))
 
 
+def _affine_problem(rng, bits, group, mdt, m, k, n):
+    """x (m, k), an (n, k) weight quantized (affine, bits, group) and dequantized by MLX, a bias (n,): all in
+    mdt; the codes reach 0 and 2^bits - 1 (bit 7 at 8 bits) in every case."""
+    import mlx.core as mx
+
+    w = mx.array(rng.standard_normal((n, k)) * 0.05).astype(mdt)
+    wq, scales, biases = mx.quantize(w, group, bits)
+    w_deq = mx.dequantize(wq, scales, biases, group, bits)
+    x = mx.array(rng.standard_normal((m, k))).astype(mdt)
+    bias = mx.array(rng.standard_normal((n,))).astype(mdt)
+    codes = np.array(wq).view(np.uint8)
+    assert codes.min() == 0 and (codes.max() == 255 if bits == 8 else np.any((codes & 15) == 15))
+    return x, wq, scales, biases, w_deq, bias
+
+
 @pytest.mark.parametrize("bits, group, dtype, with_bias, m, k, n", [
     (4, 64, "bf16", False, 200, 320, 264), (8, 64, "bf16", True, 130, 256, 256), (4, 32, "f16", True, 64, 192, 72),
     (8, 128, "f16", False, 100, 384, 136), (4, 128, "bf16", True, 60, 256, 520)])
@@ -98,15 +113,8 @@ def test_emulated_dequant_gemm_matches_gemm_on_dequantized_weight(tmp_path, bits
     rows past N in the last column tile, codes 0 and 2^bits - 1 in every row (bit 7 at 8 bits)."""
     import mlx.core as mx
 
-    rng = np.random.default_rng(bits * 100 + group)
     mdt = mx.bfloat16 if dtype == "bf16" else mx.float16
-    w = mx.array(rng.standard_normal((n, k)) * 0.05).astype(mdt)
-    wq, scales, biases = mx.quantize(w, group, bits)
-    w_deq = mx.dequantize(wq, scales, biases, group, bits)
-    x = mx.array(rng.standard_normal((m, k))).astype(mdt)
-    bias = mx.array(rng.standard_normal((n,))).astype(mdt)
-    codes = np.array(wq).view(np.uint8)
-    assert codes.min() == 0 and (codes.max() == 255 if bits == 8 else np.any((codes & 15) == 15))
+    x, wq, scales, biases, w_deq, bias = _affine_problem(np.random.default_rng(bits * 100 + group), bits, group, mdt, m, k, n)
     tiles_m, tiles_n = -(-m // _gemm_tma.BM), -(-n // _gemm_tma.BN)
     maps_t = [("IS_BF16", dtype == "bf16"), ("K", k), ("W_ROWS", n), ("X_ROWS", m)]
     gemm_t = [("T", dtype), ("IS_BF16", dtype == "bf16"), ("K", k), ("N", n), ("A_DIV", 1), ("DIRECT", True),
@@ -223,15 +231,8 @@ def test_emulated_mixed_gemm_matches_gemm_on_dequantized_weight(tmp_path, bits, 
     both fragment buffers reused), token and weight tails, codes 0 and 2^bits - 1 in every row."""
     import mlx.core as mx
 
-    rng = np.random.default_rng(bits * 10 + group + k)
     mdt = mx.bfloat16 if dtype == "bf16" else mx.float16
-    w = mx.array(rng.standard_normal((n, k)) * 0.05).astype(mdt)
-    wq, scales, biases = mx.quantize(w, group, bits)
-    w_deq = mx.dequantize(wq, scales, biases, group, bits)
-    x = mx.array(rng.standard_normal((m, k))).astype(mdt)
-    bias = mx.array(rng.standard_normal((n,))).astype(mdt)
-    codes = np.array(wq).view(np.uint8)
-    assert codes.min() == 0 and (codes.max() == 255 if bits == 8 else np.any((codes & 15) == 15))
+    x, wq, scales, biases, w_deq, bias = _affine_problem(np.random.default_rng(bits * 10 + group + k), bits, group, mdt, m, k, n)
     maps_t = [("IS_BF16", dtype == "bf16"), ("K", k), ("W_ROWS", n), ("X_ROWS", m)]
     gemm_t = [("T", dtype), ("IS_BF16", dtype == "bf16"), ("K", k), ("N", n), ("A_DIV", 1), ("DIRECT", True),
               ("M_ROWS", m), ("THREADS", _gemm_tma.THREADS), ("GROUP_M", 8)]

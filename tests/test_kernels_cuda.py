@@ -54,29 +54,38 @@ FUSED_CASES = [(m, k, n, with_bias, bits, group)
                for bits, group in [(4, 64), (8, 64), (4, 32), (8, 128)] if k % group == 0]
 
 
+def _fused_quantized_linear(monkeypatch, path, kernel, seed, bits, group, dtype, m, k, n, with_bias):
+    """quantized_linear under FLASHDIFF_QLINEAR=path (the sm_90 kernel module `kernel` must take the case),
+    checked against float32 on MLX's CPU dequantize (rel. L2 < 1e-2); returns (x, bias, w_deq, out). MLX's
+    CPU dequantize is the reference our kernels match (its CUDA kernel rounds q * s + b once, a fused
+    multiply-add, where the CPU rounds the product and then the sum: 1 ulp apart in some elements)."""
+    from flashdiff.kernels import quantized_linear
+    if not _gemm_cuda.is_sm90():
+        pytest.skip(f"FLASHDIFF_QLINEAR={path} needs an sm_90 GPU")
+    monkeypatch.setenv("FLASHDIFF_QLINEAR", path)
+    mx.random.seed(seed)
+    w = (mx.random.normal((n, k)) * 0.05).astype(dtype)
+    wq, s, b = mx.quantize(w, group, bits)
+    x = mx.random.normal((m, k)).astype(dtype)
+    bias = mx.random.normal((n,)).astype(dtype) if with_bias else None
+    assert kernel.supported(x, s, bits, group, "affine", k, n)
+    out = quantized_linear(x, wq, s, b, bits, group, "affine", bias=bias)
+    w_deq = mx.dequantize(wq, s, b, group, bits, stream=mx.cpu)
+    ref = x.astype(mx.float32) @ w_deq.astype(mx.float32).T + (0 if bias is None else bias.astype(mx.float32))
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert rel_err(out, ref) < 1e-2
+    return x, bias, w_deq, out, ref
+
+
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("m, k, n, with_bias, bits, group", FUSED_CASES)
 def test_quantized_linear_cuda_fused(monkeypatch, bits, group, dtype, m, k, n, with_bias):
     """The fused dequantize GEMM (_gemm_tma_dequant) as quantized_linear runs it (FLASHDIFF_QLINEAR=fused):
     without bias bit-identical to the TMA GEMM on mx.dequantize's weight (same MMA order: every
     dequantized value equal to MLX's CPU dequantize), with bias against dequantize + matmul + bias."""
-    from flashdiff.kernels import _gemm_tma_dequant, quantized_linear
-    if not _gemm_cuda.is_sm90():
-        pytest.skip("the fused kernel needs an sm_90 GPU")
-    monkeypatch.setenv("FLASHDIFF_QLINEAR", "fused")
-    mx.random.seed(bits + group + m)
-    w = (mx.random.normal((n, k)) * 0.05).astype(dtype)
-    wq, s, b = mx.quantize(w, group, bits)
-    x = mx.random.normal((m, k)).astype(dtype)
-    bias = mx.random.normal((n,)).astype(dtype) if with_bias else None
-    assert _gemm_tma_dequant.supported(x, s, bits, group, "affine", k, n)
-    out = quantized_linear(x, wq, s, b, bits, group, "affine", bias=bias)
-    # MLX's CPU dequantize, the reference our kernels match (its CUDA kernel rounds q * s + b once, a fused
-    # multiply-add, where the CPU rounds the product and then the sum: 1 ulp apart in some elements)
-    w_deq = mx.dequantize(wq, s, b, group, bits, stream=mx.cpu)
-    ref = x.astype(mx.float32) @ w_deq.astype(mx.float32).T + (0 if bias is None else bias.astype(mx.float32))
-    assert out.dtype == dtype and out.shape == (m, n)
-    assert rel_err(out, ref) < 1e-2
+    from flashdiff.kernels import _gemm_tma_dequant
+    x, bias, w_deq, out, ref = _fused_quantized_linear(monkeypatch, "fused", _gemm_tma_dequant, bits + group + m,
+                                                       bits, group, dtype, m, k, n, with_bias)
     if not with_bias:
         same = _gemm_cuda.dense_gemm(x, w_deq, engine="wgmma tma")
         diff = mx.abs(out.astype(mx.float32) - same.astype(mx.float32))
@@ -93,21 +102,9 @@ def test_quantized_linear_cuda_mixed(monkeypatch, bits, group, dtype, m, k, n, w
     """The mixed-input GEMM (_gemm_mixed) as quantized_linear runs it (FLASHDIFF_QLINEAR=mixed): against
     float32 on MLX's CPU dequantize (rel. L2 < 1e-2), and within a few bf16 roundings of the TMA GEMM on that
     weight (rel. L2 < 2e-3; the share of bit-identical elements is in the message)."""
-    from flashdiff.kernels import _gemm_mixed, quantized_linear
-    if not _gemm_cuda.is_sm90():
-        pytest.skip("the mixed-input kernel needs an sm_90 GPU")
-    monkeypatch.setenv("FLASHDIFF_QLINEAR", "mixed")
-    mx.random.seed(bits + group + m + 7)
-    w = (mx.random.normal((n, k)) * 0.05).astype(dtype)
-    wq, s, b = mx.quantize(w, group, bits)
-    x = mx.random.normal((m, k)).astype(dtype)
-    bias = mx.random.normal((n,)).astype(dtype) if with_bias else None
-    assert _gemm_mixed.supported(x, s, bits, group, "affine", k, n)
-    out = quantized_linear(x, wq, s, b, bits, group, "affine", bias=bias)
-    w_deq = mx.dequantize(wq, s, b, group, bits, stream=mx.cpu)
-    ref = x.astype(mx.float32) @ w_deq.astype(mx.float32).T + (0 if bias is None else bias.astype(mx.float32))
-    assert out.dtype == dtype and out.shape == (m, n)
-    assert rel_err(out, ref) < 1e-2
+    from flashdiff.kernels import _gemm_mixed
+    x, bias, w_deq, out, _ = _fused_quantized_linear(monkeypatch, "mixed", _gemm_mixed, bits + group + m + 7,
+                                                     bits, group, dtype, m, k, n, with_bias)
     same = _gemm_cuda.dense_gemm(x, w_deq, engine="wgmma tma")
     if bias is not None:
         same = (same.astype(mx.float32) + bias.astype(mx.float32)).astype(dtype)

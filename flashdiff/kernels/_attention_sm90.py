@@ -27,6 +27,7 @@ import math
 
 import mlx.core as mx
 
+from ._gemm_sm90 import wgmma_asm
 from ._gemm_tma import _GEMM_HEADER, _MAP_HEADER, num_sms
 
 D = 128
@@ -40,24 +41,7 @@ MAP_BYTES = 4 * 128  # three 128-byte maps + room to align them
 def _wgmma_n128(dtype: str, a_regs: bool) -> str:
     """m64n128k16 with float32 accumulators. A from shared memory (both operands K-major) or from
     registers (then B is MN-major: imm-trans-b = 1, N contiguous, as V's tiles are)."""
-    d = ", ".join(f"%{i}" for i in range(64))
-    outs = ", ".join(f'"+f"(d[{i}])' for i in range(64))
-    if a_regs:
-        sig, a_op, ins, tail = "const unsigned (&a)[4], unsigned long long db", "{%64, %65, %66, %67}", \
-            '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db)', "%68, p, 1, 1, 1"
-        name = f"fd_wgmma_rs_{dtype}"
-    else:
-        sig, a_op, ins, tail = "unsigned long long da, unsigned long long db", "%64", '"l"(da), "l"(db)', \
-            "%65, p, 1, 1, 0, 0"
-        name = f"fd_wgmma_ss_{dtype}"
-    return (
-        f"__device__ __forceinline__ void {name}(float (&d)[64], {sig}) {{\n"
-        f'  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"\n'
-        f'    "wgmma.mma_async.sync.aligned.m64n128k16.f32.{dtype}.{dtype} {{{d}}}, {a_op}, {tail};\\n}}\\n"\n'
-        f"    : {outs}\n"
-        f"    : {ins});\n"
-        "}\n"
-    )
+    return wgmma_asm(f"fd_wgmma_{'rs' if a_regs else 'ss'}_{dtype}", 128, dtype, a_regs, trans_b=a_regs)
 
 
 _HEADER = _GEMM_HEADER + _wgmma_n128("bf16", False) + _wgmma_n128("f16", False) + _wgmma_n128("bf16", True) \

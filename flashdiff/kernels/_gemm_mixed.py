@@ -48,6 +48,7 @@ import mlx.core as mx
 from . import _gemm_tma
 from ._dequant import DEQUANT_CODE, PAIRED_ASM
 from ._gemm_cuda import is_sm90
+from ._gemm_sm90 import wgmma_asm
 
 WT, TT, BK, STAGES = 192, 128, 64, 4  # weights, tokens, k per CTA tile; pipeline stages
 THREADS = 512  # three consumer warpgroups + one producer warpgroup
@@ -64,21 +65,8 @@ def smem_bytes(bits: int, group_size: int) -> int:
     return STAGES * stage_bytes(bits, group_size) + 1024  # + room to align to 1024 bytes
 
 
-def _wgmma_rs_n128(dtype: str) -> str:
-    """m64n128k16, A from registers, B K-major from shared memory (imm-trans-b = 0)."""
-    d = ", ".join(f"%{i}" for i in range(64))
-    outs = ", ".join(f'"+f"(d[{i}])' for i in range(64))
-    return (
-        f"__device__ __forceinline__ void fd_wgmma_rsk_{dtype}(float (&d)[64], const unsigned (&a)[4], unsigned long long db) {{\n"
-        f'  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"\n'
-        f'    "wgmma.mma_async.sync.aligned.m64n128k16.f32.{dtype}.{dtype} {{{d}}}, {{%64, %65, %66, %67}}, %68, p, 1, 1, 0;\\n}}\\n"\n'
-        f"    : {outs}\n"
-        f'    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));\n'
-        "}\n"
-    )
-
-
-_MMA = _wgmma_rs_n128("bf16") + _wgmma_rs_n128("f16") + r"""
+# m64n128k16, A from registers, B K-major from shared memory (imm-trans-b = 0)
+_MMA = wgmma_asm("fd_wgmma_rsk_bf16", 128, "bf16", a_regs=True) + wgmma_asm("fd_wgmma_rsk_f16", 128, "f16", a_regs=True) + r"""
 __device__ __forceinline__ void fd_fence64(float (&d)[64]) {
 #pragma unroll
   for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i]) :: "memory");

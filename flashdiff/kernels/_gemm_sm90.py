@@ -32,15 +32,26 @@ BM, BN, BK, STAGES, THREADS = 128, 256, 64, 4, 256
 SMEM_BYTES = STAGES * (BM + BN) * BK * 2 + 1024  # + room to align the tiles to 1024 bytes
 
 
-def _wgmma_asm(dtype: str) -> str:
-    regs = ", ".join(f"%{i}" for i in range(128))
-    outs = ", ".join(f'"+f"(d[{i}])' for i in range(128))
+def wgmma_asm(name: str, n: int, dtype: str, a_regs: bool = False, trans_b: bool = False) -> str:
+    """The inline-assembly wrapper ``name(d, ...)`` of one ``wgmma.mma_async.m64{n}k16`` form with float32
+    accumulators (d: n / 2 per thread): A from shared memory (descriptor da) or from registers (a[4], the
+    m64k16 A fragment); B by descriptor db, K-major, or MN-major (imm-trans-b = 1) when trans_b."""
+    acc = n // 2
+    regs = ", ".join(f"%{i}" for i in range(acc))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(acc))
+    if a_regs:
+        sig, a_op, ins = "const unsigned (&a)[4], unsigned long long db", "{" + ", ".join(f"%{acc + i}" for i in range(4)) + "}", \
+            '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db)'
+        tail = f"%{acc + 4}, p, 1, 1, {int(trans_b)}"
+    else:
+        sig, a_op, ins = "unsigned long long da, unsigned long long db", f"%{acc}", '"l"(da), "l"(db)'
+        tail = f"%{acc + 1}, p, 1, 1, 0, {int(trans_b)}"
     return (
-        f"__device__ __forceinline__ void fd_wgmma_{dtype}(float (&d)[128], unsigned long long da, unsigned long long db) {{\n"
+        f"__device__ __forceinline__ void {name}(float (&d)[{acc}], {sig}) {{\n"
         f'  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"\n'
-        f'    "wgmma.mma_async.sync.aligned.m64n256k16.f32.{dtype}.{dtype} {{{regs}}}, %128, %129, p, 1, 1, 0, 0;\\n}}\\n"\n'
+        f'    "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{dtype}.{dtype} {{{regs}}}, {a_op}, {tail};\\n}}\\n"\n'
         f"    : {outs}\n"
-        f'    : "l"(da), "l"(db));\n'
+        f"    : {ins});\n"
         "}\n"
     )
 
@@ -69,7 +80,7 @@ __device__ __forceinline__ void fd_mbar_arrive(unsigned bar) {
 __device__ __forceinline__ void fd_mbar_arrive_cp_async(unsigned bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(bar) : "memory");
 }
-""" + _wgmma_asm("bf16") + _wgmma_asm("f16") + r"""
+""" + wgmma_asm("fd_wgmma_bf16", 256, "bf16") + wgmma_asm("fd_wgmma_f16", 256, "f16") + r"""
 // One K tile of this warpgroup's 64 x 256 block: d += A . B^T as KSTEPS k16 wgmmas on the swizzled
 // shared tiles at a_addr / b_addr (rows of 128 bytes), committed as one wgmma group.
 template <bool BF16, int KSTEPS>
