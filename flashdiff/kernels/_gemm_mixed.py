@@ -15,8 +15,8 @@ swizzle, loaded by TMA); 64 float32 accumulators per thread. 192 divides every N
 HiDream, and 3072 / 192 x 1024 / 128 = 128 CTAs fill the H200's 132 SMs in one wave at M = 1024, where
 the 128 x 256 tiles of ``_gemm_tma`` leave 36 idle. The producer warpgroup (threads 384..511):
 - thread 384 issues the x tile's TMA load per stage (as ``_gemm_tma``);
-- all 128 copy the tile's packed codes and its rows' scales and biases from global memory (one K tile
-  ahead, in registers) into the stage, rearranged so that consumer lane (g, t) finds everything it needs
+- all 128 copy the tile's packed codes and its rows' scales and biases from global memory (loaded four
+  K tiles ahead at 4 bits, one at 8, into registers) into the stage, rearranged so that consumer lane (g, t) finds everything it needs
   for a row in one 8-byte (4-bit) or 16-byte (8-bit) shared load, already in the bit positions
   ``fd_dq_pair`` takes (4-bit: ``fd_mixed_nibbles``; 8-bit: one byte permute), then arrive on the stage's
   "full" barrier (129 arrivals: the TMA thread's expect_tx and one per producer thread).
@@ -50,7 +50,7 @@ from ._dequant import DEQUANT_CODE, PAIRED_ASM
 from ._gemm_cuda import is_sm90
 from ._gemm_sm90 import wgmma_asm
 
-WT, TT, BK, STAGES = 192, 128, 64, 4  # weights, tokens, k per CTA tile; pipeline stages
+WT, TT, BK, STAGES = 192, 128, 64, 4  # weights, tokens, k per CTA tile; pipeline stages (as in _SOURCE)
 THREADS = 512  # three consumer warpgroups + one producer warpgroup
 
 
