@@ -88,22 +88,25 @@ def qlinear_rows(quick):
             wq, s, b = q[0], q[1], (q[2] if len(q) > 2 else None)
             mx.eval(wq, s, b)
             # against MLX's CPU dequantize (its CUDA one rounds q * s + b once, the CPU one twice, as ours do)
-            same = mx.array_equal(quantized_linear(x, wq, s, b, bits, group, mode),
-                                  x @ mx.dequantize(wq, s, b, group, bits, mode=mode, dtype=x.dtype, stream=mx.cpu).T).item()
+            ref_cpu = x @ mx.dequantize(wq, s, b, group, bits, mode=mode, dtype=x.dtype, stream=mx.cpu).T
+            same = mx.array_equal(quantized_linear(x, wq, s, b, bits, group, mode), ref_cpu).item()
             t_ours = bench(lambda: quantized_linear(x, wq, s, b, bits, group, mode), reps=reps)
             t_ours_iso = bench(lambda: quantized_linear(x, wq, s, b, bits, group, mode))
             # streamed, plain and compiled (as the pipelines compile their blocks): ours and bf16 measured in
             # turn over STREAM_ROUNDS rounds, medians (common.interleaved)
-            ours_compiled = mx.compile(lambda a: quantized_linear(a, wq, s, b, bits, group, mode))
+            def traced():  # a compiled call of its own (each traces its graph under the path chosen then)
+                return mx.compile(lambda a: quantized_linear(a, wq, s, b, bits, group, mode))
+
+            ours_compiled = traced()
             fns = {"ours": lambda: quantized_linear(x, wq, s, b, bits, group, mode), "bf16": lambda: x @ w.T,
                    "ours_c": lambda: ours_compiled(x), "bf16_c": lambda: dense_compiled(x)}
             float_path = _dequant.paired(x.dtype, s.dtype, bits, mode)  # the dequantize kernel's float path too
             if float_path:  # (FLASHDIFF_DEQUANT_FLOAT=1 while the compiled call is traced)
-                float_compiled = mx.compile(lambda a: quantized_linear(a, wq, s, b, bits, group, mode))
+                float_compiled = traced()
                 fns["float_c"] = with_env("FLASHDIFF_DEQUANT_FLOAT", "1", lambda: float_compiled(x))
             mixed = not NO_MIXED and _gemm_mixed.supported(x, s, bits, group, mode, k, n)
             if mixed:  # the mixed-input GEMM (FLASHDIFF_QLINEAR=mixed while each call builds / traces its graph)
-                mixed_compiled = mx.compile(lambda a: quantized_linear(a, wq, s, b, bits, group, mode))
+                mixed_compiled = traced()
                 run_mixed = with_env("FLASHDIFF_QLINEAR", "mixed", lambda: quantized_linear(x, wq, s, b, bits, group, mode))
                 fns["mixed"], fns["mixed_c"] = run_mixed, with_env("FLASHDIFF_QLINEAR", "mixed", lambda: mixed_compiled(x))
             st = interleaved(fns, lambda fn: streamed_call(fn, calls=40 if m * n < 2e8 else 10, samples=3), STREAM_ROUNDS)
@@ -115,14 +118,13 @@ def qlinear_rows(quick):
                                 streamed_compiled_float_dequant_ratio_vs_bf16=st["bf16_c"] / st["float_c"])
             if mixed:
                 y_mixed = run_mixed()
-                ref_c = x @ mx.dequantize(wq, s, b, group, bits, mode=mode, dtype=x.dtype, stream=mx.cpu).T
                 t_mixed = bench(run_mixed, reps=reps)
                 compiled.update(mixed_ms=t_mixed * 1e3, mixed_ratio_vs_bf16=t_dense / t_mixed,
                                 streamed_mixed_ms=st["mixed"] * 1e3, streamed_mixed_ratio_vs_bf16=st["bf16"] / st["mixed"],
                                 streamed_compiled_mixed_ms=st["mixed_c"] * 1e3,
                                 streamed_compiled_mixed_ratio_vs_bf16=st["bf16_c"] / st["mixed_c"],
-                                mixed_max_rel_diff=(mx.abs(y_mixed.astype(mx.float32) - ref_c.astype(mx.float32)).max()
-                                                    / mx.abs(ref_c.astype(mx.float32)).max()).item())
+                                mixed_max_rel_diff=(mx.abs(y_mixed.astype(mx.float32) - ref_cpu.astype(mx.float32)).max()
+                                                    / mx.abs(ref_cpu.astype(mx.float32)).max()).item())
             t_qmm = bench(lambda: mx.quantized_matmul(x, wq, s, b, True, group, bits, mode), reps=reps)
             fused = {}
             if not NO_FUSED and _gemm_tma_dequant.supported(x, s, bits, group, mode, k, n):  # the fused kernel, forced
@@ -187,11 +189,12 @@ def moe_rows():
             if "float_c" in st:
                 compiled.update(streamed_compiled_float_dequant_ms=st["float_c"] * 1e3,
                                 streamed_compiled_float_dequant_ratio_vs_dense=st["dense_c"] / st["float_c"])
-            fn = (lambda fn: lambda: fn(x))(fn)
+            call = fns["ours"]
         else:
-            st = interleaved({"ours": fn, "dense": lambda: dense_x @ w0.T}, streamed_call, 1)
+            call = fn
+            st = interleaved({"ours": call, "dense": lambda: dense_x @ w0.T}, streamed_call, 1)
             tm_stream, t_dense_stream = st["ours"], st["dense"]
-        tm = bench(fn, reps=5)
+        tm = bench(call, reps=5)
         rows.append(dict(kernel="moe_gemm", shape=shape, mode=mode, ours_ms=tm * 1e3, dense_ms=t_dense * 1e3,
                          ours_tflops=flops / tm / 1e12, ratio_vs_dense=t_dense / tm,
                          streamed_ours_ms=tm_stream * 1e3, streamed_dense_ms=t_dense_stream * 1e3,
