@@ -241,14 +241,13 @@ def test_emulated_mixed_gemm_matches_gemm_on_dequantized_weight(tmp_path, bits, 
     buffers = {"x": (dtype, _u16(x)), "w_deq": (dtype, _u16(w_deq)), "wq": ("u32", np.array(wq)),
                "scales": (dtype, _u16(scales)), "biases": (dtype, _u16(biases)), "bias": (dtype, _u16(bias)),
                "dummy": ("i32", np.zeros(1, np.int32)), "tmaps": ("u8", _gemm_tma.MAP_BYTES),
-               "tmaps2": ("u8", _gemm_tma.MAP_BYTES), "ref": (dtype, m * n), "out": (dtype, m * n)}
+               "tmaps2": ("u8", _gemm_mixed.maps_bytes(m, n)), "ref": (dtype, m * n), "out": (dtype, m * n)}
     got = run(tmp_path, buffers, [
         (_gemm_tma._MAPS_SOURCE, maps_t, ["x", ("w", "w_deq")], ["tmaps"], (1, 1), 32),
         (_gemm_tma._SOURCE, gemm_t, ["x", ("w", "w_deq"), ("slot_row", "dummy"), ("tile_expert", "dummy"), "tmaps"],
          [("out", "ref")], (-(-n // _gemm_tma.BN), -(-m // _gemm_tma.BM)), _gemm_tma.THREADS),
-        (_gemm_tma._MAPS_SOURCE, maps_t, ["x", ("w", "wq")], [("tmaps", "tmaps2")], (1, 1), 32),
-        (_gemm_mixed._SOURCE, mixed_t, ["x", "wq", "scales", "biases", ("bias", "bias" if with_bias else "x"),
-                                        ("tmaps", "tmaps2")], ["out"], (gx // threads, gy), threads),
+        (_gemm_mixed._SOURCE, mixed_t, ["x", "wq", "scales", "biases", ("bias", "bias" if with_bias else "x")],
+         ["out", ("tmaps", "tmaps2")], (gx // threads, gy), threads),
     ], ["ref", "out"], headers=_gemm_tma_dequant.DEQUANT_CODE + _gemm_mixed.MIXED_CODE)
     values = bf16_values if dtype == "bf16" else (lambda b: b.view(np.float16).astype(np.float32))
     if not with_bias:
@@ -327,7 +326,7 @@ def test_persistent_attention_as_launched(tmp_path, recorder, monkeypatch):
 @pytest.mark.parametrize("bits, group, with_bias", [(4, 64, True), (8, 32, False)])
 def test_quantized_linear_mixed_as_launched(tmp_path, recorder, monkeypatch, bits, group, with_bias):
     """quantized_linear under FLASHDIFF_QLINEAR=mixed as it launches the mixed-input GEMM on an sm_90 GPU
-    (tensor-map kernel + GEMM; template, grid and shared memory as computed there), against float64."""
+    (one kernel; template, grid and shared memory as computed there), against float64."""
     import mlx.core as mx
 
     from flashdiff.kernels import quantized_linear
@@ -344,9 +343,9 @@ def test_quantized_linear_mixed_as_launched(tmp_path, recorder, monkeypatch, bit
     y = quantized_linear(x, wq, s, b, bits, group, bias=bias, backend="cuda")
     assert y.shape == (2, m // 2, n)
     names = [r["name"] for r in recorder.launches]
-    assert names == ["flashdiff_gemm_tensor_maps", "flashdiff_mixed_gemm"], names
+    assert names == ["flashdiff_mixed_gemm"], names  # its CTAs encode their own tensor maps
     assert recorder.launches[-1]["shared_memory"] == _gemm_mixed.smem_bytes(bits, group)
-    (out,) = replay(tmp_path, recorder.launches, _gemm_tma_dequant.DEQUANT_CODE + _gemm_mixed.MIXED_CODE)
+    out, _ = replay(tmp_path, recorder.launches, _gemm_tma_dequant.DEQUANT_CODE + _gemm_mixed.MIXED_CODE)
     w_deq = np.array(mx.dequantize(wq, s, b, group, bits, stream=mx.cpu).astype(mx.float32), np.float64)
     ref = np.array(x.astype(mx.float32), np.float64).reshape(m, k) @ w_deq.T
     if with_bias:

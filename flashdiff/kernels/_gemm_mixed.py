@@ -14,7 +14,9 @@ rows and issue ``wgmma.m64n128k16`` (A = their converted fragments, B = the x ti
 swizzle, loaded by TMA); 64 float32 accumulators per thread. 192 divides every N of FLUX, Wan and
 HiDream, and 3072 / 192 x 1024 / 128 = 128 CTAs fill the H200's 132 SMs in one wave at M = 1024, where
 the 128 x 256 tiles of ``_gemm_tma`` leave 36 idle. The producer warpgroup (threads 384..511):
-- thread 384 issues the x tile's TMA load per stage (as ``_gemm_tma``);
+- warp 12 first encodes the CTA's own tensor map over x (``_gemm_tma.publish_maps_code``, into a slot of
+  the ``tmaps`` output; session 10: no separate encoding kernel), then thread 384 issues the x tile's
+  TMA load per stage (as ``_gemm_tma``);
 - all 128 copy the tile's packed codes and its rows' scales and biases from global memory (loaded four
   K tiles ahead at 4 bits, one at 8, into registers) into the stage, rearranged so that consumer lane (g, t) finds everything it needs
   for a row in one 8-byte (4-bit) or 16-byte (8-bit) shared load, already in the bit positions
@@ -39,6 +41,11 @@ Speed, compiled and streamed: 0.82x of bf16 at 1024 x 3072 -> 3072 4-bit (dequan
 in the same run), 0.50-0.63x at 4608 rows. At 4608 x 3072 -> 12288 (probe_mixed_gemm_variants.py) the
 producer's global loads cost 126 of its 796 us and the conversion 76; without either this tile shape
 still took 670 us against 570 for the TMA GEMM and 511 for cuBLAS. So it stays opt-in.
+Session 10 (each CTA encodes its map; all 26 GPU cases passed): the probe, streamed, put it at 53.0 us
+against 62.4 us with the map kernel of session 9 at 1024 x 3072 -> 3072, but 193 against 183 us at
+1024 x 3072 -> 12288 (512 CTAs each encoding a map). Compiled and streamed in benchmarks/kernels.py:
+0.66x of bf16 at 1024 x 3072 -> 3072 against 0.79x for dequantize + cuBLAS in the same run, and
+0.46-0.64x at the 1024-row FLUX shapes with N or K of 12288 and more (dequantize + cuBLAS 0.77-0.86x).
 """
 
 import functools
@@ -49,6 +56,7 @@ from . import _gemm_tma
 from ._dequant import DEQUANT_CODE, PAIRED_ASM
 from ._gemm_cuda import is_sm90
 from ._gemm_sm90 import wgmma_asm
+from ._gemm_tma import publish_maps_code
 
 WT, TT, BK, STAGES = 192, 128, 64, 4  # weights, tokens, k per CTA tile; pipeline stages (as in _SOURCE)
 THREADS = 512  # three consumer warpgroups + one producer warpgroup
@@ -127,7 +135,6 @@ _SOURCE = r"""
   const unsigned smem_base = fd_smem_addr(fd_smem);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int tile_w = blockIdx.x, tile_t = blockIdx.y;
-  const unsigned long long maps = fd_maps_addr(tmaps);
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       fd_mbar_init(fd_smem_addr(&full_bar[s]), 129);  // the TMA thread's expect_tx + every producer thread
@@ -143,7 +150,6 @@ _SOURCE = r"""
     constexpr int SPT = (WT * GPT + 127) / 128;  // (row, group) scale | bias pairs per producer thread
     constexpr int WPR = K * BITS / 32;           // code words per weight row
     const int p = tid - 384;
-    if (p == 0) fd_acquire_map(maps);
     // K tiles of codes in flight: four at 4 bits (the H200 ran 1024 x 3072 -> 3072 in 51.9 us with four, 54.8
     // with two), one at 8 bits (two spilled 36-60 bytes under the 128 registers of 512 threads)
     constexpr int PF = BITS == 4 ? 4 : 1;
@@ -170,6 +176,12 @@ _SOURCE = r"""
     };
 #pragma unroll
     for (int u = 0; u < PF; ++u) fetch(u, pk[u], psb[u]);
+    // this CTA's tensor map over x, encoded by warp 12 while the first codes load (in a slot of its own:
+    // no separate encoding kernel ahead of this one)
+    const unsigned long long xmap = fd_maps_addr(tmaps) + 128ull * (blockIdx.y * gridDim.x + blockIdx.x);
+    if (warp == 12)
+""" + publish_maps_code([("x", "M_ROWS", "TT")], dst="xmap", name="xmap_smem") + r"""
+    if (p == 0) fd_acquire_map(xmap);
     for (int kt0 = 0; kt0 < KT; kt0 += PF)
 #pragma unroll
     for (int u = 0; u < PF; ++u) {
@@ -188,7 +200,7 @@ _SOURCE = r"""
       fd_mbar_wait(fd_smem_addr(&empty_bar[s]), ((kt / STAGES) & 1) ^ 1);
       if (p == 0) {
         fd_mbar_expect_tx(full, X_BYTES);
-        fd_tma_load(smem_base + s * STAGE_BYTES, maps, kt * BK, tile_t * TT, full);
+        fd_tma_load(smem_base + s * STAGE_BYTES, xmap, kt * BK, tile_t * TT, full);
       }
 #pragma unroll
       for (int i = 0; i < UPT; ++i) {
@@ -314,8 +326,8 @@ def supported(x, scales, bits: int, group_size: int, mode: str, k: int, n: int) 
 @functools.cache
 def _kernel(bits: int, group_size: int):
     return mx.fast.cuda_kernel(
-        name="flashdiff_mixed_gemm", input_names=["x", "wq", "scales", "biases", "bias", "tmaps"],
-        output_names=["out"], source=_SOURCE, header=_HEADER, shared_memory=smem_bytes(bits, group_size),
+        name="flashdiff_mixed_gemm", input_names=["x", "wq", "scales", "biases", "bias"],
+        output_names=["out", "tmaps"], source=_SOURCE, header=_HEADER, shared_memory=smem_bytes(bits, group_size),
     )
 
 
@@ -329,18 +341,23 @@ def grid(m: int, n: int):
     return (-(-n // WT) * THREADS, -(-m // TT), 1), (THREADS, 1, 1)
 
 
+def maps_bytes(m: int, n: int) -> int:
+    """The kernel's tensor-map scratch: one 128-byte map per CTA + room to align them to 128 bytes."""
+    (gx, gy, _), (threads, _, _) = grid(m, n)
+    return gx // threads * gy * 128 + 128
+
+
 def mixed_gemm(x2, wq, scales, biases, bits: int, group_size: int, bias=None, stream=None):
-    """x2 (M, K) @ dequantize(wq, scales, biases).T (+ bias) -> (M, N) in x2.dtype, one kernel (plus the
-    one-warp kernel that encodes x2's tensor map). Arguments as ``supported`` accepts them."""
+    """x2 (M, K) @ dequantize(wq, scales, biases).T (+ bias) -> (M, N) in x2.dtype, one kernel (each CTA
+    encodes its own tensor map over x2). Arguments as ``supported`` accepts them."""
     m, k = x2.shape
     n = wq.shape[0]
-    maps = _gemm_tma.tensor_maps(x2, wq.reshape(1, n, -1), stream)
     has_bias = bias is not None
     dummy = mx.zeros((1,), x2.dtype)
     g, tg = grid(m, n)
-    (out,) = _kernel(bits, group_size)(
-        inputs=[x2, wq, scales, biases, bias.astype(x2.dtype) if has_bias else dummy, maps],
-        template=template(x2.dtype, m, k, n, bits, group_size, has_bias), output_shapes=[(m, n)],
-        output_dtypes=[x2.dtype], grid=g, threadgroup=tg, stream=stream,
+    out, _ = _kernel(bits, group_size)(
+        inputs=[x2, wq, scales, biases, bias.astype(x2.dtype) if has_bias else dummy],
+        template=template(x2.dtype, m, k, n, bits, group_size, has_bias), output_shapes=[(m, n), (maps_bytes(m, n),)],
+        output_dtypes=[x2.dtype, mx.uint8], grid=g, threadgroup=tg, stream=stream,
     )
     return out

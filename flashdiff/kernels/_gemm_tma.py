@@ -73,29 +73,36 @@ __device__ __forceinline__ unsigned long long fd_maps_addr(const void* buf) {
 """
 
 
+def publish_maps_code(maps, dst: str = "fd_maps_addr(tmaps)", name: str = "maps") -> str:
+    """Body code for one warp (all 32 lanes): encode the tensor maps `maps`, each (pointer, rows, box rows)
+    over a row-major (rows, K) tensor of IS_BF16's 2-byte type, in shared memory, then publish them at the
+    128-byte-aligned global address `dst` (an expression), 128 bytes apart, with the release fence that
+    the user's ``fd_acquire_map`` pairs with."""
+    zero = "".join(f"    {name}[lane{f' + {32 * i}' if i else ''}] = 0u;\n" for i in range(len(maps)))
+    fills = "".join(f"      fd_tmap_fill<IS_BF16>(s0{f' + {128 * i}' if i else ''}, {ptr}, K, {rows}, 2ull * K, {box});\n"
+                    for i, (ptr, rows, box) in enumerate(maps))
+    copies = "".join(
+        '    asm volatile("tensormap.cp_fenceproxy.global.shared::cta.tensormap::generic.release.gpu.sync.aligned [%0], [%1], 128;"\n'
+        f'                 :: "l"(g{f" + {128 * i}" if i else ""}), "r"(s0{f" + {128 * i}" if i else ""}) : "memory");\n'
+        for i in range(len(maps)))
+    return f"""
+  {{
+    __shared__ __align__(128) unsigned {name}[{32 * len(maps)}];
+    const int lane = threadIdx.x & 31;
+{zero}    __syncwarp();
+    const unsigned s0 = (unsigned)__cvta_generic_to_shared({name});
+    if (lane == 0) {{
+{fills}    }}
+    __syncwarp();
+    const unsigned long long g = {dst};
+{copies}  }}
+"""
+
+
 def _maps_code(a: str, a_rows: str) -> str:
     """One warp encodes the GEMM's tensor maps into `tmaps`: map 0 = `a` as (a_rows, K), boxes of 128
     rows; map 1 = w as (W_ROWS = E * N, K), boxes of 256 rows."""
-    return r"""
-  {
-    __shared__ __align__(128) unsigned maps[64];
-    const int lane = threadIdx.x & 31;
-    maps[lane] = 0u;
-    maps[lane + 32] = 0u;
-    __syncwarp();
-    const unsigned s0 = (unsigned)__cvta_generic_to_shared(maps);
-    if (lane == 0) {
-      fd_tmap_fill<IS_BF16>(s0, A_PTR, K, A_ROWS, 2ull * K, 128);
-      fd_tmap_fill<IS_BF16>(s0 + 128, w, K, W_ROWS, 2ull * K, 256);
-    }
-    __syncwarp();
-    const unsigned long long g = fd_maps_addr(tmaps);
-    asm volatile("tensormap.cp_fenceproxy.global.shared::cta.tensormap::generic.release.gpu.sync.aligned [%0], [%1], 128;"
-                 :: "l"(g), "r"(s0) : "memory");
-    asm volatile("tensormap.cp_fenceproxy.global.shared::cta.tensormap::generic.release.gpu.sync.aligned [%0], [%1], 128;"
-                 :: "l"(g + 128), "r"(s0 + 128) : "memory");
-  }
-""".replace("A_PTR", a).replace("A_ROWS", a_rows)
+    return publish_maps_code([(a, a_rows, 128), ("w", "W_ROWS", 256)])
 
 
 _MAPS_SOURCE = _maps_code("x", "X_ROWS")  # dense form: launched with one warp

@@ -28,7 +28,9 @@ in turn: 0.91-1.01x of bf16 at every FLUX / Wan shape with M >= 4608, 0.76-0.84x
 dequantize pass itself (~8 us of GPU time against ~38 us for the GEMM) is what is left. The mixed-input
 GEMM (``_gemm_mixed``, FLASHDIFF_QLINEAR=mixed: the weight converted into wgmma's register operand) ties
 this path at M = 1024 (0.82x against 0.81x in one run) and loses at M = 4608 (0.5-0.63x), so it is
-opt-in too.
+opt-in too. Session 10 measured the 1024-row FLUX shapes (FLUX at 512 x 512): this path 0.77-0.86x of
+bf16, the mixed GEMM 0.46-0.66x. At M = 1024 the dequantize pass is ~20% of the GEMM's time and runs
+before it on the one stream; only a fused kernel as fast as cuBLAS would hide it.
 """
 
 import os
