@@ -370,6 +370,13 @@ static inline void fd_cp_async_wait() {
     emu_copy_groups.pop_front();
   }
 }
+// cp.async.mbarrier.arrive.noinc: one arrival once this thread's cp.asyncs so far have landed (here: they land now)
+static inline void fd_mbar_arrive_cp_async(unsigned bar) {
+  for (auto& op : emu_open_copies) op();
+  emu_open_copies.clear();
+  fd_cp_async_wait<0>();
+  fd_mbar_arrive(bar);
+}
 static unsigned emu_lane_u[1024][6];
 static inline void fd_ldmatrix_x4(unsigned (&r)[4], unsigned addr) {  // four 8 x 8 b16 matrices, rows from lanes 8m .. 8m + 7
   const unsigned t = emu_tid(), w0 = t & ~31u, lane = t & 31u;
@@ -429,6 +436,8 @@ CTYPES = {"bf16": "__nv_bfloat16", "f16": "__half", "f32": "float", "i32": "int3
 
 _ASM = [  # the inline-assembly statements kernel bodies use, and what the emulation does instead
     (re.compile(r'asm volatile\("fence\.mbarrier_init\.release\.cluster;\\n" ::: "memory"\);'), ";"),  # a statement still
+    # generic-proxy writes (cp.async) made visible to wgmma: the shim's memory is one proxy
+    (re.compile(r'asm volatile\("fence\.proxy\.async\.shared::cta;\\n" ::: "memory"\);'), ";"),
     (re.compile(r'asm volatile\("wgmma\.wait_group\.sync\.aligned (\d);\\n" ::: "memory"\);'), r"emu_wgmma_wait(\1);"),
     (re.compile(r'asm volatile\("bar\.sync 1, 256;\\n" ::: "memory"\);'), "emu_bar_sync(1);"),
     (re.compile(r'asm volatile\("tensormap\.cp_fenceproxy[^"]*"\s*:: "l"\((.*?)\), "r"\((.*?)\) : "memory"\);', re.S),

@@ -419,17 +419,54 @@ def test_cuda_qk_norm_rope_kernel_as_launched(tmp_path, recorder, lengths, heads
         np.testing.assert_allclose(o32.reshape(o.shape), r32, rtol=tol, atol=tol * np.abs(r32).max())
 
 
-@pytest.mark.parametrize("quantized", [False, True])
-def test_cuda_moe_path_as_launched(tmp_path, recorder, monkeypatch, quantized):
-    """The CUDA MoE path as moe_gemm takes it on sm_90: (the dequantize kernel for 4-bit experts,) the
-    one-block layout kernel (warp matches, shared atomics), gather + maps, the grouped TMA GEMM; against
-    every routed row through its expert."""
+def _same_layout(slot, tiles, ids, e):
+    """A layout kernel's outputs against moe.grouped_layout: the same tile experts, padding in the same
+    slots, and each expert's segment holding the same routed rows (their order within it is free)."""
     import mlx.core as mx
 
-    from flashdiff.kernels import _dequant
+    from flashdiff.kernels.moe import grouped_layout
+
+    slot_ref, tiles_ref = (np.array(a) for a in grouped_layout(mx.array(ids), e))
+    np.testing.assert_array_equal(tiles, tiles_ref)
+    np.testing.assert_array_equal(slot >= 0, slot_ref >= 0)
+    slot_expert = np.repeat(tiles, slot.size // tiles.size)
+    for j in range(e):
+        np.testing.assert_array_equal(np.sort(slot[slot_expert == j]), np.sort(slot_ref[slot_expert == j]))
+
+
+@pytest.mark.parametrize("t, top_k, e, empty", [(1000, 2, 4, None), (300, 2, 300, None), (77, 1, 1, None),
+                                                (600, 3, 64, 5), (129, 2, 3, 0)])
+def test_layout_kernel_as_launched(tmp_path, recorder, t, top_k, e, empty):
+    """_gemm_cuda.layout's kernel as it launches it (a block per 256 routed rows, each counting all rows
+    itself; padding slots and tile experts split over the blocks), against moe.grouped_layout: several
+    blocks, an expert without rows (`empty`), more experts than rows, one expert."""
+    import mlx.core as mx
+
+    from flashdiff.kernels import _gemm_cuda
+
+    rng = np.random.default_rng(t + e)
+    experts = [j for j in range(e) if j != empty] if e > 1 else [0]
+    ids = np.stack([rng.choice(experts, top_k, replace=False) for _ in range(t)]).astype(np.int32)
+    _gemm_cuda.layout(mx.array(ids), e)
+    assert recorder.launches[-1]["grid"][0] == -(-t * top_k // _gemm_cuda.RPB) * _gemm_cuda.RPB
+    slot, tiles = replay(tmp_path, recorder.launches)
+    _same_layout(slot, tiles, ids, e)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("engine", ["wgmma persistent", "wgmma tma"])
+def test_cuda_moe_path_as_launched(tmp_path, recorder, monkeypatch, quantized, engine):
+    """The CUDA MoE path as moe_gemm takes it on sm_90: (the dequantize kernel for 4-bit experts,) the
+    layout kernel (warp matches, shared counters), gather + maps, the grouped TMA GEMM in its default
+    persistent form and its per-tile form; against every routed row through its expert."""
+    import mlx.core as mx
+
+    from flashdiff.kernels import _dequant, _gemm_cuda
     from flashdiff.kernels.moe import moe_grouped
 
-    monkeypatch.setenv("FLASHDIFF_GEMM_ENGINE", "wgmma tma")
+    monkeypatch.setattr(_gemm_cuda, "is_sm90", lambda: True)
+    assert _gemm_cuda.default_engine() == "wgmma persistent"
+    monkeypatch.setenv("FLASHDIFF_GEMM_ENGINE", engine)
     mx.random.seed(5)
     t, e, k, n = 333, 5, 128, 200
     x = mx.random.normal((t, k)).astype(mx.bfloat16)
@@ -443,7 +480,8 @@ def test_cuda_moe_path_as_launched(tmp_path, recorder, monkeypatch, quantized):
         w_used = w
     moe_grouped(x, w_used, ids)
     names = [r["name"] for r in recorder.launches]
-    assert names[-3:] == ["flashdiff_moe_layout", "flashdiff_gather_slots", "flashdiff_grouped_gemm_tma"], names
+    gemm_name = "flashdiff_grouped_gemm_tma" + ("_persistent" if engine == "wgmma persistent" else "")
+    assert names[-3:] == ["flashdiff_moe_layout", "flashdiff_gather_slots", gemm_name], names
     (out,) = replay(tmp_path, recorder.launches, _dequant._CUDA_HEADER + _dequant.DEQUANT_CODE)
     xf, wf = np.array(x.astype(mx.float32)).astype(np.float64), np.array(w.astype(mx.float32)).astype(np.float64)
     ref = np.einsum("tk,tjnk->tjn", xf, wf[np.array(ids)]).reshape(t * 2, n)
@@ -454,10 +492,26 @@ def test_cuda_moe_path_as_launched(tmp_path, recorder, monkeypatch, quantized):
     ("wgmma tma", 250, 192, 1, ["flashdiff_gather_slots", "flashdiff_grouped_gemm_tma"],
      ["flashdiff_gemm_tensor_maps", "flashdiff_grouped_gemm_tma"]),
     ("mma", 150, 200, 2, ["flashdiff_grouped_gemm"], ["flashdiff_grouped_gemm"]),  # the default before Hopper
+    ("wgmma persistent", 250, 320, 0, ["flashdiff_gather_slots", "flashdiff_grouped_gemm_tma_persistent"],
+     ["flashdiff_gemm_tensor_maps", "flashdiff_grouped_gemm_tma_persistent"]),
 ])
-def test_grouped_and_dense_gemm_as_launched(tmp_path, recorder, engine, t, k, expert, grouped_kernels, dense_kernels):
+def test_grouped_and_dense_gemm_as_launched(tmp_path, recorder, monkeypatch, engine, t, k, expert, grouped_kernels,
+                                            dense_kernels):
     """_gemm_cuda.grouped_gemm (MoE schedule) and dense_gemm as their launchers run them: the TMA GEMM with
-    gather + maps / maps, and the mma.sync GEMM (cp.async stages, ldmatrix, mma.sync); against numpy."""
+    gather + maps / maps, the mma.sync GEMM (cp.async stages, ldmatrix, mma.sync), and the persistent TMA
+    GEMM on 2 CTAs (FLASHDIFF_NUM_SMS) that walk 3 tiles each, the epilogue buffer and the storer warps
+    reused from tile to tile, K tiles past the 3 stages; against numpy."""
+    from flashdiff.kernels import _gemm_tma
+
+    monkeypatch.setenv("FLASHDIFF_NUM_SMS", "2")
+    _gemm_tma.num_sms.cache_clear()
+    try:
+        _check_grouped_and_dense(tmp_path, recorder, engine, t, k, expert, grouped_kernels, dense_kernels)
+    finally:
+        _gemm_tma.num_sms.cache_clear()
+
+
+def _check_grouped_and_dense(tmp_path, recorder, engine, t, k, expert, grouped_kernels, dense_kernels):
     import mlx.core as mx
 
     from flashdiff.kernels import _gemm_cuda

@@ -124,7 +124,8 @@ def test_mixed_gemm_compiles(tmp_path, dtype, bits, group, has_bias):
 def test_layout_kernel_compiles(tmp_path):
     report(tmp_path, "layout", "", _gemm_cuda._LAYOUT_SOURCE, [("expert_ids", mx.int32)],
            [("slot_row", mx.int32), ("tile_expert", mx.int32)],
-           [("E", 300), ("MAX_E", 1024), ("R", 8192), ("TILE", 128), ("TILES", 364)])
+           [("E", 300), ("MAX_E", 1024), ("R", 8192), ("TILE", 128), ("TILES", 364), ("RPB", _gemm_cuda.RPB),
+            ("BLOCKS", 8192 // _gemm_cuda.RPB)])
 
 
 @pytest.mark.parametrize("bits, mode", [(4, "affine"), (8, "affine"), (3, "affine"), (5, "affine"), (6, "affine"),

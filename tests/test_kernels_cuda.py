@@ -153,7 +153,7 @@ def test_grouped_gemm_cuda(t, e, k_in, n, routing, engine):
 
 @pytest.mark.parametrize("t, top_k, e", [(4096, 2, 4), (77, 1, 1), (1000, 4, 64), (300, 2, 300)])
 def test_moe_layout_cuda(t, top_k, e):
-    """The one-block layout kernel places rows as grouped_layout does: same tile experts, padding
+    """The layout kernel places rows as grouped_layout does: same tile experts, padding
     in the same slots, and each expert's segment holds the same routed rows (their order within a
     segment is free: each row's result does not depend on its place)."""
     from flashdiff.kernels.moe import grouped_layout

@@ -7,12 +7,16 @@ Grouped: for every padded slot s with slot_row[s] >= 0 (the routed row r)
 Slots come in tiles of BM = 128 rows and one tile multiplies by one expert's (N, K) weight
 (tile_expert[tile] < 0: the whole tile is skipped; slot_row[s] < 0: an empty slot, nothing
 written). ``layout`` builds slot_row and tile_expert on the device in one small kernel (rows grouped
-by expert, each expert's segment padded to whole tiles), so the GEMM runs only the routed rows (plus
-at most BM - 1 padding rows per expert) with static shapes and no host sync. A_DIV = top_k when all
+by expert, each expert's segment padded to whole tiles; a block per 256 routed rows, each counting all
+rows itself: 6.8 us for HiDream's 8192 on the H200 in session 10, where one block took 13 us), so the
+GEMM runs only the routed rows (plus at most BM - 1 padding rows per expert) with static shapes and no
+host sync. A_DIV = top_k when all
 of a token's slots share its input row. Dense (``dense_gemm``): the same kernels with slot s = row s.
 
-Engines behind ``grouped_gemm`` / ``dense_gemm``: on Hopper ``_gemm_tma`` (wgmma fed by TMA, the
-default) or ``_gemm_sm90`` (wgmma fed by cp.async, measured slower, kept selectable); elsewhere the
+Engines behind ``grouped_gemm`` / ``dense_gemm``: on Hopper ``_gemm_tma`` (wgmma fed by TMA; its
+persistent form, engine "wgmma persistent", is the default since session 10: 416-418 us for HiDream's
+MoE GEMM under Nsight Compute against 449 us for the one-CTA-per-tile form) or ``_gemm_sm90`` (wgmma fed
+by cp.async, measured slower, kept selectable); elsewhere the
 Ampere-style kernel below (``mma.sync``, any sm_80+ GPU):
 - CTA tile BM x BN x BK = 128 x 128 x 32, 4 warps in 2 x 2, each warp 64 x 64 of the output as
   4 x 8 ``mma.sync.m16n8k16`` tiles with float32 accumulators (128 per thread).
@@ -203,46 +207,82 @@ _SOURCE = r"""
 
 
 _LAYOUT_SOURCE = r"""
-  // One block: count rows per expert, pad each segment to whole tiles, then place every row. Lanes of
-  // a warp with the same expert are grouped (__match_any_sync) and their leader does one shared
-  // atomic for all of them: per-row atomics on a few counters serialised (0.02-0.04 ms on the H200).
-  __shared__ int count[MAX_E], fill[MAX_E], seg_start[MAX_E + 1];
-  const int tid = threadIdx.x, lane = tid & 31;
-  for (int e = tid; e < E; e += blockDim.x) { count[e] = 0; fill[e] = 0; }
+  // Block b places routed rows b * RPB .. + RPB - 1 (one per thread) and writes the padding slots and tile
+  // experts of its share of the slots. Every block first counts all R rows per expert (`total`) and those
+  // before its own (`before`), so no block waits for another. Lanes of a warp with the same expert are
+  // grouped (__match_any_sync); their leader adds them to its warp's own counter (no atomics: with shared
+  // counters, and 4 rows per thread per round, it took 9.0-9.3 us for HiDream's 8192 rows on the H200; with
+  // these counters and 4 rows 8.2-8.7 us; with IPT = 16 rows per round, so that the loads' latency is paid
+  // less often, 6.8 us).
+  constexpr int WARPS = RPB / 32, IPT = 16;
+  __shared__ int wcount[WARPS][MAX_E], total[MAX_E], before[MAX_E], seg_start[MAX_E + 1];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nt = blockDim.x, b = blockIdx.x, r_first = b * RPB;
+  for (int e = tid; e < E; e += nt)
+    for (int w = 0; w < WARPS; ++w) wcount[w][e] = 0;
   __syncthreads();
-  for (int base = 0; base < R; base += blockDim.x) {  // whole warps iterate together
-    const int r = base + tid, e = r < R ? expert_ids[r] : -1;
-    const bool valid = e >= 0 && e < E;
-    const unsigned peers = __match_any_sync(0xffffffffu, valid ? e : -1);
-    if (valid && lane == __ffs(peers) - 1) atomicAdd(&count[e], __popc(peers));
-  }
-  __syncthreads();
+  auto count_rows = [&](int lo, int hi, int* sum) {  // rows lo .. hi - 1 into the warp counters, then their sum
+    for (int base = lo; base < hi; base += IPT * nt) {  // whole warps iterate together, IPT loads in flight
+      int ids[IPT];
+#pragma unroll
+      for (int j = 0; j < IPT; ++j) {
+        const int r = base + j * nt + tid;
+        ids[j] = r < hi ? expert_ids[r] : -1;
+      }
+#pragma unroll
+      for (int j = 0; j < IPT; ++j) {
+        const int e = ids[j];
+        const bool valid = e >= 0 && e < E;
+        const unsigned peers = __match_any_sync(0xffffffffu, valid ? e : -1);
+        if (valid && lane == __ffs(peers) - 1) wcount[warp][e] += __popc(peers);
+        __syncwarp();
+      }
+    }
+    __syncthreads();
+    for (int e = tid; e < E; e += nt) {
+      int n = 0;
+      for (int w = 0; w < WARPS; ++w) n += wcount[w][e];
+      sum[e] = n;
+    }
+    __syncthreads();  // the sums are read before the counters run on
+  };
+  count_rows(0, min(r_first, R), before);
+  count_rows(min(r_first, R), R, total);  // the counters run on: all R rows
+  int* fill = before;  // each expert's next free slot for this block's rows
   if (tid == 0) {
     int run = 0;
-    for (int e = 0; e < E; ++e) { seg_start[e] = run; run += (count[e] + TILE - 1) / TILE * TILE; }
+    for (int e = 0; e < E; ++e) { seg_start[e] = run; fill[e] += run; run += (total[e] + TILE - 1) / TILE * TILE; }
     seg_start[E] = run;
   }
   __syncthreads();
-  for (int s = tid; s < TILES * TILE; s += blockDim.x) slot_row[s] = -1;
-  for (int t = tid; t < TILES; t += blockDim.x) {
-    int e = -1;
-#pragma unroll 1
-    for (int j = 0; j < E; ++j)
-      if (seg_start[j] <= t * TILE && t * TILE < seg_start[j + 1]) e = j;
-    tile_expert[t] = e;
-  }
-  __syncthreads();
-  for (int base = 0; base < R; base += blockDim.x) {
-    const int r = base + tid, e = r < R ? expert_ids[r] : -1;
+  {
+    const int r = r_first + tid, e = r < R ? expert_ids[r] : -1;
     const bool valid = e >= 0 && e < E;
     const unsigned peers = __match_any_sync(0xffffffffu, valid ? e : -1);
     const int leader = __ffs(peers) - 1;
     int first = 0;
     if (valid && lane == leader) first = atomicAdd(&fill[e], __popc(peers));
     first = __shfl_sync(0xffffffffu, first, leader);
-    if (valid) slot_row[seg_start[e] + first + __popc(peers & ((1u << lane) - 1u))] = r;
+    if (valid) slot_row[first + __popc(peers & ((1u << lane) - 1u))] = r;
+  }
+  // this block's share of the slots, whole tiles: padding slots get -1, each tile its expert (-1 past the last)
+  constexpr int TPB = (TILES + BLOCKS - 1) / BLOCKS;
+  auto expert_of = [&](int s) {  // the segment holding slot s (the last expert starting at or before it), or -1
+    if (s >= seg_start[E]) return -1;
+    int lo = 0, hi = E - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (seg_start[mid] <= s) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+  };
+  const int t_end = min(TILES, (b + 1) * TPB);
+  for (int t = b * TPB + tid; t < t_end; t += nt) tile_expert[t] = expert_of(t * TILE);
+  for (int s = b * TPB * TILE + tid; s < t_end * TILE; s += nt) {
+    const int e = expert_of(s);
+    if (e < 0 || s - seg_start[e] >= total[e]) slot_row[s] = -1;
   }
 """
+RPB = 256  # routed rows per layout block (its threads)
 
 MAX_EXPERTS = 1024
 
@@ -259,11 +299,13 @@ def layout(expert_ids, num_experts: int, stream=None):
     r = expert_ids.size
     tiles = (r + num_experts * (BM - 1)) // BM
     max_e = next(m for m in (8, 64, 256, MAX_EXPERTS) if num_experts <= m)
+    blocks = max(-(-r // RPB), 1)
     slot_row, tile_expert = _layout_kernel()(
         inputs=[expert_ids.reshape(-1).astype(mx.int32)],
-        template=[("E", num_experts), ("MAX_E", max_e), ("R", r), ("TILE", BM), ("TILES", tiles)],
+        template=[("E", num_experts), ("MAX_E", max_e), ("R", r), ("TILE", BM), ("TILES", tiles), ("RPB", RPB),
+                  ("BLOCKS", blocks)],
         output_shapes=[(tiles * BM,), (tiles,)], output_dtypes=[mx.int32, mx.int32],
-        grid=(512, 1, 1), threadgroup=(512, 1, 1), stream=stream,
+        grid=(blocks * RPB, 1, 1), threadgroup=(RPB, 1, 1), stream=stream,
     )
     return slot_row, tile_expert
 
@@ -304,7 +346,7 @@ def group_m() -> int:
 
 def default_engine() -> str:
     """The engine used when none is named and FLASHDIFF_GEMM_ENGINE is unset."""
-    return "wgmma tma" if is_sm90() else "mma"
+    return "wgmma persistent" if is_sm90() else "mma"
 
 
 def _launch(engine, x, w, slot_row, tile_expert, tiles, out_rows, a_div, direct, stream):
@@ -342,10 +384,11 @@ def grouped_gemm(x, w, slot_row, tile_expert, out_rows: int, a_div: int = 1, *, 
     """x (rows_x, K); w (E, N, K); slot_row (tiles * BM,) int32; tile_expert (tiles,) int32.
     Returns (out_rows, N) in x.dtype: row slot_row[s] = x[slot_row[s] // a_div] @ w[tile_expert[s // BM]].T.
     Output rows that no slot names are left unwritten (``layout`` names every routed row once).
-    engine: None (FLASHDIFF_GEMM_ENGINE if set, else "wgmma tma" on sm_90, "mma" elsewhere), "mma"
+    engine: None (FLASHDIFF_GEMM_ENGINE if set, else "wgmma persistent" on sm_90, "mma" elsewhere), "mma"
     (mma.sync), "wgmma" / "wgmma wait" (cp.async loads, one / no MMA group in flight), "wgmma ws"
     (warp-specialised cp.async), "wgmma tma" (warp-specialised TMA, ``_gemm_tma``), its persistent
-    forms "wgmma persistent" / "wgmma persistent gather" (measured no faster; opt-in)."""
+    forms "wgmma persistent" (the default on sm_90 since session 10: its epilogue overlaps the next tile's
+    wgmmas) / "wgmma persistent gather" (measured no faster; opt-in)."""
     tiles = tile_expert.shape[0]
     if slot_row.shape != (tiles * BM,):
         raise ValueError(f"slot_row must be ({tiles * BM},) for {tiles} tiles, got {slot_row.shape}.")

@@ -15,21 +15,23 @@ reads x as it is.
 
 Tensor maps (the 128-byte descriptors TMA reads) are normally encoded on the host by the driver;
 ``mx.fast.cuda_kernel`` gives no host hook, so one warp encodes them on the device (warp 0 of the
-gather kernel, or a one-warp kernel ``tensor_maps`` for the dense form): a zeroed map in shared
-memory, every field set with ``tensormap.replace``, copied to global memory with a release fence;
-the GEMM acquires it (``fence.proxy.tensormap``) before use. Hopper only (sm_90a PTX).
+gather kernel, or a one-warp kernel ``tensor_maps`` for the dense form; ``publish_maps_code`` writes
+that warp's code, which ``_gemm_mixed`` runs in each CTA): a zeroed map in shared memory, every field
+set with ``tensormap.replace``, copied to global memory with a release fence; the GEMM acquires it
+(``fence.proxy.tensormap``) before use. Hopper only (sm_90a PTX).
 Measured on the H200 (benchmarks/README.md): 596-702 TFLOP/s on dense problems at M >= 4608 (MLX's
 cuBLAS GEMM 0.86-1.01x of it on the same leases), bit-identical to MLX's GEMM; the cp.async kernels
 of ``_gemm_sm90`` reached 456-505. Nsight Compute at the MoE shape (session 5): this kernel keeps the
 tensor pipe 75.6% busy (446 us at 1.65 GHz) where cuBLAS's 192x192, 2x1-cluster kernel for the dense
 GEMM of the same FLOPs keeps it 90.6% busy (370 us at 1.62 GHz).
 
-``_gemm_tma_forms._SOURCE_PERSISTENT`` (engines "wgmma persistent" / "wgmma persistent gather",
-opt-in): one CTA per multiprocessor walks the tiles, the producer's stage ring running on across
-tiles, and the epilogue stores straight from registers; the gather form copies x's routed rows with
-cp.async in the producer warpgroup instead of running ``gather_slots``. Both are exact (GPU tests) but measured
-no faster: 456 us for the same MoE GEMM under Nsight Compute, and within the run-to-run noise of
-this kernel in the benchmarks (benchmarks/README.md, session 5), so the per-CTA kernel stays default.
+``_gemm_tma_forms._SOURCE_PERSISTENT`` (engine "wgmma persistent", the default on sm_90 since session 10):
+one CTA per multiprocessor walks the tiles, the producer's stage ring running on across tiles, and the
+consumers hand each finished tile to three storer warps through a shared-memory buffer, so its stores
+overlap the next tile's wgmmas: 416-418 us for the MoE GEMM above under Nsight Compute (tensor pipe 86.7%
+busy) against 449 us (78.7%) for this kernel in the same run. Its session 5 form, which stored from
+registers, ran at 456 us. Engine "wgmma persistent gather" (opt-in) copies x's routed rows with cp.async
+in the producer warpgroup instead of running ``gather_slots`` and keeps the register-store epilogue.
 (A 2-CTA cluster form was tried and removed in session 6: see ``_gemm_tma_forms``.)
 """
 
@@ -230,7 +232,8 @@ def _kernel(form: str = ""):
     source = {"": _SOURCE, "_persistent": forms._SOURCE_PERSISTENT}[form]
     return mx.fast.cuda_kernel(
         name="flashdiff_grouped_gemm_tma" + form, input_names=["x", "w", "slot_row", "tile_expert", "tmaps"],
-        output_names=["out"], source=source, header=_GEMM_HEADER, shared_memory=SMEM_BYTES,
+        output_names=["out"], source=source, header=_GEMM_HEADER,
+        shared_memory=forms.SMEM_BYTES_PERSISTENT if form else SMEM_BYTES,
     )
 
 

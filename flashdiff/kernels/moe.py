@@ -2,17 +2,17 @@
 
 ``moe_gemm(x, expert_weights, expert_ids)``: y[t, j] = x[t] @ W[expert_ids[t, j]].T
 
-CUDA path, no host synchronisation and static shapes: a one-block layout kernel groups the routed
-rows (t, j) by expert into 128-row tiles (each expert's segment padded to whole tiles; at most
+CUDA path, no host synchronisation and static shapes: a layout kernel groups the routed rows (t, j)
+by expert into 128-row tiles (each expert's segment padded to whole tiles; at most
 (R + E * 127) / 128 tiles for R routed rows) and writes each tile's expert; one grouped tensor-core
-GEMM (``_gemm_cuda``: on sm_90 wgmma fed by TMA after the routed rows are gathered into slot order,
-mma.sync elsewhere) then multiplies only the routed rows and writes each result straight into its
-(t, j) row. Quantized experts are first dequantized into one x.dtype scratch of all experts (E*N*K,
-141 MB for HiDream's 4 x 6912 x 2560) by the dequantization kernel, after x exists. Measured on the
-H200 (benchmarks/README.md, MoE): 0.69-0.82x of a dense GEMM of the routed FLOPs in bf16 across
-seven runs in two sessions (target 0.8x, not reliably met), 0.59-0.72x for 4/8-bit experts. Nsight
-Compute puts the layout and gather kernels at 13 + 19 us and the GEMM at 446 us, against 370 us for
-cuBLAS's dense GEMM: the rest of the gap is the GEMM's own speed.
+GEMM (``_gemm_cuda``: on sm_90 the persistent wgmma GEMM fed by TMA after the routed rows are gathered
+into slot order, mma.sync elsewhere) then multiplies only the routed rows and writes each result
+straight into its (t, j) row. Quantized experts are first dequantized into one x.dtype scratch of all
+experts (E*N*K, 141 MB for HiDream's 4 x 6912 x 2560) by the dequantization kernel, after x exists.
+Measured on the H200 (benchmarks/README.md, session 10), compiled and streamed against a dense GEMM of
+the routed FLOPs: bf16 0.86-0.87x (skewed routing 0.90-0.91x), 4-bit experts 0.81-0.83x, 8-bit
+0.79-0.80x in two runs. Nsight Compute: layout 6.8 us, gather 19 us, GEMM 416-418 us, against 365 us for
+cuBLAS's dense GEMM; the quantized experts' dequantization adds ~45 us (memory-bound).
 
 On Metal (default): ``moe_sorted``, MLX's own tested kernels as mlx-lm uses them for MoE on Apple
 silicon: rows sorted by expert, ``mx.gather_mm`` / ``mx.gather_qmm(..., sorted_indices=True)`` over
