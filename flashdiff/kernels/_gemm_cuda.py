@@ -10,14 +10,14 @@ written). ``layout`` builds slot_row and tile_expert on the device in one small 
 by expert, each expert's segment padded to whole tiles; a block per 256 routed rows, each counting all
 rows itself: 6.8 us for HiDream's 8192 on the H200 in session 10, where one block took 13 us), so the
 GEMM runs only the routed rows (plus at most BM - 1 padding rows per expert) with static shapes and no
-host sync. A_DIV = top_k when all
-of a token's slots share its input row. Dense (``dense_gemm``): the same kernels with slot s = row s.
+host sync. A_DIV = top_k when all of a token's slots share its input row. Dense (``dense_gemm``): the
+same kernels with slot s = row s.
 
 Engines behind ``grouped_gemm`` / ``dense_gemm``: on Hopper ``_gemm_tma`` (wgmma fed by TMA; its
 persistent form, engine "wgmma persistent", is the default since session 10: 416-418 us for HiDream's
 MoE GEMM under Nsight Compute against 449 us for the one-CTA-per-tile form) or ``_gemm_sm90`` (wgmma fed
-by cp.async, measured slower, kept selectable); elsewhere the
-Ampere-style kernel below (``mma.sync``, any sm_80+ GPU):
+by cp.async, measured slower, kept selectable); elsewhere the Ampere-style kernel below (``mma.sync``,
+any sm_80+ GPU):
 - CTA tile BM x BN x BK = 128 x 128 x 32, 4 warps in 2 x 2, each warp 64 x 64 of the output as
   4 x 8 ``mma.sync.m16n8k16`` tiles with float32 accumulators (128 per thread).
 - STAGES = 4 shared-memory stages filled by ``cp.async`` (16-byte chunks, zero-filled past K and
