@@ -10,8 +10,8 @@ into slot order, mma.sync elsewhere) then multiplies only the routed rows and wr
 straight into its (t, j) row. Quantized experts are first dequantized into one x.dtype scratch of all
 experts (E*N*K, 141 MB for HiDream's 4 x 6912 x 2560) by the dequantization kernel, after x exists.
 Measured on the H200 (benchmarks/README.md, session 10), compiled and streamed against a dense GEMM of
-the routed FLOPs: bf16 0.86-0.87x (skewed routing 0.90-0.91x), 4-bit experts 0.81-0.83x, 8-bit
-0.79-0.80x in two runs. Nsight Compute: layout 6.8 us, gather 19 us, GEMM 416-418 us, against 365 us for
+the routed FLOPs: bf16 0.86-0.87x (skewed routing 0.88-0.91x), 4-bit experts 0.76-0.83x, 8-bit
+0.79-0.80x in three runs. Nsight Compute: layout 6.8 us, gather 19 us, GEMM 416-418 us, against 365 us for
 cuBLAS's dense GEMM; the quantized experts' dequantization adds ~45 us (memory-bound).
 
 On Metal (default): ``moe_sorted``, MLX's own tested kernels as mlx-lm uses them for MoE on Apple
