@@ -156,3 +156,18 @@ def check_moe_gemm(backend, quantized, per_slot):
     out = moe_gemm(x, w, ids, backend=backend, **kw)
     assert out.shape == (t, top_k, n) and out.dtype == mx.bfloat16
     assert rel_err(out, ref) < 1e-2
+
+
+def check_same_layout(slot, tiles, ids, e):
+    """A layout kernel's (slot_row, tile_expert) for expert ids `ids` (T, k) against moe.grouped_layout: the
+    same tile experts, padding in the same slots, and each expert's segment holding the same routed rows
+    (their order within a segment is free: each row's result does not depend on its place)."""
+    from flashdiff.kernels.moe import grouped_layout
+
+    slot, tiles = np.array(slot), np.array(tiles)
+    slot_ref, tiles_ref = (np.array(a) for a in grouped_layout(mx.array(ids), e))
+    np.testing.assert_array_equal(tiles, tiles_ref)
+    np.testing.assert_array_equal(slot >= 0, slot_ref >= 0)
+    slot_expert = np.repeat(tiles, slot.size // tiles.size)
+    for j in range(e):
+        np.testing.assert_array_equal(np.sort(slot[slot_expert == j]), np.sort(slot_ref[slot_expert == j]))

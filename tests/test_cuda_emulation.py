@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cuda_emulation import LaunchRecorder, bf16_bits, bf16_values, replay, run
-from helpers import softmax_attention_np
+from helpers import check_same_layout, softmax_attention_np
 from flashdiff.kernels import _attention_sm90 as att
 from flashdiff.kernels import _attention_sm90_forms as att_forms
 from flashdiff.kernels import _gemm_mixed, _gemm_tma, _gemm_tma_dequant
@@ -419,21 +419,6 @@ def test_cuda_qk_norm_rope_kernel_as_launched(tmp_path, recorder, lengths, heads
         np.testing.assert_allclose(o32.reshape(o.shape), r32, rtol=tol, atol=tol * np.abs(r32).max())
 
 
-def _same_layout(slot, tiles, ids, e):
-    """A layout kernel's outputs against moe.grouped_layout: the same tile experts, padding in the same
-    slots, and each expert's segment holding the same routed rows (their order within it is free)."""
-    import mlx.core as mx
-
-    from flashdiff.kernels.moe import grouped_layout
-
-    slot_ref, tiles_ref = (np.array(a) for a in grouped_layout(mx.array(ids), e))
-    np.testing.assert_array_equal(tiles, tiles_ref)
-    np.testing.assert_array_equal(slot >= 0, slot_ref >= 0)
-    slot_expert = np.repeat(tiles, slot.size // tiles.size)
-    for j in range(e):
-        np.testing.assert_array_equal(np.sort(slot[slot_expert == j]), np.sort(slot_ref[slot_expert == j]))
-
-
 @pytest.mark.parametrize("t, top_k, e, empty", [(1000, 2, 4, None), (300, 2, 300, None), (77, 1, 1, None),
                                                 (600, 3, 64, 5), (129, 2, 3, 0)])
 def test_layout_kernel_as_launched(tmp_path, recorder, t, top_k, e, empty):
@@ -450,7 +435,7 @@ def test_layout_kernel_as_launched(tmp_path, recorder, t, top_k, e, empty):
     _gemm_cuda.layout(mx.array(ids), e)
     assert recorder.launches[-1]["grid"][0] == -(-t * top_k // _gemm_cuda.RPB) * _gemm_cuda.RPB
     slot, tiles = replay(tmp_path, recorder.launches)
-    _same_layout(slot, tiles, ids, e)
+    check_same_layout(slot, tiles, ids, e)
 
 
 @pytest.mark.parametrize("quantized", [False, True])

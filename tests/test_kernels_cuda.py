@@ -7,7 +7,7 @@ import pytest
 
 from flashdiff.kernels import _gemm_cuda, attention, attention_reference, dequantize
 from helpers import (MOE_QUANT_CASES, QLINEAR_CASES, QMODES, check_dequantize, check_moe_gemm,
-                     check_quantized_linear, quant, rel_err)
+                     check_quantized_linear, check_same_layout, quant, rel_err)
 
 pytestmark = pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX with the CUDA back-end (an NVIDIA GPU)")
 
@@ -153,21 +153,11 @@ def test_grouped_gemm_cuda(t, e, k_in, n, routing, engine):
 
 @pytest.mark.parametrize("t, top_k, e", [(4096, 2, 4), (77, 1, 1), (1000, 4, 64), (300, 2, 300)])
 def test_moe_layout_cuda(t, top_k, e):
-    """The layout kernel places rows as grouped_layout does: same tile experts, padding
-    in the same slots, and each expert's segment holds the same routed rows (their order within a
-    segment is free: each row's result does not depend on its place)."""
-    from flashdiff.kernels.moe import grouped_layout
+    """The layout kernel places rows as grouped_layout does (helpers.check_same_layout)."""
     mx.random.seed(6)
     ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :top_k].astype(mx.int32)
-    slot_ref, tiles_ref = grouped_layout(ids, e)
     slot, tiles = _gemm_cuda.layout(ids, e)
-    assert tiles.tolist() == tiles_ref.tolist()
-    assert (slot >= 0).tolist() == (slot_ref >= 0).tolist()
-    slot_expert = mx.repeat(tiles, _gemm_cuda.BM).tolist()
-    for j in range(e):
-        got = sorted(s for s, x in zip(slot.tolist(), slot_expert) if x == j)
-        want = sorted(s for s, x in zip(slot_ref.tolist(), slot_expert) if x == j)
-        assert got == want
+    check_same_layout(slot, tiles, ids, e)
 
 
 @pytest.mark.parametrize("m, k_in, n", [(1024, 3072, 3072), (777, 72, 40), (129, 2560, 264), (5, 64, 8)])
