@@ -126,6 +126,17 @@ def qlinear_rows(quick):
                                 streamed_compiled_mixed_ratio_vs_bf16=st["bf16_c"] / st["mixed_c"],
                                 mixed_max_rel_diff=(mx.abs(y_mixed.astype(mx.float32) - ref_cpu.astype(mx.float32)).max()
                                                     / mx.abs(ref_cpu.astype(mx.float32)).max()).item())
+            if _gemm_cuda.quantized_gemm_available(x, s, bits, group, mode, k, n, force=True):
+                persistent_compiled = traced()  # the persistent GEMM dequantizing in its storer warps (opt-in)
+                fns["persistent_c"] = with_env("FLASHDIFF_QLINEAR", "persistent", lambda: persistent_compiled(x))
+                st.update(interleaved({"persistent_c": fns["persistent_c"], "bf16_c": fns["bf16_c"]},
+                                      lambda fn: streamed_call(fn, calls=40 if m * n < 2e8 else 10, samples=3), STREAM_ROUNDS))
+                compiled.update(streamed_compiled_persistent_ms=st["persistent_c"] * 1e3,
+                                streamed_compiled_persistent_bf16_ms=st["bf16_c"] * 1e3,
+                                streamed_compiled_persistent_ratio_vs_bf16=st["bf16_c"] / st["persistent_c"],
+                                persistent_equals_dequantize_matmul=mx.array_equal(
+                                    with_env("FLASHDIFF_QLINEAR", "persistent",
+                                             lambda: quantized_linear(x, wq, s, b, bits, group, mode))(), ref_cpu).item())
             t_qmm = bench(lambda: mx.quantized_matmul(x, wq, s, b, True, group, bits, mode), reps=reps)
             fused = {}
             if not NO_FUSED and _gemm_tma_dequant.supported(x, s, bits, group, mode, k, n):  # the fused kernel, forced
@@ -180,16 +191,16 @@ def moe_rows():
             fn_c = mx.compile(fn)
             fns = {"ours": lambda: fn(x), "dense": lambda: dense_x @ w0.T, "ours_c": lambda: fn_c(x),
                    "dense_c": lambda: dense_c(dense_x)}
-            if mode.startswith("affine"):  # the experts' dequantize on its float path, side by side
-                fn_float = mx.compile(fn)
-                fns["float_c"] = with_env("FLASHDIFF_DEQUANT_FLOAT", "1", lambda: fn_float(x))
+            if mode.startswith("affine"):  # side by side: the experts dequantized inside the GEMM (opt-in)
+                fn_fused = mx.compile(lambda a, fn=fn: fn(a))  # a function of its own: mx.compile caches traces by function
+                fns["fused_c"] = with_env("FLASHDIFF_GEMM_DEQUANT", "fused", lambda: fn_fused(x))
             st = interleaved(fns, streamed_call, STREAM_ROUNDS)
             tm_stream, t_dense_stream = st["ours"], st["dense"]
             compiled = dict(streamed_compiled_ours_ms=st["ours_c"] * 1e3, streamed_compiled_dense_ms=st["dense_c"] * 1e3,
                             streamed_compiled_ratio_vs_dense=st["dense_c"] / st["ours_c"])
-            if "float_c" in st:
-                compiled.update(streamed_compiled_float_dequant_ms=st["float_c"] * 1e3,
-                                streamed_compiled_float_dequant_ratio_vs_dense=st["dense_c"] / st["float_c"])
+            if "fused_c" in st:
+                compiled.update(streamed_compiled_fused_dequant_ms=st["fused_c"] * 1e3,
+                                streamed_compiled_fused_dequant_ratio_vs_dense=st["dense_c"] / st["fused_c"])
             call = fns["ours"]
         else:
             call = fn
@@ -432,6 +443,10 @@ def markdown(rows):
                           f"{r['streamed_mixed_ms']:.3f} ms = **{r['streamed_mixed_ratio_vs_bf16']:.2f}x**, compiled "
                           f"{r['streamed_compiled_mixed_ms']:.3f} ms = **{r['streamed_compiled_mixed_ratio_vs_bf16']:.2f}x**)"
                           if "mixed_ms" in r else "")
+                       + (f"; persistent GEMM dequantizing in its storer warps, compiled {r['streamed_compiled_persistent_ms']:.3f}"
+                          f" / {r['streamed_compiled_persistent_bf16_ms']:.3f} ms = "
+                          f"**{r['streamed_compiled_persistent_ratio_vs_bf16']:.2f}x**"
+                          if "streamed_compiled_persistent_ms" in r else "")
                        + (f"; fused {r['fused_ms']:.3f} ms = **{r['fused_ratio_vs_bf16']:.2f}x** (streamed "
                           f"{r['streamed_fused_ms']:.3f} ms = **{r['streamed_fused_ratio_vs_bf16']:.2f}x**)"
                           if "fused_ms" in r else "") + " |")
@@ -442,9 +457,9 @@ def markdown(rows):
                        f"{r['streamed_ratio_vs_dense']:.2f}x"
                        + (f"; compiled, streamed {r['streamed_compiled_ours_ms']:.3f} / {r['streamed_compiled_dense_ms']:.3f}"
                           f" ms = **{r['streamed_compiled_ratio_vs_dense']:.2f}x**" if "streamed_compiled_ours_ms" in r else "")
-                       + (f"; with the float dequantize {r['streamed_compiled_float_dequant_ms']:.3f} ms = "
-                          f"{r['streamed_compiled_float_dequant_ratio_vs_dense']:.2f}x"
-                          if "streamed_compiled_float_dequant_ms" in r else "")
+                       + (f"; experts dequantized inside the GEMM (opt-in) {r['streamed_compiled_fused_dequant_ms']:.3f} ms = "
+                          f"{r['streamed_compiled_fused_dequant_ratio_vs_dense']:.2f}x"
+                          if "streamed_compiled_fused_dequant_ms" in r else "")
                        + ") |")
         elif r["kernel"] == "attention":
             extra = f"; padded q {r['pad_q_ms']:.3f} ms" if "pad_q_ms" in r else ""

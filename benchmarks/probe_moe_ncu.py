@@ -5,6 +5,8 @@
 Runs moe_gemm at HiDream shapes (layout kernel, gather, grouped GEMM) and the dense reference GEMM of
 the same FLOPs, each a few times with a synchronisation after every call, so each kernel shows up
 separately in the profile. ENGINES (comma-separated, default: the default engine) picks GEMM engines.
+QUANT=4 / QUANT=8: the experts quantized (affine, group 64), run both ways: dequantized inside the GEMM (the
+default) and first, by the dequantize kernel (FLASHDIFF_GEMM_DEQUANT=separate).
 """
 
 import os
@@ -23,6 +25,14 @@ for _ in range(3):
 for engine in [e for e in os.environ.get("ENGINES", "").split(",") if e] or [None]:
     if engine:
         os.environ["FLASHDIFF_GEMM_ENGINE"] = engine
+    if os.environ.get("QUANT"):
+        bits = int(os.environ["QUANT"])
+        wq, s, b = mx.quantize(p["w"], 64, bits)
+        for how in ("fused", "separate"):
+            os.environ["FLASHDIFF_GEMM_DEQUANT"] = how
+            for _ in range(3):
+                mx.eval(moe_gemm(p["x"], wq, p["ids"], scales=s, biases=b, bits=bits, group_size=64))
+        continue
     for _ in range(3):
         mx.eval(moe_gemm(p["x"], p["w"], p["ids"]))
 print("done")

@@ -15,7 +15,8 @@ What the shim models, one CTA at a time with one host thread per GPU thread:
   m64k16 A-fragment layout; each thread's accumulator elements in the m64nN layout;
 - cp.async (16-byte copies landing at the cp.async.wait_group that retires them), ldmatrix x4 and
   mma.sync m16n8k16 in their PTX fragment layouts (the Ampere-style GEMM);
-- warp shuffles and matches, integer atomics, __syncwarp, __syncthreads and 256-thread named barriers (bar.sync, bar.arrive).
+- warp shuffles and matches, integer atomics, acquire loads of global counters (spun on with a
+  timeout), __syncwarp, __syncthreads and 256-thread named barriers (bar.sync, bar.arrive).
 The model is the one the kernels are written against; `test_cuda_emulation.py` first runs the TMA
 GEMM, which is exact on the H200, through it, so a wrong model shows up there, except in what the GEMM
 does not use: the register-A operand (the PTX ISA's m64k16 A fragment, read from each issuing thread's
@@ -144,6 +145,22 @@ static inline unsigned __match_any_sync(unsigned, int v) {  // the lanes holding
 static inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
 static inline int __popc(unsigned x) { return __builtin_popcount(x); }
 static inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+// cross-CTA flags (the quantized persistent GEMM's units): a spin on a flag fails the run after 20 s
+thread_local bool emu_spinning = false;
+thread_local std::chrono::steady_clock::time_point emu_spin_since;
+static inline int fd_ld_acquire(const int* p) {
+  const int v = std::atomic_ref<int>(*const_cast<int*>(p)).load(std::memory_order_acquire);
+  if (v != 0) emu_spinning = false;
+  return v;
+}
+static inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+static inline void fd_fence_proxy_global() {}  // one proxy here
+static inline void __nanosleep(unsigned) {
+  const auto now = std::chrono::steady_clock::now();
+  if (!emu_spinning) { emu_spinning = true; emu_spin_since = now; }
+  else if (now - emu_spin_since > std::chrono::seconds(20)) emu_fail("spin wait on a flag timed out (a unit never done)");
+  std::this_thread::sleep_for(std::chrono::microseconds(20));
+}
 
 static inline unsigned fd_smem_addr(const void* p) {
   const uintptr_t a = (uintptr_t)p;
@@ -193,6 +210,10 @@ static inline void fd_mbar_wait(unsigned bar, int parity) {  // returns once the
   std::unique_lock<std::mutex> lk(emu_mbar_m);
   if (!emu_mbar_cv.wait_for(lk, std::chrono::seconds(20), [&] { return (emu_mbar(bar).phase & 1) != parity; }))
     emu_fail("mbarrier wait timed out (a missing arrival or transaction bytes)");
+}
+static inline bool fd_mbar_test(unsigned bar, int parity) {  // mbarrier.test_wait.parity: no blocking
+  std::lock_guard<std::mutex> lk(emu_mbar_m);
+  return (emu_mbar(bar).phase & 1) != parity;
 }
 
 // ---- tensor maps and TMA

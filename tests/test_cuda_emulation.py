@@ -19,7 +19,7 @@ from cuda_emulation import LaunchRecorder, bf16_bits, bf16_values, replay, run
 from helpers import check_same_layout, softmax_attention_np
 from flashdiff.kernels import _attention_sm90 as att
 from flashdiff.kernels import _attention_sm90_forms as att_forms
-from flashdiff.kernels import _gemm_mixed, _gemm_tma, _gemm_tma_dequant
+from flashdiff.kernels import _gemm_mixed, _gemm_tma, _gemm_tma_dequant, _gemm_tma_dequant_persistent
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
@@ -270,7 +270,8 @@ def recorder(monkeypatch):
     from flashdiff.kernels import _gemm_cuda
 
     caches = [att._kernel, att._maps_kernel, _gemm_tma._kernel, _gemm_tma._gather_kernel, _gemm_tma._maps_kernel,
-              _dequant._kernel, qk_rope._kernel, _gemm_cuda._layout_kernel, _gemm_cuda._kernel, _gemm_mixed._kernel]
+              _dequant._kernel, qk_rope._kernel, _gemm_cuda._layout_kernel, _gemm_cuda._kernel, _gemm_mixed._kernel,
+              _gemm_tma_dequant_persistent._kernel]
     for cache in caches:
         cache.cache_clear()
     rec = LaunchRecorder()
@@ -471,6 +472,81 @@ def test_cuda_moe_path_as_launched(tmp_path, recorder, monkeypatch, quantized, e
     xf, wf = np.array(x.astype(mx.float32)).astype(np.float64), np.array(w.astype(mx.float32)).astype(np.float64)
     ref = np.einsum("tk,tjnk->tjn", xf, wf[np.array(ids)]).reshape(t * 2, n)
     np.testing.assert_allclose(bf16_values(out).reshape(t * 2, n), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("bits, group, k", [(4, 64, 192), (8, 32, 224)])
+def test_moe_over_quantized_experts_as_launched(tmp_path, recorder, monkeypatch, bits, group, k):
+    """moe_gemm with quantized experts on sm_90 under FLASHDIFF_GEMM_DEQUANT=fused (the persistent GEMM whose storer
+    warps dequantize them, 2 CTAs walking the tiles): the scratch holds mx.dequantize's experts bit for bit where a tile uses them (an expert
+    without rows is never dequantized), and every routed row equals the separate path's (dequantize kernel +
+    persistent GEMM) bit for bit; N and K past whole units (296 rows, K % 64 != 0 for the 8-bit case)."""
+    import mlx.core as mx
+
+    from flashdiff.kernels import _dequant, _gemm_cuda, moe_gemm
+
+    monkeypatch.setenv("FLASHDIFF_NUM_SMS", "2")
+    _gemm_tma.num_sms.cache_clear()
+    monkeypatch.setattr(_gemm_cuda, "is_sm90", lambda: True)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("FLASHDIFF_GEMM_DEQUANT", "fused")
+    try:
+        mx.random.seed(bits)
+        t, e, n = 150, 4, 296
+        x = mx.random.normal((t, k)).astype(mx.bfloat16)
+        w = (mx.random.normal((e, n, k)) * 0.1).astype(mx.bfloat16)
+        wq, s, b = mx.quantize(w, group, bits)
+        ids = mx.argsort(mx.random.uniform(shape=(t, e - 1)), axis=-1)[:, :2].astype(mx.int32)  # expert 3: no rows
+        moe_gemm(x, wq, ids, scales=s, biases=b, bits=bits, group_size=group, backend="cuda")
+        names = [r["name"] for r in recorder.launches]
+        assert names == ["flashdiff_moe_layout", "flashdiff_gather_slots_work",
+                         "flashdiff_grouped_gemm_tma_persistent_dequant"], names
+        assert recorder.launches[-1]["grid"][0] == 2 * _gemm_tma.THREADS
+        out, w_deq, _ = replay(tmp_path, recorder.launches, _dequant.DEQUANT_CODE)
+        ref_w = np.array(mx.dequantize(wq, s, b, group, bits, stream=mx.cpu).view(mx.uint16)).reshape(e, n, k)
+        w_deq = w_deq.reshape(e, n, k)
+        np.testing.assert_array_equal(w_deq[:3], ref_w[:3])
+        assert (w_deq[3] == 0xFFFF).all()  # the emulation's unwritten fill: expert 3's units were skipped
+
+        recorder.launches.clear()
+        monkeypatch.delenv("FLASHDIFF_GEMM_DEQUANT")  # the default: the dequantize kernel, then the GEMM
+        moe_gemm(x, wq, ids, scales=s, biases=b, bits=bits, group_size=group, backend="cuda")
+        assert recorder.launches[0]["name"] == "flashdiff_dequant_affine_flat"
+        (tmp_path / "separate").mkdir()
+        (separate,) = replay(tmp_path / "separate", recorder.launches, _dequant._CUDA_HEADER + _dequant.DEQUANT_CODE)
+        np.testing.assert_array_equal(out, separate)
+        xf = np.array(x.astype(mx.float32), np.float64)
+        wf = bf16_values(ref_w).astype(np.float64)
+        ref = np.einsum("tk,tjnk->tjn", xf, wf[np.array(ids)]).reshape(t * 2, n)
+        np.testing.assert_allclose(bf16_values(out).reshape(t * 2, n), ref, rtol=2e-2, atol=2e-2)
+    finally:
+        _gemm_tma.num_sms.cache_clear()
+
+
+def test_dense_gemm_over_quantized_weights_as_launched(tmp_path, recorder, monkeypatch):
+    """dense_gemm_quantized (the same kernel, slot s = row s, maps + counters from tensor_maps) on 2 CTAs walking
+    9 tiles, fp16: equal to x @ mx.dequantize(w).T through the emulated wgmmas."""
+    import mlx.core as mx
+
+    from flashdiff.kernels import _dequant, _gemm_cuda
+
+    monkeypatch.setenv("FLASHDIFF_NUM_SMS", "2")
+    _gemm_tma.num_sms.cache_clear()
+    try:
+        mx.random.seed(9)
+        m, k, n = 300, 256, 520
+        x = mx.random.normal((m, k)).astype(mx.float16)
+        wq, s, b = mx.quantize((mx.random.normal((n, k)) * 0.1).astype(mx.float16), 64, 4)
+        _gemm_cuda.dense_gemm_quantized(x, wq, s, b, 4, 64)
+        assert [r["name"] for r in recorder.launches] == ["flashdiff_gemm_tensor_maps_work",
+                                                          "flashdiff_grouped_gemm_tma_persistent_dequant"]
+        out, w_deq, _ = replay(tmp_path, recorder.launches, _dequant.DEQUANT_CODE)
+        ref_w = np.array(mx.dequantize(wq, s, b, 64, 4, stream=mx.cpu).view(mx.uint16))
+        np.testing.assert_array_equal(w_deq.reshape(n, k), ref_w)
+        f16 = lambda bits: bits.astype(np.uint16).view(np.float16).astype(np.float64)  # noqa: E731
+        ref = np.array(x.astype(mx.float32), np.float64) @ f16(ref_w).T
+        np.testing.assert_allclose(f16(out).reshape(m, n), ref, rtol=1e-2, atol=1e-2)
+    finally:
+        _gemm_tma.num_sms.cache_clear()
 
 
 @pytest.mark.parametrize("engine, t, k, expert, grouped_kernels, dense_kernels", [

@@ -14,7 +14,7 @@ import pytest
 from helpers import cuda_kernel_source, nvcc_compile
 
 from flashdiff.kernels import (_attention_sm90, _attention_sm90_forms, _dequant, _gemm_cuda, _gemm_mixed, _gemm_sm90, _gemm_tma,
-                               _gemm_tma_dequant, _gemm_tma_forms)
+                               _gemm_tma_dequant, _gemm_tma_dequant_persistent, _gemm_tma_forms)
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA toolkit (nvcc)")
 
@@ -90,6 +90,29 @@ def test_persistent_tma_gemm_compiles(tmp_path, dtype, direct, gather_a):
     text = report(tmp_path, "gemm_tma_persistent", _gemm_tma._GEMM_HEADER, _gemm_tma_forms._SOURCE_PERSISTENT, inputs,
                   [("out", dtype)], template)
     assert_fits_tma_block(text)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_persistent_gemm_over_quantized_weights_compiles(tmp_path, dtype, direct, bits):
+    """The persistent TMA GEMM whose storer warps dequantize the weights (_gemm_tma_dequant_persistent) fits
+    384 threads' registers without spills or serialised wgmmas at HiDream's MoE shape; its map + counter
+    kernels (dense and grouped) compile."""
+    inputs = [("x", dtype), ("wq", mx.uint32), ("scales", dtype), ("biases", dtype), ("slot_row", mx.int32),
+              ("tile_expert", mx.int32), ("tmaps", mx.uint8), ("work", mx.int32)]
+    template = gemm_template(dtype, _gemm_tma.THREADS, direct, TILES_M=67, GATHER_A=False, W_ROWS=4 * 6912, E_COUNT=4,
+                             BITS=bits, GROUP=64)
+    text = report(tmp_path, "gemm_dequant_persistent", _gemm_tma_dequant_persistent.HEADER,
+                  _gemm_tma_dequant_persistent.SOURCE, inputs, [("out", dtype), ("w_deq", dtype), ("wmaps", mx.uint8)],
+                  template)
+    assert_fits_tma_block(text)
+    maps = [("IS_BF16", dtype == mx.bfloat16), ("K", 2560), ("WORK", 4321)]
+    report(tmp_path, "maps_work", _gemm_tma._MAP_HEADER, _gemm_tma._MAPS_SOURCE_WORK, [("x", dtype)],
+           [("tmaps", mx.uint8), ("work", mx.int32)], maps + [("X_ROWS", 4096)])
+    report(tmp_path, "gather_work", _gemm_tma._MAP_HEADER, _gemm_tma._GATHER_SOURCE_WORK,
+           [("x", dtype), ("slot_row", mx.int32)], [("xs", dtype), ("tmaps", mx.uint8), ("work", mx.int32)],
+           [("T", dtype), ("SLOTS", 8576), ("A_DIV", 2), ("CPT", 4)] + maps)
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])

@@ -261,8 +261,8 @@ def test_quantized_linear_bad_arguments():
 
 def test_quantized_linear_path_choice(monkeypatch):
     """FLASHDIFF_QLINEAR: a bad value is a clear error on every backend; each fused kernel (fused =
-    _gemm_tma_dequant, mixed = _gemm_mixed) is taken only on CUDA sm_90 for arguments it supports, and
-    neither by default (qgemm.FUSED_DEFAULT)."""
+    _gemm_tma_dequant, mixed = _gemm_mixed, persistent = _gemm_tma_dequant_persistent) is taken only on CUDA
+    sm_90 for arguments it supports, and none by default (qgemm.FUSED_DEFAULT)."""
     from flashdiff.kernels import _gemm_mixed, _gemm_tma_dequant, qgemm
     w, s, b = _quant(32, 128, "affine", 4, 64)
     x = mx.random.normal((64, 128)).astype(mx.bfloat16)
@@ -278,6 +278,16 @@ def test_quantized_linear_path_choice(monkeypatch):
         monkeypatch.setenv("FLASHDIFF_QLINEAR", choice)
         assert qgemm._fused_path(impl, *args) is want, (choice, impl)
     assert not qgemm.FUSED_DEFAULT
+    from flashdiff.kernels import _gemm_cuda
+    monkeypatch.setattr(_gemm_cuda, "is_sm90", lambda: True)
+    monkeypatch.setenv("FLASHDIFF_QLINEAR", "persistent")  # _gemm_tma_dequant_persistent through _gemm_cuda
+    assert qgemm._fused_path("cuda", *args) is _gemm_cuda and qgemm._fused_path("metal", *args) is None
+    for bad in [(x, s.astype(mx.bfloat16), 3, 64, "affine", 128, 32), (x, s.astype(mx.float16), 4, 64, "affine", 128, 32),
+                (x, s.astype(mx.bfloat16), 4, 32, "mxfp4", 128, 32), (x, s.astype(mx.bfloat16), 4, 64, "affine", 128, 36)]:
+        assert qgemm._fused_path("cuda", *bad) is None
+    monkeypatch.setenv("FLASHDIFF_GEMM_ENGINE", "wgmma tma")  # only the persistent engine has the storer warps
+    assert qgemm._fused_path("cuda", *args) is None
+    monkeypatch.delenv("FLASHDIFF_GEMM_ENGINE")
     for choice in ("fused", "mixed"):
         monkeypatch.setenv("FLASHDIFF_QLINEAR", choice)
         assert qgemm._fused_path("cuda", x, s.astype(mx.bfloat16), 3, 64, "affine", 128, 32) is None  # 3-bit codes
@@ -285,6 +295,28 @@ def test_quantized_linear_path_choice(monkeypatch):
         assert qgemm._fused_path("cuda", x, s.astype(mx.bfloat16), 4, 64, "affine", 96, 32) is None  # K % 64
         assert qgemm._fused_path("cuda", x, s.astype(mx.bfloat16), 4, 32, "mxfp4", 128, 32) is None
         assert qgemm._fused_path("cuda", x, s.astype(mx.bfloat16), 4, 64, "affine", 128, 36) is None  # N % 8
+
+
+def test_moe_dequant_inside_gemm_is_opt_in(monkeypatch):
+    """moe_gemm's quantized experts are dequantized first unless FLASHDIFF_GEMM_DEQUANT=fused (measured slower,
+    session 11); a bad value is a clear error; only the persistent sm_90 engine and paired formats qualify."""
+    from flashdiff.kernels import _gemm_cuda
+    x = mx.zeros((8, 128), mx.bfloat16)
+    s = mx.zeros((4, 32, 2), mx.bfloat16)
+    monkeypatch.setattr(_gemm_cuda, "is_sm90", lambda: True)
+    assert not _gemm_cuda.quantized_gemm_available(x, s, 4, 64, "affine", 128, 32)
+    monkeypatch.setenv("FLASHDIFF_GEMM_DEQUANT", "fused")
+    assert _gemm_cuda.quantized_gemm_available(x, s, 4, 64, "affine", 128, 32)
+    assert not _gemm_cuda.quantized_gemm_available(x, s, 5, 64, "affine", 128, 32)  # no paired path
+    assert not _gemm_cuda.quantized_gemm_available(x, s.astype(mx.float32), 4, 64, "affine", 128, 32)
+    monkeypatch.setenv("FLASHDIFF_GEMM_ENGINE", "wgmma tma")
+    assert not _gemm_cuda.quantized_gemm_available(x, s, 4, 64, "affine", 128, 32)
+    monkeypatch.setattr(_gemm_cuda, "is_sm90", lambda: False)
+    monkeypatch.delenv("FLASHDIFF_GEMM_ENGINE")
+    assert not _gemm_cuda.quantized_gemm_available(x, s, 4, 64, "affine", 128, 32)
+    monkeypatch.setenv("FLASHDIFF_GEMM_DEQUANT", "always")
+    with pytest.raises(ValueError, match="FLASHDIFF_GEMM_DEQUANT='always'"):
+        _gemm_cuda.quantized_gemm_available(x, s, 4, 64, "affine", 128, 32)
 
 
 @pytest.mark.parametrize("mode,bits,group", [("affine", 4, 64), ("affine", 8, 32), ("nvfp4", 4, 16)])

@@ -282,3 +282,52 @@ def test_dequantize_kernel_more_rows_than_grid_y():
     ref = mx.dequantize(w, s, b, group_size=32, bits=4, dtype=mx.float32, stream=mx.cpu)
     out = dequantize(w, s, b, 4, 32, "affine", dtype=mx.float32, backend="cuda")
     assert mx.array_equal(out, ref).item()
+
+
+def _bits_equal(a, b):
+    return mx.array_equal(a.view(mx.uint16), b.view(mx.uint16)).item()
+
+
+@pytest.mark.parametrize("t, e, k_in, n, routing", [(300, 4, 256, 192, "random"), (129, 8, 2560, 264, "random"),
+                                                    (500, 4, 256, 296, "one expert"), (2048, 4, 2560, 6912, "random")])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_moe_gemm_over_quantized_experts_cuda(t, e, k_in, n, routing, bits, dtype, monkeypatch):
+    """moe_gemm with affine experts whose scales are in x.dtype, under FLASHDIFF_GEMM_DEQUANT=fused, takes the
+    persistent GEMM that dequantizes them inside itself (_gemm_tma_dequant_persistent): bit-identical to the
+    default dequantize + persistent GEMM, twice in a row (fresh counters each call), and near the reference."""
+    from flashdiff.kernels import moe_gemm
+    if not _gemm_cuda.is_sm90():
+        pytest.skip("the fused form needs an sm_90 GPU")
+    mx.random.seed(t + bits)
+    x = mx.random.normal((t, k_in)).astype(dtype)
+    if routing == "one expert":
+        ids = mx.stack([mx.zeros((t,), mx.int32), mx.full((t,), 2, mx.int32)], axis=1)
+    else:
+        ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :2].astype(mx.int32)
+    w, s, b = quant((e, n, k_in), "affine", bits, 64, dtype=dtype, seed=bits)
+    kw = dict(scales=s, biases=b, bits=bits, group_size=64)
+    assert not _gemm_cuda.quantized_gemm_available(x, s, bits, 64, "affine", k_in, n)  # opt-in
+    separate = moe_gemm(x, w, ids, backend="cuda", **kw)
+    monkeypatch.setenv("FLASHDIFF_GEMM_DEQUANT", "fused")
+    assert _gemm_cuda.quantized_gemm_available(x, s, bits, 64, "affine", k_in, n)
+    fused = [moe_gemm(x, w, ids, backend="cuda", **kw) for _ in range(2)]
+    assert _bits_equal(fused[0], separate) and _bits_equal(fused[1], separate)
+    if t * n <= 300 * 296:
+        ref = moe_gemm(x.astype(mx.float32), w, ids, backend="reference", **kw)
+        assert rel_err(fused[0], ref) < (1e-2 if dtype == mx.bfloat16 else 3e-3)
+
+
+@pytest.mark.parametrize("m, k, n", [(300, 256, 520), (1024, 3072, 3072), (4608, 3072, 12288)])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dense_gemm_over_quantized_weights_cuda(m, k, n, bits):
+    """dense_gemm_quantized bit-identical to dense_gemm (the persistent engine) over dequantize's weight."""
+    from flashdiff.kernels import _dequant
+    if not _gemm_cuda.is_sm90():
+        pytest.skip("the fused form needs an sm_90 GPU")
+    mx.random.seed(m + bits)
+    x = mx.random.normal((m, k)).astype(mx.bfloat16)
+    w, s, b = quant((n, k), "affine", bits, 64, seed=bits)
+    out = _gemm_cuda.dense_gemm_quantized(x, w, s, b, bits, 64)
+    w_deq = _dequant.dequantize(w, s, b, bits, 64, "affine", dtype=mx.bfloat16, backend="cuda")
+    assert _bits_equal(out, _gemm_cuda.dense_gemm(x, w_deq, engine="wgmma persistent"))

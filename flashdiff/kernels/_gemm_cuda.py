@@ -27,6 +27,8 @@ any sm_80+ GPU):
 - Epilogue: the accumulators go through shared memory (rows padded by 8 elements) so every output
   row is written with 16-byte stores.
 Requirements (``supported``): x and w bf16 or fp16, K % 8 == 0, N % 8 == 0.
+``grouped_gemm_quantized`` / ``dense_gemm_quantized`` take quantized weights instead (sm_90, persistent
+engine; the weights dequantized by the kernel's storer warps, ``_gemm_tma_dequant_persistent``; opt-in).
 No Metal twin yet: on Metal the callers keep MLX ops.
 """
 
@@ -349,6 +351,51 @@ def default_engine() -> str:
     return "wgmma persistent" if is_sm90() else "mma"
 
 
+def _template(x, k, n, a_div, direct, out_rows, threads):
+    return [("T", x.dtype), ("IS_BF16", x.dtype == mx.bfloat16), ("K", k), ("N", n), ("A_DIV", a_div),
+            ("DIRECT", direct), ("M_ROWS", out_rows), ("THREADS", threads), ("GROUP_M", group_m())]
+
+
+def quantized_gemm_available(x, scales, bits, group_size, mode, k, n, force=False) -> bool:
+    """Whether ``grouped_gemm_quantized`` / ``dense_gemm_quantized`` take these weights here: sm_90 with the
+    persistent engine (the default), affine 4 / 8-bit codes with scales in x.dtype (bf16 / fp16), K, N % 8.
+    moe_gemm asks it; it answers yes only with FLASHDIFF_GEMM_DEQUANT=fused (opt-in: measured slower than
+    dequantize + the bf16 GEMM in session 11, benchmarks/README.md); unset or "separate": no, unless
+    `force` (quantized_linear's FLASHDIFF_QLINEAR=persistent)."""
+    from . import _gemm_tma_dequant_persistent as fused
+    choice = os.environ.get("FLASHDIFF_GEMM_DEQUANT", "separate")
+    if choice not in ("fused", "separate"):
+        raise ValueError(f"FLASHDIFF_GEMM_DEQUANT={choice!r}: use 'fused' or 'separate'.")
+    engine = os.environ.get("FLASHDIFF_GEMM_ENGINE") or default_engine()
+    return ((choice == "fused" or force) and is_sm90() and engine == "wgmma persistent"
+            and fused.supported(x, scales, bits, group_size, mode, k, n))
+
+
+def grouped_gemm_quantized(x, wq, slot_row, tile_expert, out_rows: int, a_div: int = 1, *, scales, biases, bits,
+                           group_size, stream=None):
+    """``grouped_gemm`` over quantized experts wq (E, N, K * bits / 32) with scales / biases (E, N, K / group_size):
+    the persistent TMA GEMM whose storer warps dequantize the experts while it runs
+    (``_gemm_tma_dequant_persistent``); only where ``quantized_gemm_available``."""
+    from . import _gemm_tma, _gemm_tma_dequant_persistent as fused
+    tiles = tile_expert.shape[0]
+    if slot_row.shape != (tiles * BM,):
+        raise ValueError(f"slot_row must be ({tiles * BM},) for {tiles} tiles, got {slot_row.shape}.")
+    template = _template(x, x.shape[-1], wq.shape[1], a_div, False, out_rows, _gemm_tma.THREADS)
+    return fused.launch(x, wq, scales, biases, bits, group_size, slot_row.astype(mx.int32),
+                        tile_expert.astype(mx.int32), tiles, out_rows, template, False, a_div, stream)
+
+
+def dense_gemm_quantized(x, wq, scales, biases, bits, group_size, *, stream=None):
+    """x (M, K) @ dequantize(wq).T with the same kernel (slot s = row s); wq (N, K * bits / 32)."""
+    from . import _gemm_tma, _gemm_tma_dequant_persistent as fused
+    m, n = x.shape[0], wq.shape[0]
+    tiles = -(-m // BM)
+    dummy = mx.zeros((1,), dtype=mx.int32)
+    template = _template(x, x.shape[-1], n, 1, True, m, _gemm_tma.THREADS)
+    return fused.launch(x, wq[None], scales[None], biases[None], bits, group_size, dummy, dummy, tiles, m, template,
+                        True, 1, stream)
+
+
 def _launch(engine, x, w, slot_row, tile_expert, tiles, out_rows, a_div, direct, stream):
     from . import _gemm_sm90, _gemm_tma
     engine = engine or os.environ.get("FLASHDIFF_GEMM_ENGINE") or default_engine()
@@ -365,8 +412,7 @@ def _launch(engine, x, w, slot_row, tile_expert, tiles, out_rows, a_div, direct,
     else:
         kernel, bn, threads = _gemm_sm90._kernel(), _gemm_sm90.BN, _gemm_sm90.THREADS
     e, n, k = w.shape
-    template = [("T", x.dtype), ("IS_BF16", x.dtype == mx.bfloat16), ("K", k), ("N", n), ("A_DIV", a_div),
-                ("DIRECT", direct), ("M_ROWS", out_rows), ("THREADS", threads), ("GROUP_M", group_m())]
+    template = _template(x, k, n, a_div, direct, out_rows, threads)
     if engine in ("wgmma", "wgmma wait"):
         template.append(("MMA_IN_FLIGHT", engine == "wgmma"))
     if kernel is None:

@@ -108,13 +108,16 @@ def _maps_code(a: str, a_rows: str) -> str:
 
 
 _MAPS_SOURCE = _maps_code("x", "X_ROWS")  # dense form: launched with one warp
+# the quantized form's (``_gemm_tma_dequant_persistent``): the map over x alone, and its counters zeroed
+_ZERO_WORK = r"""
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < WORK; i += gridDim.x * blockDim.x) work[i] = 0;
+"""
+_MAPS_SOURCE_WORK = publish_maps_code([("x", "X_ROWS", 128)]) + _ZERO_WORK
 
 # Grouped form: xs[s] = x[slot_row[s] / A_DIV] for every slot naming a row, CPT 16-byte chunks per
 # thread (empty slots are left as they are: their products are never stored); warp 0 of block 0
 # first encodes the maps over xs and w.
-_GATHER_SOURCE = r"""
-  if (blockIdx.x == 0 && threadIdx.x < 32)
-""" + _maps_code("xs", "SLOTS") + r"""
+_GATHER_ROWS = r"""
   constexpr int CHUNKS = K / 8, SPAN = CHUNKS / CPT;  // a thread copies chunks c, c + SPAN, ...
   const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (size_t)SLOTS * SPAN) return;
@@ -128,6 +131,9 @@ _GATHER_SOURCE = r"""
 #pragma unroll
   for (int j = 0; j < CPT; ++j) dst[j * SPAN] = v[j];
 """
+_GATHER_SOURCE = "\n  if (blockIdx.x == 0 && threadIdx.x < 32)\n" + _maps_code("xs", "SLOTS") + _GATHER_ROWS
+_GATHER_SOURCE_WORK = ("\n  if (blockIdx.x == 0 && threadIdx.x < 32)\n" + publish_maps_code([("xs", "SLOTS", 128)]) + _ZERO_WORK
+                       + _GATHER_ROWS)
 
 _GEMM_HEADER = _HEADER + _MAP_HEADER + r"""
 __device__ __forceinline__ void fd_mbar_expect_tx(unsigned bar, unsigned bytes) {
@@ -215,13 +221,19 @@ _SOURCE = r"""
 
 
 @functools.cache
-def _maps_kernel():
+def _maps_kernel(work: bool = False):
+    if work:  # the x map alone + the quantized form's counters
+        return mx.fast.cuda_kernel(name="flashdiff_gemm_tensor_maps_work", input_names=["x"],
+                                   output_names=["tmaps", "work"], source=_MAPS_SOURCE_WORK, header=_MAP_HEADER)
     return mx.fast.cuda_kernel(name="flashdiff_gemm_tensor_maps", input_names=["x", "w"], output_names=["tmaps"],
                                source=_MAPS_SOURCE, header=_MAP_HEADER)
 
 
 @functools.cache
-def _gather_kernel():
+def _gather_kernel(work: bool = False):
+    if work:
+        return mx.fast.cuda_kernel(name="flashdiff_gather_slots_work", input_names=["x", "slot_row"],
+                                   output_names=["xs", "tmaps", "work"], source=_GATHER_SOURCE_WORK, header=_MAP_HEADER)
     return mx.fast.cuda_kernel(name="flashdiff_gather_slots", input_names=["x", "slot_row", "w"],
                                output_names=["xs", "tmaps"], source=_GATHER_SOURCE, header=_MAP_HEADER)
 
@@ -254,9 +266,17 @@ def _map_template(x, w):
     return [("IS_BF16", x.dtype == mx.bfloat16), ("K", x.shape[-1]), ("W_ROWS", w.shape[0] * w.shape[1])]
 
 
-def tensor_maps(x, w, stream=None):
+def tensor_maps(x, w, stream=None, work=0):
     """The dense form's TMA tensor maps, encoded on the device by one warp: (MAP_BYTES,) uint8 with
-    x as (rows, K) and w (E, N, K) as (E * N, K) in boxes of 256 rows."""
+    x as (rows, K) and w (E, N, K) as (E * N, K) in boxes of 256 rows.
+    work > 0 (``_gemm_tma_dequant_persistent``, w None): the map over x alone, and (work,) int32 zeros."""
+    if work:
+        return _maps_kernel(True)(
+            inputs=[x], template=[("IS_BF16", x.dtype == mx.bfloat16), ("K", x.shape[-1]), ("X_ROWS", x.shape[0]),
+                                  ("WORK", work)],
+            output_shapes=[(MAP_BYTES,), (work,)], output_dtypes=[mx.uint8, mx.int32], grid=(32, 1, 1),
+            threadgroup=(32, 1, 1), stream=stream,
+        )
     (maps,) = _maps_kernel()(
         inputs=[x, w], template=_map_template(x, w) + [("X_ROWS", x.shape[0])],
         output_shapes=[(MAP_BYTES,)], output_dtypes=[mx.uint8], grid=(32, 1, 1), threadgroup=(32, 1, 1),
@@ -265,16 +285,21 @@ def tensor_maps(x, w, stream=None):
     return maps
 
 
-def gather_slots(x, slot_row, a_div, w, stream=None):
+def gather_slots(x, slot_row, a_div, w, stream=None, work=0):
     """The grouped form's input: x's rows in slot order (slots * BM rows; rows of empty slots unset), so
-    TMA reads each tile as one box, and the tensor maps over it and w (as ``tensor_maps``)."""
+    TMA reads each tile as one box, and the tensor maps over it and w (as ``tensor_maps``).
+    work > 0 (w None): the map over xs alone, and (work,) int32 zeros as a third output."""
     slots, k = slot_row.shape[0], x.shape[-1]
     cpt = next(c for c in (4, 2, 1) if (k // 8) % c == 0)
+    template = [("T", x.dtype), ("SLOTS", slots), ("A_DIV", a_div), ("CPT", cpt)]
+    launch = dict(grid=(max(slots * k // 8 // cpt, 32), 1, 1), threadgroup=(256, 1, 1), stream=stream)
+    if work:
+        return _gather_kernel(True)(
+            inputs=[x, slot_row], template=template + [("IS_BF16", x.dtype == mx.bfloat16), ("K", k), ("WORK", work)],
+            output_shapes=[(slots, k), (MAP_BYTES,), (work,)], output_dtypes=[x.dtype, mx.uint8, mx.int32], **launch)
     xs, maps = _gather_kernel()(
-        inputs=[x, slot_row, w], template=[("T", x.dtype), ("SLOTS", slots), ("A_DIV", a_div), ("CPT", cpt)]
-        + _map_template(x, w),
-        output_shapes=[(slots, k), (MAP_BYTES,)], output_dtypes=[x.dtype, mx.uint8],
-        grid=(max(slots * k // 8 // cpt, 32), 1, 1), threadgroup=(256, 1, 1), stream=stream,
+        inputs=[x, slot_row, w], template=template + _map_template(x, w),
+        output_shapes=[(slots, k), (MAP_BYTES,)], output_dtypes=[x.dtype, mx.uint8], **launch,
     )
     return xs, maps
 

@@ -9,6 +9,9 @@ GEMM (``_gemm_cuda``: on sm_90 the persistent wgmma GEMM fed by TMA after the ro
 into slot order, mma.sync elsewhere) then multiplies only the routed rows and writes each result
 straight into its (t, j) row. Quantized experts are first dequantized into one x.dtype scratch of all
 experts (E*N*K, 141 MB for HiDream's 4 x 6912 x 2560) by the dequantization kernel, after x exists.
+FLASHDIFF_GEMM_DEQUANT=fused (opt-in, sm_90, affine 4/8-bit with scales in x.dtype): the persistent GEMM's
+storer warps dequantize the experts while it runs (``_gemm_tma_dequant_persistent``): exact, measured slower
+(0.75x of dense against 0.80x, session 11).
 Measured on the H200 (benchmarks/README.md, session 10), compiled and streamed against a dense GEMM of
 the routed FLOPs: bf16 0.86-0.87x (skewed routing 0.88-0.91x), 4-bit experts 0.76-0.83x, 8-bit
 0.79-0.80x in three runs. Nsight Compute: layout 6.8 us, gather 19 us, GEMM 416-418 us, against 365 us for
@@ -84,6 +87,11 @@ def moe_gemm(x, expert_weights, expert_ids, *, scales=None, biases=None, bits=No
         return moe_sorted(x, w, expert_ids, scales, biases, bits, group_size, mode)
 
     w = expert_weights
+    if (quantized and impl == "cuda" and w.shape[0] <= _gemm_cuda.MAX_EXPERTS
+            and _gemm_cuda.quantized_gemm_available(x, scales, bits, group_size, mode, k_in, n)):
+        gemm = functools.partial(_gemm_cuda.grouped_gemm_quantized, scales=scales, biases=biases, bits=bits,
+                                 group_size=group_size)
+        return moe_grouped(x, w, expert_ids, gemm)  # the experts dequantized inside the GEMM
     if quantized:
         w = dequantize(mx.depends(w, x), scales, biases, bits, group_size, mode, dtype=x.dtype, backend=impl)
     w = w.astype(x.dtype)
@@ -127,7 +135,7 @@ def moe_grouped(x, w, expert_ids, gemm=None, layout=None):
     gemm = gemm or _gemm_cuda.grouped_gemm
     layout = layout or _gemm_cuda.layout
     t, top_k = expert_ids.shape
-    n, k_in = w.shape[-2:]
+    n, k_in = w.shape[-2], x.shape[-1]  # (w may be packed codes)
     if t * top_k == 0:
         return mx.zeros((t, top_k, n), dtype=x.dtype)
     slot_row, tile_expert = layout(expert_ids, w.shape[0])

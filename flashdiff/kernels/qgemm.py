@@ -30,7 +30,9 @@ GEMM (``_gemm_mixed``, FLASHDIFF_QLINEAR=mixed: the weight converted into wgmma'
 this path at M = 1024 (0.82x against 0.81x in one run) and loses at M = 4608 (0.5-0.63x), so it is
 opt-in too. Session 10 measured the 1024-row FLUX shapes (FLUX at 512 x 512): this path 0.77-0.86x of
 bf16, the mixed GEMM 0.46-0.66x. At M = 1024 the dequantize pass is ~20% of the GEMM's time and runs
-before it on the one stream; only a fused kernel as fast as cuBLAS would hide it.
+before it on the one stream; only a fused kernel as fast as cuBLAS would hide it. Session 11: the persistent
+TMA GEMM whose storer warps dequantize the weight while it runs (FLASHDIFF_QLINEAR=persistent,
+``_gemm_tma_dequant_persistent``, exact) is not that kernel either: 0.48-0.71x of bf16 at 1024 rows.
 """
 
 import os
@@ -38,19 +40,21 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import _gemm_mixed, _gemm_tma_dequant
+from . import _gemm_cuda, _gemm_mixed, _gemm_tma_dequant
 from ._dequant import check_quantized, dequantize_checked
 from ._dispatch import metal_kernels_requested, resolve_backend
 
 SMALL_M = 32  # below this many rows, MLX's quantized_matmul (decode kernel) wins
 FUSED_DEFAULT = False  # the fused sm_90 kernels by default (else only with FLASHDIFF_QLINEAR=fused / mixed)
-QLINEAR_PATHS = ("auto", "fused", "mixed", "dequant")
+QLINEAR_PATHS = ("auto", "fused", "mixed", "persistent", "dequant")
 
 
 def _fused_path(impl, x, scales, bits, group_size, mode, k, n):
     """Which sm_90 kernel computes this call whole, or None for dequantize + GEMM. FLASHDIFF_QLINEAR:
     "fused" = _gemm_tma_dequant (the weight tile dequantized into shared memory), "mixed" = _gemm_mixed
-    (the weight converted into wgmma's register operand), each only where it takes the arguments;
+    (the weight converted into wgmma's register operand), "persistent" = the persistent TMA GEMM whose storer
+    warps dequantize the weight while it runs (``_gemm_tma_dequant_persistent``), each only where it takes the
+    arguments;
     "dequant" = never; "auto" (unset) = FUSED_DEFAULT (False: dequantize + GEMM). A value outside
     QLINEAR_PATHS raises on every backend."""
     choice = (os.environ.get("FLASHDIFF_QLINEAR") or "auto").lower()
@@ -58,6 +62,8 @@ def _fused_path(impl, x, scales, bits, group_size, mode, k, n):
         raise ValueError(f"FLASHDIFF_QLINEAR={choice!r}: use one of {QLINEAR_PATHS}.")
     if impl != "cuda" or choice == "dequant" or (choice == "auto" and not FUSED_DEFAULT):
         return None
+    if choice == "persistent":  # _gemm_tma_dequant_persistent: the weight dequantized by the GEMM's storer warps
+        return _gemm_cuda if _gemm_cuda.quantized_gemm_available(x, scales, bits, group_size, mode, k, n, force=True) else None
     kernel = _gemm_mixed if choice == "mixed" else _gemm_tma_dequant
     return kernel if kernel.supported(x, scales, bits, group_size, mode, k, n) else None
 
@@ -88,6 +94,9 @@ def quantized_linear(x, w, scales, biases, bits=None, group_size=None, mode="aff
     fused = _fused_path(impl, x, scales, bits, group_size, mode, k, n)
     if fused is _gemm_mixed:
         return _gemm_mixed.mixed_gemm(x.reshape(m, k), w, scales, biases, bits, group_size, bias).reshape(*x.shape[:-1], n)
+    if fused is _gemm_cuda:
+        y = _gemm_cuda.dense_gemm_quantized(x.reshape(m, k), w, scales, biases, bits, group_size)
+        return (y if bias is None else y + bias.astype(y.dtype)).reshape(*x.shape[:-1], n)
     if fused is _gemm_tma_dequant:
         y = _gemm_tma_dequant.dequant_gemm(x.reshape(m, k), w, scales, biases, bits, group_size, bias)
         return y.reshape(*x.shape[:-1], n)
