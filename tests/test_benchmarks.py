@@ -274,9 +274,9 @@ def test_kernel_benchmark_qlinear_shape_filter(monkeypatch, tmp_path):
 
 
 def test_dequant_gemm_probe_edits_match_the_kernel():
-    """benchmarks/probe_dequant_gemm_variants.py edits the shipped kernel's source: every edit still applies once
+    """benchmarks/probe_dequant_persistent_variants.py edits the shipped kernel's source: every edit still applies once
     (a variant that silently stopped matching would time the unedited kernel)."""
-    import probe_dequant_gemm_variants as probe
+    import probe_dequant_persistent_variants as probe
 
     for name, edits in probe.EDITS.items():
         src = probe.variant_source(edits)

@@ -77,7 +77,7 @@ HEADER = _gemm_tma._GEMM_HEADER + PAIRED_ASM + DEQUANT_CODE + _HELPERS + _LAUNCH
 # the codes are then shuffled so that each store instruction writes 4 whole 128-byte rows (lane L: chunk L % 8
 # of one row); slots outside the unit (rows past N, k past K) are not stored. Session 11 on the H200: with each
 # lane storing its own 16-byte loads' output (32 half-written sectors per instruction) the stores alone took
-# ~140 us of the kernel, the loads and arithmetic ~60 us (benchmarks/probe_dequant_gemm_variants.py).
+# ~140 us of the kernel, the loads and arithmetic ~60 us (benchmarks/probe_dequant_persistent_variants.py).
 _DEQUANT_UNIT = r"""
   // DEQUANT: unit u = (expert, column tile, KU k tiles), in that order of significance; UPC units per column
   constexpr int KU = 2, UPC = (KT + KU - 1) / KU, UNITS = E_COUNT * TILES_N * UPC, WORDS = K * BITS / 32;
