@@ -278,10 +278,11 @@ def test_quantized_linear_path_choice(monkeypatch):
         monkeypatch.setenv("FLASHDIFF_QLINEAR", choice)
         assert qgemm._fused_path(impl, *args) is want, (choice, impl)
     assert not qgemm.FUSED_DEFAULT
-    from flashdiff.kernels import _gemm_cuda
+    from flashdiff.kernels import _gemm_cuda, _gemm_tma_dequant_persistent
     monkeypatch.setattr(_gemm_cuda, "is_sm90", lambda: True)
-    monkeypatch.setenv("FLASHDIFF_QLINEAR", "persistent")  # _gemm_tma_dequant_persistent through _gemm_cuda
-    assert qgemm._fused_path("cuda", *args) is _gemm_cuda and qgemm._fused_path("metal", *args) is None
+    monkeypatch.setenv("FLASHDIFF_QLINEAR", "persistent")
+    assert qgemm._fused_path("cuda", *args) is _gemm_tma_dequant_persistent
+    assert qgemm._fused_path("metal", *args) is None
     for bad in [(x, s.astype(mx.bfloat16), 3, 64, "affine", 128, 32), (x, s.astype(mx.float16), 4, 64, "affine", 128, 32),
                 (x, s.astype(mx.bfloat16), 4, 32, "mxfp4", 128, 32), (x, s.astype(mx.bfloat16), 4, 64, "affine", 128, 36)]:
         assert qgemm._fused_path("cuda", *bad) is None

@@ -377,9 +377,7 @@ def grouped_gemm_quantized(x, wq, slot_row, tile_expert, out_rows: int, a_div: i
     the persistent TMA GEMM whose storer warps dequantize the experts while it runs
     (``_gemm_tma_dequant_persistent``); only where ``quantized_gemm_available``."""
     from . import _gemm_tma, _gemm_tma_dequant_persistent as fused
-    tiles = tile_expert.shape[0]
-    if slot_row.shape != (tiles * BM,):
-        raise ValueError(f"slot_row must be ({tiles * BM},) for {tiles} tiles, got {slot_row.shape}.")
+    tiles = _tiles(slot_row, tile_expert)
     template = _template(x, x.shape[-1], wq.shape[1], a_div, False, out_rows, _gemm_tma.THREADS)
     return fused.launch(x, wq, scales, biases, bits, group_size, slot_row.astype(mx.int32),
                         tile_expert.astype(mx.int32), tiles, out_rows, template, False, a_div, stream)
@@ -435,11 +433,17 @@ def grouped_gemm(x, w, slot_row, tile_expert, out_rows: int, a_div: int = 1, *, 
     (warp-specialised cp.async), "wgmma tma" (warp-specialised TMA, ``_gemm_tma``), its persistent
     forms "wgmma persistent" (the default on sm_90 since session 10: its epilogue overlaps the next tile's
     wgmmas) / "wgmma persistent gather" (measured no faster; opt-in)."""
+    tiles = _tiles(slot_row, tile_expert)
+    return _launch(engine, x, w, slot_row.astype(mx.int32), tile_expert.astype(mx.int32), tiles, out_rows,
+                   a_div, False, stream)
+
+
+def _tiles(slot_row, tile_expert) -> int:
+    """The grouped GEMMs' row tiles, once slot_row is checked against them."""
     tiles = tile_expert.shape[0]
     if slot_row.shape != (tiles * BM,):
         raise ValueError(f"slot_row must be ({tiles * BM},) for {tiles} tiles, got {slot_row.shape}.")
-    return _launch(engine, x, w, slot_row.astype(mx.int32), tile_expert.astype(mx.int32), tiles, out_rows,
-                   a_div, False, stream)
+    return tiles
 
 
 def dense_gemm(x, w, *, engine=None, stream=None):

@@ -38,7 +38,7 @@ import mlx.core as mx
 
 from . import _gemm_tma, _gemm_tma_forms
 from ._dequant import DEQUANT_CODE, PAIRED_ASM, paired
-from ._gemm_sm90 import BK, BN
+from ._gemm_sm90 import BN
 
 _HELPERS = r"""
 // non-blocking: whether the phase of this parity has completed
@@ -194,7 +194,7 @@ def supported(x, scales, bits, group_size, mode, k, n) -> bool:
     return paired(x.dtype, scales.dtype, bits, mode) and k % 8 == 0 and n % 8 == 0
 
 
-def work_ints(experts: int, n: int, k: int) -> int:
+def work_ints(experts: int, n: int) -> int:
     """Length of the counter array: the claim counter + one count of finished units per column tile."""
     return 1 + experts * -(-n // BN)
 
@@ -215,7 +215,7 @@ def launch(x, wq, scales, biases, bits, group_size, slot_row, tile_expert, tiles
     biases (E, N, K / group_size) in x.dtype; template as ``_gemm_cuda._launch`` builds it. Returns out."""
     e, n = wq.shape[0], wq.shape[1]
     k = x.shape[-1]
-    units = work_ints(e, n, k)
+    units = work_ints(e, n)
     if direct:
         maps, work = _gemm_tma.tensor_maps(x, None, stream, work=units)
     else:

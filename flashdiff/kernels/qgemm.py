@@ -40,7 +40,7 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import _gemm_cuda, _gemm_mixed, _gemm_tma_dequant
+from . import _gemm_cuda, _gemm_mixed, _gemm_tma_dequant, _gemm_tma_dequant_persistent
 from ._dequant import check_quantized, dequantize_checked
 from ._dispatch import metal_kernels_requested, resolve_backend
 
@@ -63,7 +63,8 @@ def _fused_path(impl, x, scales, bits, group_size, mode, k, n):
     if impl != "cuda" or choice == "dequant" or (choice == "auto" and not FUSED_DEFAULT):
         return None
     if choice == "persistent":  # _gemm_tma_dequant_persistent: the weight dequantized by the GEMM's storer warps
-        return _gemm_cuda if _gemm_cuda.quantized_gemm_available(x, scales, bits, group_size, mode, k, n, force=True) else None
+        available = _gemm_cuda.quantized_gemm_available(x, scales, bits, group_size, mode, k, n, force=True)
+        return _gemm_tma_dequant_persistent if available else None
     kernel = _gemm_mixed if choice == "mixed" else _gemm_tma_dequant
     return kernel if kernel.supported(x, scales, bits, group_size, mode, k, n) else None
 
@@ -94,7 +95,7 @@ def quantized_linear(x, w, scales, biases, bits=None, group_size=None, mode="aff
     fused = _fused_path(impl, x, scales, bits, group_size, mode, k, n)
     if fused is _gemm_mixed:
         return _gemm_mixed.mixed_gemm(x.reshape(m, k), w, scales, biases, bits, group_size, bias).reshape(*x.shape[:-1], n)
-    if fused is _gemm_cuda:
+    if fused is _gemm_tma_dequant_persistent:
         y = _gemm_cuda.dense_gemm_quantized(x.reshape(m, k), w, scales, biases, bits, group_size)
         return (y if bias is None else y + bias.astype(y.dtype)).reshape(*x.shape[:-1], n)
     if fused is _gemm_tma_dequant:
