@@ -13,7 +13,8 @@ each stage and ran the MoE GEMM at 660 us, tensor pipe 49% busy: session 11.) A 
 the consumers compute the tile it is to store next (it polls the epilogue barrier between units), and the
 rest once its CTA has no tile left; units of experts that no tile uses are counted unread. Deadlock-free
 for any grid and residency: only TMA threads wait for units, and every running storer warp claims units
-until none is left, each finished without waiting.
+until none is left, each finished without waiting (a warp claims its next unit one ahead, and starts it at its
+next poll, which no unbounded wait precedes: after a ready epilogue barrier come only the tile's stores).
 
 Why: moe_gemm with quantized experts spends ~45 us dequantizing HiDream's 4 x 6912 x 2560 experts (141 MB
 of bf16 written, memory-bound) before a ~400-416 us GEMM on the one stream (0.76-0.83x of a dense GEMM,
@@ -53,6 +54,7 @@ __device__ __forceinline__ int fd_ld_acquire(const int* p) {
   asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+// the next two: for benchmarks/probe_dequant_persistent_variants.py ("relaxed_spin"); the kernel uses neither
 __device__ __forceinline__ int fd_ld_relaxed(const int* p) {
   int v;
   asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
@@ -215,11 +217,11 @@ def launch(x, wq, scales, biases, bits, group_size, slot_row, tile_expert, tiles
     biases (E, N, K / group_size) in x.dtype; template as ``_gemm_cuda._launch`` builds it. Returns out."""
     e, n = wq.shape[0], wq.shape[1]
     k = x.shape[-1]
-    units = work_ints(e, n)
+    counters = work_ints(e, n)
     if direct:
-        maps, work = _gemm_tma.tensor_maps(x, None, stream, work=units)
+        maps, work = _gemm_tma.tensor_maps(x, None, stream, work=counters)
     else:
-        x, maps, work = _gemm_tma.gather_slots(x, slot_row, a_div, None, stream, work=units)
+        x, maps, work = _gemm_tma.gather_slots(x, slot_row, a_div, None, stream, work=counters)
     tiles_n = -(-n // BN)
     grid = min(tiles * tiles_n, _gemm_tma.num_sms())
     template = template + [("TILES_M", tiles), ("GATHER_A", False), ("W_ROWS", e * n), ("E_COUNT", e), ("BITS", bits),
