@@ -5,8 +5,11 @@
 Runs moe_gemm at HiDream shapes (layout kernel, gather, grouped GEMM) and the dense reference GEMM of
 the same FLOPs, each a few times with a synchronisation after every call, so each kernel shows up
 separately in the profile. ENGINES (comma-separated, default: the default engine) picks GEMM engines.
-QUANT=4 / QUANT=8: the experts quantized (affine, group 64), run both ways: dequantized inside the GEMM (the
-default) and first, by the dequantize kernel (FLASHDIFF_GEMM_DEQUANT=separate).
+QUANT=4 / QUANT=8: the experts quantized (affine, group 64), run each way FLASHDIFF_GEMM_DEQUANT names in HOW
+(comma-separated; default "merged,separate,fused": in the layout kernel's launch (the default), by the dequantize
+kernel on its own, inside the GEMM (opt-in)).
+GATHER_STORE_AT=k: the gather form ("wgmma persistent gather") storing each finished tile at stage k of the next
+one instead of the tree's STAGES + 1 (session 12 measured one and two loader warps with source edits like this).
 """
 
 import os
@@ -16,8 +19,15 @@ from pathlib import Path
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flashdiff.kernels import moe_gemm  # noqa: E402
+from flashdiff.kernels import _gemm_tma, _gemm_tma_forms, moe_gemm  # noqa: E402
 from common import moe_problem  # noqa: E402
+
+if os.environ.get("GATHER_STORE_AT"):
+    anchor = "kt == min(KT - 1, STAGES + 1)"
+    assert _gemm_tma_forms._SOURCE_PERSISTENT.count(anchor) == 1, "the persistent source changed"
+    _gemm_tma_forms._SOURCE_PERSISTENT = _gemm_tma_forms._SOURCE_PERSISTENT.replace(
+        anchor, f"kt == min(KT - 1, {int(os.environ['GATHER_STORE_AT'])})")
+    _gemm_tma._kernel.cache_clear()
 
 p = moe_problem()
 for _ in range(3):
@@ -28,7 +38,7 @@ for engine in [e for e in os.environ.get("ENGINES", "").split(",") if e] or [Non
     if os.environ.get("QUANT"):
         bits = int(os.environ["QUANT"])
         wq, s, b = mx.quantize(p["w"], 64, bits)
-        for how in ("fused", "separate"):
+        for how in os.environ.get("HOW", "merged,separate,fused").split(","):
             os.environ["FLASHDIFF_GEMM_DEQUANT"] = how
             for _ in range(3):
                 mx.eval(moe_gemm(p["x"], wq, p["ids"], scales=s, biases=b, bits=bits, group_size=64))

@@ -271,7 +271,7 @@ def recorder(monkeypatch):
 
     caches = [att._kernel, att._maps_kernel, _gemm_tma._kernel, _gemm_tma._gather_kernel, _gemm_tma._maps_kernel,
               _dequant._kernel, qk_rope._kernel, _gemm_cuda._layout_kernel, _gemm_cuda._kernel, _gemm_mixed._kernel,
-              _gemm_tma_dequant_persistent._kernel]
+              _gemm_tma_dequant_persistent._kernel, _gemm_cuda._layout_dequant_kernel]
     for cache in caches:
         cache.cache_clear()
     rec = LaunchRecorder()
@@ -439,8 +439,41 @@ def test_layout_kernel_as_launched(tmp_path, recorder, t, top_k, e, empty):
     check_same_layout(slot, tiles, ids, e)
 
 
+@pytest.mark.parametrize("mode, bits, group, dtype_name, t, top_k, e", [
+    ("affine", 4, 64, "bfloat16", 1000, 2, 4), ("affine", 8, 32, "float16", 300, 2, 3), ("affine", 3, 32, "float32", 77, 1, 1),
+    ("mxfp4", 4, 32, "bfloat16", 600, 3, 5)])
+def test_layout_and_dequantize_as_launched(tmp_path, recorder, mode, bits, group, dtype_name, t, top_k, e):
+    """_gemm_cuda.layout_and_dequantize (the layout kernel's blocks, then the flat dequantize kernel's, in one
+    launch): its schedule is moe.grouped_layout's (several layout blocks, one expert, more slots than rows) and its
+    experts are mx.dequantize's bit for bit, through the paired path (affine 4/8-bit in bf16 / fp16) and the float
+    one (3-bit to float32, mxfp4)."""
+    import mlx.core as mx
+
+    from flashdiff.kernels import _dequant, _gemm_cuda
+    from flashdiff.kernels._dequant import check_quantized
+    from helpers import quant
+
+    dtype = getattr(mx, dtype_name)
+    rng = np.random.default_rng(t + e)
+    ids = np.stack([rng.choice(e, top_k, replace=False) for _ in range(t)]).astype(np.int32)
+    w, s, b = quant((e, 40, 384), mode, bits, group, dtype=dtype if dtype != mx.float32 else mx.bfloat16, seed=3)
+    k = check_quantized(w, s, b, bits, group, mode)[3]
+    _gemm_cuda.layout_and_dequantize(mx.array(ids), e, w, s, b, bits, group, k, mode, dtype)
+    (launch,) = recorder.launches
+    assert launch["name"] == f"flashdiff_moe_layout_dequant_{'affine' if mode == 'affine' else 'fp'}"
+    assert (("PAIRED", True) in launch["template"]) == (mode == "affine" and bits in (4, 8) and dtype != mx.float32)
+    slot, tiles, out = replay(tmp_path, recorder.launches, _dequant._CUDA_HEADER + _dequant.DEQUANT_CODE)
+    check_same_layout(slot, tiles, ids, e)
+    ref = mx.dequantize(w, s, b, group_size=group, bits=bits, mode=mode, dtype=dtype, stream=mx.cpu)
+    if dtype == mx.float32:
+        np.testing.assert_array_equal(np.asarray(out).reshape(ref.shape), np.array(ref))
+    else:
+        ref_bits = np.array(ref.view(mx.uint16))
+        np.testing.assert_array_equal(np.asarray(out).view(np.uint16).reshape(ref_bits.shape), ref_bits)
+
+
 @pytest.mark.parametrize("quantized", [False, True])
-@pytest.mark.parametrize("engine", ["wgmma persistent", "wgmma tma"])
+@pytest.mark.parametrize("engine", ["wgmma persistent", "wgmma tma", "wgmma persistent gather"])
 def test_cuda_moe_path_as_launched(tmp_path, recorder, monkeypatch, quantized, engine):
     """The CUDA MoE path as moe_gemm takes it on sm_90: (the dequantize kernel for 4-bit experts,) the
     layout kernel (warp matches, shared counters), gather + maps, the grouped TMA GEMM in its default
@@ -466,8 +499,9 @@ def test_cuda_moe_path_as_launched(tmp_path, recorder, monkeypatch, quantized, e
         w_used = w
     moe_grouped(x, w_used, ids)
     names = [r["name"] for r in recorder.launches]
-    gemm_name = "flashdiff_grouped_gemm_tma" + ("_persistent" if engine == "wgmma persistent" else "")
-    assert names[-3:] == ["flashdiff_moe_layout", "flashdiff_gather_slots", gemm_name], names
+    gemm_name = "flashdiff_grouped_gemm_tma" + ("" if engine == "wgmma tma" else "_persistent")
+    before = "flashdiff_gemm_tensor_maps" if engine.endswith("gather") else "flashdiff_gather_slots"
+    assert names[-3:] == ["flashdiff_moe_layout", before, gemm_name], names
     (out,) = replay(tmp_path, recorder.launches, _dequant._CUDA_HEADER + _dequant.DEQUANT_CODE)
     xf, wf = np.array(x.astype(mx.float32)).astype(np.float64), np.array(w.astype(mx.float32)).astype(np.float64)
     ref = np.einsum("tk,tjnk->tjn", xf, wf[np.array(ids)]).reshape(t * 2, n)
@@ -478,8 +512,9 @@ def test_cuda_moe_path_as_launched(tmp_path, recorder, monkeypatch, quantized, e
 def test_moe_over_quantized_experts_as_launched(tmp_path, recorder, monkeypatch, bits, group, k):
     """moe_gemm with quantized experts on sm_90 under FLASHDIFF_GEMM_DEQUANT=fused (the persistent GEMM whose storer
     warps dequantize them, 2 CTAs walking the tiles): the scratch holds mx.dequantize's experts bit for bit where a tile uses them (an expert
-    without rows is never dequantized), and every routed row equals the separate path's (dequantize kernel +
-    persistent GEMM) bit for bit; N and K past whole units (296 rows, K % 64 != 0 for the 8-bit case)."""
+    without rows is never dequantized), and every routed row equals the other paths' (dequantize kernel, or the
+    default: layout + dequantization in one launch; then the persistent GEMM) bit for bit; N and K past whole
+    units (296 rows, K % 64 != 0 for the 8-bit case)."""
     import mlx.core as mx
 
     from flashdiff.kernels import _dequant, _gemm_cuda, moe_gemm
@@ -507,13 +542,20 @@ def test_moe_over_quantized_experts_as_launched(tmp_path, recorder, monkeypatch,
         np.testing.assert_array_equal(w_deq[:3], ref_w[:3])
         assert (w_deq[3] == 0xFFFF).all()  # the emulation's unwritten fill: expert 3's units were skipped
 
-        recorder.launches.clear()
-        monkeypatch.delenv("FLASHDIFF_GEMM_DEQUANT")  # the default: the dequantize kernel, then the GEMM
-        moe_gemm(x, wq, ids, scales=s, biases=b, bits=bits, group_size=group, backend="cuda")
-        assert recorder.launches[0]["name"] == "flashdiff_dequant_affine_flat"
-        (tmp_path / "separate").mkdir()
-        (separate,) = replay(tmp_path / "separate", recorder.launches, _dequant._CUDA_HEADER + _dequant.DEQUANT_CODE)
-        np.testing.assert_array_equal(out, separate)
+        # the other two ways, bit for bit the same: the dequantize kernel on its own, then layout, gather and
+        # GEMM; the default: layout and dequantization in one launch, then gather and GEMM
+        for how, first in [("separate", ["flashdiff_dequant_affine_flat", "flashdiff_moe_layout"]),
+                           ("merged", ["flashdiff_moe_layout_dequant_affine"])]:
+            recorder.launches.clear()
+            monkeypatch.setenv("FLASHDIFF_GEMM_DEQUANT", how)
+            moe_gemm(x, wq, ids, scales=s, biases=b, bits=bits, group_size=group, backend="cuda")
+            names = [r["name"] for r in recorder.launches]
+            assert names == first + ["flashdiff_gather_slots", "flashdiff_grouped_gemm_tma_persistent"], names
+            (tmp_path / how).mkdir()
+            (other,) = replay(tmp_path / how, recorder.launches, _dequant._CUDA_HEADER + _dequant.DEQUANT_CODE)
+            np.testing.assert_array_equal(out, other)
+        monkeypatch.delenv("FLASHDIFF_GEMM_DEQUANT")
+        assert _gemm_cuda.dequant_choice() == "merged"
         xf = np.array(x.astype(mx.float32), np.float64)
         wf = bf16_values(ref_w).astype(np.float64)
         ref = np.einsum("tk,tjnk->tjn", xf, wf[np.array(ids)]).reshape(t * 2, n)
@@ -555,13 +597,16 @@ def test_dense_gemm_over_quantized_weights_as_launched(tmp_path, recorder, monke
     ("mma", 150, 200, 2, ["flashdiff_grouped_gemm"], ["flashdiff_grouped_gemm"]),  # the default before Hopper
     ("wgmma persistent", 250, 320, 0, ["flashdiff_gather_slots", "flashdiff_grouped_gemm_tma_persistent"],
      ["flashdiff_gemm_tensor_maps", "flashdiff_grouped_gemm_tma_persistent"]),
+    ("wgmma persistent gather", 250, 320, 2, ["flashdiff_gemm_tensor_maps", "flashdiff_grouped_gemm_tma_persistent"],
+     ["flashdiff_gemm_tensor_maps", "flashdiff_grouped_gemm_tma_persistent"]),
 ])
 def test_grouped_and_dense_gemm_as_launched(tmp_path, recorder, monkeypatch, engine, t, k, expert, grouped_kernels,
                                             dense_kernels):
     """_gemm_cuda.grouped_gemm (MoE schedule) and dense_gemm as their launchers run them: the TMA GEMM with
     gather + maps / maps, the mma.sync GEMM (cp.async stages, ldmatrix, mma.sync), and the persistent TMA
     GEMM on 2 CTAs (FLASHDIFF_NUM_SMS) that walk 3 tiles each, the epilogue buffer and the storer warps
-    reused from tile to tile, K tiles past the 3 stages; against numpy."""
+    reused from tile to tile, K tiles past the 3 stages, with its input tiles by TMA from the gathered rows or
+    (gather form) by the loader warps' cp.async from x's routed rows; against numpy."""
     from flashdiff.kernels import _gemm_tma
 
     monkeypatch.setenv("FLASHDIFF_NUM_SMS", "2")

@@ -151,6 +151,20 @@ def test_layout_kernel_compiles(tmp_path):
             ("BLOCKS", 8192 // _gemm_cuda.RPB)])
 
 
+@pytest.mark.parametrize("bits, mode", [(4, "affine"), (8, "affine"), (3, "affine"), (4, "mxfp4")])
+def test_layout_and_dequantize_kernel_compiles(tmp_path, bits, mode):
+    """The layout kernel and the flat dequantize kernel in one launch (moe_gemm's quantized experts on CUDA), at
+    HiDream's MoE shape, with the template layout_and_dequantize builds."""
+    group = 64 if mode == "affine" else 32
+    template, _, _ = _gemm_cuda._layout_launch(mx.zeros((4096, 2), mx.int32), 4)
+    dq, _, _ = _dequant._launch(mx.bfloat16, mx.bfloat16 if mode == "affine" else mx.float32, 4 * 6912, 2560, bits,
+                                group, mode, True)
+    report(tmp_path, "layout_dequant", _dequant.CUDA_KERNEL_HEADER, _gemm_cuda.layout_dequant_source(),
+           [("expert_ids", mx.int32), ("w", mx.uint32), ("scales", mx.bfloat16 if mode == "affine" else mx.uint8),
+            ("biases", mx.bfloat16)], [("slot_row", mx.int32), ("tile_expert", mx.int32), ("out", mx.bfloat16)],
+           template + dq)
+
+
 @pytest.mark.parametrize("bits, mode", [(4, "affine"), (8, "affine"), (3, "affine"), (5, "affine"), (6, "affine"),
                                         (2, "affine"), (4, "nvfp4"), (8, "mxfp8")])
 @pytest.mark.parametrize("flat", [True, False])

@@ -299,12 +299,16 @@ def test_quantized_linear_path_choice(monkeypatch):
 
 
 def test_moe_dequant_inside_gemm_is_opt_in(monkeypatch):
-    """moe_gemm's quantized experts are dequantized first unless FLASHDIFF_GEMM_DEQUANT=fused (measured slower,
-    session 11); a bad value is a clear error; only the persistent sm_90 engine and paired formats qualify."""
+    """moe_gemm's quantized experts are dequantized before the GEMM (by default in the layout kernel's launch, or
+    "separate") unless FLASHDIFF_GEMM_DEQUANT=fused (measured slower, session 11); a bad value is a clear error;
+    only the persistent sm_90 engine and paired formats qualify for "fused"."""
     from flashdiff.kernels import _gemm_cuda
     x = mx.zeros((8, 128), mx.bfloat16)
     s = mx.zeros((4, 32, 2), mx.bfloat16)
     monkeypatch.setattr(_gemm_cuda, "is_sm90", lambda: True)
+    assert _gemm_cuda.dequant_choice() == "merged"  # the default: in the layout kernel's launch
+    assert not _gemm_cuda.quantized_gemm_available(x, s, 4, 64, "affine", 128, 32)
+    monkeypatch.setenv("FLASHDIFF_GEMM_DEQUANT", "separate")
     assert not _gemm_cuda.quantized_gemm_available(x, s, 4, 64, "affine", 128, 32)
     monkeypatch.setenv("FLASHDIFF_GEMM_DEQUANT", "fused")
     assert _gemm_cuda.quantized_gemm_available(x, s, 4, 64, "affine", 128, 32)

@@ -151,6 +151,28 @@ def test_grouped_gemm_cuda(t, e, k_in, n, routing, engine):
     assert rel_err(moe_grouped(x3, w, ids, gemm), ref3) < 1e-2
 
 
+@pytest.mark.parametrize("t, e, k_in, n, top_k", [(4096, 4, 2560, 6912, 2), (777, 3, 200, 264, 2), (129, 8, 72, 40, 4)])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_gather_form_equals_persistent_cuda(t, e, k_in, n, top_k, dtype):
+    """The persistent GEMM's gather form (the loader warps copy x's routed rows with cp.async; no gather kernel)
+    is bit-identical to the persistent form over gathered rows (same wgmmas in the same order): HiDream's MoE
+    shape, K and N tails, (T, K) and (T, k, K) inputs."""
+    import functools
+    from flashdiff.kernels.moe import grouped_gemm_reference, grouped_layout, moe_grouped
+    if not _gemm_cuda.is_sm90():
+        pytest.skip("wgmma needs an sm_90 GPU")
+    mx.random.seed(9)
+    w = (mx.random.normal((e, n, k_in)) * 0.05).astype(dtype)
+    ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :top_k].astype(mx.int32)
+    for x in (mx.random.normal((t, k_in)).astype(dtype), mx.random.normal((t, top_k, k_in)).astype(dtype)):
+        outs = [moe_grouped(x, w, ids, functools.partial(_gemm_cuda.grouped_gemm, engine=engine))
+                for engine in ("wgmma persistent", "wgmma persistent gather")]
+        mx.eval(outs)
+        assert mx.array_equal(outs[0], outs[1]).item(), f"max diff {mx.abs(outs[0] - outs[1]).max().item()}"
+        ref = moe_grouped(x.astype(mx.float32), w.astype(mx.float32), ids, grouped_gemm_reference, grouped_layout)
+        assert rel_err(outs[1], ref) < 1e-2
+
+
 @pytest.mark.parametrize("t, top_k, e", [(4096, 2, 4), (77, 1, 1), (1000, 4, 64), (300, 2, 300)])
 def test_moe_layout_cuda(t, top_k, e):
     """The layout kernel places rows as grouped_layout does (helpers.check_same_layout)."""
@@ -316,6 +338,27 @@ def test_moe_gemm_over_quantized_experts_cuda(t, e, k_in, n, routing, bits, dtyp
     if t * n <= 300 * 296:
         ref = moe_gemm(x.astype(mx.float32), w, ids, backend="reference", **kw)
         assert rel_err(fused[0], ref) < (1e-2 if dtype == mx.bfloat16 else 3e-3)
+
+
+@pytest.mark.parametrize("t, e, k_in, n", [(300, 4, 256, 192), (1000, 5, 384, 264), (4096, 4, 2560, 6912)])
+@pytest.mark.parametrize("mode, bits, group, dtype", [("affine", 4, 64, mx.bfloat16), ("affine", 8, 64, mx.float16),
+                                                      ("affine", 3, 32, mx.bfloat16), ("mxfp4", 4, 32, mx.bfloat16)])
+def test_moe_gemm_layout_and_dequantize_cuda(t, e, k_in, n, mode, bits, group, dtype, monkeypatch):
+    """moe_gemm over quantized experts by default (FLASHDIFF_GEMM_DEQUANT unset: the layout and the dequantization
+    in one launch) is bit-identical to the dequantize kernel on its own before the layout ("separate")."""
+    from flashdiff.kernels import moe_gemm
+    mx.random.seed(t + bits)
+    x = mx.random.normal((t, k_in)).astype(dtype)
+    ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :2].astype(mx.int32)
+    w, s, b = quant((e, n, k_in), mode, bits, group, dtype=dtype, seed=bits)
+    kw = dict(scales=s, biases=b, bits=bits, group_size=group, mode=mode)
+    merged = [moe_gemm(x, w, ids, backend="cuda", **kw) for _ in range(2)]
+    monkeypatch.setenv("FLASHDIFF_GEMM_DEQUANT", "separate")
+    separate = moe_gemm(x, w, ids, backend="cuda", **kw)
+    assert _bits_equal(merged[0], separate) and _bits_equal(merged[1], separate)
+    if t * n <= 300 * 296:
+        ref = moe_gemm(x.astype(mx.float32), w, ids, backend="reference", **kw)
+        assert rel_err(merged[0], ref) < (1e-2 if dtype == mx.bfloat16 else 3e-3)
 
 
 @pytest.mark.parametrize("m, k, n", [(300, 256, 520), (1024, 3072, 3072), (4608, 3072, 12288)])

@@ -295,21 +295,71 @@ def _layout_kernel():
                                output_names=["slot_row", "tile_expert"], source=_LAYOUT_SOURCE)
 
 
-def layout(expert_ids, num_experts: int, stream=None):
-    """CUDA twin of ``moe.grouped_layout`` (same slot_row / tile_expert contract; rows within an
-    expert's segment in any order: each row's result does not depend on its place)."""
+def _layout_launch(expert_ids, num_experts: int):
+    """The layout kernel's template, its block count and the number of row tiles."""
     r = expert_ids.size
     tiles = (r + num_experts * (BM - 1)) // BM
     max_e = next(m for m in (8, 64, 256, MAX_EXPERTS) if num_experts <= m)
     blocks = max(-(-r // RPB), 1)
+    template = [("E", num_experts), ("MAX_E", max_e), ("R", r), ("TILE", BM), ("TILES", tiles), ("RPB", RPB),
+                ("BLOCKS", blocks)]
+    return template, blocks, tiles
+
+
+def layout(expert_ids, num_experts: int, stream=None):
+    """CUDA twin of ``moe.grouped_layout`` (same slot_row / tile_expert contract; rows within an
+    expert's segment in any order: each row's result does not depend on its place)."""
+    template, blocks, tiles = _layout_launch(expert_ids, num_experts)
     slot_row, tile_expert = _layout_kernel()(
-        inputs=[expert_ids.reshape(-1).astype(mx.int32)],
-        template=[("E", num_experts), ("MAX_E", max_e), ("R", r), ("TILE", BM), ("TILES", tiles), ("RPB", RPB),
-                  ("BLOCKS", blocks)],
+        inputs=[expert_ids.reshape(-1).astype(mx.int32)], template=template,
         output_shapes=[(tiles * BM,), (tiles,)], output_dtypes=[mx.int32, mx.int32],
         grid=(blocks * RPB, 1, 1), threadgroup=(RPB, 1, 1), stream=stream,
     )
     return slot_row, tile_expert
+
+
+def layout_dequant_source() -> str:
+    """The layout kernel's blocks, then the flat dequantize kernel's (``_dequant._CUDA_SOURCE_FLAT``, its block
+    index counted from the end of the layout's), as one kernel."""
+    from . import _dequant
+    if _dequant._CUDA_SOURCE_FLAT.count("blockIdx.x") != 1:
+        raise AssertionError("the flat dequantize source changed: it should name blockIdx.x once")
+    return ("  if (blockIdx.x < BLOCKS) {\n" + _LAYOUT_SOURCE + "  } else {\n"
+            "  const unsigned fd_dq_block = blockIdx.x - BLOCKS;\n"
+            + _dequant._CUDA_SOURCE_FLAT.replace("blockIdx.x", "fd_dq_block") + "  }\n")
+
+
+@functools.cache
+def _layout_dequant_kernel(affine: bool):
+    from . import _dequant
+    return mx.fast.cuda_kernel(
+        name="flashdiff_moe_layout_dequant" + ("_affine" if affine else "_fp"),
+        input_names=["expert_ids", "w", "scales", "biases"], output_names=["slot_row", "tile_expert", "out"],
+        source=layout_dequant_source(), header=_dequant.CUDA_KERNEL_HEADER,
+    )
+
+
+def layout_and_dequantize(expert_ids, num_experts: int, w, scales, biases, bits, group_size, k, mode, dtype,
+                          stream=None):
+    """``layout`` and ``_dequant.dequantize`` (the flat kernel, every mode) in one launch: (slot_row, tile_expert,
+    the dequantized experts (E, N, K) in dtype). The layout's blocks come first and are latency-bound (a few
+    warps per SM for ~7 us), so they run beside the dequantization's memory-bound blocks instead of before them.
+    Arguments as ``_dequant.dequantize_checked`` takes them (checked by ``check_quantized``)."""
+    from . import _dequant
+    template, blocks, tiles = _layout_launch(expert_ids, num_experts)
+    rows = w.size // w.shape[-1]
+    affine = mode == "affine"
+    dq_template, (dq_threads, _, _), (group, _, _) = _dequant._launch(
+        dtype, scales.dtype if affine else mx.float32, rows, k, bits, group_size, mode, True)
+    if group != RPB:
+        raise AssertionError(f"the layout's blocks ({RPB} threads) and the dequantize kernel's ({group}) differ")
+    slot_row, tile_expert, w_deq = _layout_dequant_kernel(affine)(
+        inputs=[expert_ids.reshape(-1).astype(mx.int32), w, scales, biases if affine else _dequant._dummy_biases()],
+        template=template + dq_template, output_shapes=[(tiles * BM,), (tiles,), (*w.shape[:-1], k)],
+        output_dtypes=[mx.int32, mx.int32, dtype], grid=((blocks + -(-dq_threads // RPB)) * RPB, 1, 1),
+        threadgroup=(RPB, 1, 1), stream=stream,
+    )
+    return slot_row, tile_expert, w_deq
 
 
 @functools.cache
@@ -356,18 +406,28 @@ def _template(x, k, n, a_div, direct, out_rows, threads):
             ("DIRECT", direct), ("M_ROWS", out_rows), ("THREADS", threads), ("GROUP_M", group_m())]
 
 
+DEQUANT_CHOICES = ("merged", "separate", "fused")
+
+
+def dequant_choice() -> str:
+    """How moe_gemm dequantizes quantized experts on CUDA (FLASHDIFF_GEMM_DEQUANT): "merged" (the default) in
+    the layout kernel's launch (``layout_and_dequantize``), "separate" by the dequantize kernel on its own
+    before the layout (the default until session 12), "fused" inside the persistent GEMM (opt-in, slower)."""
+    choice = os.environ.get("FLASHDIFF_GEMM_DEQUANT", "merged")
+    if choice not in DEQUANT_CHOICES:
+        raise ValueError(f"FLASHDIFF_GEMM_DEQUANT={choice!r}: use one of {DEQUANT_CHOICES}.")
+    return choice
+
+
 def quantized_gemm_available(x, scales, bits, group_size, mode, k, n, force=False) -> bool:
     """Whether ``grouped_gemm_quantized`` / ``dense_gemm_quantized`` take these weights here: sm_90 with the
     persistent engine (the default), affine 4 / 8-bit codes with scales in x.dtype (bf16 / fp16), K, N % 8.
     moe_gemm asks it; it answers yes only with FLASHDIFF_GEMM_DEQUANT=fused (opt-in: measured slower than
-    dequantize + the bf16 GEMM in session 11, benchmarks/README.md); unset or "separate": no, unless
-    `force` (quantized_linear's FLASHDIFF_QLINEAR=persistent)."""
+    dequantize + the bf16 GEMM in session 11, benchmarks/README.md); otherwise no, unless `force`
+    (quantized_linear's FLASHDIFF_QLINEAR=persistent)."""
     from . import _gemm_tma_dequant_persistent as fused
-    choice = os.environ.get("FLASHDIFF_GEMM_DEQUANT", "separate")
-    if choice not in ("fused", "separate"):
-        raise ValueError(f"FLASHDIFF_GEMM_DEQUANT={choice!r}: use 'fused' or 'separate'.")
     engine = os.environ.get("FLASHDIFF_GEMM_ENGINE") or default_engine()
-    return ((choice == "fused" or force) and is_sm90() and engine == "wgmma persistent"
+    return ((dequant_choice() == "fused" or force) and is_sm90() and engine == "wgmma persistent"
             and fused.supported(x, scales, bits, group_size, mode, k, n))
 
 

@@ -156,7 +156,7 @@ _DEQUANT_UNIT = r"""
 
 # (anchor in _SOURCE_PERSISTENT, what replaces it): each anchor occurs once
 _EDITS = [
-    ("  T* epi = reinterpret_cast<T*>(fd_smem + STAGES * STAGE_BYTES);  // ASYNC_EPI: the tile, BM rows of EPI_LD\n",
+    ("  T* epi = reinterpret_cast<T*>(fd_smem + STAGES * STAGE_BYTES);  // the finished tile, BM rows of EPI_LD\n",
      None),  # + _DEQUANT_UNIT after it
     ("      fd_mbar_wait(fd_smem_addr(&epi_full), n_t & 1);\n",
      "      for (;;) {  // units while the consumers finish the tile\n"

@@ -14,25 +14,30 @@ and its results were wrong even with graphs off (benchmarks/results/cluster-gemm
 
 from ._gemm_sm90 import BK, BM, BN
 
-# three stages of A and B + the epilogue buffer (BM rows of BN + 8) + room to align to 1024 bytes; the gather
-# form's four stages fit in it too
-SMEM_BYTES_PERSISTENT = max(3 * (BM + BN) * BK * 2 + BM * (BN + 8) * 2, 4 * (BM + BN) * BK * 2) + 1024
+# three stages of A and B + the epilogue buffer (BM rows of BN + 8) + room to align to 1024 bytes
+SMEM_BYTES_PERSISTENT = 3 * (BM + BN) * BK * 2 + BM * (BN + 8) * 2 + 1024
 
 # Persistent form (engines "wgmma persistent" / "... gather"): one CTA per SM walks the tiles t = blockIdx.x,
 # + gridDim.x, ... in the same grouped-raster order. The producer's stage ring runs on across tiles,
 # so the loads of tile i + 1 are in flight while the consumers finish tile i. Same MMA block and
 # barriers as _gemm_tma._SOURCE; the last stage of each tile is released after the final wgmma wait.
-# Epilogue:
-# - without GATHER_A (session 10, ASYNC_EPI): the consumers write the tile, rounded, into an epilogue
-#   buffer in shared memory (rows EPI_LD apart: conflict-free) and go on to the next tile's wgmmas;
-#   warps 9-11 of the producer warpgroup (idle otherwise: one thread issues the TMA loads) copy it to the
-#   slots' rows with 16-byte stores, one warp instruction per 256-column row, and release the buffer.
-#   Three stages instead of four, so that the buffer fits (SMEM_BYTES_PERSISTENT).
-# - with GATHER_A (every producer thread issues cp.async): each thread's accumulator pairs straight to the
-#   slots' rows (4-byte stores), as in session 5.
+# Epilogue (session 10): the consumers write the tile, rounded, into an epilogue buffer in shared memory
+# (rows EPI_LD apart: conflict-free) and go on to the next tile's wgmmas; the producer warpgroup's storer
+# warps copy it to the slots' rows with 16-byte stores, one warp instruction per 256-column row, and release
+# the buffer. Three stages instead of four, so that the buffer fits (SMEM_BYTES_PERSISTENT).
+# Loads: without GATHER_A one thread (256) issues both TMA loads per stage (x gathered into slot order by
+# ``_gemm_tma.gather_slots`` first) and warps 9-11 store; with GATHER_A (session 12) the producer warpgroup's 128
+# threads copy the input tile from x's routed rows with cp.async (thread 256 still issues the weight tile's TMA),
+# so no gather kernel runs first, and store each finished tile a few stages into the next one. Session 12 on
+# the H200: two loader warps (+ two storer warps) made the MoE GEMM 485 us, one 805 us, against 409 us + 19 us
+# of gather kernel: cp.async throughput scales with the warps issuing it. (Session 5's gather form had all 128
+# threads copy and stored from registers: no faster than the gather kernel + TMA then.)
 _SOURCE_PERSISTENT = r"""
-  constexpr bool ASYNC_EPI = !GATHER_A;
-  constexpr int BM = 128, BN = 256, BK = 64, STAGES = ASYNC_EPI ? 3 : 4, EPI_LD = BN + 8;
+  constexpr int BM = 128, BN = 256, BK = 64, STAGES = 3, EPI_LD = BN + 8;
+  // producer warpgroup: without GATHER_A thread 256 issues the TMA loads and warps 9-11 store finished tiles; with
+  // GATHER_A its 128 threads copy x's routed rows with cp.async (thread 256 also issues the weight tile's TMA) and
+  // store each finished tile between two stages of the next one
+  constexpr int LOAD_WARPS = GATHER_A ? 4 : 1, STORE_WARPS = GATHER_A ? 4 : 3;
   constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2, STAGE_BYTES = A_BYTES + B_BYTES;
   constexpr int TILES_N = (N + BN - 1) / BN, TILES_ALL = TILES_M * TILES_N, KT = (K + BK - 1) / BK;
   extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
@@ -51,43 +56,52 @@ _SOURCE_PERSISTENT = r"""
   auto slot_of = [&](int s) -> int { return DIRECT ? (s < M_ROWS ? s : -1) : slot_row[s]; };
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      // the TMA thread's expect_tx arrival (+ one cp.async arrival per producer thread)
-      fd_mbar_init(fd_smem_addr(&full_bar[s]), GATHER_A ? 129 : 1);
+      // the TMA thread's expect_tx arrival (+ one cp.async arrival per loader thread)
+      fd_mbar_init(fd_smem_addr(&full_bar[s]), GATHER_A ? 1 + 32 * LOAD_WARPS : 1);
       fd_mbar_init(fd_smem_addr(&empty_bar[s]), 256);  // every consumer thread
     }
     fd_mbar_init(fd_smem_addr(&epi_full), 256);  // every consumer thread: the tile is in the buffer
-    fd_mbar_init(fd_smem_addr(&epi_empty), 96);  // every storer thread: the buffer is free
+    fd_mbar_init(fd_smem_addr(&epi_empty), 32 * STORE_WARPS);  // every storing thread: the buffer is free
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
 
-  T* epi = reinterpret_cast<T*>(fd_smem + STAGES * STAGE_BYTES);  // ASYNC_EPI: the tile, BM rows of EPI_LD
-  if (ASYNC_EPI && warp >= 9) {  // storers: rows sw, sw + 3, ... of each tile to their slots
+  T* epi = reinterpret_cast<T*>(fd_smem + STAGES * STAGE_BYTES);  // the finished tile, BM rows of EPI_LD
+  // a finished tile's rows sw, sw + STORE_WARPS, ... from the epilogue buffer to their slots, one 16-byte store per
+  // lane per 256-column row; lane i holds the slots of this warp's rows i and i + 32, read before the buffer's wait
+  auto row_slots = [&](int tile_m, int sw, int& slot_a, int& slot_b) {
+    const int ra = sw + STORE_WARPS * lane, rb = sw + STORE_WARPS * (lane + 32);
+    slot_a = ra < BM ? slot_of(tile_m * BM + ra) : -1;
+    slot_b = rb < BM ? slot_of(tile_m * BM + rb) : -1;
+  };
+  auto store_rows = [&](int tile_n, int sw, int slot_a, int slot_b) {
+    const int col = tile_n * BN + lane * 8;
+    for (int i = 0; sw + STORE_WARPS * i < BM; ++i) {
+      const int dst = __shfl_sync(0xffffffffu, i < 32 ? slot_a : slot_b, i & 31);
+      if (dst >= 0 && col < N)
+        *reinterpret_cast<uint4*>(out + (size_t)dst * N + col) = *reinterpret_cast<const uint4*>(epi + (sw + STORE_WARPS * i) * EPI_LD + lane * 8);
+    }
+  };
+  if (!GATHER_A && warp >= 9) {  // storers, tile after tile
     const int sw = warp - 9;
     int n_t = 0;
     for (int t = blockIdx.x; t < TILES_ALL; t += gridDim.x) {
       int tile_m, tile_n;
       coords(t, tile_m, tile_n);
       if (!DIRECT && tile_expert[tile_m] < 0) continue;
-      // lane i holds the slots of this warp's rows i and i + 32 (rows sw + 3 i), read before the wait
-      const int ra = sw + 3 * lane, rb = sw + 3 * (lane + 32);
-      const int slot_a = ra < BM ? slot_of(tile_m * BM + ra) : -1, slot_b = rb < BM ? slot_of(tile_m * BM + rb) : -1;
-      const int col = tile_n * BN + lane * 8;
+      int slot_a, slot_b;
+      row_slots(tile_m, sw, slot_a, slot_b);
       fd_mbar_wait(fd_smem_addr(&epi_full), n_t & 1);
-      for (int i = 0; sw + 3 * i < BM; ++i) {
-        const int dst = __shfl_sync(0xffffffffu, i < 32 ? slot_a : slot_b, i & 31);
-        if (dst >= 0 && col < N)
-          *reinterpret_cast<uint4*>(out + (size_t)dst * N + col) = *reinterpret_cast<const uint4*>(epi + (sw + 3 * i) * EPI_LD + lane * 8);
-      }
+      store_rows(tile_n, sw, slot_a, slot_b);
       fd_mbar_arrive(fd_smem_addr(&epi_empty));
       ++n_t;
     }
     return;
   }
-  if (warp >= 8) {  // producer warpgroup, tile after tile
-    // GATHER_A: all 128 threads copy the input tile from x's routed rows with cp.async (chunk kc of
-    // rows r0 + 16 i, 128B-swizzled as TMA would write it) and arrive when their copies land; thread
-    // 256 also issues the weight tile's TMA. Otherwise thread 256 alone issues both TMA loads.
+  if (warp >= 8) {  // loaders, tile after tile
+    // GATHER_A: the 128 threads copy the input tile from x's routed rows with cp.async (chunk kc of rows
+    // r0 + 16 i, 128B-swizzled as TMA would write it) and arrive when their copies land; thread 256 also
+    // issues the weight tile's TMA. Otherwise thread 256 alone issues both TMA loads.
     const int p = tid - 256, kc = p & 7, r0 = p >> 3;
     if (!GATHER_A && p != 0) return;
     if (p == 0) {
@@ -95,6 +109,17 @@ _SOURCE_PERSISTENT = r"""
       fd_acquire_map(maps + 128);
     }
     int it = 0;  // stages issued so far (the ring position runs on across tiles)
+    // GATHER_A: the finished tile these warps store next (stored once the ring is STAGES + 1 stages into the next
+    // tile, when the consumers are long done with its epilogue; the last one after the loop)
+    int pend_m = -1, pend_n = 0, stored = 0;
+    auto store_pending = [&]() {
+      int slot_a, slot_b;
+      row_slots(pend_m, warp - 8, slot_a, slot_b);
+      fd_mbar_wait(fd_smem_addr(&epi_full), stored++ & 1);
+      store_rows(pend_n, warp - 8, slot_a, slot_b);
+      fd_mbar_arrive(fd_smem_addr(&epi_empty));
+      pend_m = -1;
+    };
     for (int t = blockIdx.x; t < TILES_ALL; t += gridDim.x) {
       int tile_m, tile_n;
       coords(t, tile_m, tile_n);
@@ -127,9 +152,15 @@ _SOURCE_PERSISTENT = r"""
             fd_cp_async16(a_dst + r * 128 + ((kc ^ (r & 7)) << 4), ok ? x + (size_t)src[i] * K + k : x, ok);
           }
           fd_mbar_arrive_cp_async(full);
+          if (pend_m >= 0 && kt == min(KT - 1, STAGES + 1)) store_pending();
         }
       }
+      if (GATHER_A) {
+        pend_m = tile_m;
+        pend_n = tile_n;
+      }
     }
+    if (GATHER_A && pend_m >= 0) store_pending();
     return;
   }
 
@@ -158,28 +189,15 @@ _SOURCE_PERSISTENT = r"""
     fd_fence_acc(d);
     fd_mbar_arrive(fd_smem_addr(&empty_bar[(it - 1) % STAGES]));
     // d[4j + {0,1}] is (row, 8j + col0 + {0,1}) of the tile, d[4j + {2,3}] the same 8 rows below
-    if (ASYNC_EPI) {
-      fd_mbar_wait(fd_smem_addr(&epi_empty), (n_t & 1) ^ 1);  // the storers are done with the previous tile
-      unsigned* e0 = reinterpret_cast<unsigned*>(epi + row * EPI_LD + col0);
-      unsigned* e1 = reinterpret_cast<unsigned*>(epi + (row + 8) * EPI_LD + col0);
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        e0[4 * j] = fd_pack2<T>(d[4 * j], d[4 * j + 1]);
-        e1[4 * j] = fd_pack2<T>(d[4 * j + 2], d[4 * j + 3]);
-      }
-      fd_mbar_arrive(fd_smem_addr(&epi_full));
-      ++n_t;
-      continue;
-    }
-    const int dst0 = slot_of(tile_m * BM + row), dst1 = slot_of(tile_m * BM + row + 8);
-    T* out0 = out + (size_t)(dst0 < 0 ? 0 : dst0) * N + tile_n * BN + col0;
-    T* out1 = out + (size_t)(dst1 < 0 ? 0 : dst1) * N + tile_n * BN + col0;
+    fd_mbar_wait(fd_smem_addr(&epi_empty), (n_t & 1) ^ 1);  // the storers are done with the previous tile
+    unsigned* e0 = reinterpret_cast<unsigned*>(epi + row * EPI_LD + col0);
+    unsigned* e1 = reinterpret_cast<unsigned*>(epi + (row + 8) * EPI_LD + col0);
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j) {
-      if (tile_n * BN + 8 * j + col0 < N) {
-        if (dst0 >= 0) *reinterpret_cast<unsigned*>(out0 + 8 * j) = fd_pack2<T>(d[4 * j], d[4 * j + 1]);
-        if (dst1 >= 0) *reinterpret_cast<unsigned*>(out1 + 8 * j) = fd_pack2<T>(d[4 * j + 2], d[4 * j + 3]);
-      }
+      e0[4 * j] = fd_pack2<T>(d[4 * j], d[4 * j + 1]);
+      e1[4 * j] = fd_pack2<T>(d[4 * j + 2], d[4 * j + 3]);
     }
+    fd_mbar_arrive(fd_smem_addr(&epi_full));
+    ++n_t;
   }
 """

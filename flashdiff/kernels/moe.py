@@ -38,6 +38,7 @@ The reference (CPU and test oracle) is a readable per-expert loop with ``mx.dequ
 """
 
 import functools
+import os
 
 import mlx.core as mx
 
@@ -92,6 +93,13 @@ def moe_gemm(x, expert_weights, expert_ids, *, scales=None, biases=None, bits=No
         gemm = functools.partial(_gemm_cuda.grouped_gemm_quantized, scales=scales, biases=biases, bits=bits,
                                  group_size=group_size)
         return moe_grouped(x, w, expert_ids, gemm)  # the experts dequantized inside the GEMM
+    if (quantized and impl == "cuda" and _gemm_cuda.dequant_choice() == "merged" and w.shape[0] <= _gemm_cuda.MAX_EXPERTS
+            and x.dtype in (mx.bfloat16, mx.float16) and k_in % 8 == 0 and n % 8 == 0 and expert_ids.size > 0
+            and not os.environ.get("FLASHDIFF_DEQUANT_ROWS")):
+        # the layout kernel and the experts' dequantization in one launch (session 12)
+        slot_row, tile_expert, w = _gemm_cuda.layout_and_dequantize(
+            expert_ids, w.shape[0], mx.depends(w, x), scales, biases, bits, group_size, k_in, mode, x.dtype)
+        return moe_grouped(x, w, expert_ids, schedule=(slot_row, tile_expert))
     if quantized:
         w = dequantize(mx.depends(w, x), scales, biases, bits, group_size, mode, dtype=x.dtype, backend=impl)
     w = w.astype(x.dtype)
@@ -128,17 +136,17 @@ def grouped_layout(expert_ids, num_experts: int, tile: int = _gemm_cuda.BM):
     return slot_row, mx.where(tile_expert < e, tile_expert, -1)
 
 
-def moe_grouped(x, w, expert_ids, gemm=None, layout=None):
+def moe_grouped(x, w, expert_ids, gemm=None, layout=None, schedule=None):
     """Routed rows only: a device-side layout + one grouped GEMM that writes each routed row in place.
     gemm / layout: the CUDA kernels (default) or their MLX twins ``grouped_gemm_reference`` /
-    ``grouped_layout`` (CPU tests of the schedule)."""
+    ``grouped_layout`` (CPU tests of the schedule); schedule: (slot_row, tile_expert) already laid out."""
     gemm = gemm or _gemm_cuda.grouped_gemm
     layout = layout or _gemm_cuda.layout
     t, top_k = expert_ids.shape
     n, k_in = w.shape[-2], x.shape[-1]  # (w may be packed codes)
     if t * top_k == 0:
         return mx.zeros((t, top_k, n), dtype=x.dtype)
-    slot_row, tile_expert = layout(expert_ids, w.shape[0])
+    slot_row, tile_expert = schedule or layout(expert_ids, w.shape[0])
     rows = x if x.ndim == 2 else x.reshape(t * top_k, k_in)
     out = gemm(rows, w, slot_row, tile_expert, t * top_k, top_k if x.ndim == 2 else 1)
     return out.reshape(t, top_k, n)
