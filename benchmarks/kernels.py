@@ -201,11 +201,15 @@ def moe_rows():
             fns = {"ours": lambda: fn(x), "dense": lambda: dense_x @ w0.T, "ours_c": lambda: fn_c(x),
                    "dense_c": lambda: dense_c(dense_x)}
             if mode.startswith("affine"):  # side by side: the experts dequantized inside the GEMM (opt-in), and
-                # by the dequantize kernel on its own before the layout (the default until session 12)
+                # by the dequantize kernel on its own before the layout (FLASHDIFF_GEMM_DEQUANT=separate)
                 fn_fused = mx.compile(lambda a, fn=fn: fn(a))  # a function of its own: mx.compile caches traces by function
                 fns["fused_c"] = with_env("FLASHDIFF_GEMM_DEQUANT", "fused", lambda: fn_fused(x))
                 fn_separate = mx.compile(lambda a, fn=fn: fn(a))
                 fns["separate_c"] = with_env("FLASHDIFF_GEMM_DEQUANT", "separate", lambda: fn_separate(x))
+            # side by side: x's routed rows gathered by a kernel of their own after the layout (before session 12's
+            # prologue gathered them in the layout kernel's launch)
+            fn_gather = mx.compile(lambda a, fn=fn: fn(a))
+            fns["gather_kernel_c"] = with_env("FLASHDIFF_MOE_GATHER", "kernel", lambda: fn_gather(x))
             side = side_engine()
             if side:  # side by side: the other persistent form of the GEMM (cp.async input rows or gathered + TMA)
                 fn_side = mx.compile(lambda a, fn=fn: fn(a))
@@ -217,6 +221,8 @@ def moe_rows():
             if "side_c" in st:
                 compiled.update(side_engine=side, streamed_compiled_side_engine_ms=st["side_c"] * 1e3,
                                 streamed_compiled_side_engine_ratio_vs_dense=st["dense_c"] / st["side_c"])
+            compiled.update(streamed_compiled_gather_kernel_ms=st["gather_kernel_c"] * 1e3,
+                            streamed_compiled_gather_kernel_ratio_vs_dense=st["dense_c"] / st["gather_kernel_c"])
             if "separate_c" in st:
                 compiled.update(streamed_compiled_separate_dequant_ms=st["separate_c"] * 1e3,
                                 streamed_compiled_separate_dequant_ratio_vs_dense=st["dense_c"] / st["separate_c"])
@@ -479,6 +485,9 @@ def markdown(rows):
                        f"{r['streamed_ratio_vs_dense']:.2f}x"
                        + (f"; compiled, streamed {r['streamed_compiled_ours_ms']:.3f} / {r['streamed_compiled_dense_ms']:.3f}"
                           f" ms = **{r['streamed_compiled_ratio_vs_dense']:.2f}x**" if "streamed_compiled_ours_ms" in r else "")
+                       + (f"; rows gathered by their own kernel {r['streamed_compiled_gather_kernel_ms']:.3f} ms = "
+                          f"{r['streamed_compiled_gather_kernel_ratio_vs_dense']:.2f}x"
+                          if "streamed_compiled_gather_kernel_ms" in r else "")
                        + (f"; experts dequantized by their own kernel {r['streamed_compiled_separate_dequant_ms']:.3f} ms = "
                           f"{r['streamed_compiled_separate_dequant_ratio_vs_dense']:.2f}x"
                           if "streamed_compiled_separate_dequant_ms" in r else "")

@@ -2,9 +2,10 @@
 
     ncu --clock-control none --metrics gpu__time_duration.sum,... python3 benchmarks/probe_moe_ncu.py
 
-Runs moe_gemm at HiDream shapes (layout kernel, gather, grouped GEMM) and the dense reference GEMM of
-the same FLOPs, each a few times with a synchronisation after every call, so each kernel shows up
-separately in the profile. ENGINES (comma-separated, default: the default engine) picks GEMM engines.
+Runs moe_gemm at HiDream shapes (by default the layout kernel that also gathers the routed rows, then the grouped
+GEMM; FLASHDIFF_MOE_GATHER=kernel: layout, gather and GEMM kernels) and the dense reference GEMM of the same FLOPs,
+each a few times with a synchronisation after every call, so each kernel shows up separately in the profile.
+ENGINES (comma-separated, default: the default engine) picks GEMM engines.
 QUANT=4 / QUANT=8: the experts quantized (affine, group 64), run each way FLASHDIFF_GEMM_DEQUANT names in HOW
 (comma-separated; default "merged,separate,fused": in the layout kernel's launch (the default), by the dequantize
 kernel on its own, inside the GEMM (opt-in)).

@@ -271,7 +271,7 @@ def recorder(monkeypatch):
 
     caches = [att._kernel, att._maps_kernel, _gemm_tma._kernel, _gemm_tma._gather_kernel, _gemm_tma._maps_kernel,
               _dequant._kernel, qk_rope._kernel, _gemm_cuda._layout_kernel, _gemm_cuda._kernel, _gemm_mixed._kernel,
-              _gemm_tma_dequant_persistent._kernel, _gemm_cuda._layout_dequant_kernel]
+              _gemm_tma_dequant_persistent._kernel, _gemm_cuda._prologue_kernel]
     for cache in caches:
         cache.cache_clear()
     rec = LaunchRecorder()
@@ -439,12 +439,14 @@ def test_layout_kernel_as_launched(tmp_path, recorder, t, top_k, e, empty):
     check_same_layout(slot, tiles, ids, e)
 
 
-@pytest.mark.parametrize("mode, bits, group, dtype_name, t, top_k, e", [
-    ("affine", 4, 64, "bfloat16", 1000, 2, 4), ("affine", 8, 32, "float16", 300, 2, 3), ("affine", 3, 32, "float32", 77, 1, 1),
-    ("mxfp4", 4, 32, "bfloat16", 600, 3, 5)])
-def test_layout_and_dequantize_as_launched(tmp_path, recorder, mode, bits, group, dtype_name, t, top_k, e):
-    """_gemm_cuda.layout_and_dequantize (the layout kernel's blocks, then the flat dequantize kernel's, in one
-    launch): its schedule is moe.grouped_layout's (several layout blocks, one expert, more slots than rows) and its
+@pytest.mark.parametrize("mode, bits, group, dtype_name, t, top_k, e, gather", [
+    ("affine", 4, 64, "bfloat16", 1000, 2, 4, False), ("affine", 8, 32, "float16", 300, 2, 3, True),
+    ("affine", 3, 32, "float32", 77, 1, 1, False), ("mxfp4", 4, 32, "bfloat16", 600, 3, 5, True),
+    (None, None, None, "bfloat16", 1000, 2, 4, True), (None, None, None, "float16", 129, 4, 9, True)])
+def test_moe_prologue_as_launched(tmp_path, recorder, mode, bits, group, dtype_name, t, top_k, e, gather):
+    """_gemm_cuda.moe_prologue (the layout kernel's blocks, each also copying x's rows it placed into slot order when
+    gathering, then the flat dequantize kernel's blocks for quantized experts, in one launch): its schedule is
+    moe.grouped_layout's (several blocks, one expert, more slots than rows), xs holds each slot's row of x, and the
     experts are mx.dequantize's bit for bit, through the paired path (affine 4/8-bit in bf16 / fp16) and the float
     one (3-bit to float32, mxfp4)."""
     import mlx.core as mx
@@ -456,20 +458,33 @@ def test_layout_and_dequantize_as_launched(tmp_path, recorder, mode, bits, group
     dtype = getattr(mx, dtype_name)
     rng = np.random.default_rng(t + e)
     ids = np.stack([rng.choice(e, top_k, replace=False) for _ in range(t)]).astype(np.int32)
-    w, s, b = quant((e, 40, 384), mode, bits, group, dtype=dtype if dtype != mx.float32 else mx.bfloat16, seed=3)
-    k = check_quantized(w, s, b, bits, group, mode)[3]
-    _gemm_cuda.layout_and_dequantize(mx.array(ids), e, w, s, b, bits, group, k, mode, dtype)
-    (launch,) = recorder.launches
-    assert launch["name"] == f"flashdiff_moe_layout_dequant_{'affine' if mode == 'affine' else 'fp'}"
-    assert (("PAIRED", True) in launch["template"]) == (mode == "affine" and bits in (4, 8) and dtype != mx.float32)
-    slot, tiles, out = replay(tmp_path, recorder.launches, _dequant._CUDA_HEADER + _dequant.DEQUANT_CODE)
-    check_same_layout(slot, tiles, ids, e)
-    ref = mx.dequantize(w, s, b, group_size=group, bits=bits, mode=mode, dtype=dtype, stream=mx.cpu)
-    if dtype == mx.float32:
-        np.testing.assert_array_equal(np.asarray(out).reshape(ref.shape), np.array(ref))
+    x = mx.array(rng.standard_normal((t, 384))).astype(dtype if dtype != mx.float32 else mx.bfloat16)
+    kw = dict(x=x, a_div=top_k) if gather else {}
+    if mode is None:
+        w = mx.array(rng.standard_normal((e, 40, 384))).astype(dtype)
+        _gemm_cuda.moe_prologue(mx.array(ids), e, w=w, **kw)
     else:
-        ref_bits = np.array(ref.view(mx.uint16))
-        np.testing.assert_array_equal(np.asarray(out).view(np.uint16).reshape(ref_bits.shape), ref_bits)
+        w, s, b = quant((e, 40, 384), mode, bits, group, dtype=dtype if dtype != mx.float32 else mx.bfloat16, seed=3)
+        k = check_quantized(w, s, b, bits, group, mode)[3]
+        _gemm_cuda.moe_prologue(mx.array(ids), e, quantized=(w, s, b, bits, group, k, mode, dtype), **kw)
+    (launch,) = recorder.launches
+    dequant = "" if mode is None else f"_dequant_{'affine' if mode == 'affine' else 'fp'}"
+    assert launch["name"] == "flashdiff_moe_layout" + ("_gather" if gather else "") + dequant
+    if mode is not None:
+        assert (("PAIRED", True) in launch["template"]) == (mode == "affine" and bits in (4, 8) and dtype != mx.float32)
+    outs = replay(tmp_path, recorder.launches, _dequant._CUDA_HEADER + _dequant.DEQUANT_CODE)
+    slot, tiles = outs[:2]
+    check_same_layout(slot, tiles, ids, e)
+    if gather:
+        xs = np.asarray(outs[2]).view(np.uint16).reshape(-1, 384)
+        named = slot >= 0
+        np.testing.assert_array_equal(xs[named], _u16(x)[slot[named] // top_k])
+    if mode is not None:
+        ref = mx.dequantize(w, s, b, group_size=group, bits=bits, mode=mode, dtype=dtype, stream=mx.cpu)
+        if dtype == mx.float32:
+            np.testing.assert_array_equal(np.asarray(outs[-1]).reshape(ref.shape), np.array(ref))
+        else:
+            np.testing.assert_array_equal(np.asarray(outs[-1]).view(np.uint16).reshape(ref.shape), _u16(ref))
 
 
 @pytest.mark.parametrize("quantized", [False, True])
@@ -508,6 +523,38 @@ def test_cuda_moe_path_as_launched(tmp_path, recorder, monkeypatch, quantized, e
     np.testing.assert_allclose(bf16_values(out).reshape(t * 2, n), ref, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("engine", ["wgmma persistent", "wgmma tma"])
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_moe_gemm_gathered_in_layout_as_launched(tmp_path, recorder, monkeypatch, engine, per_slot):
+    """moe_gemm with bf16 experts on sm_90 as it launches by default: one layout kernel that also gathers x's routed
+    rows and encodes the tensor maps (4 blocks of 64 routed rows), then the TMA GEMM (persistent on 2 CTAs, or a
+    CTA per tile), with x (T, K) shared by a token's slots or (T, k, K) one row per slot; against numpy."""
+    import mlx.core as mx
+
+    from flashdiff.kernels import _gemm_cuda, moe_gemm
+
+    monkeypatch.setenv("FLASHDIFF_NUM_SMS", "2")
+    _gemm_tma.num_sms.cache_clear()
+    monkeypatch.setattr(_gemm_cuda, "is_sm90", lambda: True)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("FLASHDIFF_GEMM_ENGINE", engine)
+    try:
+        mx.random.seed(11)
+        t, e, k, n = 120, 3, 192, 136
+        x = mx.random.normal((t, 2, k) if per_slot else (t, k)).astype(mx.bfloat16)
+        w = (mx.random.normal((e, n, k)) * 0.1).astype(mx.bfloat16)
+        ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :2].astype(mx.int32)
+        moe_gemm(x, w, ids, backend="cuda")
+        gemm = "flashdiff_grouped_gemm_tma" + ("_persistent" if engine == "wgmma persistent" else "")
+        assert [r["name"] for r in recorder.launches] == ["flashdiff_moe_layout_gather", gemm]
+        (out,) = replay(tmp_path, recorder.launches)
+        xf, wf = np.array(x.astype(mx.float32), np.float64), np.array(w.astype(mx.float32), np.float64)
+        ref = np.einsum("tjk,tjnk->tjn" if per_slot else "tk,tjnk->tjn", xf, wf[np.array(ids)]).reshape(t * 2, n)
+        np.testing.assert_allclose(bf16_values(out).reshape(t * 2, n), ref, rtol=1e-2, atol=1e-2)
+    finally:
+        _gemm_tma.num_sms.cache_clear()
+
+
 @pytest.mark.parametrize("bits, group, k", [(4, 64, 192), (8, 32, 224)])
 def test_moe_over_quantized_experts_as_launched(tmp_path, recorder, monkeypatch, bits, group, k):
     """moe_gemm with quantized experts on sm_90 under FLASHDIFF_GEMM_DEQUANT=fused (the persistent GEMM whose storer
@@ -542,20 +589,27 @@ def test_moe_over_quantized_experts_as_launched(tmp_path, recorder, monkeypatch,
         np.testing.assert_array_equal(w_deq[:3], ref_w[:3])
         assert (w_deq[3] == 0xFFFF).all()  # the emulation's unwritten fill: expert 3's units were skipped
 
-        # the other two ways, bit for bit the same: the dequantize kernel on its own, then layout, gather and
-        # GEMM; the default: layout and dequantization in one launch, then gather and GEMM
-        for how, first in [("separate", ["flashdiff_dequant_affine_flat", "flashdiff_moe_layout"]),
-                           ("merged", ["flashdiff_moe_layout_dequant_affine"])]:
+        # the other ways, bit for bit the same: the dequantize kernel on its own or in the layout kernel's launch
+        # (FLASHDIFF_GEMM_DEQUANT separate / merged), x's rows gathered there too or by a kernel of their own
+        # (FLASHDIFF_MOE_GATHER layout / kernel); the default: all three in one launch, then the GEMM
+        gemm = ["flashdiff_grouped_gemm_tma_persistent"]
+        for how, gather, names_want in [
+                ("separate", "kernel", ["flashdiff_dequant_affine_flat", "flashdiff_moe_layout", "flashdiff_gather_slots"]),
+                ("separate", "layout", ["flashdiff_dequant_affine_flat", "flashdiff_moe_layout_gather"]),
+                ("merged", "kernel", ["flashdiff_moe_layout_dequant_affine", "flashdiff_gather_slots"]),
+                ("merged", "layout", ["flashdiff_moe_layout_gather_dequant_affine"])]:
             recorder.launches.clear()
             monkeypatch.setenv("FLASHDIFF_GEMM_DEQUANT", how)
+            monkeypatch.setenv("FLASHDIFF_MOE_GATHER", gather)
             moe_gemm(x, wq, ids, scales=s, biases=b, bits=bits, group_size=group, backend="cuda")
             names = [r["name"] for r in recorder.launches]
-            assert names == first + ["flashdiff_gather_slots", "flashdiff_grouped_gemm_tma_persistent"], names
-            (tmp_path / how).mkdir()
-            (other,) = replay(tmp_path / how, recorder.launches, _dequant._CUDA_HEADER + _dequant.DEQUANT_CODE)
+            assert names == names_want + gemm, names
+            (tmp_path / f"{how}-{gather}").mkdir()
+            (other,) = replay(tmp_path / f"{how}-{gather}", recorder.launches, _dequant._CUDA_HEADER + _dequant.DEQUANT_CODE)
             np.testing.assert_array_equal(out, other)
         monkeypatch.delenv("FLASHDIFF_GEMM_DEQUANT")
-        assert _gemm_cuda.dequant_choice() == "merged"
+        monkeypatch.delenv("FLASHDIFF_MOE_GATHER")
+        assert _gemm_cuda.dequant_choice() == "merged" and _gemm_cuda.gather_in_layout()
         xf = np.array(x.astype(mx.float32), np.float64)
         wf = bf16_values(ref_w).astype(np.float64)
         ref = np.einsum("tk,tjnk->tjn", xf, wf[np.array(ids)]).reshape(t * 2, n)

@@ -147,22 +147,35 @@ def test_mixed_gemm_compiles(tmp_path, dtype, bits, group, has_bias):
 def test_layout_kernel_compiles(tmp_path):
     report(tmp_path, "layout", "", _gemm_cuda._LAYOUT_SOURCE, [("expert_ids", mx.int32)],
            [("slot_row", mx.int32), ("tile_expert", mx.int32)],
-           [("E", 300), ("MAX_E", 1024), ("R", 8192), ("TILE", 128), ("TILES", 364), ("RPB", _gemm_cuda.RPB),
+           [("E", 300), ("MAX_E", 1024), ("R", 8192), ("TILE", 128), ("TILES", 364), ("RPB", _gemm_cuda.RPB), ("NT", _gemm_cuda.RPB),
             ("BLOCKS", 8192 // _gemm_cuda.RPB)])
 
 
-@pytest.mark.parametrize("bits, mode", [(4, "affine"), (8, "affine"), (3, "affine"), (4, "mxfp4")])
-def test_layout_and_dequantize_kernel_compiles(tmp_path, bits, mode):
-    """The layout kernel and the flat dequantize kernel in one launch (moe_gemm's quantized experts on CUDA), at
-    HiDream's MoE shape, with the template layout_and_dequantize builds."""
-    group = 64 if mode == "affine" else 32
-    template, _, _ = _gemm_cuda._layout_launch(mx.zeros((4096, 2), mx.int32), 4)
-    dq, _, _ = _dequant._launch(mx.bfloat16, mx.bfloat16 if mode == "affine" else mx.float32, 4 * 6912, 2560, bits,
-                                group, mode, True)
-    report(tmp_path, "layout_dequant", _dequant.CUDA_KERNEL_HEADER, _gemm_cuda.layout_dequant_source(),
-           [("expert_ids", mx.int32), ("w", mx.uint32), ("scales", mx.bfloat16 if mode == "affine" else mx.uint8),
-            ("biases", mx.bfloat16)], [("slot_row", mx.int32), ("tile_expert", mx.int32), ("out", mx.bfloat16)],
-           template + dq)
+@pytest.mark.parametrize("bits, mode, gather", [(None, None, True)] + [
+    (b, m, g) for b, m in [(4, "affine"), (8, "affine"), (3, "affine"), (4, "mxfp4")] for g in (False, True)])
+def test_moe_prologue_kernel_compiles(tmp_path, bits, mode, gather):
+    """The MoE prologue in one launch (the layout kernel, + the gather of x's routed rows and the tensor maps, + the
+    flat dequantize kernel's blocks), at HiDream's MoE shape, with the templates moe_prologue builds."""
+    dt = mx.bfloat16
+    template, _, _ = _gemm_cuda._layout_launch(mx.zeros((4096, 2), mx.int32), 4,
+                                               _gemm_cuda.GATHER_RPB if gather else _gemm_cuda.RPB)
+    inputs, outputs, source, header = [("expert_ids", mx.int32)], [("slot_row", mx.int32), ("tile_expert", mx.int32)], \
+        _gemm_cuda._LAYOUT_SOURCE, ""
+    if gather:
+        template = _gemm_cuda._merged(template, [("K", 2560), ("A_DIV", 2), ("SLOTS", 8576), ("IS_BF16", True),
+                                                 ("W_ROWS", 4 * 6912)])
+        inputs += [("x", dt), ("w", mx.uint32 if mode else dt)]
+        outputs += [("xs", dt), ("tmaps", mx.uint8)]
+        source, header = _gemm_cuda.layout_gather_source("out" if mode else "w"), _gemm_tma._MAP_HEADER
+    if mode:
+        group = 64 if mode == "affine" else 32
+        dq, _, _ = _dequant._launch(dt, dt if mode == "affine" else mx.float32, 4 * 6912, 2560, bits, group, mode, True)
+        template = _gemm_cuda._merged(template, dq)
+        inputs = (inputs if gather else inputs + [("w", mx.uint32)]) + [
+            ("scales", dt if mode == "affine" else mx.uint8), ("biases", dt)]
+        outputs += [("out", dt)]
+        source, header = _gemm_cuda.with_dequant_blocks(source), header + _dequant.CUDA_KERNEL_HEADER
+    report(tmp_path, "moe_prologue", header, source, inputs, outputs, template)
 
 
 @pytest.mark.parametrize("bits, mode", [(4, "affine"), (8, "affine"), (3, "affine"), (5, "affine"), (6, "affine"),

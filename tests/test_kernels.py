@@ -307,6 +307,16 @@ def test_moe_dequant_inside_gemm_is_opt_in(monkeypatch):
     s = mx.zeros((4, 32, 2), mx.bfloat16)
     monkeypatch.setattr(_gemm_cuda, "is_sm90", lambda: True)
     assert _gemm_cuda.dequant_choice() == "merged"  # the default: in the layout kernel's launch
+    assert _gemm_cuda.gather_in_layout()  # so are x's routed rows gathered, for the persistent engine
+    with monkeypatch.context() as m:
+        m.setenv("FLASHDIFF_MOE_GATHER", "kernel")
+        assert not _gemm_cuda.gather_in_layout()
+        m.setenv("FLASHDIFF_MOE_GATHER", "layout")
+        m.setenv("FLASHDIFF_GEMM_ENGINE", "wgmma persistent gather")  # copies the rows itself
+        assert not _gemm_cuda.gather_in_layout()
+        m.setenv("FLASHDIFF_MOE_GATHER", "both")
+        with pytest.raises(ValueError, match="FLASHDIFF_MOE_GATHER='both'"):
+            _gemm_cuda.gather_in_layout()
     assert not _gemm_cuda.quantized_gemm_available(x, s, 4, 64, "affine", 128, 32)
     monkeypatch.setenv("FLASHDIFF_GEMM_DEQUANT", "separate")
     assert not _gemm_cuda.quantized_gemm_available(x, s, 4, 64, "affine", 128, 32)

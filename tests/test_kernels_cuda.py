@@ -341,24 +341,33 @@ def test_moe_gemm_over_quantized_experts_cuda(t, e, k_in, n, routing, bits, dtyp
 
 
 @pytest.mark.parametrize("t, e, k_in, n", [(300, 4, 256, 192), (1000, 5, 384, 264), (4096, 4, 2560, 6912)])
-@pytest.mark.parametrize("mode, bits, group, dtype", [("affine", 4, 64, mx.bfloat16), ("affine", 8, 64, mx.float16),
+@pytest.mark.parametrize("mode, bits, group, dtype", [(None, None, None, mx.bfloat16), (None, None, None, mx.float16),
+                                                      ("affine", 4, 64, mx.bfloat16), ("affine", 8, 64, mx.float16),
                                                       ("affine", 3, 32, mx.bfloat16), ("mxfp4", 4, 32, mx.bfloat16)])
-def test_moe_gemm_layout_and_dequantize_cuda(t, e, k_in, n, mode, bits, group, dtype, monkeypatch):
-    """moe_gemm over quantized experts by default (FLASHDIFF_GEMM_DEQUANT unset: the layout and the dequantization
-    in one launch) is bit-identical to the dequantize kernel on its own before the layout ("separate")."""
+def test_moe_gemm_prologue_cuda(t, e, k_in, n, mode, bits, group, dtype, monkeypatch):
+    """moe_gemm by default (the layout kernel's launch also gathers x's routed rows where the GEMM engine reads
+    gathered rows, and dequantizes quantized experts) is bit-identical to the layout, dequantize and gather kernels
+    on their own (FLASHDIFF_GEMM_DEQUANT=separate, FLASHDIFF_MOE_GATHER=kernel), twice in a row, for (T, K) and
+    (T, k, K) inputs."""
     from flashdiff.kernels import moe_gemm
-    mx.random.seed(t + bits)
-    x = mx.random.normal((t, k_in)).astype(dtype)
+    mx.random.seed(t + (bits or 0))
     ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :2].astype(mx.int32)
-    w, s, b = quant((e, n, k_in), mode, bits, group, dtype=dtype, seed=bits)
-    kw = dict(scales=s, biases=b, bits=bits, group_size=group, mode=mode)
-    merged = [moe_gemm(x, w, ids, backend="cuda", **kw) for _ in range(2)]
-    monkeypatch.setenv("FLASHDIFF_GEMM_DEQUANT", "separate")
-    separate = moe_gemm(x, w, ids, backend="cuda", **kw)
-    assert _bits_equal(merged[0], separate) and _bits_equal(merged[1], separate)
-    if t * n <= 300 * 296:
-        ref = moe_gemm(x.astype(mx.float32), w, ids, backend="reference", **kw)
-        assert rel_err(merged[0], ref) < (1e-2 if dtype == mx.bfloat16 else 3e-3)
+    if mode is None:
+        w, kw = (mx.random.normal((e, n, k_in)) * 0.05).astype(dtype), {}
+    else:
+        w, s, b = quant((e, n, k_in), mode, bits, group, dtype=dtype, seed=bits)
+        kw = dict(scales=s, biases=b, bits=bits, group_size=group, mode=mode)
+    for x in (mx.random.normal((t, k_in)).astype(dtype), mx.random.normal((t, 2, k_in)).astype(dtype)):
+        default = [moe_gemm(x, w, ids, backend="cuda", **kw) for _ in range(2)]
+        with monkeypatch.context() as m:
+            m.setenv("FLASHDIFF_GEMM_DEQUANT", "separate")
+            m.setenv("FLASHDIFF_MOE_GATHER", "kernel")
+            apart = moe_gemm(x, w, ids, backend="cuda", **kw)
+        assert _bits_equal(default[0], apart) and _bits_equal(default[1], apart)
+        if t * n <= 300 * 296:
+            ref = moe_gemm(x.astype(mx.float32), w.astype(mx.float32) if mode is None else w, ids, backend="reference",
+                           **kw)
+            assert rel_err(default[0], ref) < (1e-2 if dtype == mx.bfloat16 else 3e-3)
 
 
 @pytest.mark.parametrize("m, k, n", [(300, 256, 520), (1024, 3072, 3072), (4608, 3072, 12288)])

@@ -209,14 +209,14 @@ _SOURCE = r"""
 
 
 _LAYOUT_SOURCE = r"""
-  // Block b places routed rows b * RPB .. + RPB - 1 (one per thread) and writes the padding slots and tile
-  // experts of its share of the slots. Every block first counts all R rows per expert (`total`) and those
+  // Block b places routed rows b * RPB .. + RPB - 1 (thread i: row b * RPB + i; NT threads per block, NT >= RPB)
+  // and writes the padding slots and tile experts of its share of the slots. Every block first counts all R rows per expert (`total`) and those
   // before its own (`before`), so no block waits for another. Lanes of a warp with the same expert are
   // grouped (__match_any_sync); their leader adds them to its warp's own counter (no atomics: with shared
   // counters, and 4 rows per thread per round, it took 9.0-9.3 us for HiDream's 8192 rows on the H200; with
   // these counters and 4 rows 8.2-8.7 us; with IPT = 16 rows per round, so that the loads' latency is paid
   // less often, 6.8 us).
-  constexpr int WARPS = RPB / 32, IPT = 16;
+  constexpr int WARPS = NT / 32, IPT = 16;
   __shared__ int wcount[WARPS][MAX_E], total[MAX_E], before[MAX_E], seg_start[MAX_E + 1];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nt = blockDim.x, b = blockIdx.x, r_first = b * RPB;
   for (int e = tid; e < E; e += nt)
@@ -257,7 +257,7 @@ _LAYOUT_SOURCE = r"""
   }
   __syncthreads();
   {
-    const int r = r_first + tid, e = r < R ? expert_ids[r] : -1;
+    const int r = r_first + tid, e = tid < RPB && r < R ? expert_ids[r] : -1;
     const bool valid = e >= 0 && e < E;
     const unsigned peers = __match_any_sync(0xffffffffu, valid ? e : -1);
     const int leader = __ffs(peers) - 1;
@@ -286,6 +286,49 @@ _LAYOUT_SOURCE = r"""
 """
 RPB = 256  # routed rows per layout block (its threads)
 
+# The layout kernel that also gathers x's routed rows into slot order for the TMA GEMMs (xs, as
+# ``_gemm_tma.gather_slots`` does, and the GEMM's tensor maps over xs and w: warp 0 of block 0 first), so no
+# gather kernel runs after it: each block copies the rows it has just placed. GATHER_RPB routed rows per block of
+# RPB threads, so that enough blocks copy at once (4 x HiDream's blocks); every block still counts all rows itself.
+GATHER_RPB = 64
+_PLACE = "    if (valid) slot_row[first + __popc(peers & ((1u << lane) - 1u))] = r;\n"
+_GATHER_PLACED = r"""
+  // this block's routed rows to their slots: xs[slot] = x[r / A_DIV], GPT 16-byte chunks per thread in flight
+  __syncthreads();
+  {
+    constexpr int CHUNKS = K / 8, GPT = 8;
+    const int rows = min(RPB, R - r_first);
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
+    uint4* xsv = reinterpret_cast<uint4*>(xs);
+    for (int f0 = 0; f0 < rows * CHUNKS; f0 += GPT * nt) {
+      uint4 v[GPT];
+#pragma unroll
+      for (int j = 0; j < GPT; ++j) {
+        const int f = f0 + j * nt + tid, row = f / CHUNKS;
+        if (f < rows * CHUNKS && placed[row] >= 0) v[j] = xv[(size_t)((r_first + row) / A_DIV) * CHUNKS + f % CHUNKS];
+      }
+#pragma unroll
+      for (int j = 0; j < GPT; ++j) {
+        const int f = f0 + j * nt + tid, row = f / CHUNKS;
+        if (f < rows * CHUNKS && placed[row] >= 0) xsv[(size_t)placed[row] * CHUNKS + f % CHUNKS] = v[j];
+      }
+    }
+  }
+"""
+
+
+def layout_gather_source(w_name: str = "w") -> str:
+    """``_LAYOUT_SOURCE`` + the gather of each block's placed rows + the tensor maps over xs and `w_name` (the
+    experts, or the dequantized experts when the same launch writes them)."""
+    from . import _gemm_tma
+    if _LAYOUT_SOURCE.count(_PLACE) != 1:
+        raise AssertionError("the layout source changed: its placement line should occur once")
+    maps = _gemm_tma.publish_maps_code([("xs", "SLOTS", 128), (w_name, "W_ROWS", 256)])
+    placed = ("    if (tid < RPB) placed[tid] = valid ? first + __popc(peers & ((1u << lane) - 1u)) : -1;\n")
+    return ("  __shared__ int placed[RPB];  // this block's rows' slots (-1: not routed)\n"
+            "  if (blockIdx.x == 0 && threadIdx.x < 32)\n" + maps
+            + _LAYOUT_SOURCE.replace(_PLACE, _PLACE + placed) + _GATHER_PLACED)
+
 MAX_EXPERTS = 1024
 
 
@@ -295,14 +338,15 @@ def _layout_kernel():
                                output_names=["slot_row", "tile_expert"], source=_LAYOUT_SOURCE)
 
 
-def _layout_launch(expert_ids, num_experts: int):
-    """The layout kernel's template, its block count and the number of row tiles."""
+def _layout_launch(expert_ids, num_experts: int, rpb: int = RPB):
+    """The layout kernel's template (rpb routed rows per block of RPB threads), its block count and the number of
+    row tiles."""
     r = expert_ids.size
     tiles = (r + num_experts * (BM - 1)) // BM
     max_e = next(m for m in (8, 64, 256, MAX_EXPERTS) if num_experts <= m)
-    blocks = max(-(-r // RPB), 1)
-    template = [("E", num_experts), ("MAX_E", max_e), ("R", r), ("TILE", BM), ("TILES", tiles), ("RPB", RPB),
-                ("BLOCKS", blocks)]
+    blocks = max(-(-r // rpb), 1)
+    template = [("E", num_experts), ("MAX_E", max_e), ("R", r), ("TILE", BM), ("TILES", tiles), ("RPB", rpb),
+                ("NT", RPB), ("BLOCKS", blocks)]
     return template, blocks, tiles
 
 
@@ -318,48 +362,105 @@ def layout(expert_ids, num_experts: int, stream=None):
     return slot_row, tile_expert
 
 
-def layout_dequant_source() -> str:
-    """The layout kernel's blocks, then the flat dequantize kernel's (``_dequant._CUDA_SOURCE_FLAT``, its block
-    index counted from the end of the layout's), as one kernel."""
+def with_dequant_blocks(layout_source: str) -> str:
+    """A layout kernel's blocks (the first BLOCKS), then the flat dequantize kernel's (``_dequant._CUDA_SOURCE_FLAT``,
+    its block index counted from the end of the layout's), as one kernel."""
     from . import _dequant
     if _dequant._CUDA_SOURCE_FLAT.count("blockIdx.x") != 1:
         raise AssertionError("the flat dequantize source changed: it should name blockIdx.x once")
-    return ("  if (blockIdx.x < BLOCKS) {\n" + _LAYOUT_SOURCE + "  } else {\n"
+    return ("  if (blockIdx.x < BLOCKS) {\n" + layout_source + "  } else {\n"
             "  const unsigned fd_dq_block = blockIdx.x - BLOCKS;\n"
             + _dequant._CUDA_SOURCE_FLAT.replace("blockIdx.x", "fd_dq_block") + "  }\n")
 
 
 @functools.cache
-def _layout_dequant_kernel(affine: bool):
-    from . import _dequant
+def _prologue_kernel(gather: bool, dequant: str):
+    """The MoE prologue in one launch: the layout (+ the gather of x's routed rows and the GEMM's tensor maps)
+    (+ the experts' dequantization: dequant "affine" / "fp", else "")."""
+    from . import _dequant, _gemm_tma
+    inputs, outputs = ["expert_ids"], ["slot_row", "tile_expert"]
+    if gather:
+        inputs, outputs = inputs + ["x", "w"], outputs + ["xs", "tmaps"]
+    if dequant:
+        inputs, outputs = (inputs if gather else inputs + ["w"]) + ["scales", "biases"], outputs + ["out"]
+    source = layout_gather_source("out" if dequant else "w") if gather else _LAYOUT_SOURCE
     return mx.fast.cuda_kernel(
-        name="flashdiff_moe_layout_dequant" + ("_affine" if affine else "_fp"),
-        input_names=["expert_ids", "w", "scales", "biases"], output_names=["slot_row", "tile_expert", "out"],
-        source=layout_dequant_source(), header=_dequant.CUDA_KERNEL_HEADER,
+        name="flashdiff_moe_layout" + ("_gather" if gather else "") + (f"_dequant_{dequant}" if dequant else ""),
+        input_names=inputs, output_names=outputs, source=with_dequant_blocks(source) if dequant else source,
+        header=(_gemm_tma._MAP_HEADER if gather else "") + (_dequant.CUDA_KERNEL_HEADER if dequant else ""),
     )
 
 
-def layout_and_dequantize(expert_ids, num_experts: int, w, scales, biases, bits, group_size, k, mode, dtype,
-                          stream=None):
-    """``layout`` and ``_dequant.dequantize`` (the flat kernel, every mode) in one launch: (slot_row, tile_expert,
-    the dequantized experts (E, N, K) in dtype). The layout's blocks come first and are latency-bound (a few
-    warps per SM for ~7 us), so they run beside the dequantization's memory-bound blocks instead of before them.
-    Arguments as ``_dequant.dequantize_checked`` takes them (checked by ``check_quantized``)."""
-    from . import _dequant
-    template, blocks, tiles = _layout_launch(expert_ids, num_experts)
-    rows = w.size // w.shape[-1]
-    affine = mode == "affine"
-    dq_template, (dq_threads, _, _), (group, _, _) = _dequant._launch(
-        dtype, scales.dtype if affine else mx.float32, rows, k, bits, group_size, mode, True)
-    if group != RPB:
-        raise AssertionError(f"the layout's blocks ({RPB} threads) and the dequantize kernel's ({group}) differ")
-    slot_row, tile_expert, w_deq = _layout_dequant_kernel(affine)(
-        inputs=[expert_ids.reshape(-1).astype(mx.int32), w, scales, biases if affine else _dequant._dummy_biases()],
-        template=template + dq_template, output_shapes=[(tiles * BM,), (tiles,), (*w.shape[:-1], k)],
-        output_dtypes=[mx.int32, mx.int32, dtype], grid=((blocks + -(-dq_threads // RPB)) * RPB, 1, 1),
-        threadgroup=(RPB, 1, 1), stream=stream,
+def _merged(*templates):
+    """Template lists joined; a name two of them give must have the same value there."""
+    out = {}
+    for name, value in (pair for t in templates for pair in t):
+        if name in out and out[name] != value:
+            raise AssertionError(f"template argument {name}: {out[name]!r} and {value!r}")
+        out[name] = value
+    return list(out.items())
+
+
+def moe_prologue(expert_ids, num_experts: int, *, x=None, a_div: int = 1, w=None, quantized=None, stream=None):
+    """The MoE GEMM's prologue on CUDA in one launch: ``layout``'s schedule, plus
+    - with x (rows, K): x's routed rows gathered into slot order (xs, what ``_gemm_tma.gather_slots`` writes) and
+      the TMA GEMM's tensor maps over xs and the (dequantized) experts, each block copying the rows it placed
+      (GATHER_RPB routed rows per block);
+    - with quantized = (wq, scales, biases, bits, group_size, k, mode, dtype) (checked by ``check_quantized``): the
+      experts dequantized by the flat dequantize kernel's blocks after the layout's (any mode), into dtype.
+    The layout's blocks come first and are latency-bound, so they run beside the dequantization's memory-bound
+    blocks instead of before them. Returns (slot_row, tile_expert, xs or None, maps or None, the experts: w, or
+    the dequantized ones)."""
+    from . import _dequant, _gemm_tma
+    gather = x is not None
+    template, blocks, tiles = _layout_launch(expert_ids, num_experts, GATHER_RPB if gather else RPB)
+    inputs = [expert_ids.reshape(-1).astype(mx.int32)]
+    shapes, dtypes = [(tiles * BM,), (tiles,)], [mx.int32, mx.int32]
+    grid_blocks, dequant = blocks, ""
+    if quantized is not None:
+        wq, scales, biases, bits, group_size, k, mode, dtype = quantized
+        affine = mode == "affine"
+        dequant = "affine" if affine else "fp"
+        dq_template, (dq_threads, _, _), (group, _, _) = _dequant._launch(
+            dtype, scales.dtype if affine else mx.float32, wq.size // wq.shape[-1], k, bits, group_size, mode, True)
+        if group != RPB:
+            raise AssertionError(f"the layout's blocks ({RPB} threads) and the dequantize kernel's ({group}) differ")
+        template = _merged(template, dq_template)
+        grid_blocks += -(-dq_threads // RPB)
+        w_shape = (*wq.shape[:-1], k)
+    else:
+        w_shape, dtype = w.shape, w.dtype
+    if gather:
+        k_x = x.shape[-1]
+        template = _merged(template, [("K", k_x), ("A_DIV", a_div), ("SLOTS", tiles * BM),
+                                      ("IS_BF16", x.dtype == mx.bfloat16), ("W_ROWS", w_shape[0] * w_shape[1])])
+        inputs += [x, wq if quantized is not None else w]
+        shapes, dtypes = shapes + [(tiles * BM, k_x), (_gemm_tma.MAP_BYTES,)], dtypes + [x.dtype, mx.uint8]
+    if quantized is not None:
+        inputs = (inputs if gather else inputs + [wq]) + [scales, biases if affine else _dequant._dummy_biases()]
+        shapes, dtypes = shapes + [w_shape], dtypes + [dtype]
+    outs = _prologue_kernel(gather, dequant)(
+        inputs=inputs, template=template, output_shapes=shapes, output_dtypes=dtypes,
+        grid=(grid_blocks * RPB, 1, 1), threadgroup=(RPB, 1, 1), stream=stream,
     )
-    return slot_row, tile_expert, w_deq
+    slot_row, tile_expert = outs[:2]
+    xs, maps = (outs[2], outs[3]) if gather else (None, None)
+    return slot_row, tile_expert, xs, maps, outs[-1] if quantized is not None else w
+
+
+MOE_GATHER_CHOICES = ("layout", "kernel")
+
+
+def gather_in_layout() -> bool:
+    """Whether the MoE path gathers x's routed rows in the layout kernel's launch (``moe_prologue``): the GEMM engine
+    is a TMA form that reads gathered rows ("wgmma persistent", the default on sm_90, or "wgmma tma") and
+    FLASHDIFF_MOE_GATHER is "layout" (the default since session 12), not "kernel" (``_gemm_tma.gather_slots`` after
+    the layout, for measurements)."""
+    choice = os.environ.get("FLASHDIFF_MOE_GATHER", "layout")
+    if choice not in MOE_GATHER_CHOICES:
+        raise ValueError(f"FLASHDIFF_MOE_GATHER={choice!r}: use one of {MOE_GATHER_CHOICES}.")
+    engine = os.environ.get("FLASHDIFF_GEMM_ENGINE") or default_engine()
+    return choice == "layout" and engine in ("wgmma tma", "wgmma persistent")
 
 
 @functools.cache
@@ -454,11 +555,13 @@ def dense_gemm_quantized(x, wq, scales, biases, bits, group_size, *, stream=None
                         True, 1, stream)
 
 
-def _launch(engine, x, w, slot_row, tile_expert, tiles, out_rows, a_div, direct, stream):
+def _launch(engine, x, w, slot_row, tile_expert, tiles, out_rows, a_div, direct, stream, maps=None):
     from . import _gemm_sm90, _gemm_tma
     engine = engine or os.environ.get("FLASHDIFF_GEMM_ENGINE") or default_engine()
     if engine not in ENGINES:
         raise ValueError(f"Unknown GEMM engine {engine!r}; use one of {ENGINES}.")
+    if maps is not None and engine not in ("wgmma tma", "wgmma persistent"):
+        raise ValueError(f"x gathered with its tensor maps is for the TMA engines that read gathered rows, not {engine!r}.")
     if tiles > 65535:  # CUDA's gridDim.y limit
         raise ValueError(f"{tiles} row tiles of {BM} exceed the 65535 the kernels launch; split the rows.")
     if engine == "mma":
@@ -475,7 +578,7 @@ def _launch(engine, x, w, slot_row, tile_expert, tiles, out_rows, a_div, direct,
         template.append(("MMA_IN_FLIGHT", engine == "wgmma"))
     if kernel is None:
         return _gemm_tma.launch(x, w, slot_row, tile_expert, tiles, out_rows, template, direct, a_div, stream,
-                                _TMA_FORMS[engine])
+                                _TMA_FORMS[engine], maps)
     (out,) = kernel(
         inputs=[x, w, slot_row, tile_expert], template=template,
         output_shapes=[(out_rows, n)], output_dtypes=[x.dtype],
@@ -484,7 +587,8 @@ def _launch(engine, x, w, slot_row, tile_expert, tiles, out_rows, a_div, direct,
     return out
 
 
-def grouped_gemm(x, w, slot_row, tile_expert, out_rows: int, a_div: int = 1, *, engine=None, stream=None):
+def grouped_gemm(x, w, slot_row, tile_expert, out_rows: int, a_div: int = 1, *, engine=None, stream=None,
+                 gathered_maps=None):
     """x (rows_x, K); w (E, N, K); slot_row (tiles * BM,) int32; tile_expert (tiles,) int32.
     Returns (out_rows, N) in x.dtype: row slot_row[s] = x[slot_row[s] // a_div] @ w[tile_expert[s // BM]].T.
     Output rows that no slot names are left unwritten (``layout`` names every routed row once).
@@ -492,10 +596,12 @@ def grouped_gemm(x, w, slot_row, tile_expert, out_rows: int, a_div: int = 1, *, 
     (mma.sync), "wgmma" / "wgmma wait" (cp.async loads, one / no MMA group in flight), "wgmma ws"
     (warp-specialised cp.async), "wgmma tma" (warp-specialised TMA, ``_gemm_tma``), its persistent
     forms "wgmma persistent" (the default on sm_90 since session 10: its epilogue overlaps the next tile's
-    wgmmas) / "wgmma persistent gather" (measured no faster; opt-in)."""
+    wgmmas) / "wgmma persistent gather" (measured slower; opt-in).
+    gathered_maps: x is already in slot order with its tensor maps (``moe_prologue``'s xs and maps; the TMA engines
+    "wgmma tma" / "wgmma persistent" only), so no gather kernel runs."""
     tiles = _tiles(slot_row, tile_expert)
     return _launch(engine, x, w, slot_row.astype(mx.int32), tile_expert.astype(mx.int32), tiles, out_rows,
-                   a_div, False, stream)
+                   a_div, False, stream, gathered_maps)
 
 
 def _tiles(slot_row, tile_expert) -> int:

@@ -304,14 +304,17 @@ def gather_slots(x, slot_row, a_div, w, stream=None, work=0):
     return xs, maps
 
 
-def launch(x, w, slot_row, tile_expert, tiles, out_rows, template, direct, a_div, stream, form=""):
+def launch(x, w, slot_row, tile_expert, tiles, out_rows, template, direct, a_div, stream, form="", maps=None):
     """Run the TMA kernel with ``_gemm_cuda._launch``'s template: x is used as it is for the dense
-    form (row s = slot s), gathered into slot order first for the grouped one. form: "" (one CTA per
+    form (row s = slot s), gathered into slot order first for the grouped one (unless `maps` is given: then x
+    is gathered already and these are its tensor maps, ``_gemm_cuda.moe_prologue``). form: "" (one CTA per
     tile), "_persistent" / "_persistent_gather" (one CTA per multiprocessor walks the tiles; the gather
     form copies x's routed rows in the producer, no gather kernel)."""
     n = w.shape[1]
     gather_a = form == "_persistent_gather"
-    if direct or gather_a:
+    if maps is not None:
+        pass
+    elif direct or gather_a:
         maps = tensor_maps(x, w, stream)
     else:
         x, maps = gather_slots(x, slot_row, a_div, w, stream)

@@ -93,13 +93,17 @@ def moe_gemm(x, expert_weights, expert_ids, *, scales=None, biases=None, bits=No
         gemm = functools.partial(_gemm_cuda.grouped_gemm_quantized, scales=scales, biases=biases, bits=bits,
                                  group_size=group_size)
         return moe_grouped(x, w, expert_ids, gemm)  # the experts dequantized inside the GEMM
-    if (quantized and impl == "cuda" and _gemm_cuda.dequant_choice() == "merged" and w.shape[0] <= _gemm_cuda.MAX_EXPERTS
-            and x.dtype in (mx.bfloat16, mx.float16) and k_in % 8 == 0 and n % 8 == 0 and expert_ids.size > 0
-            and not os.environ.get("FLASHDIFF_DEQUANT_ROWS")):
-        # the layout kernel and the experts' dequantization in one launch (session 12)
-        slot_row, tile_expert, w = _gemm_cuda.layout_and_dequantize(
-            expert_ids, w.shape[0], mx.depends(w, x), scales, biases, bits, group_size, k_in, mode, x.dtype)
-        return moe_grouped(x, w, expert_ids, schedule=(slot_row, tile_expert))
+    # CUDA, session 12: the layout kernel's launch also dequantizes the experts and / or gathers x's routed rows
+    prologue = (impl == "cuda" and w.shape[0] <= _gemm_cuda.MAX_EXPERTS and x.dtype in (mx.bfloat16, mx.float16)
+                and k_in % 8 == 0 and n % 8 == 0 and expert_ids.size > 0)
+    dequant_in_layout = (prologue and quantized and _gemm_cuda.dequant_choice() == "merged"
+                         and not os.environ.get("FLASHDIFF_DEQUANT_ROWS"))
+    if dequant_in_layout:
+        return _moe_cuda_prologue(x, w, expert_ids, (scales, biases, bits, group_size, k_in, mode))
+    if prologue and _gemm_cuda.gather_in_layout():
+        if quantized:  # FLASHDIFF_GEMM_DEQUANT=separate
+            w = dequantize(mx.depends(w, x), scales, biases, bits, group_size, mode, dtype=x.dtype, backend=impl)
+        return _moe_cuda_prologue(x, w.astype(x.dtype), expert_ids, None)
     if quantized:
         w = dequantize(mx.depends(w, x), scales, biases, bits, group_size, mode, dtype=x.dtype, backend=impl)
     w = w.astype(x.dtype)
@@ -109,6 +113,25 @@ def moe_gemm(x, expert_weights, expert_ids, *, scales=None, biases=None, bits=No
         return moe_grouped(x, w, expert_ids, _gemm_metal.grouped_gemm,
                            functools.partial(grouped_layout, tile=_gemm_metal.BM))
     return _moe_dense_experts(x, w, expert_ids)
+
+
+def _moe_cuda_prologue(x, w, expert_ids, quantized):
+    """``moe_grouped`` with ``_gemm_cuda.moe_prologue`` first: the layout, with (when the GEMM engine reads gathered
+    rows, ``_gemm_cuda.gather_in_layout``) x's routed rows gathered and the GEMM's tensor maps, and with
+    quantized = (scales, biases, bits, group_size, K, mode) w's experts dequantized, all in one launch."""
+    t, top_k = expert_ids.shape
+    n, k_in = w.shape[-2], x.shape[-1]
+    rows = x if x.ndim == 2 else x.reshape(t * top_k, k_in)
+    a_div = top_k if x.ndim == 2 else 1
+    gather = _gemm_cuda.gather_in_layout()
+    quant = None
+    if quantized is not None:
+        scales, biases, bits, group_size, k, mode = quantized
+        quant = (mx.depends(w, x), scales, biases, bits, group_size, k, mode, x.dtype)
+    slot_row, tile_expert, xs, maps, w = _gemm_cuda.moe_prologue(
+        expert_ids, w.shape[0], x=rows if gather else None, a_div=a_div, w=None if quantized else w, quantized=quant)
+    out = _gemm_cuda.grouped_gemm(xs if gather else rows, w, slot_row, tile_expert, t * top_k, a_div, gathered_maps=maps)
+    return out.reshape(t, top_k, n)
 
 
 def grouped_layout(expert_ids, num_experts: int, tile: int = _gemm_cuda.BM):
@@ -136,17 +159,17 @@ def grouped_layout(expert_ids, num_experts: int, tile: int = _gemm_cuda.BM):
     return slot_row, mx.where(tile_expert < e, tile_expert, -1)
 
 
-def moe_grouped(x, w, expert_ids, gemm=None, layout=None, schedule=None):
+def moe_grouped(x, w, expert_ids, gemm=None, layout=None):
     """Routed rows only: a device-side layout + one grouped GEMM that writes each routed row in place.
     gemm / layout: the CUDA kernels (default) or their MLX twins ``grouped_gemm_reference`` /
-    ``grouped_layout`` (CPU tests of the schedule); schedule: (slot_row, tile_expert) already laid out."""
+    ``grouped_layout`` (CPU tests of the schedule)."""
     gemm = gemm or _gemm_cuda.grouped_gemm
     layout = layout or _gemm_cuda.layout
     t, top_k = expert_ids.shape
     n, k_in = w.shape[-2], x.shape[-1]  # (w may be packed codes)
     if t * top_k == 0:
         return mx.zeros((t, top_k, n), dtype=x.dtype)
-    slot_row, tile_expert = schedule or layout(expert_ids, w.shape[0])
+    slot_row, tile_expert = layout(expert_ids, w.shape[0])
     rows = x if x.ndim == 2 else x.reshape(t * top_k, k_in)
     out = gemm(rows, w, slot_row, tile_expert, t * top_k, top_k if x.ndim == 2 else 1)
     return out.reshape(t, top_k, n)
