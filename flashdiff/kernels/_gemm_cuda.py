@@ -10,8 +10,10 @@ written). ``layout`` builds slot_row and tile_expert on the device in one small 
 by expert, each expert's segment padded to whole tiles; a block per 256 routed rows, each counting all
 rows itself: 6.8 us for HiDream's 8192 on the H200 in session 10, where one block took 13 us), so the
 GEMM runs only the routed rows (plus at most BM - 1 padding rows per expert) with static shapes and no
-host sync. A_DIV = top_k when all of a token's slots share its input row. Dense (``dense_gemm``): the
-same kernels with slot s = row s.
+host sync. ``moe_prologue`` (session 12, what moe_gemm runs) is the same kernel with more blocks (64 routed rows
+each) that also gather x's routed rows into slot order for the TMA GEMMs, and with the flat dequantize kernel's
+blocks after them for quantized experts: one launch where there were three (benchmarks/README.md). A_DIV =
+top_k when all of a token's slots share its input row. Dense (``dense_gemm``): the same kernels with slot s = row s.
 
 Engines behind ``grouped_gemm`` / ``dense_gemm``: on Hopper ``_gemm_tma`` (wgmma fed by TMA; its
 persistent form, engine "wgmma persistent", is the default since session 10: 416-418 us for HiDream's
@@ -512,7 +514,7 @@ DEQUANT_CHOICES = ("merged", "separate", "fused")
 
 def dequant_choice() -> str:
     """How moe_gemm dequantizes quantized experts on CUDA (FLASHDIFF_GEMM_DEQUANT): "merged" (the default) in
-    the layout kernel's launch (``layout_and_dequantize``), "separate" by the dequantize kernel on its own
+    the layout kernel's launch (``moe_prologue``), "separate" by the dequantize kernel on its own
     before the layout (the default until session 12), "fused" inside the persistent GEMM (opt-in, slower)."""
     choice = os.environ.get("FLASHDIFF_GEMM_DEQUANT", "merged")
     if choice not in DEQUANT_CHOICES:

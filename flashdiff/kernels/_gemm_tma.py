@@ -31,7 +31,9 @@ consumers hand each finished tile to three storer warps through a shared-memory 
 overlap the next tile's wgmmas: 416-418 us for the MoE GEMM above under Nsight Compute (tensor pipe 86.7%
 busy) against 449 us (78.7%) for this kernel in the same run. Its session 5 form, which stored from
 registers, ran at 456 us. Engine "wgmma persistent gather" (opt-in) copies x's routed rows with cp.async
-in the producer warpgroup instead of running ``gather_slots`` and keeps the register-store epilogue.
+in the producer warpgroup instead of reading gathered rows (455-460 us in session 12 against 405-414 us + the
+gather). For moe_gemm the rows are gathered by the layout kernel's launch (``_gemm_cuda.moe_prologue``, which
+passes its xs and maps to ``launch``), or by ``gather_slots`` under FLASHDIFF_MOE_GATHER=kernel.
 (A 2-CTA cluster form was tried and removed in session 6: see ``_gemm_tma_forms``.)
 """
 

@@ -29,9 +29,10 @@ SMEM_BYTES_PERSISTENT = 3 * (BM + BN) * BK * 2 + BM * (BN + 8) * 2 + 1024
 # ``_gemm_tma.gather_slots`` first) and warps 9-11 store; with GATHER_A (session 12) the producer warpgroup's 128
 # threads copy the input tile from x's routed rows with cp.async (thread 256 still issues the weight tile's TMA),
 # so no gather kernel runs first, and store each finished tile a few stages into the next one. Session 12 on
-# the H200: two loader warps (+ two storer warps) made the MoE GEMM 485 us, one 805 us, against 409 us + 19 us
-# of gather kernel: cp.async throughput scales with the warps issuing it. (Session 5's gather form had all 128
-# threads copy and stored from registers: no faster than the gather kernel + TMA then.)
+# the H200 (HiDream's MoE GEMM, Nsight Compute): 455-460 us (storing at stage 2 or 4 of the next tile) against
+# 409-412 us + 19 us of gather kernel for the form without GATHER_A; a first version with two loader warps (+ two
+# storer warps) took 485 us, with one 805 us: the cp.async copies are limited by the warps issuing them. Opt-in.
+# (Session 5's gather form had all 128 threads copy and stored from registers: no faster than gather + TMA then.)
 _SOURCE_PERSISTENT = r"""
   constexpr int BM = 128, BN = 256, BK = 64, STAGES = 3, EPI_LD = BN + 8;
   // producer warpgroup: without GATHER_A thread 256 issues the TMA loads and warps 9-11 store finished tiles; with

@@ -5,17 +5,22 @@
 CUDA path, no host synchronisation and static shapes: a layout kernel groups the routed rows (t, j)
 by expert into 128-row tiles (each expert's segment padded to whole tiles; at most
 (R + E * 127) / 128 tiles for R routed rows) and writes each tile's expert; one grouped tensor-core
-GEMM (``_gemm_cuda``: on sm_90 the persistent wgmma GEMM fed by TMA after the routed rows are gathered
-into slot order, mma.sync elsewhere) then multiplies only the routed rows and writes each result
-straight into its (t, j) row. Quantized experts are first dequantized into one x.dtype scratch of all
-experts (E*N*K, 141 MB for HiDream's 4 x 6912 x 2560) by the dequantization kernel, after x exists.
-FLASHDIFF_GEMM_DEQUANT=fused (opt-in, sm_90, affine 4/8-bit with scales in x.dtype): the persistent GEMM's
-storer warps dequantize the experts while it runs (``_gemm_tma_dequant_persistent``): exact, measured slower
-(0.75x of dense against 0.80x, session 11).
-Measured on the H200 (benchmarks/README.md, session 10), compiled and streamed against a dense GEMM of
-the routed FLOPs: bf16 0.86-0.87x (skewed routing 0.88-0.91x), 4-bit experts 0.76-0.83x, 8-bit
-0.79-0.80x in three runs. Nsight Compute: layout 6.8 us, gather 19 us, GEMM 416-418 us, against 365 us for
-cuBLAS's dense GEMM; the quantized experts' dequantization adds ~45 us (memory-bound).
+GEMM (``_gemm_cuda``: on sm_90 the persistent wgmma GEMM fed by TMA from the routed rows gathered into
+slot order, mma.sync elsewhere) then multiplies only the routed rows and writes each result straight into
+its (t, j) row. Since session 12 the layout kernel's launch (``_gemm_cuda.moe_prologue``) also
+- gathers x's routed rows into slot order and encodes the GEMM's tensor maps, each layout block copying the
+  rows it placed (for the TMA engines; FLASHDIFF_MOE_GATHER=kernel: a gather kernel after the layout);
+- dequantizes quantized experts into one x.dtype scratch of all experts (E*N*K, 141 MB for HiDream's
+  4 x 6912 x 2560; any mode; after x exists) in blocks after the layout's (FLASHDIFF_GEMM_DEQUANT=separate: the
+  dequantize kernel on its own first; =fused, opt-in, sm_90, affine 4/8-bit with scales in x.dtype: the
+  persistent GEMM's storer warps dequantize them while it runs, ``_gemm_tma_dequant_persistent``, exact, slower).
+Measured on the H200 (benchmarks/README.md, session 12), compiled and streamed against a dense GEMM of the
+routed FLOPs, each ratio side by side in one run: 4-bit experts 0.82-0.83x and 8-bit 0.82-0.84x in two runs
+(with the gather as its own kernel 0.79-0.81x / 0.78-0.79x; with the dequantize kernel on its own first
+0.77-0.78x / 0.76-0.77x, as with all three kernels apart in two earlier runs, 0.77x); bf16 0.87-0.88x (with the
+gather kernel 0.87-0.89x: no difference; skewed routing 0.86-0.87x). Nsight Compute: the layout + gather launch
+23.5-24.3 us (layout 6.8 us + gather 19 us apart), with the dequantization 62.6-64.3 us (46 + 19 us apart), the
+GEMM 403-418 us against 364-375 us for cuBLAS's dense GEMM.
 
 On Metal (default): ``moe_sorted``, MLX's own tested kernels as mlx-lm uses them for MoE on Apple
 silicon: rows sorted by expert, ``mx.gather_mm`` / ``mx.gather_qmm(..., sorted_indices=True)`` over
