@@ -169,6 +169,26 @@ def side_engine():
     return forms[1] if _gemm_cuda.default_engine() == forms[0] else forms[0]
 
 
+# the MoE rows' compiled, streamed side columns (JSON streamed_compiled_<column>_ms / _ratio_vs_dense) and their labels
+MOE_SIDE_COLUMNS = {
+    "gather_kernel": "rows gathered by their own kernel",  # FLASHDIFF_MOE_GATHER=kernel (before session 12)
+    "separate_dequant": "experts dequantized by their own kernel",  # FLASHDIFF_GEMM_DEQUANT=separate
+    "fused_dequant": "experts dequantized inside the GEMM (opt-in)",  # FLASHDIFF_GEMM_DEQUANT=fused
+    "side_engine": "GEMM engine",  # the other persistent form (side_engine())
+}
+
+
+def moe_side_columns(quantized: bool, side):
+    """The side columns a MoE row measures: column -> (environment variable, value) set while it traces."""
+    columns = {"gather_kernel": ("FLASHDIFF_MOE_GATHER", "kernel")}
+    if quantized:
+        columns.update(separate_dequant=("FLASHDIFF_GEMM_DEQUANT", "separate"),
+                       fused_dequant=("FLASHDIFF_GEMM_DEQUANT", "fused"))
+    if side:
+        columns["side_engine"] = ("FLASHDIFF_GEMM_ENGINE", side)
+    return columns
+
+
 def moe_rows():
     rows = []
     p = moe_problem()
@@ -200,35 +220,22 @@ def moe_rows():
             fn_c = mx.compile(fn)
             fns = {"ours": lambda: fn(x), "dense": lambda: dense_x @ w0.T, "ours_c": lambda: fn_c(x),
                    "dense_c": lambda: dense_c(dense_x)}
-            if mode.startswith("affine"):  # side by side: the experts dequantized inside the GEMM (opt-in), and
-                # by the dequantize kernel on its own before the layout (FLASHDIFF_GEMM_DEQUANT=separate)
-                fn_fused = mx.compile(lambda a, fn=fn: fn(a))  # a function of its own: mx.compile caches traces by function
-                fns["fused_c"] = with_env("FLASHDIFF_GEMM_DEQUANT", "fused", lambda: fn_fused(x))
-                fn_separate = mx.compile(lambda a, fn=fn: fn(a))
-                fns["separate_c"] = with_env("FLASHDIFF_GEMM_DEQUANT", "separate", lambda: fn_separate(x))
-            # side by side: x's routed rows gathered by a kernel of their own after the layout (before session 12's
-            # prologue gathered them in the layout kernel's launch)
-            fn_gather = mx.compile(lambda a, fn=fn: fn(a))
-            fns["gather_kernel_c"] = with_env("FLASHDIFF_MOE_GATHER", "kernel", lambda: fn_gather(x))
+            # side by side, each compiled as a function of its own (mx.compile caches traces by function): the
+            # dispatched path with one environment variable set while it traces (MOE_SIDE_COLUMNS)
             side = side_engine()
-            if side:  # side by side: the other persistent form of the GEMM (cp.async input rows or gathered + TMA)
+            for column, (name, value) in moe_side_columns(mode.startswith("affine"), side).items():
                 fn_side = mx.compile(lambda a, fn=fn: fn(a))
-                fns["side_c"] = with_engine(side, lambda: fn_side(x))
+                fns[column] = with_env(name, value, lambda fn_side=fn_side: fn_side(x))
             st = interleaved(fns, streamed_call, STREAM_ROUNDS)
             tm_stream, t_dense_stream = st["ours"], st["dense"]
             compiled = dict(streamed_compiled_ours_ms=st["ours_c"] * 1e3, streamed_compiled_dense_ms=st["dense_c"] * 1e3,
                             streamed_compiled_ratio_vs_dense=st["dense_c"] / st["ours_c"])
-            if "side_c" in st:
-                compiled.update(side_engine=side, streamed_compiled_side_engine_ms=st["side_c"] * 1e3,
-                                streamed_compiled_side_engine_ratio_vs_dense=st["dense_c"] / st["side_c"])
-            compiled.update(streamed_compiled_gather_kernel_ms=st["gather_kernel_c"] * 1e3,
-                            streamed_compiled_gather_kernel_ratio_vs_dense=st["dense_c"] / st["gather_kernel_c"])
-            if "separate_c" in st:
-                compiled.update(streamed_compiled_separate_dequant_ms=st["separate_c"] * 1e3,
-                                streamed_compiled_separate_dequant_ratio_vs_dense=st["dense_c"] / st["separate_c"])
-            if "fused_c" in st:
-                compiled.update(streamed_compiled_fused_dequant_ms=st["fused_c"] * 1e3,
-                                streamed_compiled_fused_dequant_ratio_vs_dense=st["dense_c"] / st["fused_c"])
+            if side:
+                compiled["side_engine"] = side
+            for column in MOE_SIDE_COLUMNS:
+                if column in st:
+                    compiled.update({f"streamed_compiled_{column}_ms": st[column] * 1e3,
+                                     f"streamed_compiled_{column}_ratio_vs_dense": st["dense_c"] / st[column]})
             call = fns["ours"]
         else:
             call = fn
@@ -485,18 +492,10 @@ def markdown(rows):
                        f"{r['streamed_ratio_vs_dense']:.2f}x"
                        + (f"; compiled, streamed {r['streamed_compiled_ours_ms']:.3f} / {r['streamed_compiled_dense_ms']:.3f}"
                           f" ms = **{r['streamed_compiled_ratio_vs_dense']:.2f}x**" if "streamed_compiled_ours_ms" in r else "")
-                       + (f"; rows gathered by their own kernel {r['streamed_compiled_gather_kernel_ms']:.3f} ms = "
-                          f"{r['streamed_compiled_gather_kernel_ratio_vs_dense']:.2f}x"
-                          if "streamed_compiled_gather_kernel_ms" in r else "")
-                       + (f"; experts dequantized by their own kernel {r['streamed_compiled_separate_dequant_ms']:.3f} ms = "
-                          f"{r['streamed_compiled_separate_dequant_ratio_vs_dense']:.2f}x"
-                          if "streamed_compiled_separate_dequant_ms" in r else "")
-                       + (f"; experts dequantized inside the GEMM (opt-in) {r['streamed_compiled_fused_dequant_ms']:.3f} ms = "
-                          f"{r['streamed_compiled_fused_dequant_ratio_vs_dense']:.2f}x"
-                          if "streamed_compiled_fused_dequant_ms" in r else "")
-                       + (f"; GEMM engine {r['side_engine']!r} {r['streamed_compiled_side_engine_ms']:.3f} ms = "
-                          f"{r['streamed_compiled_side_engine_ratio_vs_dense']:.2f}x"
-                          if "streamed_compiled_side_engine_ms" in r else "")
+                       + "".join(f"; {label}{' ' + repr(r['side_engine']) if column == 'side_engine' else ''} "
+                                 f"{r[f'streamed_compiled_{column}_ms']:.3f} ms = "
+                                 f"{r[f'streamed_compiled_{column}_ratio_vs_dense']:.2f}x"
+                                 for column, label in MOE_SIDE_COLUMNS.items() if f"streamed_compiled_{column}_ms" in r)
                        + ") |")
         elif r["kernel"] == "attention":
             extra = f"; padded q {r['pad_q_ms']:.3f} ms" if "pad_q_ms" in r else ""
