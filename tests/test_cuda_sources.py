@@ -162,7 +162,7 @@ def test_moe_prologue_kernel_compiles(tmp_path, bits, mode, gather):
     inputs, outputs, source, header = [("expert_ids", mx.int32)], [("slot_row", mx.int32), ("tile_expert", mx.int32)], \
         _gemm_cuda._LAYOUT_SOURCE, ""
     if gather:
-        template = _gemm_cuda._merged(template, [("K", 2560), ("A_DIV", 2), ("SLOTS", 8576), ("IS_BF16", True),
+        template = _gemm_cuda._joined_templates(template, [("K", 2560), ("A_DIV", 2), ("SLOTS", 8576), ("IS_BF16", True),
                                                  ("W_ROWS", 4 * 6912)])
         inputs += [("x", dt), ("w", mx.uint32 if mode else dt)]
         outputs += [("xs", dt), ("tmaps", mx.uint8)]
@@ -170,7 +170,7 @@ def test_moe_prologue_kernel_compiles(tmp_path, bits, mode, gather):
     if mode:
         group = 64 if mode == "affine" else 32
         dq, _, _ = _dequant._launch(dt, dt if mode == "affine" else mx.float32, 4 * 6912, 2560, bits, group, mode, True)
-        template = _gemm_cuda._merged(template, dq)
+        template = _gemm_cuda._joined_templates(template, dq)
         inputs = (inputs if gather else inputs + [("w", mx.uint32)]) + [
             ("scales", dt if mode == "affine" else mx.uint8), ("biases", dt)]
         outputs += [("out", dt)]

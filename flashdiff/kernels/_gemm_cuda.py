@@ -212,8 +212,8 @@ _SOURCE = r"""
 
 _LAYOUT_SOURCE = r"""
   // Block b places routed rows b * RPB .. + RPB - 1 (thread i: row b * RPB + i; NT threads per block, NT >= RPB)
-  // and writes the padding slots and tile experts of its share of the slots. Every block first counts all R rows per expert (`total`) and those
-  // before its own (`before`), so no block waits for another. Lanes of a warp with the same expert are
+  // and writes the padding slots and tile experts of its share of the slots. Every block first counts all R
+  // rows per expert (`total`) and those before its own (`before`), so no block waits for another. Lanes of a warp with the same expert are
   // grouped (__match_any_sync); their leader adds them to its warp's own counter (no atomics: with shared
   // counters, and 4 rows per thread per round, it took 9.0-9.3 us for HiDream's 8192 rows on the H200; with
   // these counters and 4 rows 8.2-8.7 us; with IPT = 16 rows per round, so that the loads' latency is paid
@@ -286,7 +286,7 @@ _LAYOUT_SOURCE = r"""
     if (e < 0 || s - seg_start[e] >= total[e]) slot_row[s] = -1;
   }
 """
-RPB = 256  # routed rows per layout block (its threads)
+RPB = 256  # threads per layout block (and its routed rows, but in moe_prologue's gathering form)
 
 # The layout kernel that also gathers x's routed rows into slot order for the TMA GEMMs (xs, as
 # ``_gemm_tma.gather_slots`` does, and the GEMM's tensor maps over xs and w: warp 0 of block 0 first), so no
@@ -393,7 +393,7 @@ def _prologue_kernel(gather: bool, dequant: str):
     )
 
 
-def _merged(*templates):
+def _joined_templates(*templates):
     """Template lists joined; a name two of them give must have the same value there."""
     out = {}
     for name, value in (pair for t in templates for pair in t):
@@ -427,14 +427,14 @@ def moe_prologue(expert_ids, num_experts: int, *, x=None, a_div: int = 1, w=None
             dtype, scales.dtype if affine else mx.float32, wq.size // wq.shape[-1], k, bits, group_size, mode, True)
         if group != RPB:
             raise AssertionError(f"the layout's blocks ({RPB} threads) and the dequantize kernel's ({group}) differ")
-        template = _merged(template, dq_template)
+        template = _joined_templates(template, dq_template)
         grid_blocks += -(-dq_threads // RPB)
         w_shape = (*wq.shape[:-1], k)
     else:
-        w_shape, dtype = w.shape, w.dtype
+        w_shape = w.shape
     if gather:
         k_x = x.shape[-1]
-        template = _merged(template, [("K", k_x), ("A_DIV", a_div), ("SLOTS", tiles * BM),
+        template = _joined_templates(template, [("K", k_x), ("A_DIV", a_div), ("SLOTS", tiles * BM),
                                       ("IS_BF16", x.dtype == mx.bfloat16), ("W_ROWS", w_shape[0] * w_shape[1])])
         inputs += [x, wq if quantized is not None else w]
         shapes, dtypes = shapes + [(tiles * BM, k_x), (_gemm_tma.MAP_BYTES,)], dtypes + [x.dtype, mx.uint8]

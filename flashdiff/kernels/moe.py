@@ -103,12 +103,13 @@ def moe_gemm(x, expert_weights, expert_ids, *, scales=None, biases=None, bits=No
                 and k_in % 8 == 0 and n % 8 == 0 and expert_ids.size > 0)
     dequant_in_layout = (prologue and quantized and _gemm_cuda.dequant_choice() == "merged"
                          and not os.environ.get("FLASHDIFF_DEQUANT_ROWS"))
+    gather_in_layout = prologue and _gemm_cuda.gather_in_layout()
     if dequant_in_layout:
-        return _moe_cuda_prologue(x, w, expert_ids, (scales, biases, bits, group_size, k_in, mode))
-    if prologue and _gemm_cuda.gather_in_layout():
+        return _moe_cuda_prologue(x, w, expert_ids, gather_in_layout, (scales, biases, bits, group_size, k_in, mode))
+    if gather_in_layout:
         if quantized:  # FLASHDIFF_GEMM_DEQUANT=separate
             w = dequantize(mx.depends(w, x), scales, biases, bits, group_size, mode, dtype=x.dtype, backend=impl)
-        return _moe_cuda_prologue(x, w.astype(x.dtype), expert_ids, None)
+        return _moe_cuda_prologue(x, w.astype(x.dtype), expert_ids, True, None)
     if quantized:
         w = dequantize(mx.depends(w, x), scales, biases, bits, group_size, mode, dtype=x.dtype, backend=impl)
     w = w.astype(x.dtype)
@@ -120,15 +121,14 @@ def moe_gemm(x, expert_weights, expert_ids, *, scales=None, biases=None, bits=No
     return _moe_dense_experts(x, w, expert_ids)
 
 
-def _moe_cuda_prologue(x, w, expert_ids, quantized):
-    """``moe_grouped`` with ``_gemm_cuda.moe_prologue`` first: the layout, with (when the GEMM engine reads gathered
-    rows, ``_gemm_cuda.gather_in_layout``) x's routed rows gathered and the GEMM's tensor maps, and with
+def _moe_cuda_prologue(x, w, expert_ids, gather, quantized):
+    """``moe_grouped`` with ``_gemm_cuda.moe_prologue`` first: the layout, with (`gather`: the GEMM engine reads
+    gathered rows, ``_gemm_cuda.gather_in_layout``) x's routed rows gathered and the GEMM's tensor maps, and with
     quantized = (scales, biases, bits, group_size, K, mode) w's experts dequantized, all in one launch."""
     t, top_k = expert_ids.shape
     n, k_in = w.shape[-2], x.shape[-1]
     rows = x if x.ndim == 2 else x.reshape(t * top_k, k_in)
     a_div = top_k if x.ndim == 2 else 1
-    gather = _gemm_cuda.gather_in_layout()
     quant = None
     if quantized is not None:
         scales, biases, bits, group_size, k, mode = quantized
