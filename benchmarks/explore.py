@@ -129,7 +129,7 @@ def moe_section():
 def grouped_section():
     """The grouped tensor-core GEMM (kernels/_gemm_cuda.py): raw speed on dense problems (one expert,
     identity rows) next to MLX's GEMM, then moe_gemm at HiDream shapes (random and skewed routing)."""
-    from flashdiff.kernels import _gemm_cuda
+    from flashdiff.kernels import _gemm_cuda, _moe_layout
     from flashdiff.kernels.moe import grouped_layout, moe_grouped
     engines = ["mma"] + (["wgmma", "wgmma wait", "wgmma ws", "wgmma tma"] if _gemm_cuda.is_sm90() else [])
     if os.environ.get("EXPLORE_ENGINES"):  # e.g. "wgmma,wgmma ws"
@@ -163,7 +163,7 @@ def grouped_section():
         out = moe_gemm(x, w, r)
         err = float(mx.abs(out.astype(mx.float32) - ref.astype(mx.float32)).max())
         tm = timed(lambda: moe_gemm(x, w, r), 5)
-        tl = timed(lambda: _gemm_cuda.layout(r, e), 5)
+        tl = timed(lambda: _moe_layout.layout(r, e), 5)
         tl_mlx = timed(lambda: grouped_layout(r, e), 5)
         record(section="grouped", variant=f"moe_gemm bf16 {name}", ms=tm * 1e3, ratio=t_dense / tm,
                layout_kernel_ms=tl * 1e3, layout_mlx_ops_ms=tl_mlx * 1e3, dense_ms=t_dense * 1e3, tflops=flop / tm / 1e12, max_abs_err=err,
@@ -178,11 +178,11 @@ def grouped_section():
     # where moe_gemm's time goes (default engine): layout kernel, then the grouped GEMM call, which
     # for "wgmma tma" is the slot gather (which also encodes the tensor maps) + the GEMM kernel
     from flashdiff.kernels import _gemm_tma
-    slot_row, tile_expert = _gemm_cuda.layout(ids, e)
+    slot_row, tile_expert = _moe_layout.layout(ids, e)
     mx.eval(slot_row, tile_expert)
     rows = ids.size
     record(section="grouped", variant="moe bf16 random breakdown", total_ms=timed(lambda: moe_gemm(x, w, ids), 5) * 1e3,
-           layout_ms=timed(lambda: _gemm_cuda.layout(ids, e), 5) * 1e3,
+           layout_ms=timed(lambda: _moe_layout.layout(ids, e), 5) * 1e3,
            grouped_gemm_ms=timed(lambda: _gemm_cuda.grouped_gemm(x, w, slot_row, tile_expert, rows, ids.shape[1]), 5) * 1e3,
            gather_and_maps_ms=timed(lambda: _gemm_tma.gather_slots(x, slot_row, ids.shape[1], w), 5) * 1e3,
            tiles_used=int((tile_expert >= 0).sum()), tiles=tile_expert.shape[0])

@@ -288,17 +288,17 @@ def test_moe_side_columns_name_the_library_settings(monkeypatch):
     and selects what its label says (a side column that the dispatch ignored would time the default twice)."""
     import kernels
 
-    from flashdiff.kernels import _gemm_cuda
+    from flashdiff.kernels import _gemm_cuda, _moe_layout
 
     monkeypatch.setattr(_gemm_cuda, "is_sm90", lambda: True)
     columns = kernels.moe_side_columns(True, kernels.side_engine())
     assert set(columns) == set(kernels.MOE_SIDE_COLUMNS)
     assert set(kernels.moe_side_columns(False, None)) == {"gather_kernel"}
     assert columns["side_engine"] == ("FLASHDIFF_GEMM_ENGINE", "wgmma persistent gather")
-    effects = {"gather_kernel": lambda: not _gemm_cuda.gather_in_layout(),
+    effects = {"gather_kernel": lambda: not _moe_layout.gather_in_layout(),
                "separate_dequant": lambda: _gemm_cuda.dequant_choice() == "separate",
                "fused_dequant": lambda: _gemm_cuda.dequant_choice() == "fused",
-               "side_engine": lambda: not _gemm_cuda.gather_in_layout()}  # the gather form copies the rows itself
+               "side_engine": lambda: not _moe_layout.gather_in_layout()}  # the gather form copies the rows itself
     for column, (name, value) in columns.items():
         assert not effects[column](), column  # the default differs
         with monkeypatch.context() as m:

@@ -267,11 +267,11 @@ def recorder(monkeypatch):
 
     from flashdiff.kernels import _dequant, qk_rope
 
-    from flashdiff.kernels import _gemm_cuda
+    from flashdiff.kernels import _gemm_cuda, _moe_layout
 
     caches = [att._kernel, att._maps_kernel, _gemm_tma._kernel, _gemm_tma._gather_kernel, _gemm_tma._maps_kernel,
-              _dequant._kernel, qk_rope._kernel, _gemm_cuda._layout_kernel, _gemm_cuda._kernel, _gemm_mixed._kernel,
-              _gemm_tma_dequant_persistent._kernel, _gemm_cuda._prologue_kernel]
+              _dequant._kernel, qk_rope._kernel, _moe_layout._layout_kernel, _gemm_cuda._kernel, _gemm_mixed._kernel,
+              _gemm_tma_dequant_persistent._kernel, _moe_layout._prologue_kernel]
     for cache in caches:
         cache.cache_clear()
     rec = LaunchRecorder()
@@ -423,18 +423,18 @@ def test_cuda_qk_norm_rope_kernel_as_launched(tmp_path, recorder, lengths, heads
 @pytest.mark.parametrize("t, top_k, e, empty", [(1000, 2, 4, None), (300, 2, 300, None), (77, 1, 1, None),
                                                 (600, 3, 64, 5), (129, 2, 3, 0)])
 def test_layout_kernel_as_launched(tmp_path, recorder, t, top_k, e, empty):
-    """_gemm_cuda.layout's kernel as it launches it (a block per 256 routed rows, each counting all rows
+    """_moe_layout.layout's kernel as it launches it (a block per 256 routed rows, each counting all rows
     itself; padding slots and tile experts split over the blocks), against moe.grouped_layout: several
     blocks, an expert without rows (`empty`), more experts than rows, one expert."""
     import mlx.core as mx
 
-    from flashdiff.kernels import _gemm_cuda
+    from flashdiff.kernels import _moe_layout
 
     rng = np.random.default_rng(t + e)
     experts = [j for j in range(e) if j != empty] if e > 1 else [0]
     ids = np.stack([rng.choice(experts, top_k, replace=False) for _ in range(t)]).astype(np.int32)
-    _gemm_cuda.layout(mx.array(ids), e)
-    assert recorder.launches[-1]["grid"][0] == -(-t * top_k // _gemm_cuda.RPB) * _gemm_cuda.RPB
+    _moe_layout.layout(mx.array(ids), e)
+    assert recorder.launches[-1]["grid"][0] == -(-t * top_k // _moe_layout.RPB) * _moe_layout.RPB
     slot, tiles = replay(tmp_path, recorder.launches)
     check_same_layout(slot, tiles, ids, e)
 
@@ -444,14 +444,14 @@ def test_layout_kernel_as_launched(tmp_path, recorder, t, top_k, e, empty):
     ("affine", 3, 32, "float32", 77, 1, 1, False), ("mxfp4", 4, 32, "bfloat16", 600, 3, 5, True),
     (None, None, None, "bfloat16", 1000, 2, 4, True), (None, None, None, "float16", 129, 4, 9, True)])
 def test_moe_prologue_as_launched(tmp_path, recorder, mode, bits, group, dtype_name, t, top_k, e, gather):
-    """_gemm_cuda.moe_prologue (the layout kernel's blocks, each also copying x's rows it placed into slot order when
+    """_moe_layout.moe_prologue (the layout kernel's blocks, each also copying x's rows it placed into slot order when
     gathering, then the flat dequantize kernel's blocks for quantized experts, in one launch): its schedule is
     moe.grouped_layout's (several blocks, one expert, more slots than rows), xs holds each slot's row of x, and the
     experts are mx.dequantize's bit for bit, through the paired path (affine 4/8-bit in bf16 / fp16) and the float
     one (3-bit to float32, mxfp4)."""
     import mlx.core as mx
 
-    from flashdiff.kernels import _dequant, _gemm_cuda
+    from flashdiff.kernels import _dequant, _moe_layout
     from flashdiff.kernels._dequant import check_quantized
     from helpers import quant
 
@@ -462,11 +462,11 @@ def test_moe_prologue_as_launched(tmp_path, recorder, mode, bits, group, dtype_n
     kw = dict(x=x, a_div=top_k) if gather else {}
     if mode is None:
         w = mx.array(rng.standard_normal((e, 40, 384))).astype(dtype)
-        _gemm_cuda.moe_prologue(mx.array(ids), e, w=w, **kw)
+        _moe_layout.moe_prologue(mx.array(ids), e, w=w, **kw)
     else:
         w, s, b = quant((e, 40, 384), mode, bits, group, dtype=dtype if dtype != mx.float32 else mx.bfloat16, seed=3)
         k = check_quantized(w, s, b, bits, group, mode)[3]
-        _gemm_cuda.moe_prologue(mx.array(ids), e, quantized=(w, s, b, bits, group, k, mode, dtype), **kw)
+        _moe_layout.moe_prologue(mx.array(ids), e, quantized=(w, s, b, bits, group, k, mode, dtype), **kw)
     (launch,) = recorder.launches
     dequant = "" if mode is None else f"_dequant_{'affine' if mode == 'affine' else 'fp'}"
     assert launch["name"] == "flashdiff_moe_layout" + ("_gather" if gather else "") + dequant
@@ -564,7 +564,7 @@ def test_moe_over_quantized_experts_as_launched(tmp_path, recorder, monkeypatch,
     units (296 rows, K % 64 != 0 for the 8-bit case)."""
     import mlx.core as mx
 
-    from flashdiff.kernels import _dequant, _gemm_cuda, moe_gemm
+    from flashdiff.kernels import _dequant, _gemm_cuda, _moe_layout, moe_gemm
 
     monkeypatch.setenv("FLASHDIFF_NUM_SMS", "2")
     _gemm_tma.num_sms.cache_clear()
@@ -609,7 +609,7 @@ def test_moe_over_quantized_experts_as_launched(tmp_path, recorder, monkeypatch,
             np.testing.assert_array_equal(out, other)
         monkeypatch.delenv("FLASHDIFF_GEMM_DEQUANT")
         monkeypatch.delenv("FLASHDIFF_MOE_GATHER")
-        assert _gemm_cuda.dequant_choice() == "merged" and _gemm_cuda.gather_in_layout()
+        assert _gemm_cuda.dequant_choice() == "merged" and _moe_layout.gather_in_layout()
         xf = np.array(x.astype(mx.float32), np.float64)
         wf = bf16_values(ref_w).astype(np.float64)
         ref = np.einsum("tk,tjnk->tjn", xf, wf[np.array(ids)]).reshape(t * 2, n)

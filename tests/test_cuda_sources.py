@@ -14,7 +14,7 @@ import pytest
 from helpers import cuda_kernel_source, nvcc_compile
 
 from flashdiff.kernels import (_attention_sm90, _attention_sm90_forms, _dequant, _gemm_cuda, _gemm_mixed, _gemm_sm90, _gemm_tma,
-                               _gemm_tma_dequant, _gemm_tma_dequant_persistent, _gemm_tma_forms)
+                               _gemm_tma_dequant, _gemm_tma_dequant_persistent, _gemm_tma_forms, _moe_layout)
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA toolkit (nvcc)")
 
@@ -145,10 +145,10 @@ def test_mixed_gemm_compiles(tmp_path, dtype, bits, group, has_bias):
 
 
 def test_layout_kernel_compiles(tmp_path):
-    report(tmp_path, "layout", "", _gemm_cuda._LAYOUT_SOURCE, [("expert_ids", mx.int32)],
+    report(tmp_path, "layout", "", _moe_layout._LAYOUT_SOURCE, [("expert_ids", mx.int32)],
            [("slot_row", mx.int32), ("tile_expert", mx.int32)],
-           [("E", 300), ("MAX_E", 1024), ("R", 8192), ("TILE", 128), ("TILES", 364), ("RPB", _gemm_cuda.RPB), ("NT", _gemm_cuda.RPB),
-            ("BLOCKS", 8192 // _gemm_cuda.RPB)])
+           [("E", 300), ("MAX_E", 1024), ("R", 8192), ("TILE", 128), ("TILES", 364), ("RPB", _moe_layout.RPB), ("NT", _moe_layout.RPB),
+            ("BLOCKS", 8192 // _moe_layout.RPB)])
 
 
 @pytest.mark.parametrize("bits, mode, gather", [(None, None, True)] + [
@@ -157,24 +157,24 @@ def test_moe_prologue_kernel_compiles(tmp_path, bits, mode, gather):
     """The MoE prologue in one launch (the layout kernel, + the gather of x's routed rows and the tensor maps, + the
     flat dequantize kernel's blocks), at HiDream's MoE shape, with the templates moe_prologue builds."""
     dt = mx.bfloat16
-    template, _, _ = _gemm_cuda._layout_launch(mx.zeros((4096, 2), mx.int32), 4,
-                                               _gemm_cuda.GATHER_RPB if gather else _gemm_cuda.RPB)
+    template, _, _ = _moe_layout._layout_launch(mx.zeros((4096, 2), mx.int32), 4,
+                                               _moe_layout.GATHER_RPB if gather else _moe_layout.RPB)
     inputs, outputs, source, header = [("expert_ids", mx.int32)], [("slot_row", mx.int32), ("tile_expert", mx.int32)], \
-        _gemm_cuda._LAYOUT_SOURCE, ""
+        _moe_layout._LAYOUT_SOURCE, ""
     if gather:
-        template = _gemm_cuda._joined_templates(template, [("K", 2560), ("A_DIV", 2), ("SLOTS", 8576), ("IS_BF16", True),
+        template = _moe_layout._joined_templates(template, [("K", 2560), ("A_DIV", 2), ("SLOTS", 8576), ("IS_BF16", True),
                                                  ("W_ROWS", 4 * 6912)])
         inputs += [("x", dt), ("w", mx.uint32 if mode else dt)]
         outputs += [("xs", dt), ("tmaps", mx.uint8)]
-        source, header = _gemm_cuda.layout_gather_source("out" if mode else "w"), _gemm_tma._MAP_HEADER
+        source, header = _moe_layout.layout_gather_source("out" if mode else "w"), _gemm_tma._MAP_HEADER
     if mode:
         group = 64 if mode == "affine" else 32
         dq, _, _ = _dequant._launch(dt, dt if mode == "affine" else mx.float32, 4 * 6912, 2560, bits, group, mode, True)
-        template = _gemm_cuda._joined_templates(template, dq)
+        template = _moe_layout._joined_templates(template, dq)
         inputs = (inputs if gather else inputs + [("w", mx.uint32)]) + [
             ("scales", dt if mode == "affine" else mx.uint8), ("biases", dt)]
         outputs += [("out", dt)]
-        source, header = _gemm_cuda.with_dequant_blocks(source), header + _dequant.CUDA_KERNEL_HEADER
+        source, header = _moe_layout.with_dequant_blocks(source), header + _dequant.CUDA_KERNEL_HEADER
     report(tmp_path, "moe_prologue", header, source, inputs, outputs, template)
 
 

@@ -302,21 +302,21 @@ def test_moe_dequant_inside_gemm_is_opt_in(monkeypatch):
     """moe_gemm's quantized experts are dequantized before the GEMM (by default in the layout kernel's launch, or
     "separate") unless FLASHDIFF_GEMM_DEQUANT=fused (measured slower, session 11); a bad value is a clear error;
     only the persistent sm_90 engine and paired formats qualify for "fused"."""
-    from flashdiff.kernels import _gemm_cuda
+    from flashdiff.kernels import _gemm_cuda, _moe_layout
     x = mx.zeros((8, 128), mx.bfloat16)
     s = mx.zeros((4, 32, 2), mx.bfloat16)
     monkeypatch.setattr(_gemm_cuda, "is_sm90", lambda: True)
     assert _gemm_cuda.dequant_choice() == "merged"  # the default: in the layout kernel's launch
-    assert _gemm_cuda.gather_in_layout()  # so are x's routed rows gathered, for the persistent engine
+    assert _moe_layout.gather_in_layout()  # so are x's routed rows gathered, for the persistent engine
     with monkeypatch.context() as m:
         m.setenv("FLASHDIFF_MOE_GATHER", "kernel")
-        assert not _gemm_cuda.gather_in_layout()
+        assert not _moe_layout.gather_in_layout()
         m.setenv("FLASHDIFF_MOE_GATHER", "layout")
         m.setenv("FLASHDIFF_GEMM_ENGINE", "wgmma persistent gather")  # copies the rows itself
-        assert not _gemm_cuda.gather_in_layout()
+        assert not _moe_layout.gather_in_layout()
         m.setenv("FLASHDIFF_MOE_GATHER", "both")
         with pytest.raises(ValueError, match="FLASHDIFF_MOE_GATHER='both'"):
-            _gemm_cuda.gather_in_layout()
+            _moe_layout.gather_in_layout()
     assert not _gemm_cuda.quantized_gemm_available(x, s, 4, 64, "affine", 128, 32)
     monkeypatch.setenv("FLASHDIFF_GEMM_DEQUANT", "separate")
     assert not _gemm_cuda.quantized_gemm_available(x, s, 4, 64, "affine", 128, 32)

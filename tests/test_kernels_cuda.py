@@ -5,7 +5,7 @@ import math
 import mlx.core as mx
 import pytest
 
-from flashdiff.kernels import _gemm_cuda, attention, attention_reference, dequantize
+from flashdiff.kernels import _gemm_cuda, _moe_layout, attention, attention_reference, dequantize
 from helpers import (MOE_QUANT_CASES, QLINEAR_CASES, QMODES, check_dequantize, check_moe_gemm,
                      check_quantized_linear, check_same_layout, quant, rel_err)
 
@@ -178,7 +178,7 @@ def test_moe_layout_cuda(t, top_k, e):
     """The layout kernel places rows as grouped_layout does (helpers.check_same_layout)."""
     mx.random.seed(6)
     ids = mx.argsort(mx.random.uniform(shape=(t, e)), axis=-1)[:, :top_k].astype(mx.int32)
-    slot, tiles = _gemm_cuda.layout(ids, e)
+    slot, tiles = _moe_layout.layout(ids, e)
     check_same_layout(slot, tiles, ids, e)
 
 

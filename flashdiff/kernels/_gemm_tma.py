@@ -32,7 +32,7 @@ overlap the next tile's wgmmas: 416-418 us for the MoE GEMM above under Nsight C
 busy) against 449 us (78.7%) for this kernel in the same run. Its session 5 form, which stored from
 registers, ran at 456 us. Engine "wgmma persistent gather" (opt-in) copies x's routed rows with cp.async
 in the producer warpgroup instead of reading gathered rows (455-460 us in session 12 against 405-414 us + the
-gather). For moe_gemm the rows are gathered by the layout kernel's launch (``_gemm_cuda.moe_prologue``, which
+gather). For moe_gemm the rows are gathered by the layout kernel's launch (``_moe_layout.moe_prologue``, which
 passes its xs and maps to ``launch``), or by ``gather_slots`` under FLASHDIFF_MOE_GATHER=kernel.
 (A 2-CTA cluster form was tried and removed in session 6: see ``_gemm_tma_forms``.)
 """
@@ -309,7 +309,7 @@ def gather_slots(x, slot_row, a_div, w, stream=None, work=0):
 def launch(x, w, slot_row, tile_expert, tiles, out_rows, template, direct, a_div, stream, form="", maps=None):
     """Run the TMA kernel with ``_gemm_cuda._launch``'s template: x is used as it is for the dense
     form (row s = slot s), gathered into slot order first for the grouped one (unless `maps` is given: then x
-    is gathered already and these are its tensor maps, ``_gemm_cuda.moe_prologue``). form: "" (one CTA per
+    is gathered already and these are its tensor maps, ``_moe_layout.moe_prologue``). form: "" (one CTA per
     tile), "_persistent" / "_persistent_gather" (one CTA per multiprocessor walks the tiles; the gather
     form copies x's routed rows in the producer, no gather kernel)."""
     n = w.shape[1]

@@ -7,7 +7,7 @@ by expert into 128-row tiles (each expert's segment padded to whole tiles; at mo
 (R + E * 127) / 128 tiles for R routed rows) and writes each tile's expert; one grouped tensor-core
 GEMM (``_gemm_cuda``: on sm_90 the persistent wgmma GEMM fed by TMA from the routed rows gathered into
 slot order, mma.sync elsewhere) then multiplies only the routed rows and writes each result straight into
-its (t, j) row. Since session 12 the layout kernel's launch (``_gemm_cuda.moe_prologue``) also
+its (t, j) row. Since session 12 the layout kernel's launch (``_moe_layout.moe_prologue``) also
 - gathers x's routed rows into slot order and encodes the GEMM's tensor maps, each layout block copying the
   rows it placed (for the TMA engines; FLASHDIFF_MOE_GATHER=kernel: a gather kernel after the layout);
 - dequantizes quantized experts into one x.dtype scratch of all experts (E*N*K, 141 MB for HiDream's
@@ -47,7 +47,7 @@ import os
 
 import mlx.core as mx
 
-from . import _gemm_cuda, _gemm_metal
+from . import _gemm_cuda, _gemm_metal, _moe_layout
 from ._dequant import check_quantized, dequantize
 from ._dispatch import metal_kernels_requested, resolve_backend
 
@@ -93,17 +93,17 @@ def moe_gemm(x, expert_weights, expert_ids, *, scales=None, biases=None, bits=No
         return moe_sorted(x, w, expert_ids, scales, biases, bits, group_size, mode)
 
     w = expert_weights
-    if (quantized and impl == "cuda" and w.shape[0] <= _gemm_cuda.MAX_EXPERTS
+    if (quantized and impl == "cuda" and w.shape[0] <= _moe_layout.MAX_EXPERTS
             and _gemm_cuda.quantized_gemm_available(x, scales, bits, group_size, mode, k_in, n)):
         gemm = functools.partial(_gemm_cuda.grouped_gemm_quantized, scales=scales, biases=biases, bits=bits,
                                  group_size=group_size)
         return moe_grouped(x, w, expert_ids, gemm)  # the experts dequantized inside the GEMM
     # CUDA, session 12: the layout kernel's launch also dequantizes the experts and / or gathers x's routed rows
-    prologue = (impl == "cuda" and w.shape[0] <= _gemm_cuda.MAX_EXPERTS and x.dtype in (mx.bfloat16, mx.float16)
+    prologue = (impl == "cuda" and w.shape[0] <= _moe_layout.MAX_EXPERTS and x.dtype in (mx.bfloat16, mx.float16)
                 and k_in % 8 == 0 and n % 8 == 0 and expert_ids.size > 0)
     dequant_in_layout = (prologue and quantized and _gemm_cuda.dequant_choice() == "merged"
                          and not os.environ.get("FLASHDIFF_DEQUANT_ROWS"))
-    gather_in_layout = prologue and _gemm_cuda.gather_in_layout()
+    gather_in_layout = prologue and _moe_layout.gather_in_layout()
     if dequant_in_layout:
         return _moe_cuda_prologue(x, w, expert_ids, gather_in_layout, (scales, biases, bits, group_size, k_in, mode))
     if gather_in_layout:
@@ -113,7 +113,7 @@ def moe_gemm(x, expert_weights, expert_ids, *, scales=None, biases=None, bits=No
     if quantized:
         w = dequantize(mx.depends(w, x), scales, biases, bits, group_size, mode, dtype=x.dtype, backend=impl)
     w = w.astype(x.dtype)
-    if impl == "cuda" and _gemm_cuda.supported(x, w) and w.shape[0] <= _gemm_cuda.MAX_EXPERTS:
+    if impl == "cuda" and _gemm_cuda.supported(x, w) and w.shape[0] <= _moe_layout.MAX_EXPERTS:
         return moe_grouped(x, w, expert_ids)
     if impl == "metal" and _gemm_metal.supported(x, w):  # asked for explicitly: never run on Apple hardware
         return moe_grouped(x, w, expert_ids, _gemm_metal.grouped_gemm,
@@ -122,8 +122,8 @@ def moe_gemm(x, expert_weights, expert_ids, *, scales=None, biases=None, bits=No
 
 
 def _moe_cuda_prologue(x, w, expert_ids, gather, quantized):
-    """``moe_grouped`` with ``_gemm_cuda.moe_prologue`` first: the layout, with (`gather`: the GEMM engine reads
-    gathered rows, ``_gemm_cuda.gather_in_layout``) x's routed rows gathered and the GEMM's tensor maps, and with
+    """``moe_grouped`` with ``_moe_layout.moe_prologue`` first: the layout, with (`gather`: the GEMM engine reads
+    gathered rows, ``_moe_layout.gather_in_layout``) x's routed rows gathered and the GEMM's tensor maps, and with
     quantized = (scales, biases, bits, group_size, K, mode) w's experts dequantized, all in one launch."""
     t, top_k = expert_ids.shape
     n, k_in = w.shape[-2], x.shape[-1]
@@ -133,7 +133,7 @@ def _moe_cuda_prologue(x, w, expert_ids, gather, quantized):
     if quantized is not None:
         scales, biases, bits, group_size, k, mode = quantized
         quant = (mx.depends(w, x), scales, biases, bits, group_size, k, mode, x.dtype)
-    slot_row, tile_expert, xs, maps, w = _gemm_cuda.moe_prologue(
+    slot_row, tile_expert, xs, maps, w = _moe_layout.moe_prologue(
         expert_ids, w.shape[0], x=rows if gather else None, a_div=a_div, w=None if quantized else w, quantized=quant)
     out = _gemm_cuda.grouped_gemm(xs if gather else rows, w, slot_row, tile_expert, t * top_k, a_div, gathered_maps=maps)
     return out.reshape(t, top_k, n)
@@ -169,7 +169,7 @@ def moe_grouped(x, w, expert_ids, gemm=None, layout=None):
     gemm / layout: the CUDA kernels (default) or their MLX twins ``grouped_gemm_reference`` /
     ``grouped_layout`` (CPU tests of the schedule)."""
     gemm = gemm or _gemm_cuda.grouped_gemm
-    layout = layout or _gemm_cuda.layout
+    layout = layout or _moe_layout.layout
     t, top_k = expert_ids.shape
     n, k_in = w.shape[-2], x.shape[-1]  # (w may be packed codes)
     if t * top_k == 0:
