@@ -314,11 +314,9 @@ def launch(x, w, slot_row, tile_expert, tiles, out_rows, template, direct, a_div
     form copies x's routed rows in the producer, no gather kernel)."""
     n = w.shape[1]
     gather_a = form == "_persistent_gather"
-    if maps is not None:
-        pass
-    elif direct or gather_a:
+    if maps is None and (direct or gather_a):
         maps = tensor_maps(x, w, stream)
-    else:
+    elif maps is None:
         x, maps = gather_slots(x, slot_row, a_div, w, stream)
     tiles_n = (n + BN - 1) // BN
     if form.startswith("_persistent"):
