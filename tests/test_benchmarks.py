@@ -304,3 +304,62 @@ def test_moe_side_columns_name_the_library_settings(monkeypatch):
         with monkeypatch.context() as m:
             m.setenv(name, value)
             assert effects[column](), column
+
+
+def test_in_graph_benchmark_runs_and_checks_its_outputs(monkeypatch, tmp_path):
+    """benchmarks/in_graph.py (layers timed inside one compiled graph) runs end to end on tiny sizes: a row per
+    chain x row count x mode and per MoE mode, every time positive, each chain equal to its layers computed with
+    MLX's CPU dequantize, every side setting of the MoE block equal to the default, the JSON and table written whole."""
+    import in_graph
+
+    out, md = tmp_path / "g.json", tmp_path / "g.md"
+    monkeypatch.setattr(sys, "argv", ["in_graph.py", "--out", str(out), "--md", str(md), "--rows", "16,24",
+                                      "--width", "64", "--mlp", "128", "--moe", "24,64,128,64,4,2",
+                                      "--stream-rounds", "1", "--calls", "2"])
+    in_graph.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert not [r for r in rows if "error" in r], rows
+    chains = [r for r in rows if r["kernel"] == "quantized_linear chain"]
+    assert len(chains) == 2 * 2 * 2 and {r["layers"] for r in chains} == {8}
+    for r in chains:
+        assert r["equals_dequantize_matmul"] is True, r
+        for key in ("chain_ours_ms", "chain_bf16_ms", "alone_sum_ours_ms", "alone_sum_bf16_ms"):
+            assert _positive(r[key]), (key, r)
+    moe = [r for r in rows if r["kernel"] == "moe feed-forward"]
+    assert [r["mode"] for r in moe] == ["bf16", "affine4 g64", "affine8 g64"]
+    for r in moe:
+        assert r["max_rel_diff_vs_reference"] < 1e-6, r
+        sides = ["gather_kernel"] + (["separate_dequant"] if r["mode"] != "bf16" else [])
+        for c in sides:
+            assert r[f"{c}_equals_default"] is True and _positive(r[f"{c}_ms"]), (c, r)
+        assert all(_positive(r[k]) for k in ("ours_ms", "dense_ms", "without_routed_ms")), r
+    table = md.read_text()
+    assert table.count("| quantized_linear chain") == 8 and table.count("| MoE feed-forward") == 3
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_in_graph_moe_feed_forward_matches_diffusers():
+    """The benchmark's HiDream MoE feed-forward (gate softmax, top-2 without renormalisation, SwiGLU experts through
+    moe_gemm, shared expert) equals diffusers' MOEFeedForwardSwiGLU with the same weights (float32, CPU)."""
+    torch = pytest.importorskip("torch")
+    hidream = pytest.importorskip("diffusers.models.transformers.transformer_hidream_image")
+    import in_graph
+
+    torch.manual_seed(0)
+    dim, t = 32, 40
+    ref = hidream.MOEFeedForwardSwiGLU(dim, 4 * dim, num_routed_experts=4, num_activated_experts=2).eval()
+    for p in ref.parameters():
+        p.data.normal_(0, 0.2)
+    hidden, shared_hidden = ref.experts[0].w1.out_features, ref.shared_experts.w1.out_features
+    ffn = in_graph.MoeFeedForward(dim, hidden, shared_hidden, 4, 2)
+    arr = lambda w: mx.array(w.detach().numpy())  # noqa: E731
+    ffn.gate = arr(ref.gate.weight)
+    for name in ("w1", "w2", "w3"):
+        setattr(ffn, name, mx.stack([arr(getattr(e, name).weight) for e in ref.experts]))
+        setattr(ffn, "s" + name[1], arr(getattr(ref.shared_experts, name).weight))
+    x = torch.randn(1, t, dim)
+    with torch.no_grad():
+        want = ref(x)[0].numpy()
+    got = ffn(mx.array(x[0].numpy()))
+    assert got.shape == (t, dim)
+    assert mx.allclose(got, mx.array(want), rtol=1e-5, atol=1e-5).item(), float(mx.abs(got - mx.array(want)).max())
