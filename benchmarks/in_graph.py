@@ -24,7 +24,9 @@ streamed, ``common.streamed_call``):
   experts' SwiGLU through three moe_gemm calls, the shared expert), against the same block with the routed
   experts replaced by plain GEMMs of the same FLOPs (every token through top_k experts' weights), for the
   default and the side settings of kernels.MOE_SIDE_COLUMNS; "routed part" subtracts the block without
-  the routed experts (gate + shared expert) from both.
+  the routed experts (gate + shared expert) from both. Beside it, both sides with w1 and w3 concatenated into
+  one weight of twice the width (one grouped GEMM and one routing prologue instead of two, as FLUX fuses q/k/v):
+  a layout HiDream's model could load its experts in.
 """
 
 import argparse
@@ -133,11 +135,13 @@ class MoeFeedForward(nn.Module):
         self.w2 = mx.stack([_weight(dim, hidden, k) for k in mx.random.split(next(keys), experts)])
         self.s1, self.s3 = _weight(shared_hidden, dim, next(keys)), _weight(shared_hidden, dim, next(keys))
         self.s2 = _weight(dim, shared_hidden, next(keys))
+        self.w13 = mx.concatenate([self.w1, self.w3], axis=1)  # w1 | w3 per expert: one GEMM for both (fused=True)
         self.quant = None  # (bits, group): the experts quantized (quantize_experts)
 
     def quantize_experts(self, bits, group):
         self.quant = (bits, group)
-        self.q1, self.q3, self.q2 = (_quantize(w, "affine", bits, group) for w in (self.w1, self.w3, self.w2))
+        self.q1, self.q3, self.q2, self.q13 = (_quantize(w, "affine", bits, group)
+                                               for w in (self.w1, self.w3, self.w2, self.w13))
 
     def route(self, h):
         p = mx.softmax((h @ self.gate.T).astype(mx.float32), axis=-1)
@@ -153,17 +157,24 @@ class MoeFeedForward(nn.Module):
         wq, s, b = getattr(self, f"q{which}")
         return moe_gemm(a, wq, ids, scales=s, biases=b, bits=self.quant[0], group_size=self.quant[1])
 
-    def __call__(self, h):
+    def __call__(self, h, fused=False):
+        """fused: w1 and w3 as one grouped GEMM of twice the width (w13), one routing prologue for both."""
         ids, p = self.route(h)
-        g = nn.silu(self._experts(h, 1, ids)) * self._experts(h, 3, ids)  # (T, k, hidden)
-        y = self._experts(g, 2, ids)  # (T, k, dim)
+        if fused:
+            a, b = mx.split(self._experts(h, 13, ids), 2, axis=-1)
+        else:
+            a, b = self._experts(h, 1, ids), self._experts(h, 3, ids)
+        y = self._experts(nn.silu(a) * b, 2, ids)  # (T, k, dim)
         return (y * p[..., None]).sum(axis=1) + self.shared(h)
 
-    def dense_same_flops(self, h, w1, w3, w2):
+    def dense_same_flops(self, h, w1, w3, w2, w13, fused=False):
         """The routed experts replaced by plain GEMMs of the same FLOPs: slot j of every token through the
-        contiguous weights w1[j], w3[j], w2[j] (lists of top_k (N, K) arrays)."""
+        contiguous weights w1[j], w3[j], w2[j] (or w13[j] for w1 | w3 when fused), lists of top_k (N, K) arrays."""
         _, p = self.route(h)
-        y = sum(p[:, j:j + 1] * ((nn.silu(h @ w1[j].T) * (h @ w3[j].T)) @ w2[j].T) for j in range(self.top_k))
+        y = 0
+        for j in range(self.top_k):
+            a, b = mx.split(h @ w13[j].T, 2, axis=-1) if fused else (h @ w1[j].T, h @ w3[j].T)
+            y = y + p[:, j:j + 1] * ((nn.silu(a) * b) @ w2[j].T)
         return y + self.shared(h)
 
     def without_routed(self, h):
@@ -171,12 +182,17 @@ class MoeFeedForward(nn.Module):
         return p.sum(axis=-1, keepdims=True) + self.shared(h)
 
 
+def _rel_diff(a, ref):
+    a, ref = a.astype(mx.float32), ref.astype(mx.float32)
+    return (mx.abs(a - ref).max() / mx.abs(ref).max()).item()
+
+
 def moe_rows(t, dim, hidden, shared_hidden, experts, top_k, rounds, calls, emit):
     out = []
     h = mx.random.normal((t, dim)).astype(mx.bfloat16)
     ffn = MoeFeedForward(dim, hidden, shared_hidden, experts, top_k)
     mx.eval(h, ffn.parameters())
-    dense_w = [[mx.contiguous(getattr(ffn, f"w{i}")[j]) for j in range(top_k)] for i in (1, 3, 2)]
+    dense_w = [[mx.contiguous(getattr(ffn, f"w{i}")[j]) for j in range(top_k)] for i in (1, 3, 2, 13)]
     mx.eval(dense_w)
     flops = 2 * t * top_k * 3 * dim * hidden
     shape = f"T{t} D{dim} H{hidden} E{experts} top{top_k} + shared {shared_hidden}"
@@ -184,11 +200,13 @@ def moe_rows(t, dim, hidden, shared_hidden, experts, top_k, rounds, calls, emit)
         ffn.quant = None
         if quant:
             ffn.quantize_experts(*quant)
-            mx.eval(ffn.q1, ffn.q2, ffn.q3)
+            mx.eval(ffn.q1, ffn.q2, ffn.q3, ffn.q13)
         ours = mx.compile(lambda a: ffn(a))
         fns = {"ours": lambda: ours(h),
                "dense": (lambda f: lambda: f(h))(mx.compile(lambda a: ffn.dense_same_flops(a, *dense_w))),
-               "without_routed": (lambda f: lambda: f(h))(mx.compile(lambda a: ffn.without_routed(a)))}
+               "without_routed": (lambda f: lambda: f(h))(mx.compile(lambda a: ffn.without_routed(a))),
+               "w13": (lambda f: lambda: f(h))(mx.compile(lambda a: ffn(a, fused=True))),
+               "dense_w13": (lambda f: lambda: f(h))(mx.compile(lambda a: ffn.dense_same_flops(a, *dense_w, fused=True)))}
         columns = {c: v for c, v in moe_side_columns(quant is not None, None).items() if c in MOE_COLUMNS}
         for column, (name, value) in columns.items():
             side = mx.compile(lambda a: ffn(a))  # a function of its own: its own trace under the setting
@@ -202,7 +220,10 @@ def moe_rows(t, dim, hidden, shared_hidden, experts, top_k, rounds, calls, emit)
                    routed_ours_tflops=flops / max(st["ours"] - base, 1e-12) / 1e12,
                    block_ratio_vs_dense=st["dense"] / st["ours"],
                    routed_ratio_vs_dense=(st["dense"] - base) / max(st["ours"] - base, 1e-12),
-                   max_rel_diff_vs_reference=(mx.abs(y.astype(mx.float32) - y_ref).max() / mx.abs(y_ref).max()).item())
+                   max_rel_diff_vs_reference=_rel_diff(y, y_ref),
+                   w13_ms=st["w13"] * 1e3, dense_w13_ms=st["dense_w13"] * 1e3,
+                   w13_routed_ratio_vs_dense_w13=(st["dense_w13"] - base) / max(st["w13"] - base, 1e-12),
+                   w13_max_rel_diff_vs_default=_rel_diff(fns["w13"](), y))
         for column in columns:
             side_y = fns[column]()
             row.update({f"{column}_ms": st[column] * 1e3,
@@ -232,7 +253,8 @@ def markdown(rows):
                 f"(routed part {r['ours_ms'] - r['without_routed_ms']:.3f} ms, {r['routed_ours_tflops']:.0f} TFLOP/s)"
                 f"{sides} | dense same FLOPs {r['dense_ms']:.3f} ms; gate + shared expert alone "
                 f"{r['without_routed_ms']:.3f} ms | block {r['block_ratio_vs_dense']:.2f}x, routed part "
-                f"**{r['routed_ratio_vs_dense']:.2f}x** dense |")
+                f"**{r['routed_ratio_vs_dense']:.2f}x** dense; w1 \\| w3 as one GEMM, both sides: {r['w13_ms']:.3f} / "
+                f"{r['dense_w13_ms']:.3f} ms, routed part **{r['w13_routed_ratio_vs_dense_w13']:.2f}x** |")
     return "\n".join(lines)
 
 

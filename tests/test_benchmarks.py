@@ -332,7 +332,8 @@ def test_in_graph_benchmark_runs_and_checks_its_outputs(monkeypatch, tmp_path):
         sides = ["gather_kernel"] + (["separate_dequant"] if r["mode"] != "bf16" else [])
         for c in sides:
             assert r[f"{c}_equals_default"] is True and _positive(r[f"{c}_ms"]), (c, r)
-        assert all(_positive(r[k]) for k in ("ours_ms", "dense_ms", "without_routed_ms")), r
+        assert all(_positive(r[k]) for k in ("ours_ms", "dense_ms", "without_routed_ms", "w13_ms", "dense_w13_ms")), r
+        assert r["w13_max_rel_diff_vs_default"] < 1e-6, r
     table = md.read_text()
     assert table.count("| quantized_linear chain") == 8 and table.count("| MoE feed-forward") == 3
     assert not list(tmp_path.glob("*.tmp"))
@@ -340,7 +341,8 @@ def test_in_graph_benchmark_runs_and_checks_its_outputs(monkeypatch, tmp_path):
 
 def test_in_graph_moe_feed_forward_matches_diffusers():
     """The benchmark's HiDream MoE feed-forward (gate softmax, top-2 without renormalisation, SwiGLU experts through
-    moe_gemm, shared expert) equals diffusers' MOEFeedForwardSwiGLU with the same weights (float32, CPU)."""
+    moe_gemm, shared expert; w1 and w3 apart or as one GEMM) equals diffusers' MOEFeedForwardSwiGLU with the same
+    weights (float32, CPU)."""
     torch = pytest.importorskip("torch")
     hidream = pytest.importorskip("diffusers.models.transformers.transformer_hidream_image")
     import in_graph
@@ -357,9 +359,11 @@ def test_in_graph_moe_feed_forward_matches_diffusers():
     for name in ("w1", "w2", "w3"):
         setattr(ffn, name, mx.stack([arr(getattr(e, name).weight) for e in ref.experts]))
         setattr(ffn, "s" + name[1], arr(getattr(ref.shared_experts, name).weight))
+    ffn.w13 = mx.concatenate([ffn.w1, ffn.w3], axis=1)
     x = torch.randn(1, t, dim)
     with torch.no_grad():
-        want = ref(x)[0].numpy()
-    got = ffn(mx.array(x[0].numpy()))
-    assert got.shape == (t, dim)
-    assert mx.allclose(got, mx.array(want), rtol=1e-5, atol=1e-5).item(), float(mx.abs(got - mx.array(want)).max())
+        want = mx.array(ref(x)[0].numpy())
+    for fused in (False, True):  # w1 and w3 apart, and as one GEMM of twice the width
+        got = ffn(mx.array(x[0].numpy()), fused=fused)
+        assert got.shape == (t, dim)
+        assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item(), (fused, float(mx.abs(got - want).max()))
