@@ -367,3 +367,39 @@ def test_in_graph_moe_feed_forward_matches_diffusers():
         got = ffn(mx.array(x[0].numpy()), fused=fused)
         assert got.shape == (t, dim)
         assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item(), (fused, float(mx.abs(got - want).max()))
+
+
+def test_graph_edge_probe_reads_a_dot_file():
+    """benchmarks/probe_graph_edges.py's reader of MLX's CUDA-graph dumps: node names, edge counts and roots per
+    graph, a child graph's nodes kept apart from its parent's."""
+    import probe_graph_edges
+
+    dot = """digraph dot {
+subgraph cluster_1 {
+label="graph_1" graph[style="dashed"];
+"graph_1_node_0"[style="solid" shape="rectangle" label="0
+KERNEL
+flashdiff_dequant_4_64
+<<<1152,1,1>>>"];
+"graph_1_node_1"[style="solid" shape="rectangle" label="1
+GRAPH"];
+"graph_1_node_2"[style="solid" shape="rectangle" label="2
+KERNEL
+flashdiff_dequant_4_64"];
+"graph_1_node_3"[style="solid" shape="rectangle" label="3
+GRAPH"];
+subgraph cluster_2 {
+"graph_2_node_0"[style="solid" shape="rectangle" label="0
+KERNEL
+nvjet_tst_128x256_64x4"];
+}
+"graph_1_node_0" -> "graph_1_node_1";
+"graph_1_node_1" -> "graph_1_node_3";
+"graph_1_node_2" -> "graph_1_node_3";
+}
+}
+"""
+    got = probe_graph_edges.summarise_dot(dot)
+    assert got["roots"] == {"graph_1": ["flashdiff_dequant_4_64", "flashdiff_dequant_4_64"], "graph_2": ["nvjet_tst_128x256_64x4"]}
+    assert got["nodes"]["graph_1_node_3"] == dict(name="GRAPH", graph="graph_1", into=2, out=0)
+    assert got["edges"][0] == ["flashdiff_dequant_4_64", "GRAPH"] and len(got["edges"]) == 3
