@@ -21,6 +21,10 @@ routed FLOPs, each ratio side by side in one run: 4-bit experts 0.82-0.83x and 8
 gather kernel 0.87-0.89x: no difference; skewed routing 0.86-0.87x). Nsight Compute: the layout + gather launch
 23.5-24.3 us (layout 6.8 us + gather 19 us apart), with the dequantization 62.6-64.3 us (46 + 19 us apart), the
 GEMM 403-418 us against 364-375 us for cuBLAS's dense GEMM.
+Those ratios time one moe_gemm per evaluation. Inside a block's CUDA graph (MLX adds an edge only where a kernel
+reads or writes a buffer an earlier kernel wrote; see qgemm.py) the separate dequantize kernel reads only the
+experts and may run beside the kernels before it, while the one-launch prologue waits for the router's ids.
+benchmarks/in_graph.py times HiDream's whole MoE feed-forward both ways (not run yet: session 13 had no GPU).
 
 On Metal (default): ``moe_sorted``, MLX's own tested kernels as mlx-lm uses them for MoE on Apple
 silicon: rows sorted by expert, ``mx.gather_mm`` / ``mx.gather_qmm(..., sorted_indices=True)`` over

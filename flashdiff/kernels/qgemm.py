@@ -33,6 +33,13 @@ bf16, the mixed GEMM 0.46-0.66x. At M = 1024 the dequantize pass is ~20% of the 
 before it on the one stream; only a fused kernel as fast as cuBLAS would hide it. Session 11: the persistent
 TMA GEMM whose storer warps dequantize the weight while it runs (FLASHDIFF_QLINEAR=persistent,
 ``_gemm_tma_dequant_persistent``, exact) is not that kernel either: 0.48-0.71x of bf16 at 1024 rows.
+
+Inside a model's block (session 13, from MLX's source, not measured yet): MLX's CUDA back-end records an
+evaluation into one CUDA graph whose edges come from buffers only (a kernel waits for the last kernel of the
+graph that wrote one of its inputs or outputs). ``mx.depends`` launches nothing, so it adds no edge, and the
+dequantize kernel reads only the weight: it is a root of the graph, which the GPU may run beside the GEMMs of
+the layers before it. The measures above time one layer per graph, where it cannot. benchmarks/in_graph.py
+times chains of layers compiled as one function; benchmarks/probe_graph_edges.py lists the graph's edges.
 """
 
 import os
