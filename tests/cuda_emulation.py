@@ -123,6 +123,7 @@ static inline void emu_bar_sync(int id) { emu_named[id].wait(); }
 static inline void fd_bar_sync(int id) { emu_named[id].wait(); }  // the attention's 256-thread named barriers
 static inline void fd_bar_arrive(int id) { emu_named[id].arrive(); }
 static inline void fd_regs_producer() {}  // setmaxnreg: registers are no resource here
+template <bool B> struct fd_flag { static constexpr bool value = B; };  // as in _attention_sm90._HEADER
 static inline void fd_regs_consumer() {}
 static int emu_shfl_i[1024];
 static inline int __shfl_sync(unsigned, int v, int src) {

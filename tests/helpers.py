@@ -1,5 +1,7 @@
 """Importable test helpers (conftest fixtures are not importable by name)."""
+import re
 import subprocess
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -85,6 +87,55 @@ def nvcc_compile(tmp_path, source: str, arch: str = "sm_90a"):
     counts are a guide, not a guarantee: a kernel at 154 registers here asked for more than 384 threads
     fit under MLX's NVRTC on the H200 (session 6, the removed cluster GEMM)."""
     return _nvcc(tmp_path, source, arch, "kernel", "-c", "-o", str(tmp_path / "kernel.o"), "-Xptxas", "-v").stderr
+
+
+def nvdisasm_path():
+    """The nvdisasm binary (the test extra nvidia-cuda-nvdisasm on Linux x86-64, or one on PATH), or None."""
+    import shutil
+    try:
+        import nvidia
+
+        for root in nvidia.__path__:
+            for found in Path(root).glob("cu*/bin/nvdisasm"):
+                return str(found)
+    except ImportError:
+        pass
+    return shutil.which("nvdisasm")
+
+
+def sass(tmp_path, source: str, arch: str = "sm_90a"):
+    """`source` built by nvcc into a cubin and disassembled by nvdisasm: [(address, instruction)] with each
+    branch's target label replaced by its address (`BRA 0x2350`)."""
+    cubin = tmp_path / "kernel.cubin"
+    _nvcc(tmp_path, source, arch, "kernel", "-cubin", "-o", str(cubin))
+    text = subprocess.run([nvdisasm_path(), str(cubin)], capture_output=True, text=True, check=True).stdout
+    labels, ins, pending = {}, [], []
+    for line in text.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            addr = int(m.group(1), 16)
+            labels.update({name: addr for name in pending})
+            pending = []
+            ins.append((addr, m.group(2)))
+    resolve = lambda t: re.sub(r"`\((\.L_x_\d+)\)", lambda m: hex(labels[m.group(1)]), t)  # noqa: E731
+    return [(a, resolve(t)) for a, t in ins]
+
+
+def sass_loop(ins, min_mma: int):
+    """The shortest loop (a conditional backward branch and the instructions it spans) that holds at least
+    `min_mma` HGMMA instructions: a kernel's main loop. Returns its instructions."""
+    best = None
+    for addr, text in ins:
+        m = re.match(r"@!?P\d\s+BRA\s+0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+            if sum("HGMMA" in t for t in body) >= min_mma and (best is None or len(body) < len(best)):
+                best = body
+    return best
 
 
 # ---------------------------------------------------------------- GPU kernel cases shared by the CUDA

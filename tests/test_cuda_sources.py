@@ -11,7 +11,7 @@ import shutil
 
 import mlx.core as mx
 import pytest
-from helpers import cuda_kernel_source, nvcc_compile
+from helpers import cuda_kernel_source, nvcc_compile, nvdisasm_path, sass, sass_loop
 
 from flashdiff.kernels import (_attention_sm90, _attention_sm90_forms, _dequant, _gemm_cuda, _gemm_mixed, _gemm_sm90, _gemm_tma,
                                _gemm_tma_dequant, _gemm_tma_dequant_persistent, _gemm_tma_forms, _moe_layout)
@@ -191,6 +191,37 @@ def test_dequant_kernel_compiles(tmp_path, bits, mode, flat, dtype):
     report(tmp_path, "dequant", _dequant.CUDA_KERNEL_HEADER, _dequant._CUDA_SOURCE_FLAT if flat else _dequant._CUDA_SOURCE,
            [("w", mx.uint32), ("scales", dtype if mode == "affine" else mx.uint8), ("biases", dtype)],
            [("out", dtype)], template)
+
+
+@pytest.mark.skipif(nvdisasm_path() is None, reason="needs nvdisasm (the test extra nvidia-cuda-nvdisasm)")
+@pytest.mark.parametrize("has_bias", [False, True])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_wgmma_attention_full_key_tiles_have_no_per_key_tests(tmp_path, has_bias, persistent):
+    """In the sm_90 attention's main loop (SASS; the per-tile and the persistent form), a key tile that lies wholly inside Lk runs no per-key test. An odd
+    Lk (4621) may add one tail-tile copy of the softmax, but its full tiles run the instructions of an aligned Lk
+    (4736). Session 13 found the old run-time `tail` flag costing every tile 60 FSEL to -inf and ~35 ISETP at
+    LK = 4621: 731 instructions per tile against 585 (4736); measured on the H200 (sessions 7-8), ours ran 4621
+    keys 11-16% slower than 4736."""
+    def loop(lk):
+        src = cuda_kernel_source(
+            "attention_sm90", _attention_sm90._HEADER,
+            _attention_sm90_forms._SOURCE_PERSISTENT if persistent else _attention_sm90._SOURCE,
+            [("q", mx.bfloat16), ("k", mx.bfloat16), ("v", mx.bfloat16), ("tmaps", mx.uint8), ("scale", mx.float32),
+             ("kbias", mx.float32)], [("out", mx.bfloat16)],
+            [("T", mx.bfloat16), ("IS_BF16", True), ("H", 24), ("HK", 24), ("LQ", lk), ("LK", lk), ("HAS_BIAS", has_bias),
+             ("PINGPONG", True), ("SEQ_MAJOR", False)] + ([("BH", 24)] if persistent else []))
+        (tmp_path / str(lk)).mkdir()
+        body = sass_loop(sass(tmp_path / str(lk), src), min_mma=16)  # S_j = Q K_j^T and P V: 8 + 8 wgmmas
+        return body, sum("FSEL" in t and "-INF" in t for t in body)
+
+    aligned, aligned_selects = loop(4736)
+    odd, odd_selects = loop(4621)
+    # (the persistent form's loop also resets its row maxima to -inf where a query tile starts: 2 selects)
+    assert aligned_selects <= 2, f"{aligned_selects} selects to -inf in the aligned loop: every key tested"
+    assert odd_selects - aligned_selects <= 8, f"{odd_selects} selects to -inf in the loop: the full tiles test each key"
+    # the odd loop = the aligned one + one (constant-folded) tail copy of softmax / fetch_bias, and a branch to it
+    tail_copy = len(odd) - len(aligned)
+    assert 0 < tail_copy < 0.5 * len(aligned), (len(odd), len(aligned))
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])

@@ -136,7 +136,7 @@ _SOURCE_PERSISTENT = r"""
   // step 0: S_0 of the first tile alone
   locate((int)blockIdx.x);
   fd_mbar_wait(fd_smem_addr(&q_full[0]), 0);
-  fetch_bias(0);
+  on_tile(0, fetch_bias);
   load_scores(0);
   if (PINGPONG) fd_bar_sync(2 + wg);
   fd_mma_ss128<IS_BF16>(sc, smem_base + wg * 64 * 128, k_base, CHUNK);
@@ -147,7 +147,7 @@ _SOURCE_PERSISTENT = r"""
     fd_mbar_arrive(fd_smem_addr(&k_empty[0]));
     if (NT == 1) fd_mbar_arrive(fd_smem_addr(&q_empty[0]));  // Q's last S
   }
-  softmax(0);
+  on_tile(0, softmax);
   rescale_and_pack();
   for (int i = 1; i < steps; ++i) {  // S_i and P_{i-1} V_{i-1} in flight together
     const int tile_i = i / NT, j = i - tile_i * NT, s = i % STAGES, sp = (i - 1) % STAGES;
@@ -157,7 +157,7 @@ _SOURCE_PERSISTENT = r"""
       locate((int)blockIdx.x + tile_i * (int)gridDim.x);
       fd_mbar_wait(fd_smem_addr(&q_full[tile_i & 1]), (tile_i >> 1) & 1);
     }
-    fetch_bias(j);
+    on_tile(j, fetch_bias);
     load_scores(i);
     fd_mbar_wait(fd_smem_addr(&v_full[sp]), ((i - 1) / STAGES) & 1);
     if (PINGPONG) fd_bar_sync(2 + wg);
@@ -176,7 +176,7 @@ _SOURCE_PERSISTENT = r"""
       m_run[0] = m_run[1] = NEG_INF;
       l_run[0] = l_run[1] = 0.0f;
     }
-    softmax(j);
+    on_tile(j, softmax);
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");  // P_{i-1} V_{i-1} has landed
     fd_fence64(o);
     if (lane == 0) fd_mbar_arrive(fd_smem_addr(&v_empty[sp]));
