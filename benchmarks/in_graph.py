@@ -201,18 +201,18 @@ def moe_rows(t, dim, hidden, shared_hidden, experts, top_k, rounds, calls, emit)
         if quant:
             ffn.quantize_experts(*quant)
             mx.eval(ffn.q1, ffn.q2, ffn.q3, ffn.q13)
-        ours = mx.compile(lambda a: ffn(a))
-        fns = {"ours": lambda: ours(h),
-               "dense": (lambda f: lambda: f(h))(mx.compile(lambda a: ffn.dense_same_flops(a, *dense_w))),
-               "without_routed": (lambda f: lambda: f(h))(mx.compile(lambda a: ffn.without_routed(a))),
-               "w13": (lambda f: lambda: f(h))(mx.compile(lambda a: ffn(a, fused=True))),
-               "dense_w13": (lambda f: lambda: f(h))(mx.compile(lambda a: ffn.dense_same_flops(a, *dense_w, fused=True)))}
+        def on_h(fn):  # fn compiled as a function of its own (mx.compile caches traces by function), called on h
+            compiled = mx.compile(fn)
+            return lambda: compiled(h)
+
+        fns = {"ours": on_h(lambda a: ffn(a)), "dense": on_h(lambda a: ffn.dense_same_flops(a, *dense_w)),
+               "without_routed": on_h(lambda a: ffn.without_routed(a)), "w13": on_h(lambda a: ffn(a, fused=True)),
+               "dense_w13": on_h(lambda a: ffn.dense_same_flops(a, *dense_w, fused=True))}
         columns = {c: v for c, v in moe_side_columns(quant is not None, None).items() if c in MOE_COLUMNS}
-        for column, (name, value) in columns.items():
-            side = mx.compile(lambda a: ffn(a))  # a function of its own: its own trace under the setting
-            fns[column] = with_env(name, value, lambda side=side: side(h))
+        for column, (name, value) in columns.items():  # traced while the setting is in force
+            fns[column] = with_env(name, value, on_h(lambda a: ffn(a)))
         st = interleaved(fns, lambda fn: _streamed(fn, calls), rounds)
-        y = ours(h)
+        y = fns["ours"]()
         y_ref = with_env("FLASHDIFF_KERNELS", "reference", lambda: ffn(h).astype(mx.float32))()  # MLX ops, per expert
         base = st["without_routed"]
         row = dict(kernel="moe feed-forward", shape=shape, mode=label, stream_rounds=rounds, calls=calls,

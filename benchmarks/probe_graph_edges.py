@@ -34,15 +34,15 @@ def summarise_dot(text: str) -> dict:
         names = _NAME.findall(label.group(1) if label else attrs)
         kernel = [n for n in names if n not in ("KERNEL", "GRAPH", "EMPTY", "MEMCPY", "MEMSET")]
         nodes[node_id] = dict(name=(kernel or names or ["?"])[0], graph=node_id.split("_node_")[0], into=0, out=0)
-    for a, b in _EDGE.findall(text):
+    edges = _EDGE.findall(text)
+    for a, b in edges:
         for end, key in ((a, "out"), (b, "into")):
             nodes.setdefault(end, dict(name="?", graph=end.split("_node_")[0], into=0, out=0))[key] += 1
     roots = {}
     for node_id, n in nodes.items():
         if n["into"] == 0:
             roots.setdefault(n["graph"], []).append(n["name"])
-    edges = [[nodes[a]["name"], nodes[b]["name"]] for a, b in _EDGE.findall(text)]
-    return dict(nodes=nodes, roots=roots, edges=edges)
+    return dict(nodes=nodes, roots=roots, edges=[[nodes[a]["name"], nodes[b]["name"]] for a, b in edges])
 
 
 def main():
