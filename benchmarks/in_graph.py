@@ -272,8 +272,10 @@ def main():
     ap.add_argument("--calls", type=int, default=10, help="compiled calls per streamed sample")
     args = ap.parse_args()
     parts = set(args.only.split(","))
-    if parts - {"chain", "moe"} or args.stream_rounds < 1 or args.calls < 2:
-        ap.error("--only takes chain and/or moe; --stream-rounds >= 1; --calls >= 2")
+    if parts - {"chain", "moe"}:
+        ap.error(f"--only {args.only!r}: the sections are chain and moe")
+    if args.stream_rounds < 1 or args.calls < 2:
+        ap.error(f"--stream-rounds must be at least 1 and --calls at least 2, got {args.stream_rounds} and {args.calls}")
     try:
         token_counts = [int(v) for v in args.rows.split(",")]
         t, dim, hidden, shared_hidden, experts, top_k = (int(v) for v in args.moe.split(","))
