@@ -333,7 +333,9 @@ def test_in_graph_benchmark_runs_and_checks_its_outputs(monkeypatch, tmp_path):
         for c in sides:
             assert r[f"{c}_equals_default"] is True and _positive(r[f"{c}_ms"]), (c, r)
         assert all(_positive(r[k]) for k in ("ours_ms", "dense_ms", "without_routed_ms", "w13_ms", "dense_w13_ms")), r
-        assert r["w13_max_rel_diff_vs_default"] < 1e-6, r
+        # w1 | w3 as one GEMM of twice the width: bf16 outputs through another matmul width (float32 parity of both
+        # layouts with diffusers is the next test)
+        assert r["w13_max_rel_diff_vs_default"] < 1e-2, r
     table = md.read_text()
     assert table.count("| quantized_linear chain") == 8 and table.count("| MoE feed-forward") == 3
     assert not list(tmp_path.glob("*.tmp"))
