@@ -311,9 +311,12 @@ static inline void fd_wgmma_tile(float (&d)[128], unsigned a_addr, unsigned b_ad
 }
 template <bool BF16>
 static inline void fd_mma_ss128(float (&d)[64], unsigned a_addr, unsigned b_addr, unsigned chunk) {
-  for (int kk = 0; kk < 8; ++kk) {
+  for (int kk = 0; kk < 8; ++kk) {  // d = A . B^T: the first k16 step ignores d (scale-d false), at retirement
     const unsigned off = (kk >> 2) * chunk + (kk & 3) * 32;
-    emu_open_group.push_back([&d, a_addr, b_addr, off] { emu_wgmma<BF16, 128, false>(d, a_addr + off, b_addr + off, 0); });
+    emu_open_group.push_back([&d, a_addr, b_addr, off, kk] {
+      if (kk == 0) std::fill(d, d + 64, 0.0f);
+      emu_wgmma<BF16, 128, false>(d, a_addr + off, b_addr + off, 0);
+    });
   }
   emu_wgmma_commit();
 }

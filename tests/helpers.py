@@ -135,6 +135,7 @@ def sass_loop(ins, min_mma: int):
             body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
             if sum("HGMMA" in t for t in body) >= min_mma and (best is None or len(body) < len(best)):
                 best = body
+    assert best is not None, f"no loop holds {min_mma} HGMMA instructions"
     return best
 
 

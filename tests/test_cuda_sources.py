@@ -193,6 +193,36 @@ def test_dequant_kernel_compiles(tmp_path, bits, mode, flat, dtype):
            [("out", dtype)], template)
 
 
+def _attention_main_loop(tmp_path, lk, has_bias, persistent, dtype=mx.bfloat16):
+    """The SASS of the sm_90 attention's main loop (S_j = Q K_j^T and P V: 8 + 8 wgmmas) at LQ = LK = lk, 24 heads."""
+    src = cuda_kernel_source(
+        "attention_sm90", _attention_sm90._HEADER,
+        _attention_sm90_forms._SOURCE_PERSISTENT if persistent else _attention_sm90._SOURCE,
+        [("q", dtype), ("k", dtype), ("v", dtype), ("tmaps", mx.uint8), ("scale", mx.float32), ("kbias", mx.float32)],
+        [("out", dtype)],
+        [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("H", 24), ("HK", 24), ("LQ", lk), ("LK", lk),
+         ("HAS_BIAS", has_bias), ("PINGPONG", True), ("SEQ_MAJOR", False)] + ([("BH", 24)] if persistent else []))
+    tmp_path.mkdir(exist_ok=True)
+    return sass_loop(sass(tmp_path, src), min_mma=16)
+
+
+@pytest.mark.skipif(nvdisasm_path() is None, reason="needs nvdisasm (the test extra nvidia-cuda-nvdisasm)")
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_wgmma_attention_scores_overwrite_instead_of_zeroing(tmp_path, dtype, persistent):
+    """Each key tile's S = Q K^T starts with a wgmma that ignores its accumulator (scale-d false: RZ, !UPT in SASS),
+    so the loop zeroes no registers first (session 13: 32 CS2R per tile before); the P V wgmmas accumulate."""
+    body = _attention_main_loop(tmp_path, 4736, False, persistent, dtype)
+    mmas = [t for t in body if t.startswith("HGMMA")]
+    overwriting = [t for t in mmas if "RZ, !UPT" in t]
+    assert len(mmas) == 16 and len(overwriting) == 1, mmas
+    assert overwriting[0] == [t for t in mmas if "tnspB" not in t][0]  # S's first k16 step (P V's read V transposed)
+    # zeroing S's 64 accumulators took 32 CS2R per tile; what is left are the persistent form's resets of l, m and
+    # O where a query tile ends (5)
+    zeroing = [t for t in body if t.startswith("CS2R")]
+    assert len(zeroing) <= (8 if persistent else 0), zeroing
+
+
 @pytest.mark.skipif(nvdisasm_path() is None, reason="needs nvdisasm (the test extra nvidia-cuda-nvdisasm)")
 @pytest.mark.parametrize("has_bias", [False, True])
 @pytest.mark.parametrize("persistent", [False, True])
@@ -203,15 +233,7 @@ def test_wgmma_attention_full_key_tiles_have_no_per_key_tests(tmp_path, has_bias
     LK = 4621: 731 instructions per tile against 585 (4736); measured on the H200 (sessions 7-8), ours ran 4621
     keys 11-16% slower than 4736."""
     def loop(lk):
-        src = cuda_kernel_source(
-            "attention_sm90", _attention_sm90._HEADER,
-            _attention_sm90_forms._SOURCE_PERSISTENT if persistent else _attention_sm90._SOURCE,
-            [("q", mx.bfloat16), ("k", mx.bfloat16), ("v", mx.bfloat16), ("tmaps", mx.uint8), ("scale", mx.float32),
-             ("kbias", mx.float32)], [("out", mx.bfloat16)],
-            [("T", mx.bfloat16), ("IS_BF16", True), ("H", 24), ("HK", 24), ("LQ", lk), ("LK", lk), ("HAS_BIAS", has_bias),
-             ("PINGPONG", True), ("SEQ_MAJOR", False)] + ([("BH", 24)] if persistent else []))
-        (tmp_path / str(lk)).mkdir()
-        body = sass_loop(sass(tmp_path / str(lk), src), min_mma=16)  # S_j = Q K_j^T and P V: 8 + 8 wgmmas
+        body = _attention_main_loop(tmp_path / str(lk), lk, has_bias, persistent)
         return body, sum("FSEL" in t and "-INF" in t for t in body)
 
     aligned, aligned_selects = loop(4736)

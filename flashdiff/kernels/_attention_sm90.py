@@ -4,9 +4,10 @@
 tests/cuda_emulation.py); first run on the H200 in session 7, where it passed its GPU tests
 (tests/test_kernels_cuda.py, backend "cuda_wgmma") and was timed against cuDNN (benchmarks/README.md).
 Session 13 (no GPU) made the softmax's key-tail test a compile-time flag (``on_tile``), so that full key tiles
-carry no per-key compare and select (SASS: 731 -> 588 instructions per tile at Lk = 4621, 585 at 4736). The
-outputs are bit-identical in the emulation and nvcc 13.0 builds it; it has not yet been built by MLX's NVRTC
-or run on the H200.
+carry no per-key compare and select (SASS: 731 -> 588 instructions per tile at Lk = 4621, 585 at 4736), and S's
+first k16 wgmma overwrites its accumulators (scale-d false) instead of the loop zeroing them (-32 instructions
+per tile: 553 at Lk = 4736). The outputs are bit-identical in the emulation and nvcc 13.0 builds it; neither edit
+has yet been built by MLX's NVRTC or run on the H200.
 
 Two kernels:
 - ``_MAPS_SOURCE``: one warp encodes the three TMA tensor maps (Q, K and V as (rows, 128), boxes of
@@ -42,14 +43,15 @@ SMEM_BYTES = BM * D * 2 + STAGES * 2 * BN * D * 2 + 1024  # Q + stages of K and 
 MAP_BYTES = 4 * 128  # three 128-byte maps + room to align them
 
 
-def _wgmma_n128(dtype: str, a_regs: bool) -> str:
+def _wgmma_n128(dtype: str, a_regs: bool, overwrite: bool = False) -> str:
     """m64n128k16 with float32 accumulators. A from shared memory (both operands K-major) or from
-    registers (then B is MN-major: imm-trans-b = 1, N contiguous, as V's tiles are)."""
-    return wgmma_asm(f"fd_wgmma_{'rs' if a_regs else 'ss'}_{dtype}", 128, dtype, a_regs, trans_b=a_regs)
+    registers (then B is MN-major: imm-trans-b = 1, N contiguous, as V's tiles are). overwrite: d = A . B."""
+    name = f"fd_wgmma_{'rs' if a_regs else 'ss'}{'_first' if overwrite else ''}_{dtype}"
+    return wgmma_asm(name, 128, dtype, a_regs, trans_b=a_regs, overwrite=overwrite)
 
 
-_HEADER = _GEMM_HEADER + _wgmma_n128("bf16", False) + _wgmma_n128("f16", False) + _wgmma_n128("bf16", True) \
-    + _wgmma_n128("f16", True) + r"""
+_HEADER = _GEMM_HEADER + "".join(_wgmma_n128(dtype, a_regs, overwrite) for dtype in ("bf16", "f16")
+                                 for a_regs, overwrite in ((False, False), (False, True), (True, False))) + r"""
 // 2^x by the special-function unit (ex2.approx: ~2 ulp, 2^-inf = +0), not exp2f's accurate sequence
 __device__ __forceinline__ float fd_exp2(float x) {
   float y;
@@ -60,15 +62,18 @@ __device__ __forceinline__ void fd_fence64(float (&d)[64]) {
 #pragma unroll
   for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
 }
-// d += A . B^T over 128 reduction elements held as two 64-column swizzled chunks CHUNK bytes apart:
-// eight k16 MMAs, A (this warpgroup's 64 rows) and B (128 rows) from shared memory.
+// d = A . B^T over 128 reduction elements held as two 64-column swizzled chunks CHUNK bytes apart:
+// eight k16 MMAs, A (this warpgroup's 64 rows) and B (128 rows) from shared memory. The first one ignores d's
+// values (scale-d false), so d needs no zeroing.
 template <bool BF16>
 __device__ __forceinline__ void fd_mma_ss128(float (&d)[64], unsigned a_addr, unsigned b_addr, unsigned chunk) {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk) {
     const unsigned off = (kk >> 2) * chunk + (kk & 3) * 32;
-    if (BF16) fd_wgmma_ss_bf16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));
+    if (kk == 0 && BF16) fd_wgmma_ss_first_bf16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));
+    else if (kk == 0) fd_wgmma_ss_first_f16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));
+    else if (BF16) fd_wgmma_ss_bf16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));
     else fd_wgmma_ss_f16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));
   }
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
@@ -215,11 +220,8 @@ _CONSUMER_STEPS = r"""  // S_j's online softmax (sc[4c + e] is (row r0, key 8c +
     if (LK % BN != 0 && j == NT - 1) step(j, fd_flag<true>{});
     else step(j, fd_flag<false>{});
   };
-  auto load_scores = [&](int j) {  // wait for K_j, zero the accumulators
+  auto load_scores = [&](int j) {  // wait for K_j (S_j = Q K_j^T overwrites sc: no zeroing)
     fd_mbar_wait(fd_smem_addr(&k_full[j % STAGES]), (j / STAGES) & 1);
-#pragma unroll
-    for (int i = 0; i < 64; ++i) sc[i] = 0.0f;
-    fd_fence64(sc);
   };
 """
 
@@ -295,7 +297,7 @@ _SOURCE = r"""
   float o[64], sc[64];
   float kb[32];  // tile j's key bias (HAS_BIAS), loaded before its scores are waited for
 #pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+  for (int i = 0; i < 64; ++i) o[i] = sc[i] = 0.0f;  // sc defined once: each S MMA overwrites it
   float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.0f, 0.0f}, corr[2];
   unsigned a[8][4];  // P_{j-1} as the A fragments of O += P V: keys 16 kk .. 16 kk + 15
   const unsigned q_addr = smem_base + wg * 64 * 128;

@@ -107,7 +107,7 @@ _SOURCE_PERSISTENT = r"""
   float o[64], sc[64];
   float kb[32];  // tile j's key bias (HAS_BIAS), loaded before its scores are waited for
 #pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+  for (int i = 0; i < 64; ++i) o[i] = sc[i] = 0.0f;  // sc defined once: each S MMA overwrites it
   float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.0f, 0.0f}, corr[2];
   unsigned a[8][4];  // P_{i-1} as the A fragments of O += P V
 """ + _CONSUMER_STEPS + r"""  // O / l of a finished tile (l summed over the 4 lanes of each row), then O cleared for the next

@@ -32,10 +32,13 @@ BM, BN, BK, STAGES, THREADS = 128, 256, 64, 4, 256
 SMEM_BYTES = STAGES * (BM + BN) * BK * 2 + 1024  # + room to align the tiles to 1024 bytes
 
 
-def wgmma_asm(name: str, n: int, dtype: str, a_regs: bool = False, trans_b: bool = False) -> str:
+def wgmma_asm(name: str, n: int, dtype: str, a_regs: bool = False, trans_b: bool = False,
+              overwrite: bool = False) -> str:
     """The inline-assembly wrapper ``name(d, ...)`` of one ``wgmma.mma_async.m64{n}k16`` form with float32
     accumulators (d: n / 2 per thread): A from shared memory (descriptor da) or from registers (a[4], the
-    m64k16 A fragment); B by descriptor db, K-major, or MN-major (imm-trans-b = 1) when trans_b."""
+    m64k16 A fragment); B by descriptor db, K-major, or MN-major (imm-trans-b = 1) when trans_b.
+    overwrite: d = A . B (scale-d false: the hardware ignores d's values, so d needs no zeroing first; d stays a
+    read-write operand, as CUTLASS passes it, so that the compiler keeps it in the same registers), else d += A . B."""
     acc = n // 2
     regs = ", ".join(f"%{i}" for i in range(acc))
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(acc))
@@ -48,7 +51,7 @@ def wgmma_asm(name: str, n: int, dtype: str, a_regs: bool = False, trans_b: bool
         tail = f"%{acc + 1}, p, 1, 1, 0, {int(trans_b)}"
     return (
         f"__device__ __forceinline__ void {name}(float (&d)[{acc}], {sig}) {{\n"
-        f'  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"\n'
+        f'  asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, {0 if overwrite else 1}, 0;\\n"\n'
         f'    "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{dtype}.{dtype} {{{regs}}}, {a_op}, {tail};\\n}}\\n"\n'
         f"    : {outs}\n"
         f"    : {ins});\n"
