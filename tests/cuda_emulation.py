@@ -143,6 +143,15 @@ static inline unsigned __match_any_sync(unsigned, int v) {  // the lanes holding
   emu_warp[t / 32].wait();
   return m;
 }
+static inline int __any_sync(unsigned, int pred) {  // some lane of the warp holds a true predicate
+  const unsigned t = emu_tid(), w0 = t & ~31u;
+  emu_shfl_i[t] = pred != 0;
+  emu_warp[t / 32].wait();
+  int any = 0;
+  for (unsigned l = 0; l < 32; ++l) any |= emu_shfl_i[w0 + l];
+  emu_warp[t / 32].wait();
+  return any;
+}
 static inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
 static inline int __popc(unsigned x) { return __builtin_popcount(x); }
 static inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }

@@ -125,18 +125,19 @@ def sass(tmp_path, source: str, arch: str = "sm_90a"):
     return [(a, resolve(t)) for a, t in ins]
 
 
-def sass_loop(ins, min_mma: int):
+def sass_loop(ins, min_mma: int, addresses: bool = False):
     """The shortest loop (a conditional backward branch and the instructions it spans) that holds at least
-    `min_mma` HGMMA instructions: a kernel's main loop. Returns its instructions."""
+    `min_mma` HGMMA instructions: a kernel's main loop. Returns its instructions ((address, instruction) pairs
+    with `addresses`)."""
     best = None
     for addr, text in ins:
         m = re.match(r"@!?P\d\s+BRA\s+0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < addr:
-            body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
-            if sum("HGMMA" in t for t in body) >= min_mma and (best is None or len(body) < len(best)):
+            body = [(a, t) for a, t in ins if int(m.group(1), 16) <= a <= addr]
+            if sum("HGMMA" in t for _, t in body) >= min_mma and (best is None or len(body) < len(best)):
                 best = body
     assert best is not None, f"no loop holds {min_mma} HGMMA instructions"
-    return best
+    return best if addresses else [t for _, t in best]
 
 
 # ---------------------------------------------------------------- GPU kernel cases shared by the CUDA

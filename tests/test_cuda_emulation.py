@@ -203,6 +203,35 @@ def test_emulated_wgmma_attention_matches_softmax_attention(tmp_path, b, h, hk, 
     np.testing.assert_allclose(out, softmax_attention_np(qf, kf, vf, 0.088, bias), rtol=2e-2, atol=2e-2)
 
 
+def _settled_inputs(rng, lq, lk, with_bias):
+    """q / k / v (1, 2 heads, L, 128; one K / V head) whose every row's largest score is key 0's: every q row carries
+    a common part u = 1 and key 0 is 0.65 u (its bias, if any, the largest: 0). So each row's maximum is set by the
+    first key tile, corr = 1 afterwards, and the per-tile form's warps skip O's rescale. Key 0 carries about half
+    of each row's weight, the other keys the rest."""
+    q = bf16_bits(rng.standard_normal((1, 2, lq, 128)) + 1.0)
+    k = rng.standard_normal((1, 1, lk, 128))
+    k[:, :, 0] = 0.65
+    bias = None
+    if with_bias:
+        bias = rng.uniform(-1, 0, (1, lk))
+        bias[:, 0] = 0.0
+    return q, bf16_bits(k), bf16_bits(rng.standard_normal((1, 1, lk, 128))), bias
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("persistent_ctas", [0, 2])
+def test_emulated_wgmma_attention_with_maxima_set_by_the_first_tile(tmp_path, with_bias, persistent_ctas):
+    """Rows whose running maximum stops moving after the first key tile, so the per-tile form's warps skip O *= corr
+    (corr is 1 for every row of the warp) on every later tile, against float64 softmax attention."""
+    q, k, v, bias = _settled_inputs(np.random.default_rng(3), 200, 700, with_bias)
+    qf, kf, vf = (bf16_values(a).astype(np.float64) for a in (q, k, v))
+    s = np.einsum("bhqd,bkd->bhqk", qf, kf[:, 0]) * 0.088 + (0 if bias is None else bias[:, None, None, :])
+    p0 = 1 / np.exp(s - s[..., :1]).sum(-1)  # key 0's weight
+    assert (s.argmax(-1) == 0).all() and 0.2 < p0.mean() < 0.8, p0.mean()  # key 0 sets every row's max, not all
+    out = _attention(tmp_path, q, k, v, 0.088, bias, persistent_ctas=persistent_ctas)
+    np.testing.assert_allclose(out, softmax_attention_np(qf, kf, vf, 0.088, bias), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("b, h, hk, lq, lk, with_bias, ctas, seq_major", [
     (2, 2, 1, 200, 300, True, 3, False),   # 8 tiles over 3 CTAs: heads and batches change inside a CTA
     (1, 3, 3, 129, 77, False, 2, True),    # one key tile per query block (NT = 1), query tails

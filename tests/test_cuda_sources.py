@@ -193,7 +193,7 @@ def test_dequant_kernel_compiles(tmp_path, bits, mode, flat, dtype):
            [("out", dtype)], template)
 
 
-def _attention_main_loop(tmp_path, lk, has_bias, persistent, dtype=mx.bfloat16):
+def _attention_main_loop(tmp_path, lk, has_bias, persistent, dtype=mx.bfloat16, addresses=False):
     """The SASS of the sm_90 attention's main loop (S_j = Q K_j^T and P V: 8 + 8 wgmmas) at LQ = LK = lk, 24 heads."""
     src = cuda_kernel_source(
         "attention_sm90", _attention_sm90._HEADER,
@@ -203,7 +203,7 @@ def _attention_main_loop(tmp_path, lk, has_bias, persistent, dtype=mx.bfloat16):
         [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("H", 24), ("HK", 24), ("LQ", lk), ("LK", lk),
          ("HAS_BIAS", has_bias), ("PINGPONG", True), ("SEQ_MAJOR", False)] + ([("BH", 24)] if persistent else []))
     tmp_path.mkdir(exist_ok=True)
-    return sass_loop(sass(tmp_path, src), min_mma=16)
+    return sass_loop(sass(tmp_path, src), min_mma=16, addresses=addresses)
 
 
 @pytest.mark.skipif(nvdisasm_path() is None, reason="needs nvdisasm (the test extra nvidia-cuda-nvdisasm)")
@@ -221,6 +221,21 @@ def test_wgmma_attention_scores_overwrite_instead_of_zeroing(tmp_path, dtype, pe
     # O where a query tile ends (5)
     zeroing = [t for t in body if t.startswith("CS2R")]
     assert len(zeroing) <= (8 if persistent else 0), zeroing
+
+
+@pytest.mark.skipif(nvdisasm_path() is None, reason="needs nvdisasm (the test extra nvidia-cuda-nvdisasm)")
+@pytest.mark.parametrize("persistent", [False, True])
+def test_wgmma_attention_rescale_skipped_by_warps_whose_maxima_did_not_move(tmp_path, persistent):
+    """The per-tile form's loop votes once per tile (VOTE.ANY) and branches around O's 64 rescaling FMULs; the
+    persistent form (SKIP_UNMOVED false: with the vote ptxas grew its loop by 60%) rescales on every tile."""
+    body = _attention_main_loop(tmp_path, 4736, False, persistent, addresses=True)
+    votes = [i for i, (_, t) in enumerate(body) if t.startswith("VOTE.ANY")]
+    assert len(votes) == (0 if persistent else 1), votes
+    if not persistent:  # the first conditional forward branch after the vote jumps over the 64 FMULs
+        addr, text = next((a, t) for a, t in body[votes[0]:] if re.match(r"@!?P\d\s+BRA", t))
+        target = int(text.split("0x")[-1], 16)
+        skipped = [t for a, t in body if addr < a < target]
+        assert target > addr and sum(t.startswith("FMUL") for t in skipped) == 64, skipped
 
 
 @pytest.mark.skipif(nvdisasm_path() is None, reason="needs nvdisasm (the test extra nvidia-cuda-nvdisasm)")

@@ -6,8 +6,9 @@ tests/cuda_emulation.py); first run on the H200 in session 7, where it passed it
 Session 13 (no GPU) made the softmax's key-tail test a compile-time flag (``on_tile``), so that full key tiles
 carry no per-key compare and select (SASS: 731 -> 588 instructions per tile at Lk = 4621, 585 at 4736), and S's
 first k16 wgmma overwrites its accumulators (scale-d false) instead of the loop zeroing them (-32 instructions
-per tile: 553 at Lk = 4736). The outputs are bit-identical in the emulation and nvcc 13.0 builds it; neither edit
-has yet been built by MLX's NVRTC or run on the H200.
+per tile: 553 at Lk = 4736), and a warp none of whose rows' maxima moved skips O's rescale (SKIP_UNMOVED: 557 in
+the loop, 493 on a skipping tile). The outputs are bit-identical in the emulation and nvcc 13.0 builds it; none
+of the three edits has yet been built by MLX's NVRTC or run on the H200.
 
 Two kernels:
 - ``_MAPS_SOURCE``: one warp encodes the three TMA tensor maps (Q, K and V as (rows, 128), boxes of
@@ -134,7 +135,7 @@ _MAPS_SOURCE = r"""
 """
 
 # The consumers' per-tile steps, shared with the persistent form (_attention_sm90_forms): they use o, sc,
-# kb, a, m_run, l_run, corr, t, sl2, batch and NT of the kernel body around them. softmax and fetch_bias take
+# kb, a, m_run, l_run, corr, t, sl2, batch, NT and SKIP_UNMOVED of the kernel body around them. softmax and fetch_bias take
 # `tail` as a compile-time flag, through on_tile: true only for the last key tile when Lk is not a multiple of
 # BN. (As a run-time flag, ptxas kept its per-key tests in every tile: at LK = 4621 the loop had 60 more FSEL
 # and 35 more ISETP than at LK = 4736, nvcc 13.0 SASS, session 13.)
@@ -206,12 +207,19 @@ _CONSUMER_STEPS = r"""  // S_j's online softmax (sc[4c + e] is (row r0, key 8c +
     }
   };
   auto rescale_and_pack = [&]() {  // O *= corr; P_j (float) -> a
+    // a warp none of whose 16 rows' maxima moved at this tile has corr == 1 on every row: O stays as it is
+    // (bit for bit), and with SKIP_UNMOVED the warp skips the 64 multiplies
+    if (!SKIP_UNMOVED || __any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
+#pragma unroll
+      for (int c = 0; c < 16; ++c) {
+        o[4 * c] *= corr[0];
+        o[4 * c + 1] *= corr[0];
+        o[4 * c + 2] *= corr[1];
+        o[4 * c + 3] *= corr[1];
+      }
+    }
 #pragma unroll
     for (int c = 0; c < 16; ++c) {
-      o[4 * c] *= corr[0];
-      o[4 * c + 1] *= corr[0];
-      o[4 * c + 2] *= corr[1];
-      o[4 * c + 3] *= corr[1];
       a[c >> 1][(c & 1) * 2] = fd_pack2<T>(sc[4 * c], sc[4 * c + 1]);
       a[c >> 1][(c & 1) * 2 + 1] = fd_pack2<T>(sc[4 * c + 2], sc[4 * c + 3]);
     }
@@ -233,6 +241,7 @@ _SOURCE = r"""
   constexpr int BM = 128, BN = 128, STAGES = 2, CHUNK = 128 * 128;  // a chunk: 128 rows x 64 columns
   constexpr int Q_BYTES = 2 * CHUNK, TILE_BYTES = 2 * CHUNK;        // Q; one K or V tile
   constexpr int NT = (LK + BN - 1) / BN;
+  constexpr bool SKIP_UNMOVED = true;  // rescale_and_pack: a warp whose rows' maxima did not move skips O *= corr
   constexpr float LOG2E = 1.4426950408889634f;
   const float NEG_INF = __int_as_float(0xff800000);
   extern __shared__ __align__(1024) unsigned char fd_smem_raw[];

@@ -27,6 +27,9 @@ _SOURCE_PERSISTENT = r"""
   constexpr int BM = 128, BN = 128, STAGES = 2, CHUNK = 128 * 128;  // a chunk: 128 rows x 64 columns
   constexpr int Q_BYTES = 2 * CHUNK, TILE_BYTES = 2 * CHUNK;        // one Q buffer; one K or V tile
   constexpr int NT = (LK + BN - 1) / BN, QT = (LQ + BM - 1) / BM, TILES = QT * BH;
+  // O *= corr on every tile: with the per-warp skip of the per-tile form, ptxas grew this loop from 995 to 1591
+  // SASS instructions (nvcc 13.0, session 13)
+  constexpr bool SKIP_UNMOVED = false;
   constexpr float LOG2E = 1.4426950408889634f;
   const float NEG_INF = __int_as_float(0xff800000);
   extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
