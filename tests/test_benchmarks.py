@@ -4,6 +4,7 @@ The kernel benchmark script (benchmarks/kernels.py) saves its rows as it measure
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -405,3 +406,47 @@ nvjet_tst_128x256_64x4"];
     assert got["roots"] == {"graph_1": ["flashdiff_dequant_4_64", "flashdiff_dequant_4_64"], "graph_2": ["nvjet_tst_128x256_64x4"]}
     assert got["nodes"]["graph_1_node_3"] == dict(name="GRAPH", graph="graph_1", into=2, out=0)
     assert got["edges"][0] == ["flashdiff_dequant_4_64", "GRAPH"] and len(got["edges"]) == 3
+
+
+def test_attention_variant_probe_takes_back_each_edit():
+    """benchmarks/probe_attention_variants.py rebuilds the sm_90 attention with each of session 13's edits taken back:
+    every edit still applies once (a variant that silently stopped matching would time the shipped kernel), as_is
+    is the shipped source, and each variant differs from it. With nvcc and nvdisasm, the variants reproduce the old
+    costs in SASS: the run-time tail flag's 60 selects at LK = 4621, the zeroing's 32 CS2R, no vote."""
+    import probe_attention_variants as probe
+
+    from flashdiff.kernels import _attention_sm90 as att, _attention_sm90_forms as forms
+
+    for persistent in (False, True):
+        shipped = (att._HEADER, forms._SOURCE_PERSISTENT if persistent else att._SOURCE)
+        for name in probe.VARIANTS:
+            got = probe.variant_sources(name, persistent)
+            assert (got == shipped) == (name == "as_is" or (persistent and name == "always_rescale")), (name, persistent)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA toolkit (nvcc)")
+def test_attention_variant_probe_reproduces_session_12_in_sass(tmp_path):
+    import probe_attention_variants as probe
+    from helpers import cuda_kernel_source, nvdisasm_path, sass, sass_loop
+
+    if nvdisasm_path() is None:
+        pytest.skip("needs nvdisasm (the test extra nvidia-cuda-nvdisasm)")
+
+    def loop(name, lk):
+        header, body = probe.variant_sources(name)
+        src = cuda_kernel_source(
+            "attention_sm90", header, body,
+            [("q", mx.bfloat16), ("k", mx.bfloat16), ("v", mx.bfloat16), ("tmaps", mx.uint8), ("scale", mx.float32),
+             ("kbias", mx.float32)], [("out", mx.bfloat16)],
+            [("T", mx.bfloat16), ("IS_BF16", True), ("H", 24), ("HK", 24), ("LQ", lk), ("LK", lk), ("HAS_BIAS", False),
+             ("PINGPONG", True), ("SEQ_MAJOR", False)])
+        (tmp_path / f"{name}{lk}").mkdir()
+        return sass_loop(sass(tmp_path / f"{name}{lk}", src), min_mma=16)
+
+    count = lambda body, what: sum(what(t) for t in body)  # noqa: E731
+    old = loop("session12", 4621)
+    assert count(old, lambda t: t.startswith("FSEL") and "-INF" in t) >= 60
+    assert count(old, lambda t: t.startswith("CS2R")) == 32 and count(old, lambda t: t.startswith("VOTE")) == 0
+    assert len(old) == 731  # session 12's loop, as session 13 read it
+    assert count(loop("zeroing", 4736), lambda t: t.startswith("CS2R")) == 32
+    assert count(loop("always_rescale", 4736), lambda t: t.startswith("VOTE")) == 0

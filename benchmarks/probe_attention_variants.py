@@ -1,0 +1,125 @@
+"""What each of session 13's edits to the sm_90 attention is worth (run on the GPU machine):
+
+    python3 benchmarks/probe_attention_variants.py --out $OUT/attention-variants.json
+    NCU=1 ncu --clock-control none -k regex:flashdiff_probe_att --metrics gpu__time_duration.sum --csv \\
+        python3 benchmarks/probe_attention_variants.py
+
+Each variant is the shipped source with one of the session's edits taken back (as the code was before it),
+launched through the real launcher (``flash_attention_sm90``), timed in turn with the others and cuDNN
+(``common.interleaved``, medians of queued calls), or under Nsight Compute (NCU=1: three calls each).
+  as_is          the kernel as it ships
+  runtime_tail   the key-tail test as a run-time flag again (every key tile tests each key)
+  zeroing        S's accumulators zeroed by the loop and the first k16 wgmma accumulating onto them
+  always_rescale O *= corr on every tile (no per-warp skip)
+  session12      all three taken back: the kernel as session 12 ran it
+--lengths L:heads,...; --persistent: the persistent form instead (it never skips the rescale); --mask: a boolean
+key mask with the last 1% of keys masked (the case attention() dispatches to this kernel).
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flashdiff.kernels import _attention_sm90 as att, _attention_sm90_forms as forms  # noqa: E402
+from common import interleaved, median_call, write_json  # noqa: E402
+
+# (edits of the header, edits of the kernel body); each old text must occur exactly once
+_RUNTIME_TAIL = [
+    ("    constexpr bool tail = decltype(tail_flag)::value;  // tile j reaches past Lk",
+     "    const bool tail = (j + 1) * BN > LK;"),
+    ("      constexpr bool tail = decltype(tail_flag)::value;", "      const bool tail = (j + 1) * BN > LK;"),
+    ("    if (LK % BN != 0 && j == NT - 1) step(j, fd_flag<true>{});\n    else step(j, fd_flag<false>{});",
+     "    step(j, fd_flag<false>{});"),
+]
+_ZEROING_HEADER = [("    if (kk == 0 && BF16) fd_wgmma_ss_first_bf16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));\n"
+                    "    else if (kk == 0) fd_wgmma_ss_first_f16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));\n"
+                    "    else if (BF16)", "    if (BF16)")]
+_ZEROING = [("    fd_mbar_wait(fd_smem_addr(&k_full[j % STAGES]), (j / STAGES) & 1);\n  };",
+             "    fd_mbar_wait(fd_smem_addr(&k_full[j % STAGES]), (j / STAGES) & 1);\n#pragma unroll\n"
+             "    for (int i = 0; i < 64; ++i) sc[i] = 0.0f;\n    fd_fence64(sc);\n  };")]
+_ALWAYS_RESCALE = [("constexpr bool SKIP_UNMOVED = true;", "constexpr bool SKIP_UNMOVED = false;")]
+VARIANTS = {
+    "as_is": ([], []),
+    "runtime_tail": ([], _RUNTIME_TAIL),
+    "zeroing": (_ZEROING_HEADER, _ZEROING),
+    "always_rescale": ([], _ALWAYS_RESCALE),
+    "session12": (_ZEROING_HEADER, _RUNTIME_TAIL + _ZEROING + _ALWAYS_RESCALE),
+}
+
+
+def _edit(text: str, edits) -> str:
+    for old, new in edits:
+        if text.count(old) != 1:
+            raise AssertionError(f"the kernel's source changed: {old!r} occurs {text.count(old)} times")
+        text = text.replace(old, new)
+    return text
+
+
+def variant_sources(name: str, persistent: bool = False) -> tuple[str, str]:
+    """(header, kernel body) of variant `name`. The persistent form has no per-warp skip: its always_rescale is
+    the shipped source."""
+    header_edits, body_edits = VARIANTS[name]
+    if persistent:
+        body_edits = [e for e in body_edits if e not in _ALWAYS_RESCALE]
+    return _edit(att._HEADER, header_edits), _edit(forms._SOURCE_PERSISTENT if persistent else att._SOURCE, body_edits)
+
+
+def variant_kernel(name: str, persistent: bool):
+    """Variant `name` of the main kernel, as flash_attention_sm90 builds the shipped one."""
+    header, body = variant_sources(name, persistent)
+    smem = forms.SMEM_BYTES_PERSISTENT if persistent else att.SMEM_BYTES
+    return mx.fast.cuda_kernel(name=f"flashdiff_probe_att_{name}", input_names=["q", "k", "v", "tmaps", "scale", "kbias"],
+                               output_names=["out"], source=body, header=header, shared_memory=smem)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="")
+    ap.add_argument("--lengths", default="4608:24,4621:24,4736:24,16384:24")
+    ap.add_argument("--persistent", action="store_true")
+    ap.add_argument("--mask", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    ncu = bool(os.environ.get("NCU"))
+    rows = []
+    for case in args.lengths.split(","):
+        length, heads = (int(v) for v in case.split(":"))
+        q, k, v = (mx.random.normal((1, heads, length, 128)).astype(mx.bfloat16) for _ in range(3))
+        bias = None
+        if args.mask:
+            bias = mx.where(mx.arange(length) < length - length // 100, 0.0, -float("inf"))[None].astype(mx.float32)
+        mx.eval(q, k, v)
+        scale = 128 ** -0.5
+        kernels = {name: variant_kernel(name, args.persistent) for name in VARIANTS}
+
+        def launch(name):  # flash_attention_sm90 with its kernel cache pointing at variant `name`
+            att._kernel = lambda persistent=False: kernels[name]
+            return att.flash_attention_sm90(q, k, v, scale, bias, persistent=args.persistent)
+
+        fns = {name: (lambda name=name: launch(name)) for name in VARIANTS}
+        outs = {name: fn() for name, fn in fns.items()}
+        mx.eval(outs)
+        if ncu:  # three more calls of each variant, for Nsight Compute's kernel times
+            for fn in fns.values():
+                for _ in range(3):
+                    mx.eval(fn())
+            continue
+        sdpa_mask = None if bias is None else bias[:, None, None, :].astype(mx.bfloat16)
+        fns["sdpa"] = lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=sdpa_mask)
+        times = interleaved(fns, lambda fn: median_call(fn, 10, 5, 2), args.rounds)
+        row = dict(L=length, heads=heads, persistent=args.persistent, mask=args.mask,
+                   **{f"{n}_ms": t * 1e3 for n, t in times.items()},
+                   **{f"{n}_vs_sdpa": times["sdpa"] / t for n, t in times.items() if n != "sdpa"},
+                   **{f"{n}_equals_as_is": mx.array_equal(outs[n], outs["as_is"]).item() for n in VARIANTS})
+        rows.append(row)
+        print(row, flush=True)
+        if args.out:
+            write_json(Path(args.out), {"rows": rows})
+
+
+if __name__ == "__main__":
+    main()
