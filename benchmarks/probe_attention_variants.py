@@ -1,4 +1,4 @@
-"""What each of session 13's edits to the sm_90 attention is worth (run on the GPU machine):
+"""What each of session 13's four edits to the sm_90 attention is worth (run on the GPU machine):
 
     python3 benchmarks/probe_attention_variants.py --out $OUT/attention-variants.json
     NCU=1 ncu --clock-control none -k regex:flashdiff_probe_att --metrics gpu__time_duration.sum --csv \\
@@ -11,7 +11,8 @@ launched through the real launcher (``flash_attention_sm90``), timed in turn wit
   runtime_tail   the key-tail test as a run-time flag again (every key tile tests each key)
   zeroing        S's accumulators zeroed by the loop and the first k16 wgmma accumulating onto them
   always_rescale O *= corr on every tile (no per-warp skip)
-  session12      all three taken back: the kernel as session 12 ran it
+  one_max_chain  each row's maximum in one chain of 32 dependent FMNMX (MAX_CHAINS = 1)
+  session12      all four taken back: the kernel as session 12 ran it
 --lengths L:heads,...; --persistent: the persistent form instead (it never skips the rescale); --mask: a boolean
 key mask with the last 1% of keys masked (the case attention() dispatches to this kernel).
 """
@@ -42,12 +43,14 @@ _ZEROING = [("    fd_mbar_wait(fd_smem_addr(&k_full[j % STAGES]), (j / STAGES) &
              "    fd_mbar_wait(fd_smem_addr(&k_full[j % STAGES]), (j / STAGES) & 1);\n#pragma unroll\n"
              "    for (int i = 0; i < 64; ++i) sc[i] = 0.0f;\n    fd_fence64(sc);\n  };")]
 _ALWAYS_RESCALE = [("constexpr bool SKIP_UNMOVED = true;", "constexpr bool SKIP_UNMOVED = false;")]
+_ONE_MAX_CHAIN = [("constexpr int MAX_CHAINS = 4;", "constexpr int MAX_CHAINS = 1;")]
 VARIANTS = {
     "as_is": ([], []),
     "runtime_tail": ([], _RUNTIME_TAIL),
     "zeroing": (_ZEROING_HEADER, _ZEROING),
     "always_rescale": ([], _ALWAYS_RESCALE),
-    "session12": (_ZEROING_HEADER, _RUNTIME_TAIL + _ZEROING + _ALWAYS_RESCALE),
+    "one_max_chain": ([], _ONE_MAX_CHAIN),
+    "session12": (_ZEROING_HEADER, _RUNTIME_TAIL + _ZEROING + _ALWAYS_RESCALE + _ONE_MAX_CHAIN),
 }
 
 

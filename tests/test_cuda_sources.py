@@ -224,6 +224,16 @@ def test_wgmma_attention_scores_overwrite_instead_of_zeroing(tmp_path, dtype, pe
 
 
 @pytest.mark.skipif(nvdisasm_path() is None, reason="needs nvdisasm (the test extra nvidia-cuda-nvdisasm)")
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_wgmma_attention_row_maxima_in_independent_chains(tmp_path, has_bias):
+    """Each thread's two rows take their maximum over a key tile in MAX_CHAINS = 4 chains each, so the loop starts 8
+    FMNMX chains from -inf (session 12's loop: 2 chains of 32 dependent FMNMX)."""
+    body = _attention_main_loop(tmp_path, 4736, has_bias, False)
+    starts = [t for t in body if t.startswith("FMNMX") and "-INF" in t]
+    assert len(starts) == 8, starts
+
+
+@pytest.mark.skipif(nvdisasm_path() is None, reason="needs nvdisasm (the test extra nvidia-cuda-nvdisasm)")
 @pytest.mark.parametrize("persistent", [False, True])
 def test_wgmma_attention_rescale_skipped_by_warps_whose_maxima_did_not_move(tmp_path, persistent):
     """The per-tile form's loop votes once per tile (VOTE.ANY) and branches around O's 64 rescaling FMULs; the

@@ -6,9 +6,10 @@ tests/cuda_emulation.py); first run on the H200 in session 7, where it passed it
 Session 13 (no GPU) made the softmax's key-tail test a compile-time flag (``on_tile``), so that full key tiles
 carry no per-key compare and select (SASS: 731 -> 588 instructions per tile at Lk = 4621, 585 at 4736), and S's
 first k16 wgmma overwrites its accumulators (scale-d false) instead of the loop zeroing them (-32 instructions
-per tile: 553 at Lk = 4736), and a warp none of whose rows' maxima moved skips O's rescale (SKIP_UNMOVED: 557 in
-the loop, 493 on a skipping tile). The outputs are bit-identical in the emulation and nvcc 13.0 builds it; none
-of the three edits has yet been built by MLX's NVRTC or run on the H200.
+per tile: 553 at Lk = 4736), and a warp none of whose rows' maxima moved skips O's rescale (SKIP_UNMOVED), and each row's maximum is taken
+in MAX_CHAINS = 4 independent chains (563 in the loop, 499 on a skipping tile). The outputs are bit-identical in
+the emulation and nvcc 13.0 builds it; none of the four edits has yet been built by MLX's NVRTC or run on the
+H200 (benchmarks/probe_attention_variants.py times each).
 
 Two kernels:
 - ``_MAPS_SOURCE``: one warp encodes the three TMA tensor maps (Q, K and V as (rows, 128), boxes of
@@ -135,44 +136,57 @@ _MAPS_SOURCE = r"""
 """
 
 # The consumers' per-tile steps, shared with the persistent form (_attention_sm90_forms): they use o, sc,
-# kb, a, m_run, l_run, corr, t, sl2, batch, NT and SKIP_UNMOVED of the kernel body around them. softmax and fetch_bias take
+# kb, a, m_run, l_run, corr, t, sl2, batch, NT, SKIP_UNMOVED and MAX_CHAINS of the kernel body around them. softmax and fetch_bias take
 # `tail` as a compile-time flag, through on_tile: true only for the last key tile when Lk is not a multiple of
 # BN. (As a run-time flag, ptxas kept its per-key tests in every tile: at LK = 4621 the loop had 60 more FSEL
 # and 35 more ISETP than at LK = 4736, nvcc 13.0 SASS, session 13.)
 _CONSUMER_STEPS = r"""  // S_j's online softmax (sc[4c + e] is (row r0, key 8c + 2t + e), sc[4c + 2 + e] the same key, row
   // r0 + 8; m in log2 units), keys past Lk masked: sc becomes P_j (float), l and m updated, corr the
   // factor O must take once P_{j-1} V_{j-1} has landed
+  // Each row's maximum over the tile is taken in MAX_CHAINS independent chains (chain (2c + e) % MAX_CHAINS),
+  // then combined: max is exact in any order, and one chain of 32 dependent FMNMX per row held up the
+  // exponentials behind it.
+  auto row_max = [&](const float (&part)[MAX_CHAINS]) {
+    float m = part[0];
+#pragma unroll
+    for (int i = 1; i < MAX_CHAINS; ++i) m = fmaxf(m, part[i]);
+    return m;
+  };
   auto softmax = [&](int j, auto tail_flag) {
     float mx[2] = {m_run[0], m_run[1]}, base[2];
+    float part[2][MAX_CHAINS];
+#pragma unroll
+    for (int i = 0; i < MAX_CHAINS; ++i) part[0][i] = part[1][i] = NEG_INF;
     constexpr bool tail = decltype(tail_flag)::value;  // tile j reaches past Lk
     if (HAS_BIAS) {  // scores scaled and biased first: the row max is taken over those
 #pragma unroll
       for (int c = 0; c < 16; ++c) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int key = j * BN + 8 * c + 2 * t + e;
+          const int key = j * BN + 8 * c + 2 * t + e, c4 = (2 * c + e) % MAX_CHAINS;
           const bool ok = !tail || key < LK;
           const float bias = ok ? kb[2 * c + e] * LOG2E : 0.0f;
           sc[4 * c + e] = ok ? sc[4 * c + e] * sl2 + bias : NEG_INF;
           sc[4 * c + 2 + e] = ok ? sc[4 * c + 2 + e] * sl2 + bias : NEG_INF;
-          mx[0] = fmaxf(mx[0], sc[4 * c + e]);
-          mx[1] = fmaxf(mx[1], sc[4 * c + 2 + e]);
+          part[0][c4] = fmaxf(part[0][c4], sc[4 * c + e]);
+          part[1][c4] = fmaxf(part[1][c4], sc[4 * c + 2 + e]);
         }
       }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) mx[h] = fmaxf(mx[h], row_max(part[h]));
     } else {  // the row max over the raw scores (sl2 > 0), scaled once: p = 2^(s sl2 - m) by one fma
-      float raw[2] = {NEG_INF, NEG_INF};
 #pragma unroll
       for (int c = 0; c < 16; ++c) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int key = j * BN + 8 * c + 2 * t + e;
+          const int key = j * BN + 8 * c + 2 * t + e, c4 = (2 * c + e) % MAX_CHAINS;
           if (tail && key >= LK) sc[4 * c + e] = sc[4 * c + 2 + e] = NEG_INF;
-          raw[0] = fmaxf(raw[0], sc[4 * c + e]);
-          raw[1] = fmaxf(raw[1], sc[4 * c + 2 + e]);
+          part[0][c4] = fmaxf(part[0][c4], sc[4 * c + e]);
+          part[1][c4] = fmaxf(part[1][c4], sc[4 * c + 2 + e]);
         }
       }
-      mx[0] = fmaxf(mx[0], raw[0] * sl2);
-      mx[1] = fmaxf(mx[1], raw[1] * sl2);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) mx[h] = fmaxf(mx[h], row_max(part[h]) * sl2);
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -242,6 +256,7 @@ _SOURCE = r"""
   constexpr int Q_BYTES = 2 * CHUNK, TILE_BYTES = 2 * CHUNK;        // Q; one K or V tile
   constexpr int NT = (LK + BN - 1) / BN;
   constexpr bool SKIP_UNMOVED = true;  // rescale_and_pack: a warp whose rows' maxima did not move skips O *= corr
+  constexpr int MAX_CHAINS = 4;  // softmax: independent max chains per row
   constexpr float LOG2E = 1.4426950408889634f;
   const float NEG_INF = __int_as_float(0xff800000);
   extern __shared__ __align__(1024) unsigned char fd_smem_raw[];

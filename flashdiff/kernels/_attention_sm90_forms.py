@@ -30,6 +30,7 @@ _SOURCE_PERSISTENT = r"""
   // O *= corr on every tile: with the per-warp skip of the per-tile form, ptxas grew this loop from 995 to 1591
   // SASS instructions (nvcc 13.0, session 13)
   constexpr bool SKIP_UNMOVED = false;
+  constexpr int MAX_CHAINS = 4;  // softmax: independent max chains per row
   constexpr float LOG2E = 1.4426950408889634f;
   const float NEG_INF = __int_as_float(0xff800000);
   extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
