@@ -3,13 +3,14 @@
 ``attention(..., backend="cuda_wgmma")``. Written in session 6 (checked then only by nvcc and by
 tests/cuda_emulation.py); first run on the H200 in session 7, where it passed its GPU tests
 (tests/test_kernels_cuda.py, backend "cuda_wgmma") and was timed against cuDNN (benchmarks/README.md).
-Session 13 (no GPU) made the softmax's key-tail test a compile-time flag (``on_tile``), so that full key tiles
-carry no per-key compare and select (SASS: 731 -> 588 instructions per tile at Lk = 4621, 585 at 4736), and S's
-first k16 wgmma overwrites its accumulators (scale-d false) instead of the loop zeroing them (-32 instructions
-per tile: 553 at Lk = 4736), and a warp none of whose rows' maxima moved skips O's rescale (SKIP_UNMOVED), and each row's maximum is taken
-in MAX_CHAINS = 4 independent chains (563 in the loop, 499 on a skipping tile). The outputs are bit-identical in
-the emulation and nvcc 13.0 builds it; none of the four edits has yet been built by MLX's NVRTC or run on the
-H200 (benchmarks/probe_attention_variants.py times each).
+Session 13 (no GPU) made four edits to the consumers' loop, each found in the SASS:
+- the softmax's key-tail test is a compile-time flag (``on_tile``), so full key tiles carry no per-key compare
+  and select (731 -> 588 instructions per tile at Lk = 4621; 585 at 4736);
+- S's first k16 wgmma overwrites its accumulators (scale-d false) instead of the loop zeroing them (553);
+- a warp none of whose rows' maxima moved skips O's rescale (``SKIP_UNMOVED``);
+- each row's maximum is taken in ``MAX_CHAINS`` = 4 independent chains (563 in the loop, 499 on a skipping tile).
+The outputs are bit-identical in the emulation and nvcc 13.0 builds them; none has yet been built by MLX's NVRTC
+or run on the H200 (benchmarks/probe_attention_variants.py times each).
 
 Two kernels:
 - ``_MAPS_SOURCE``: one warp encodes the three TMA tensor maps (Q, K and V as (rows, 128), boxes of
@@ -136,10 +137,10 @@ _MAPS_SOURCE = r"""
 """
 
 # The consumers' per-tile steps, shared with the persistent form (_attention_sm90_forms): they use o, sc,
-# kb, a, m_run, l_run, corr, t, sl2, batch, NT, SKIP_UNMOVED and MAX_CHAINS of the kernel body around them. softmax and fetch_bias take
-# `tail` as a compile-time flag, through on_tile: true only for the last key tile when Lk is not a multiple of
-# BN. (As a run-time flag, ptxas kept its per-key tests in every tile: at LK = 4621 the loop had 60 more FSEL
-# and 35 more ISETP than at LK = 4736, nvcc 13.0 SASS, session 13.)
+# kb, a, m_run, l_run, corr, t, sl2, batch, NT, SKIP_UNMOVED and MAX_CHAINS of the kernel body around them.
+# softmax and fetch_bias take `tail` as a compile-time flag, through on_tile: true only for the last key tile
+# when Lk is not a multiple of BN. (As a run-time flag, ptxas kept its per-key tests in every tile: at LK = 4621
+# the loop had 60 more FSEL and 35 more ISETP than at LK = 4736, nvcc 13.0 SASS, session 13.)
 _CONSUMER_STEPS = r"""  // S_j's online softmax (sc[4c + e] is (row r0, key 8c + 2t + e), sc[4c + 2 + e] the same key, row
   // r0 + 8; m in log2 units), keys past Lk masked: sc becomes P_j (float), l and m updated, corr the
   // factor O must take once P_{j-1} V_{j-1} has landed
