@@ -229,6 +229,13 @@ def interleaved(fns: dict, measure, rounds: int = 3) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def quantize(w, mode: str, bits: int, group: int):
+    """(wq, scales, biases) of ``mx.quantize`` in any mode (biases None where the mode has none: mxfp4, nvfp4,
+    mxfp8)."""
+    q = mx.quantize(w, group, bits, mode=mode)
+    return q[0], q[1], (q[2] if len(q) > 2 else None)
+
+
 def quantized_problem(spec: str, bits: int = 4, group: int = 64):
     """'MxKxN' -> (m, k, n, x, w, wq, scales, biases): bf16 x (M, K) and weight w (N, K) * 0.02, w quantized
     (affine, `bits`, `group`), all evaluated."""

@@ -38,7 +38,7 @@ import mlx.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashdiff.kernels import moe_gemm, quantized_linear  # noqa: E402
-from common import environment, interleaved, streamed_call, write_json, write_text_atomic  # noqa: E402
+from common import environment, interleaved, quantize, streamed_call, write_json, write_text_atomic  # noqa: E402
 from kernels import MOE_SIDE_COLUMNS, moe_side_columns, with_env  # noqa: E402
 
 QUANT = [("affine", 4, 64), ("affine", 8, 64)]
@@ -48,11 +48,6 @@ MOE_COLUMNS = ("gather_kernel", "separate_dequant")  # of kernels.MOE_SIDE_COLUM
 def _weight(n, k, key):
     """(n, k) bf16, std 1/sqrt(k): a chain of layers keeps its activations near unit size."""
     return (mx.random.normal((n, k), key=key) * k ** -0.5).astype(mx.bfloat16)
-
-
-def _quantize(w, mode, bits, group):
-    q = mx.quantize(w, group, bits, mode=mode)
-    return q[0], q[1], (q[2] if len(q) > 2 else None)
 
 
 def chains(width, mlp):
@@ -76,7 +71,7 @@ def chain_rows(rows_list, width, mlp, rounds, calls, emit):
             mx.eval(dense)
             flops = sum(2 * m * k * n for k, n in dims)
             for mode, bits, group in QUANT:
-                quant = [_quantize(w, mode, bits, group) for w in dense]
+                quant = [quantize(w, mode, bits, group) for w in dense]
                 mx.eval(quant)
 
                 def ours_layer(a, q):
@@ -140,7 +135,7 @@ class MoeFeedForward(nn.Module):
 
     def quantize_experts(self, bits, group):
         self.quant = (bits, group)
-        self.q1, self.q3, self.q2, self.q13 = (_quantize(w, "affine", bits, group)
+        self.q1, self.q3, self.q2, self.q13 = (quantize(w, "affine", bits, group)
                                                for w in (self.w1, self.w3, self.w2, self.w13))
 
     def route(self, h):

@@ -20,7 +20,8 @@ from flashdiff.kernels import (attention, moe_gemm, qk_norm_rope, qk_norm_rope_r
                                quantized_linear)
 from flashdiff.kernels import _attention_sm90, _dequant, _gemm_cuda, _gemm_mixed, _gemm_tma_dequant  # noqa: E402
 from flashdiff.kernels.moe import _moe_dense_experts, moe_windowed  # noqa: E402
-from common import interleaved, median_call, moe_problem, streamed_call, write_json, write_text_atomic  # noqa: E402
+from common import (interleaved, median_call, moe_problem, quantize, streamed_call, write_json,  # noqa: E402
+                    write_text_atomic)
 
 
 def bench(fn, warmup=3, iters=10, reps=1):
@@ -85,8 +86,7 @@ def qlinear_rows(quick):
         t_dense_iso = bench(lambda: x @ w.T)
         dense_compiled = mx.compile(lambda a: a @ w.T)  # a traced graph: less host work per call
         for mode, bits, group in configs + (extra if (m, k, n) == QLINEAR_SIZES[0] and not NO_EXTRA_MODES else []):
-            q = mx.quantize(w, group, bits, mode=mode)
-            wq, s, b = q[0], q[1], (q[2] if len(q) > 2 else None)
+            wq, s, b = quantize(w, mode, bits, group)
             mx.eval(wq, s, b)
             # against MLX's CPU dequantize (its CUDA one rounds q * s + b once, the CPU one twice, as ours do)
             ref_cpu = x @ mx.dequantize(wq, s, b, group, bits, mode=mode, dtype=x.dtype, stream=mx.cpu).T

@@ -72,11 +72,9 @@ def variant_sources(name: str, persistent: bool = False) -> tuple[str, str]:
 
 
 def variant_kernel(name: str, persistent: bool):
-    """Variant `name` of the main kernel, as flash_attention_sm90 builds the shipped one."""
+    """Variant `name` of the main kernel, built as flash_attention_sm90 builds the shipped one."""
     header, body = variant_sources(name, persistent)
-    smem = forms.SMEM_BYTES_PERSISTENT if persistent else att.SMEM_BYTES
-    return mx.fast.cuda_kernel(name=f"flashdiff_probe_att_{name}", input_names=["q", "k", "v", "tmaps", "scale", "kbias"],
-                               output_names=["out"], source=body, header=header, shared_memory=smem)
+    return att.main_kernel(f"flashdiff_probe_att_{name}", body, header, persistent)
 
 
 def main():

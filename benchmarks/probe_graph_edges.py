@@ -61,7 +61,7 @@ def main():
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import in_graph
-    from common import write_json
+    from common import quantize, write_json
     from flashdiff.kernels import quantized_linear
 
     def graphs_of(run):
@@ -73,7 +73,7 @@ def main():
         return sorted(set(prefix.parent.glob(prefix.name + "_*.dot")) - before, key=lambda p: p.stat().st_mtime)
 
     x = mx.random.normal((args.rows, args.width)).astype(mx.bfloat16)
-    layers = [in_graph._quantize(in_graph._weight(args.width, args.width, k), "affine", 4, 64)
+    layers = [quantize(in_graph._weight(args.width, args.width, k), "affine", 4, 64)
               for k in mx.random.split(mx.random.key(0), args.layers)]
     t, dim, hidden, shared_hidden, experts, top_k = (int(v) for v in args.moe.split(","))
     h = mx.random.normal((t, dim)).astype(mx.bfloat16)

@@ -140,6 +140,24 @@ def sass_loop(ins, min_mma: int, addresses: bool = False):
     return best if addresses else [t for _, t in best]
 
 
+def attention_main_loop(tmp_path, lk, has_bias=False, persistent=False, dtype=mx.bfloat16, sources=None,
+                        addresses=False):
+    """The SASS of the sm_90 attention's main loop (S_j = Q K_j^T and P V: 8 + 8 wgmmas) at LQ = LK = lk, 24 heads:
+    the shipped kernel (per-tile or persistent form), or sources = (header, body) in its place."""
+    from flashdiff.kernels import _attention_sm90, _attention_sm90_forms
+
+    header, body = sources or (_attention_sm90._HEADER,
+                               _attention_sm90_forms._SOURCE_PERSISTENT if persistent else _attention_sm90._SOURCE)
+    src = cuda_kernel_source(
+        "attention_sm90", header, body,
+        [("q", dtype), ("k", dtype), ("v", dtype), ("tmaps", mx.uint8), ("scale", mx.float32), ("kbias", mx.float32)],
+        [("out", dtype)],
+        [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("H", 24), ("HK", 24), ("LQ", lk), ("LK", lk),
+         ("HAS_BIAS", has_bias), ("PINGPONG", True), ("SEQ_MAJOR", False)] + ([("BH", 24)] if persistent else []))
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return sass_loop(sass(tmp_path, src), min_mma=16, addresses=addresses)
+
+
 # ---------------------------------------------------------------- GPU kernel cases shared by the CUDA
 # and Metal test files (tests/test_kernels_cuda.py, tests/test_kernels_metal.py): the same case,
 # the backend named by the caller, the pure-MLX reference as the oracle.

@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import common  # noqa: E402
 import models  # noqa: E402
+from helpers import attention_main_loop, nvdisasm_path  # noqa: E402
 
 BF16 = [f"flashdiff-bf16-{s}{m}" for s in ("unfused", "fused", "fused-hm") for m in ("", "-compiled", "-blocks")]
 FLASHDIFF = BF16 + ["flashdiff-bf16-modulation"] + [f"flashdiff-{q}{m}" for q in ("8bit", "4bit") for m in ("", "-compiled", "-blocks", "-stream")]
@@ -424,24 +425,13 @@ def test_attention_variant_probe_takes_back_each_edit():
             assert (got == shipped) == (name == "as_is" or (persistent and name == "always_rescale")), (name, persistent)
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA toolkit (nvcc)")
+@pytest.mark.skipif(shutil.which("nvcc") is None or nvdisasm_path() is None,
+                    reason="needs the CUDA toolkit (nvcc) and nvdisasm (the test extra nvidia-cuda-nvdisasm)")
 def test_attention_variant_probe_reproduces_session_12_in_sass(tmp_path):
     import probe_attention_variants as probe
-    from helpers import cuda_kernel_source, nvdisasm_path, sass, sass_loop
-
-    if nvdisasm_path() is None:
-        pytest.skip("needs nvdisasm (the test extra nvidia-cuda-nvdisasm)")
 
     def loop(name, lk):
-        header, body = probe.variant_sources(name)
-        src = cuda_kernel_source(
-            "attention_sm90", header, body,
-            [("q", mx.bfloat16), ("k", mx.bfloat16), ("v", mx.bfloat16), ("tmaps", mx.uint8), ("scale", mx.float32),
-             ("kbias", mx.float32)], [("out", mx.bfloat16)],
-            [("T", mx.bfloat16), ("IS_BF16", True), ("H", 24), ("HK", 24), ("LQ", lk), ("LK", lk), ("HAS_BIAS", False),
-             ("PINGPONG", True), ("SEQ_MAJOR", False)])
-        (tmp_path / f"{name}{lk}").mkdir()
-        return sass_loop(sass(tmp_path / f"{name}{lk}", src), min_mma=16)
+        return attention_main_loop(tmp_path / f"{name}{lk}", lk, sources=probe.variant_sources(name))
 
     count = lambda body, what: sum(what(t) for t in body)  # noqa: E731
     old = loop("session12", 4621)

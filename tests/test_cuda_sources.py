@@ -11,7 +11,7 @@ import shutil
 
 import mlx.core as mx
 import pytest
-from helpers import cuda_kernel_source, nvcc_compile, nvdisasm_path, sass, sass_loop
+from helpers import attention_main_loop, cuda_kernel_source, nvcc_compile, nvdisasm_path
 
 from flashdiff.kernels import (_attention_sm90, _attention_sm90_forms, _dequant, _gemm_cuda, _gemm_mixed, _gemm_sm90, _gemm_tma,
                                _gemm_tma_dequant, _gemm_tma_dequant_persistent, _gemm_tma_forms, _moe_layout)
@@ -193,26 +193,17 @@ def test_dequant_kernel_compiles(tmp_path, bits, mode, flat, dtype):
            [("out", dtype)], template)
 
 
-def _attention_main_loop(tmp_path, lk, has_bias, persistent, dtype=mx.bfloat16, addresses=False):
-    """The SASS of the sm_90 attention's main loop (S_j = Q K_j^T and P V: 8 + 8 wgmmas) at LQ = LK = lk, 24 heads."""
-    src = cuda_kernel_source(
-        "attention_sm90", _attention_sm90._HEADER,
-        _attention_sm90_forms._SOURCE_PERSISTENT if persistent else _attention_sm90._SOURCE,
-        [("q", dtype), ("k", dtype), ("v", dtype), ("tmaps", mx.uint8), ("scale", mx.float32), ("kbias", mx.float32)],
-        [("out", dtype)],
-        [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("H", 24), ("HK", 24), ("LQ", lk), ("LK", lk),
-         ("HAS_BIAS", has_bias), ("PINGPONG", True), ("SEQ_MAJOR", False)] + ([("BH", 24)] if persistent else []))
-    tmp_path.mkdir(exist_ok=True)
-    return sass_loop(sass(tmp_path, src), min_mma=16, addresses=addresses)
+# the SASS checks read nvcc's cubin with nvdisasm
+needs_nvdisasm = pytest.mark.skipif(nvdisasm_path() is None, reason="needs nvdisasm (the test extra nvidia-cuda-nvdisasm)")
 
 
-@pytest.mark.skipif(nvdisasm_path() is None, reason="needs nvdisasm (the test extra nvidia-cuda-nvdisasm)")
+@needs_nvdisasm
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("persistent", [False, True])
 def test_wgmma_attention_scores_overwrite_instead_of_zeroing(tmp_path, dtype, persistent):
     """Each key tile's S = Q K^T starts with a wgmma that ignores its accumulator (scale-d false: RZ, !UPT in SASS),
     so the loop zeroes no registers first (session 13: 32 CS2R per tile before); the P V wgmmas accumulate."""
-    body = _attention_main_loop(tmp_path, 4736, False, persistent, dtype)
+    body = attention_main_loop(tmp_path, 4736, False, persistent, dtype)
     mmas = [t for t in body if t.startswith("HGMMA")]
     overwriting = [t for t in mmas if "RZ, !UPT" in t]
     assert len(mmas) == 16 and len(overwriting) == 1, mmas
@@ -223,22 +214,22 @@ def test_wgmma_attention_scores_overwrite_instead_of_zeroing(tmp_path, dtype, pe
     assert len(zeroing) <= (8 if persistent else 0), zeroing
 
 
-@pytest.mark.skipif(nvdisasm_path() is None, reason="needs nvdisasm (the test extra nvidia-cuda-nvdisasm)")
+@needs_nvdisasm
 @pytest.mark.parametrize("has_bias", [False, True])
 def test_wgmma_attention_row_maxima_in_independent_chains(tmp_path, has_bias):
     """Each thread's two rows take their maximum over a key tile in MAX_CHAINS = 4 chains each, so the loop starts 8
     FMNMX chains from -inf (session 12's loop: 2 chains of 32 dependent FMNMX)."""
-    body = _attention_main_loop(tmp_path, 4736, has_bias, False)
+    body = attention_main_loop(tmp_path, 4736, has_bias, False)
     starts = [t for t in body if t.startswith("FMNMX") and "-INF" in t]
     assert len(starts) == 8, starts
 
 
-@pytest.mark.skipif(nvdisasm_path() is None, reason="needs nvdisasm (the test extra nvidia-cuda-nvdisasm)")
+@needs_nvdisasm
 @pytest.mark.parametrize("persistent", [False, True])
 def test_wgmma_attention_rescale_skipped_by_warps_whose_maxima_did_not_move(tmp_path, persistent):
     """The per-tile form's loop votes once per tile (VOTE.ANY) and branches around O's 64 rescaling FMULs; the
     persistent form (SKIP_UNMOVED false: with the vote ptxas grew its loop by 60%) rescales on every tile."""
-    body = _attention_main_loop(tmp_path, 4736, False, persistent, addresses=True)
+    body = attention_main_loop(tmp_path, 4736, False, persistent, addresses=True)
     votes = [i for i, (_, t) in enumerate(body) if t.startswith("VOTE.ANY")]
     assert len(votes) == (0 if persistent else 1), votes
     if not persistent:  # the first conditional forward branch after the vote jumps over the 64 FMULs
@@ -248,17 +239,17 @@ def test_wgmma_attention_rescale_skipped_by_warps_whose_maxima_did_not_move(tmp_
         assert target > addr and sum(t.startswith("FMUL") for t in skipped) == 64, skipped
 
 
-@pytest.mark.skipif(nvdisasm_path() is None, reason="needs nvdisasm (the test extra nvidia-cuda-nvdisasm)")
+@needs_nvdisasm
 @pytest.mark.parametrize("has_bias", [False, True])
 @pytest.mark.parametrize("persistent", [False, True])
 def test_wgmma_attention_full_key_tiles_have_no_per_key_tests(tmp_path, has_bias, persistent):
-    """In the sm_90 attention's main loop (SASS; the per-tile and the persistent form), a key tile that lies wholly inside Lk runs no per-key test. An odd
-    Lk (4621) may add one tail-tile copy of the softmax, but its full tiles run the instructions of an aligned Lk
-    (4736). Session 13 found the old run-time `tail` flag costing every tile 60 FSEL to -inf and ~35 ISETP at
+    """In the sm_90 attention's main loop (SASS; the per-tile and the persistent form), a key tile that lies wholly
+    inside Lk runs no per-key test. An odd Lk (4621) may add one tail-tile copy of the softmax, but its full tiles
+    run the instructions of an aligned Lk (4736). Session 13 found the old run-time `tail` flag costing every tile 60 FSEL to -inf and ~35 ISETP at
     LK = 4621: 731 instructions per tile against 585 (4736); measured on the H200 (sessions 7-8), ours ran 4621
     keys 11-16% slower than 4736."""
     def loop(lk):
-        body = _attention_main_loop(tmp_path / str(lk), lk, has_bias, persistent)
+        body = attention_main_loop(tmp_path / str(lk), lk, has_bias, persistent)
         return body, sum("FSEL" in t and "-INF" in t for t in body)
 
     aligned, aligned_selects = loop(4736)

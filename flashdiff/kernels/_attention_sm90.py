@@ -392,15 +392,22 @@ def _maps_kernel():
                                output_names=["tmaps"], source=_MAPS_SOURCE, header=_MAP_HEADER)
 
 
+def main_kernel(name: str, source: str, header: str, persistent: bool):
+    """The main kernel built from `source` / `header` with the launcher's inputs, output and shared memory (the
+    shipped sources through ``_kernel``; benchmarks/probe_attention_variants.py builds edited ones)."""
+    from ._attention_sm90_forms import SMEM_BYTES_PERSISTENT
+
+    return mx.fast.cuda_kernel(name=name, input_names=["q", "k", "v", "tmaps", "scale", "kbias"], output_names=["out"],
+                               source=source, header=header,
+                               shared_memory=SMEM_BYTES_PERSISTENT if persistent else SMEM_BYTES)
+
+
 @functools.cache
 def _kernel(persistent: bool = False):
     if persistent:
-        from ._attention_sm90_forms import _SOURCE_PERSISTENT, SMEM_BYTES_PERSISTENT
-        source, name, smem = _SOURCE_PERSISTENT, "flashdiff_attention_sm90_persistent", SMEM_BYTES_PERSISTENT
-    else:
-        source, name, smem = _SOURCE, "flashdiff_attention_sm90", SMEM_BYTES
-    return mx.fast.cuda_kernel(name=name, input_names=["q", "k", "v", "tmaps", "scale", "kbias"],
-                               output_names=["out"], source=source, header=_HEADER, shared_memory=smem)
+        from ._attention_sm90_forms import _SOURCE_PERSISTENT
+        return main_kernel("flashdiff_attention_sm90_persistent", _SOURCE_PERSISTENT, _HEADER, True)
+    return main_kernel("flashdiff_attention_sm90", _SOURCE, _HEADER, False)
 
 
 def flash_attention_sm90(q, k, v, scale, key_bias=None, pingpong=True, seq_major=False, persistent=False):
