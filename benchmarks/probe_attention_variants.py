@@ -1,4 +1,4 @@
-"""What each of session 13's four edits to the sm_90 attention is worth (run on the GPU machine):
+"""What each of session 13's four edits to the sm_90 attention is worth (run on the GPU machine; session 14 took one back):
 
     python3 benchmarks/probe_attention_variants.py --out $OUT/attention-variants.json
     NCU=1 ncu --clock-control none -k regex:flashdiff_probe_att --metrics gpu__time_duration.sum --csv \\
@@ -10,10 +10,11 @@ launched through the real launcher (``flash_attention_sm90``), timed in turn wit
   as_is          the kernel as it ships
   runtime_tail   the key-tail test as a run-time flag again (every key tile tests each key)
   zeroing        S's accumulators zeroed by the loop and the first k16 wgmma accumulating onto them
-  always_rescale O *= corr on every tile (no per-warp skip)
+  skip_unmoved   a warp whose rows' maxima did not move skips O *= corr (a vote per tile; shipped in session 13,
+                 measured slower in session 14 and taken out: this variant puts it back)
   one_max_chain  each row's maximum in one chain of 32 dependent FMNMX (MAX_CHAINS = 1)
-  session12      all four taken back: the kernel as session 12 ran it
---lengths L:heads,...; --persistent: the persistent form instead (it never skips the rescale); --mask: a boolean
+  session12      the other three taken back: the kernel as session 12 ran it
+--lengths L:heads,...; --persistent: the persistent form instead; --mask: a boolean
 key mask with the last 1% of keys masked (the case attention() dispatches to this kernel).
 """
 
@@ -42,15 +43,15 @@ _ZEROING_HEADER = [("    if (kk == 0 && BF16) fd_wgmma_ss_first_bf16(d, fd_desc(
 _ZEROING = [("    fd_mbar_wait(fd_smem_addr(&k_full[j % STAGES]), (j / STAGES) & 1);\n  };",
              "    fd_mbar_wait(fd_smem_addr(&k_full[j % STAGES]), (j / STAGES) & 1);\n#pragma unroll\n"
              "    for (int i = 0; i < 64; ++i) sc[i] = 0.0f;\n    fd_fence64(sc);\n  };")]
-_ALWAYS_RESCALE = [("constexpr bool SKIP_UNMOVED = true;", "constexpr bool SKIP_UNMOVED = false;")]
+_SKIP_UNMOVED = [("constexpr bool SKIP_UNMOVED = false;", "constexpr bool SKIP_UNMOVED = true;")]
 _ONE_MAX_CHAIN = [("constexpr int MAX_CHAINS = 4;", "constexpr int MAX_CHAINS = 1;")]
 VARIANTS = {
     "as_is": ([], []),
     "runtime_tail": ([], _RUNTIME_TAIL),
     "zeroing": (_ZEROING_HEADER, _ZEROING),
-    "always_rescale": ([], _ALWAYS_RESCALE),
+    "skip_unmoved": ([], _SKIP_UNMOVED),
     "one_max_chain": ([], _ONE_MAX_CHAIN),
-    "session12": (_ZEROING_HEADER, _RUNTIME_TAIL + _ZEROING + _ALWAYS_RESCALE + _ONE_MAX_CHAIN),
+    "session12": (_ZEROING_HEADER, _RUNTIME_TAIL + _ZEROING + _ONE_MAX_CHAIN),
 }
 
 
@@ -63,11 +64,8 @@ def _edit(text: str, edits) -> str:
 
 
 def variant_sources(name: str, persistent: bool = False) -> tuple[str, str]:
-    """(header, kernel body) of variant `name`. The persistent form has no per-warp skip: its always_rescale is
-    the shipped source."""
+    """(header, kernel body) of variant `name`, of the per-tile or the persistent form."""
     header_edits, body_edits = VARIANTS[name]
-    if persistent:
-        body_edits = [e for e in body_edits if e not in _ALWAYS_RESCALE]
     return _edit(att._HEADER, header_edits), _edit(forms._SOURCE_PERSISTENT if persistent else att._SOURCE, body_edits)
 
 

@@ -226,17 +226,13 @@ def test_wgmma_attention_row_maxima_in_independent_chains(tmp_path, has_bias):
 
 @needs_nvdisasm
 @pytest.mark.parametrize("persistent", [False, True])
-def test_wgmma_attention_rescale_skipped_by_warps_whose_maxima_did_not_move(tmp_path, persistent):
-    """The per-tile form's loop votes once per tile (VOTE.ANY) and branches around O's 64 rescaling FMULs; the
-    persistent form (SKIP_UNMOVED false: with the vote ptxas grew its loop by 60%) rescales on every tile."""
-    body = attention_main_loop(tmp_path, 4736, False, persistent, addresses=True)
-    votes = [i for i, (_, t) in enumerate(body) if t.startswith("VOTE.ANY")]
-    assert len(votes) == (0 if persistent else 1), votes
-    if not persistent:  # the first conditional forward branch after the vote jumps over the 64 FMULs
-        addr, text = next((a, t) for a, t in body[votes[0]:] if re.match(r"@!?P\d\s+BRA", t))
-        target = int(text.split("0x")[-1], 16)
-        skipped = [t for a, t in body if addr < a < target]
-        assert target > addr and sum(t.startswith("FMUL") for t in skipped) == 64, skipped
+def test_wgmma_attention_rescales_every_tile(tmp_path, persistent):
+    """Both forms rescale O on every tile: no VOTE.ANY in the loop. Session 13's per-warp skip (a vote per tile and a
+    branch around the 64 FMULs) measured slower on the H200 in session 14; the variant probe's `skip_unmoved` keeps
+    it (tests/test_benchmarks.py reads that variant's SASS)."""
+    body = attention_main_loop(tmp_path, 4736, False, persistent)
+    assert not [t for t in body if t.startswith("VOTE")]
+    assert sum(t.startswith("FMUL") for t in body) >= 64
 
 
 @needs_nvdisasm

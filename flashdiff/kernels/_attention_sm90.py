@@ -7,10 +7,11 @@ Session 13 (no GPU) made four edits to the consumers' loop, each found in the SA
 - the softmax's key-tail test is a compile-time flag (``on_tile``), so full key tiles carry no per-key compare
   and select (731 -> 588 instructions per tile at Lk = 4621; 585 at 4736);
 - S's first k16 wgmma overwrites its accumulators (scale-d false) instead of the loop zeroing them (553);
-- a warp none of whose rows' maxima moved skips O's rescale (``SKIP_UNMOVED``);
-- each row's maximum is taken in ``MAX_CHAINS`` = 4 independent chains (563 in the loop, 499 on a skipping tile).
-The outputs are bit-identical in the emulation and nvcc 13.0 builds them; none has yet been built by MLX's NVRTC
-or run on the H200 (benchmarks/probe_attention_variants.py times each).
+- a warp none of whose rows' maxima moved skipped O's rescale (``SKIP_UNMOVED``; turned off again in session 14,
+  where the H200 measured the vote slower than rescaling every tile);
+- each row's maximum is taken in ``MAX_CHAINS`` = 4 independent chains.
+The outputs are bit-identical in the emulation. Session 14 ran them on the H200: the GPU tests pass, and
+benchmarks/probe_attention_variants.py timed each edit taken back (benchmarks/README.md, session 14).
 
 Two kernels:
 - ``_MAPS_SOURCE``: one warp encodes the three TMA tensor maps (Q, K and V as (rows, 128), boxes of
@@ -256,7 +257,10 @@ _SOURCE = r"""
   constexpr int BM = 128, BN = 128, STAGES = 2, CHUNK = 128 * 128;  // a chunk: 128 rows x 64 columns
   constexpr int Q_BYTES = 2 * CHUNK, TILE_BYTES = 2 * CHUNK;        // Q; one K or V tile
   constexpr int NT = (LK + BN - 1) / BN;
-  constexpr bool SKIP_UNMOVED = true;  // rescale_and_pack: a warp whose rows' maxima did not move skips O *= corr
+  // rescale_and_pack: O *= corr on every tile. The per-warp skip (a vote, true here) was bit-identical but measured
+  // slower on the H200 (session 14, benchmarks/probe_attention_variants.py: 0.507-0.514 ms against 0.527-0.551 at
+  // 4608 tokens, 5.32-5.37 against 5.38-5.41 at 16384)
+  constexpr bool SKIP_UNMOVED = false;
   constexpr int MAX_CHAINS = 4;  // softmax: independent max chains per row
   constexpr float LOG2E = 1.4426950408889634f;
   const float NEG_INF = __int_as_float(0xff800000);
