@@ -11,6 +11,8 @@ Python launchers compute (templates, grids, buffers), with a recorder in place o
 
 import math
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,10 +149,11 @@ def test_emulated_dequant_gemm_matches_gemm_on_dequantized_weight(tmp_path, bits
     np.testing.assert_allclose(out, ref, rtol=1e-2, atol=1e-2)
 
 
-def _attention(tmp_path, q, k, v, scale, bias=None, pingpong=True, seq_major=False, persistent_ctas=0):
+def _attention(tmp_path, q, k, v, scale, bias=None, pingpong=True, seq_major=False, persistent_ctas=0, body=None):
     """The maps and main kernels of _attention_sm90 on bf16 bit patterns q (B, H, Lq, 128), k / v (B, Hk, Lk, 128)
     (given to the kernels as (B, L, H, 128) when seq_major; the output comes back as (B, H, Lq, 128));
-    persistent_ctas > 0: the persistent form (_attention_sm90_forms) on that many CTAs."""
+    persistent_ctas > 0: the persistent form (_attention_sm90_forms) on that many CTAs; body: the per-tile kernel's
+    source in place of the shipped one."""
     b, h, lq, _ = q.shape
     hk, lk = k.shape[1], k.shape[2]
     if seq_major:
@@ -165,7 +168,7 @@ def _attention(tmp_path, q, k, v, scale, bias=None, pingpong=True, seq_major=Fal
               ("KV_ROWS", rows[1])]
     main_t = [("T", "bf16"), ("IS_BF16", True), ("H", h), ("HK", hk), ("LQ", lq), ("LK", lk), ("HAS_BIAS", bias is not None),
               ("PINGPONG", pingpong), ("SEQ_MAJOR", seq_major)]
-    source, grid = att._SOURCE, (math.ceil(lq / att.BM), b * h)
+    source, grid = body or att._SOURCE, (math.ceil(lq / att.BM), b * h)
     if persistent_ctas:
         source, grid = att_forms._SOURCE_PERSISTENT, (persistent_ctas, 1)
         main_t.append(("BH", b * h))
@@ -206,7 +209,7 @@ def test_emulated_wgmma_attention_matches_softmax_attention(tmp_path, b, h, hk, 
 def _settled_inputs(rng, lq, lk, with_bias):
     """q / k / v (1, 2 heads, L, 128; one K / V head) whose every row's largest score is key 0's: every q row carries
     a common part u = 1 and key 0 is 0.65 u (its bias, if any, the largest: 0). So each row's maximum is set by the
-    first key tile, corr = 1 afterwards, and the per-tile form's warps skip O's rescale. Key 0 carries about half
+    first key tile and corr = 1 afterwards (where session 13's per-warp vote skipped O's rescale). Key 0 carries about half
     of each row's weight, the other keys the rest."""
     q = bf16_bits(rng.standard_normal((1, 2, lq, 128)) + 1.0)
     k = rng.standard_normal((1, 1, lk, 128))
@@ -219,16 +222,23 @@ def _settled_inputs(rng, lq, lk, with_bias):
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("persistent_ctas", [0, 2])
-def test_emulated_wgmma_attention_with_maxima_set_by_the_first_tile(tmp_path, with_bias, persistent_ctas):
-    """Rows whose running maximum stops moving after the first key tile, so the per-tile form's warps skip O *= corr
-    (corr is 1 for every row of the warp) on every later tile, against float64 softmax attention."""
+@pytest.mark.parametrize("variant, persistent_ctas", [("shipped", 0), ("skip_unmoved", 0), ("shipped", 2)])
+def test_emulated_wgmma_attention_with_maxima_set_by_the_first_tile(tmp_path, with_bias, variant, persistent_ctas):
+    """Rows whose running maximum stops moving after the first key tile (corr is 1 for every row of a warp on every
+    later tile), against float64 softmax attention: the shipped forms, and the variant probe's skip_unmoved, whose
+    warps then skip O *= corr (session 13's vote, taken out in session 14)."""
+    body = None
+    if variant == "skip_unmoved":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+        import probe_attention_variants as probe
+
+        body = probe.variant_sources(variant)[1]
     q, k, v, bias = _settled_inputs(np.random.default_rng(3), 200, 700, with_bias)
     qf, kf, vf = (bf16_values(a).astype(np.float64) for a in (q, k, v))
     s = np.einsum("bhqd,bkd->bhqk", qf, kf[:, 0]) * 0.088 + (0 if bias is None else bias[:, None, None, :])
     p0 = 1 / np.exp(s - s[..., :1]).sum(-1)  # key 0's weight
     assert (s.argmax(-1) == 0).all() and 0.2 < p0.mean() < 0.8, p0.mean()  # key 0 sets every row's max, not all
-    out = _attention(tmp_path, q, k, v, 0.088, bias, persistent_ctas=persistent_ctas)
+    out = _attention(tmp_path, q, k, v, 0.088, bias, persistent_ctas=persistent_ctas, body=body)
     np.testing.assert_allclose(out, softmax_attention_np(qf, kf, vf, 0.088, bias), rtol=2e-2, atol=2e-2)
 
 
