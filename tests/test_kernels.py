@@ -113,7 +113,7 @@ def test_attention_blhd_layout(mask_kind):
 
 def test_attention_dispatch_rule(monkeypatch):
     """Which path the default CUDA dispatch takes, on a (pretended) Hopper: the sm_90 kernel for key masks
-    and for long unmasked sequences of odd length, cuDNN's SDPA otherwise; FLASHDIFF_ATTENTION=sdpa turns
+    and for long unmasked sequences (Lq * Lk >= SM90_MIN_SCORES, aligned or not), cuDNN's SDPA otherwise; FLASHDIFF_ATTENTION=sdpa turns
     ours off."""
     import importlib
 
@@ -124,15 +124,16 @@ def test_attention_dispatch_rule(monkeypatch):
     monkeypatch.setattr(attention_module, "resolve_backend", lambda backend=None: "cuda")
     monkeypatch.setattr(_gemm_cuda, "is_sm90", lambda: True)
     path = attention_module._path
-    n = math.isqrt(attention_module.SM90_MIN_SCORES) + 1
-    n += 1 if n % 128 == 0 else 0
-    short, long = mx.zeros((1, 24, 4621, 128), mx.bfloat16), mx.zeros((1, 24, n, 128), mx.bfloat16)
-    aligned = mx.zeros((1, 24, -(-n // 128) * 128, 128), mx.bfloat16)  # long, a multiple of 128: cuDNN's
+    n = math.isqrt(attention_module.SM90_MIN_SCORES)
+    short, long = mx.zeros((1, 24, 4621, 128), mx.bfloat16), mx.zeros((1, 24, n + 3, 128), mx.bfloat16)
+    aligned = mx.zeros((1, 24, -(-n // 128) * 128, 128), mx.bfloat16)  # long, a multiple of 128
+    below = mx.zeros((1, 24, n - 1, 128), mx.bfloat16)
     key_mask = mx.ones((1, 1, 1, 4621), mx.bool_)
     assert path(short, short, None, None) == "sdpa"
     assert path(long, long, None, None) == "cuda_wgmma"
-    assert path(aligned, aligned, None, None) == "sdpa"
-    assert path(aligned, long, None, None) == "cuda_wgmma"
+    assert path(aligned, aligned, None, None) == "cuda_wgmma"
+    assert path(below, below, None, None) == "sdpa"
+    assert path(below, long, None, None) == "cuda_wgmma"  # Lq * Lk over the bound
     assert path(short, short, key_mask, None) == "cuda_wgmma"
     assert path(short, short, key_mask.astype(mx.bfloat16), None) == "cuda_wgmma"
     assert path(short, short, mx.ones((1, 1, 4621, 4621), mx.bool_), None) == "sdpa"  # not a key mask

@@ -9,8 +9,8 @@ key_multiplier (optional), (B, Lk): multiplies the keys before the scores (HiDre
 
 Dispatch on CUDA (``_use_sm90``): on Hopper, for head dim 128 in bf16/f16, our sm_90 kernel
 (``_attention_sm90``, FlashAttention-3's design) where it measured faster than cuDNN on the H200
-(benchmarks/README.md, session 7): with a key mask (B, 1, 1, Lk) (MLX's SDPA then leaves cuDNN's fused
-path) and without a mask at odd lengths once Lq * Lk >= ``SM90_MIN_SCORES``. Everything else, and other GPUs, go to
+(benchmarks/README.md, sessions 7 and 14): with a key mask (B, 1, 1, Lk) (MLX's SDPA then leaves cuDNN's fused
+path) and without a mask once Lq * Lk >= ``SM90_MIN_SCORES``, at any length. Everything else, and other GPUs, go to
 ``mx.fast.scaled_dot_product_attention`` (cuDNN). ``FLASHDIFF_ATTENTION=sdpa`` (or ``backend="sdpa"``)
 turns our kernel off. Metal uses MLX's fused SDPA; CPU the reference.
 Forced backends: ``"cuda_wgmma"`` (the sm_90 kernel; no mask or a key mask), ``"cuda_flash"`` (the
@@ -102,11 +102,13 @@ def _flash_metal():
 _FLASH_KERNELS = {"cuda_flash": _flash_cuda, "cuda_wgmma": _flash_sm90, "metal_flash": _flash_metal}
 
 
-# Unmasked attention goes to the sm_90 kernel when a length is not a multiple of 128 (cuDNN's odd-length
-# cost) and Lq * Lk is at least this. H200, session 7 (benchmarks/README.md): ours / cuDNN 1.072 at
-# 32760, 1.018 at 40000, 1.038 at 75600; 0.86-0.99 at odd lengths 4621 .. 28700; 0.89-0.99 at multiples
-# of 128 up to 32768.
-SM90_MIN_SCORES = 30000 * 30000
+# Unmasked attention goes to the sm_90 kernel once Lq * Lk is at least this, aligned or not. H200, session 14
+# (benchmarks/README.md, 24 heads, benchmarks/results/attention-dispatch-*-h200-s14.json): ours / cuDNN 1.03 at
+# 16384 (1.03 in the (B, L, H, D) layout the models pass), 1.02-1.03 at 16896 (FLUX at 2048²), 1.09 at 16400,
+# 1.03 at 20480, 1.02 at 24576, 1.07 at 32760, 1.05 at 32768. Below it the layouts disagree: 1.01-1.02 at 12288
+# head-major but 0.96 in (B, L, H, D); 0.98 at 8192, 0.90-0.96 at 4096 .. 4736. (Session 7's kernel, before
+# session 13's edits to its loop, won only at odd lengths from ~30000 tokens.)
+SM90_MIN_SCORES = 16384 * 16384
 
 
 def _use_sm90(q, k, mask) -> bool:
@@ -118,8 +120,7 @@ def _use_sm90(q, k, mask) -> bool:
         return False
     if mask is not None:  # MLX's SDPA leaves cuDNN's fused path: 1.1x its additive-mask, 5x its boolean-mask time
         return _is_key_mask(mask)
-    lq, lk = q.shape[2], k.shape[2]
-    return bool(lq % 128 or lk % 128) and lq * lk >= SM90_MIN_SCORES
+    return q.shape[2] * k.shape[2] >= SM90_MIN_SCORES
 
 
 def _path(q, k, mask, backend) -> str:
