@@ -34,12 +34,14 @@ before it on the one stream; only a fused kernel as fast as cuBLAS would hide it
 TMA GEMM whose storer warps dequantize the weight while it runs (FLASHDIFF_QLINEAR=persistent,
 ``_gemm_tma_dequant_persistent``, exact) is not that kernel either: 0.48-0.71x of bf16 at 1024 rows.
 
-Inside a model's block (session 13, from MLX's source, not measured yet): MLX's CUDA back-end records an
-evaluation into one CUDA graph whose edges come from buffers only (a kernel waits for the last kernel of the
-graph that wrote one of its inputs or outputs). ``mx.depends`` launches nothing, so it adds no edge, and the
+Inside a model's block (read in MLX's source in session 13, seen and timed in session 14): MLX's CUDA
+back-end records an evaluation into one CUDA graph whose edges come from buffers only (a kernel waits for the
+last kernel of the graph that wrote one of its inputs or outputs). ``mx.depends`` launches nothing, so it adds no edge, and the
 dequantize kernel reads only the weight: it is a root of the graph, which the GPU may run beside the GEMMs of
-the layers before it. The measures above time one layer per graph, where it cannot. benchmarks/in_graph.py
-times chains of layers compiled as one function; benchmarks/probe_graph_edges.py lists the graph's edges.
+the layers before it. The measures above time one layer per graph, where it cannot. benchmarks/probe_graph_edges.py
+showed the dequantize nodes as roots on the H200, but benchmarks/in_graph.py (chains of 8 layers compiled as one
+function) measured little gain from it: 1024-row chains at 0.76-0.81x of bf16, 0.74-0.79x with CUDA graphs off;
+4608-row chains at 0.91-0.96x.
 """
 
 import os
