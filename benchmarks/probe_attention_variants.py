@@ -13,7 +13,9 @@ launched through the real launcher (``flash_attention_sm90``), timed in turn wit
   skip_unmoved   a warp whose rows' maxima did not move skips O *= corr (a vote per tile; shipped in session 13,
                  measured slower in session 14 and taken out: this variant puts it back)
   one_max_chain  each row's maximum in one chain of 32 dependent FMNMX (MAX_CHAINS = 1)
-  session12      the other three taken back: the kernel as session 12 ran it
+  session12      the other edits taken back: the kernel as session 12 ran it
+  scale_from_memory  (session 14) each CTA reads the softmax scale from its (1,) input, a host-written array in
+                 MLX's managed scalar pool, instead of the SCALE_BITS compile-time constant
 --lengths L:heads,...; --persistent: the persistent form instead; --mask: a boolean
 key mask with the last 1% of keys masked (the case attention() dispatches to this kernel).
 """
@@ -45,13 +47,15 @@ _ZEROING = [("    fd_mbar_wait(fd_smem_addr(&k_full[j % STAGES]), (j / STAGES) &
              "    for (int i = 0; i < 64; ++i) sc[i] = 0.0f;\n    fd_fence64(sc);\n  };")]
 _SKIP_UNMOVED = [("constexpr bool SKIP_UNMOVED = false;", "constexpr bool SKIP_UNMOVED = true;")]
 _ONE_MAX_CHAIN = [("constexpr int MAX_CHAINS = 4;", "constexpr int MAX_CHAINS = 1;")]
+_SCALE_FROM_MEMORY = [("const float sl2 = __int_as_float(SCALE_BITS) * LOG2E;", "const float sl2 = scale[0] * LOG2E;")]
 VARIANTS = {
     "as_is": ([], []),
     "runtime_tail": ([], _RUNTIME_TAIL),
     "zeroing": (_ZEROING_HEADER, _ZEROING),
     "skip_unmoved": ([], _SKIP_UNMOVED),
     "one_max_chain": ([], _ONE_MAX_CHAIN),
-    "session12": (_ZEROING_HEADER, _RUNTIME_TAIL + _ZEROING + _ONE_MAX_CHAIN),
+    "scale_from_memory": ([], _SCALE_FROM_MEMORY),
+    "session12": (_ZEROING_HEADER, _RUNTIME_TAIL + _ZEROING + _ONE_MAX_CHAIN + _SCALE_FROM_MEMORY),
 }
 
 

@@ -152,8 +152,7 @@ def attention_main_loop(tmp_path, lk, has_bias=False, persistent=False, dtype=mx
         "attention_sm90", header, body,
         [("q", dtype), ("k", dtype), ("v", dtype), ("tmaps", mx.uint8), ("scale", mx.float32), ("kbias", mx.float32)],
         [("out", dtype)],
-        [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("H", 24), ("HK", 24), ("LQ", lk), ("LK", lk),
-         ("HAS_BIAS", has_bias), ("PINGPONG", True), ("SEQ_MAJOR", False)] + ([("BH", 24)] if persistent else []))
+        _attention_sm90.main_template(dtype, 24, 24, lk, lk, has_bias, True, False, 128 ** -0.5, 24 if persistent else None))
     tmp_path.mkdir(parents=True, exist_ok=True)
     return sass_loop(sass(tmp_path, src), min_mma=16, addresses=addresses)
 

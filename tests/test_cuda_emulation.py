@@ -167,7 +167,7 @@ def _attention(tmp_path, q, k, v, scale, bias=None, pingpong=True, seq_major=Fal
     maps_t = [("T", "bf16"), ("IS_BF16", True), ("Q_COLS", cols[0]), ("Q_ROWS", rows[0]), ("KV_COLS", cols[1]),
               ("KV_ROWS", rows[1])]
     main_t = [("T", "bf16"), ("IS_BF16", True), ("H", h), ("HK", hk), ("LQ", lq), ("LK", lk), ("HAS_BIAS", bias is not None),
-              ("PINGPONG", pingpong), ("SEQ_MAJOR", seq_major)]
+              ("PINGPONG", pingpong), ("SEQ_MAJOR", seq_major), ("SCALE_BITS", att.scale_bits(scale))]
     source, grid = body or att._SOURCE, (math.ceil(lq / att.BM), b * h)
     if persistent_ctas:
         source, grid = att_forms._SOURCE_PERSISTENT, (persistent_ctas, 1)

@@ -269,15 +269,13 @@ def test_wgmma_attention_compiles(tmp_path, dtype, has_bias, pingpong):
     text = report(tmp_path, "attention_sm90", _attention_sm90._HEADER, _attention_sm90._SOURCE,
                   [("q", dtype), ("k", dtype), ("v", dtype), ("tmaps", mx.uint8), ("scale", mx.float32),
                    ("kbias", mx.float32)], [("out", dtype)],
-                  [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("H", 24), ("HK", 24), ("LQ", lk), ("LK", lk),
-                   ("HAS_BIAS", has_bias), ("PINGPONG", pingpong), ("SEQ_MAJOR", pingpong)])
+                  _attention_sm90.main_template(dtype, 24, 24, lk, lk, has_bias, pingpong, pingpong, 0.088))
     assert_fits_tma_block(text)
     assert "serialized" not in text, text
     persistent = report(tmp_path, "attention_sm90_persistent", _attention_sm90._HEADER, _attention_sm90_forms._SOURCE_PERSISTENT,
                         [("q", dtype), ("k", dtype), ("v", dtype), ("tmaps", mx.uint8), ("scale", mx.float32),
                          ("kbias", mx.float32)], [("out", dtype)],
-                        [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("H", 24), ("HK", 24), ("LQ", lk), ("LK", lk),
-                         ("HAS_BIAS", has_bias), ("PINGPONG", pingpong), ("SEQ_MAJOR", pingpong), ("BH", 24)])
+                        _attention_sm90.main_template(dtype, 24, 24, lk, lk, has_bias, pingpong, pingpong, 0.088, 24))
     assert_fits_tma_block(persistent)
     assert "serialized" not in persistent, persistent
     report(tmp_path, "attention_sm90_maps", _attention_sm90._MAP_HEADER, _attention_sm90._MAPS_SOURCE,

@@ -33,6 +33,7 @@ Two kernels:
 
 import functools
 import math
+import struct
 
 import mlx.core as mx
 
@@ -249,10 +250,11 @@ _CONSUMER_STEPS = r"""  // S_j's online softmax (sc[4c + e] is (row r0, key 8c +
   };
 """
 
-# Template: T, IS_BF16, H, HK, LQ, LK, HAS_BIAS, PINGPONG, SEQ_MAJOR (q, k, v and out (B, L, H, 128) in memory,
-# else (B, H, L, 128)). Grid: x = query blocks of 128 rows (384 threads
-# each), y = B * H. Inputs q, k, v (read through the maps), tmaps, scale (1,) float32, kbias (B, Lk)
-# or a dummy; output out (B, H, LQ, 128).
+# Template (``main_template``): T, IS_BF16, H, HK, LQ, LK, HAS_BIAS, PINGPONG, SEQ_MAJOR (q, k, v and out (B, L, H, 128)
+# in memory, else (B, H, L, 128)), SCALE_BITS (the softmax scale's float32 bits: a compile-time constant). Grid: x =
+# query blocks of 128 rows (384 threads each), y = B * H. Inputs q, k, v (read through the maps), tmaps, scale (1,)
+# float32 (read only by benchmarks/probe_attention_variants.py's scale_from_memory), kbias (B, Lk) or a dummy; output
+# out (B, H, LQ, 128).
 _SOURCE = r"""
   constexpr int BM = 128, BN = 128, STAGES = 2, CHUNK = 128 * 128;  // a chunk: 128 rows x 64 columns
   constexpr int Q_BYTES = 2 * CHUNK, TILE_BYTES = 2 * CHUNK;        // Q; one K or V tile
@@ -322,7 +324,7 @@ _SOURCE = r"""
   fd_regs_consumer();
   const int wg = warp >> 2, t = lane & 3;
   const int r0 = wg * 64 + (warp & 3) * 16 + (lane >> 2);
-  const float sl2 = scale[0] * LOG2E;
+  const float sl2 = __int_as_float(SCALE_BITS) * LOG2E;  // not scale[0]: a read per CTA of a host-written array
   float o[64], sc[64];
   float kb[32];  // tile j's key bias (HAS_BIAS), loaded before its scores are waited for
 #pragma unroll
@@ -396,6 +398,18 @@ def _maps_kernel():
                                output_names=["tmaps"], source=_MAPS_SOURCE, header=_MAP_HEADER)
 
 
+def scale_bits(scale: float) -> int:
+    """The float32 bit pattern of `scale` as a signed int: the main kernel's SCALE_BITS template value."""
+    return int(struct.unpack("<i", struct.pack("<f", scale))[0])
+
+
+def main_template(dtype, h, hk, lq, lk, has_bias, pingpong, seq_major, scale, bh=None):
+    """The main kernel's template values (the persistent form's with bh = B * H)."""
+    template = [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("H", h), ("HK", hk), ("LQ", lq), ("LK", lk),
+                ("HAS_BIAS", has_bias), ("PINGPONG", pingpong), ("SEQ_MAJOR", seq_major), ("SCALE_BITS", scale_bits(scale))]
+    return template + ([("BH", bh)] if bh is not None else [])
+
+
 def main_kernel(name: str, source: str, header: str, persistent: bool):
     """The main kernel built from `source` / `header` with the launcher's inputs, output and shared memory (the
     shipped sources through ``_kernel``; benchmarks/probe_attention_variants.py builds edited ones)."""
@@ -443,17 +457,17 @@ def flash_attention_sm90(q, k, v, scale, key_bias=None, pingpong=True, seq_major
     )
     if key_bias is None and not scale > 0:  # the unbiased softmax takes its row max before scaling
         key_bias = mx.zeros((b, lk), mx.float32)
-    bias = mx.zeros((1,), mx.float32) if key_bias is None else key_bias.astype(mx.float32)
-    template = [("T", q.dtype), ("IS_BF16", is_bf16), ("H", h), ("HK", hk), ("LQ", lq), ("LK", lk),
-                ("HAS_BIAS", key_bias is not None), ("PINGPONG", pingpong), ("SEQ_MAJOR", seq_major)]
+    scale_arr = mx.array([scale], dtype=mx.float32)  # host data: no kernel launch (also the dummy bias)
+    bias = scale_arr if key_bias is None else key_bias.astype(mx.float32)
+    template = main_template(q.dtype, h, hk, lq, lk, key_bias is not None, pingpong, seq_major, scale,
+                             b * h if persistent else None)
     tiles = math.ceil(lq / BM) * b * h
     if persistent:
-        template.append(("BH", b * h))
         grid = (min(num_sms(), tiles) * THREADS, 1, 1)
     else:
         grid = (math.ceil(lq / BM) * THREADS, b * h, 1)
     (out,) = _kernel(persistent)(
-        inputs=[q, k, v, maps, mx.array([scale], dtype=mx.float32), bias], template=template,
+        inputs=[q, k, v, maps, scale_arr, bias], template=template,
         output_shapes=[q.shape], output_dtypes=[q.dtype], grid=grid, threadgroup=(THREADS, 1, 1),
     )
     return out

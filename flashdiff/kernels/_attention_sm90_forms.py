@@ -21,7 +21,7 @@ from ._attention_sm90 import _CONSUMER_STEPS, BM, BN, D, STAGES
 Q_BUFFERS = 2
 SMEM_BYTES_PERSISTENT = Q_BUFFERS * BM * D * 2 + STAGES * 2 * BN * D * 2 + 1024  # 2 Q + K, V stages + alignment
 
-# Template: as _SOURCE, plus BH (= B * H). Grid: x = CTAs (at most one per SM and per tile; 384 threads
+# Template: as _SOURCE (``main_template``), plus BH (= B * H). Grid: x = CTAs (at most one per SM and per tile; 384 threads
 # each), y = 1. Inputs and output as _SOURCE.
 _SOURCE_PERSISTENT = r"""
   constexpr int BM = 128, BN = 128, STAGES = 2, CHUNK = 128 * 128;  // a chunk: 128 rows x 64 columns
@@ -107,7 +107,7 @@ _SOURCE_PERSISTENT = r"""
   fd_regs_consumer();
   const int wg = warp >> 2, t = lane & 3;
   const int r0 = wg * 64 + (warp & 3) * 16 + (lane >> 2);
-  const float sl2 = scale[0] * LOG2E;
+  const float sl2 = __int_as_float(SCALE_BITS) * LOG2E;
   float o[64], sc[64];
   float kb[32];  // tile j's key bias (HAS_BIAS), loaded before its scores are waited for
 #pragma unroll
