@@ -259,7 +259,7 @@ _SOURCE = r"""
   constexpr int BM = 128, BN = 128, STAGES = 2, CHUNK = 128 * 128;  // a chunk: 128 rows x 64 columns
   constexpr int Q_BYTES = 2 * CHUNK, TILE_BYTES = 2 * CHUNK;        // Q; one K or V tile
   constexpr int NT = (LK + BN - 1) / BN;
-  // rescale_and_pack: O *= corr on every tile. The per-warp skip (a vote, true here) was bit-identical but measured
+  // rescale_and_pack: O *= corr on every tile. The per-warp skip (true: a vote per tile) was bit-identical but measured
   // slower on the H200 (session 14, benchmarks/probe_attention_variants.py: 0.507-0.514 ms against 0.527-0.551 at
   // 4608 tokens, 5.32-5.37 against 5.38-5.41 at 16384)
   constexpr bool SKIP_UNMOVED = false;
@@ -400,7 +400,7 @@ def _maps_kernel():
 
 def scale_bits(scale: float) -> int:
     """The float32 bit pattern of `scale` as a signed int: the main kernel's SCALE_BITS template value."""
-    return int(struct.unpack("<i", struct.pack("<f", scale))[0])
+    return struct.unpack("<i", struct.pack("<f", float(scale)))[0]
 
 
 def main_template(dtype, h, hk, lq, lk, has_bias, pingpong, seq_major, scale, bh=None):
@@ -433,7 +433,8 @@ def flash_attention_sm90(q, k, v, scale, key_bias=None, pingpong=True, seq_major
     k / v (B, Lk, Hk, 128) -> (B, Lq, H, 128), the layout the models' fused q/k/v projections give
     (no transposes). bf16 / fp16; key_bias None or (B, Lk) additive float.
     pingpong: the two consumer warpgroups take turns issuing their MMAs (FlashAttention-3's schedule).
-    persistent: one CTA per SM walks the tiles (``_attention_sm90_forms``; exact on the H200, measured no faster, opt-in)."""
+    persistent: one CTA per SM walks the tiles (``_attention_sm90_forms``; exact on the H200, measured no faster, opt-in).
+    The scale is compiled into the kernel (SCALE_BITS): each distinct value builds its own kernel once."""
     if seq_major:
         b, lq, h, d = q.shape
         lk, hk = k.shape[1], k.shape[2]
