@@ -4,9 +4,9 @@ The kernel benchmark script (benchmarks/kernels.py) saves its rows as it measure
 
 import json
 import math
+import re
 import shutil
 import subprocess
-import re
 import sys
 from pathlib import Path
 
