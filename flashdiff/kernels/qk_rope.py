@@ -20,6 +20,7 @@ use the reference (plain MLX ops, also the test oracle).
 """
 
 import functools
+import struct
 
 import mlx.core as mx
 
@@ -99,7 +100,7 @@ _CUDA_SOURCE = r"""
   const bool in_a = l < (unsigned long long)LA;
   const T* src = in_a ? a + (b * LA + l) * SA : bsrc + (b * LB + (l - LA)) * SB;
   const unsigned int d0 = lane * E;
-  const float eps_v = eps[0];
+  const float eps_v = __int_as_float(EPS_BITS);  // compile-time: no per-warp read of a host-written array
   T* outs[3] = {q, k, v};
 #pragma unroll
   for (int part = 0; part < 3; ++part) {
@@ -170,20 +171,26 @@ _METAL_SOURCE = r"""
   }
 """
 
-_INPUTS = ["a", "bsrc", "wqa", "wka", "wqb", "wkb", "cosv", "sinv", "eps"]
+_INPUTS = ["a", "bsrc", "wqa", "wka", "wqb", "wkb", "cosv", "sinv"]
 
 
 @functools.cache
 def _kernel(backend: str):
-    if backend == "cuda":
+    if backend == "cuda":  # eps is the template value EPS_BITS
         return mx.fast.cuda_kernel(name="flashdiff_qk_norm_rope", input_names=_INPUTS,
                                    output_names=["q", "k", "v"], source=_CUDA_SOURCE)
-    return mx.fast.metal_kernel(name="flashdiff_qk_norm_rope", input_names=_INPUTS,
+    return mx.fast.metal_kernel(name="flashdiff_qk_norm_rope", input_names=_INPUTS + ["eps"],
                                 output_names=["q", "k", "v"], source=_METAL_SOURCE)
 
 
+def eps_bits(eps: float) -> int:
+    """The float32 bit pattern of `eps` as a signed int: the CUDA kernel's EPS_BITS template value."""
+    return struct.unpack("<i", struct.pack("<f", float(eps)))[0]
+
+
 def launch_config(sources, heads, head_dim):
-    """Template arguments, output shape and grid of the GPU kernel (also checked by CPU tests)."""
+    """Template arguments (without the CUDA kernel's EPS_BITS), output shape and grid of the GPU kernel
+    (also checked by CPU tests)."""
     (ta, _, _), (tb, _, _) = sources[0], sources[-1]
     single = len(sources) == 1
     nb, la, lb = ta.shape[0], ta.shape[1], 0 if single else tb.shape[1]
@@ -198,6 +205,10 @@ def _qk_norm_rope_gpu(sources, heads, head_dim, cos, sin, eps, backend):
     (ta, wqa, wka), (tb, wqb, wkb) = sources[0], sources[-1]
     dtype = ta.dtype
     inputs = [ta, tb, wqa.astype(dtype), wka.astype(dtype), wqb.astype(dtype), wkb.astype(dtype),
-              cos.astype(mx.float32), sin.astype(mx.float32), mx.array([eps], dtype=mx.float32)]
+              cos.astype(mx.float32), sin.astype(mx.float32)]
+    if backend == "cuda":  # a constant: MLX keeps a host-made (1,) array in managed memory, which every warp would read
+        template = template + [("EPS_BITS", eps_bits(eps))]
+    else:
+        inputs.append(mx.array([eps], dtype=mx.float32))
     return tuple(_kernel(backend)(inputs=inputs, template=template, grid=grid, threadgroup=group,
                                   output_shapes=[shape] * 3, output_dtypes=[dtype] * 3))
