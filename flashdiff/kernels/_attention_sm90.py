@@ -403,6 +403,14 @@ def scale_bits(scale: float) -> int:
     return struct.unpack("<i", struct.pack("<f", float(scale)))[0]
 
 
+def scale_input(scale: float) -> mx.array:
+    """The (1,) float32 array passed as the main kernel's `scale` input (read only by the probe's scale_from_memory
+    variant) and as its dummy bias: made from host data, so no kernel launch. MLX's CUDA allocator keeps host-made
+    arrays in managed memory; benchmarks/probe_attention_dispatch.py's "device scalar" replaces this function to see
+    whether such an input costs anything at launch."""
+    return mx.array([scale], dtype=mx.float32)
+
+
 def main_template(dtype, h, hk, lq, lk, has_bias, pingpong, seq_major, scale, bh=None):
     """The main kernel's template values (the persistent form's with bh = B * H)."""
     template = [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("H", h), ("HK", hk), ("LQ", lq), ("LK", lk),
@@ -428,13 +436,29 @@ def _kernel(persistent: bool = False):
     return main_kernel("flashdiff_attention_sm90", _SOURCE, _HEADER, False)
 
 
-def flash_attention_sm90(q, k, v, scale, key_bias=None, pingpong=True, seq_major=False, persistent=False):
+def tensor_maps(q, k, v, seq_major=False):
+    """The maps kernel's output for contiguous q, k, v: their three TMA tensor maps (the arrays' addresses inside)."""
+    b, h, lq = (q.shape[0], q.shape[2], q.shape[1]) if seq_major else q.shape[:3]
+    hk, lk = (k.shape[2], k.shape[1]) if seq_major else k.shape[1:3]
+    cols = (h * D, hk * D) if seq_major else (D, D)
+    rows = (b * lq, b * lk) if seq_major else (b * h * lq, b * hk * lk)
+    (maps,) = _maps_kernel()(
+        inputs=[q, k, v], template=[("T", q.dtype), ("IS_BF16", q.dtype == mx.bfloat16), ("Q_COLS", cols[0]),
+                                    ("Q_ROWS", rows[0]), ("KV_COLS", cols[1]), ("KV_ROWS", rows[1])],
+        output_shapes=[(MAP_BYTES,)], output_dtypes=[mx.uint8], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+    )
+    return maps
+
+
+def flash_attention_sm90(q, k, v, scale, key_bias=None, pingpong=True, seq_major=False, persistent=False, _maps=None):
     """Head-major: q (B, H, Lq, 128), k / v (B, Hk, Lk, 128) -> (B, H, Lq, 128). seq_major: q (B, Lq, H, 128),
     k / v (B, Lk, Hk, 128) -> (B, Lq, H, 128), the layout the models' fused q/k/v projections give
     (no transposes). bf16 / fp16; key_bias None or (B, Lk) additive float.
     pingpong: the two consumer warpgroups take turns issuing their MMAs (FlashAttention-3's schedule).
     persistent: one CTA per SM walks the tiles (``_attention_sm90_forms``; exact on the H200, measured no faster, opt-in).
-    The scale is compiled into the kernel (SCALE_BITS): each distinct value builds its own kernel once."""
+    The scale is compiled into the kernel (SCALE_BITS): each distinct value builds its own kernel once.
+    _maps: ``tensor_maps`` of these very (contiguous) arrays, made earlier (benchmarks/probe_attention_dispatch.py
+    times the main kernel alone this way); None: made here, a kernel launch ahead of the main one."""
     if seq_major:
         b, lq, h, d = q.shape
         lk, hk = k.shape[1], k.shape[2]
@@ -448,17 +472,10 @@ def flash_attention_sm90(q, k, v, scale, key_bias=None, pingpong=True, seq_major
         raise ValueError(f"key_bias must be (B, Lk) = {(b, lk)}, got {tuple(key_bias.shape)}.")
     # one contiguous copy for both kernels: the maps hold these arrays' addresses
     q, k, v = (mx.contiguous(a) for a in (q, k, v))
-    is_bf16 = q.dtype == mx.bfloat16
-    cols = (h * D, hk * D) if seq_major else (D, D)
-    rows = (b * lq, b * lk) if seq_major else (b * h * lq, b * hk * lk)
-    (maps,) = _maps_kernel()(
-        inputs=[q, k, v], template=[("T", q.dtype), ("IS_BF16", is_bf16), ("Q_COLS", cols[0]), ("Q_ROWS", rows[0]),
-                                    ("KV_COLS", cols[1]), ("KV_ROWS", rows[1])],
-        output_shapes=[(MAP_BYTES,)], output_dtypes=[mx.uint8], grid=(32, 1, 1), threadgroup=(32, 1, 1),
-    )
+    maps = tensor_maps(q, k, v, seq_major) if _maps is None else _maps
     if key_bias is None and not scale > 0:  # the unbiased softmax takes its row max before scaling
         key_bias = mx.zeros((b, lk), mx.float32)
-    scale_arr = mx.array([scale], dtype=mx.float32)  # host data: no kernel launch (also the dummy bias)
+    scale_arr = scale_input(scale)  # also the dummy bias
     bias = scale_arr if key_bias is None else key_bias.astype(mx.float32)
     template = main_template(q.dtype, h, hk, lq, lk, key_bias is not None, pingpong, seq_major, scale,
                              b * h if persistent else None)
