@@ -112,9 +112,10 @@ def test_attention_blhd_layout(mask_kind):
 
 
 def test_attention_dispatch_rule(monkeypatch):
-    """Which path the default CUDA dispatch takes, on a (pretended) Hopper: the sm_90 kernel for key masks
-    and for long unmasked sequences (Lq * Lk >= SM90_MIN_SCORES, aligned or not), cuDNN's SDPA otherwise; FLASHDIFF_ATTENTION=sdpa turns
-    ours off."""
+    """Which path the default CUDA dispatch takes, on a (pretended) Hopper: the sm_90 kernel for key masks,
+    for long unmasked sequences (Lq * Lk >= SM90_MIN_SCORES, aligned or not) and for shorter ones with a length
+    that is not a multiple of 128 (Lq * Lk >= SM90_MIN_SCORES_ODD), cuDNN's SDPA otherwise; FLASHDIFF_ATTENTION=sdpa
+    turns ours off."""
     import importlib
 
     from flashdiff.kernels import _gemm_cuda
@@ -127,22 +128,35 @@ def test_attention_dispatch_rule(monkeypatch):
     n = math.isqrt(attention_module.SM90_MIN_SCORES)
     short, long = mx.zeros((1, 24, 4621, 128), mx.bfloat16), mx.zeros((1, 24, n + 3, 128), mx.bfloat16)
     aligned = mx.zeros((1, 24, -(-n // 128) * 128, 128), mx.bfloat16)  # long, a multiple of 128
-    below = mx.zeros((1, 24, n - 1, 128), mx.bfloat16)
+    below = mx.zeros((1, 24, n - 128, 128), mx.bfloat16)  # aligned, under the bound
+    wider = mx.zeros((1, 24, n + 256, 128), mx.bfloat16)  # aligned; (n - 128) * (n + 256) > n * n
     key_mask = mx.ones((1, 1, 1, 4621), mx.bool_)
-    assert path(short, short, None, None) == "sdpa"
+    odd_n = math.isqrt(attention_module.SM90_MIN_SCORES_ODD - 1) + 1  # the shortest length at the odd bound
+    assert odd_n * odd_n >= attention_module.SM90_MIN_SCORES_ODD > (odd_n - 1) ** 2 and odd_n < n
+    odd = -(-odd_n // 128) * 128 + 5  # over the odd bound, not a multiple of 128
+    mid_aligned = mx.zeros((1, 24, -(-odd_n // 128) * 128, 128), mx.bfloat16)  # over the odd bound, a multiple of 128
+    odd_over = mx.zeros((1, 24, odd, 128), mx.bfloat16)
+    odd_below = mx.zeros((1, 24, odd_n - 1 if (odd_n - 1) % 128 else odd_n - 2, 128), mx.bfloat16)
+    assert path(short, short, None, None) == "sdpa"  # 4621: odd, under the odd bound
+    assert path(odd_over, odd_over, None, None) == "cuda_wgmma"
+    assert path(odd_below, odd_below, None, None) == "sdpa"
+    assert path(mid_aligned, mid_aligned, None, None) == "sdpa"
+    assert path(mid_aligned, odd_over, None, None) == "cuda_wgmma"  # odd keys
+    assert path(odd_over, mid_aligned, None, None) == "cuda_wgmma"  # odd queries
     assert path(long, long, None, None) == "cuda_wgmma"
     assert path(aligned, aligned, None, None) == "cuda_wgmma"
     assert path(below, below, None, None) == "sdpa"
-    assert path(below, long, None, None) == "cuda_wgmma"  # Lq * Lk over the bound
+    assert path(below, aligned, None, None) == "sdpa"
+    assert path(below, wider, None, None) == "cuda_wgmma"  # Lq * Lk over the bound
     assert path(short, short, key_mask, None) == "cuda_wgmma"
     assert path(short, short, key_mask.astype(mx.bfloat16), None) == "cuda_wgmma"
     assert path(short, short, mx.ones((1, 1, 4621, 4621), mx.bool_), None) == "sdpa"  # not a key mask
     assert path(short[..., :64], short[..., :64], key_mask, None) == "sdpa"  # head dim 64
     assert path(short.astype(mx.float32), short.astype(mx.float32), key_mask, None) == "sdpa"
     assert path(long, long, None, "sdpa") == "sdpa"
-    assert path(short, short, None, "cuda_wgmma") == "cuda_wgmma"
+    assert path(odd_below, odd_below, None, "cuda_wgmma") == "cuda_wgmma"
     monkeypatch.setenv("FLASHDIFF_ATTENTION", "sdpa")
-    assert path(long, long, None, None) == "sdpa"
+    assert path(long, long, None, None) == "sdpa" and path(odd_over, odd_over, None, None) == "sdpa"
     monkeypatch.delenv("FLASHDIFF_ATTENTION")
     monkeypatch.setattr(_gemm_cuda, "is_sm90", lambda: False)
     assert path(long, long, key_mask[..., :n], None) == "sdpa"

@@ -113,6 +113,27 @@ def test_quantized_linear_cuda_mixed(monkeypatch, bits, group, dtype, m, k, n, w
     assert rel_err(out, same) < (5e-3 if with_bias else 2e-3), f"{equal:.4f} of the elements bit-identical to the TMA GEMM"
 
 
+@pytest.mark.parametrize("m, k, n, with_bias, bits, group", [(200, 320, 264, False, 4, 64), (300, 512, 200, True, 8, 64),
+                                                           (129, 448, 392, False, 8, 32), (1024, 3072, 3072, True, 4, 64)])
+def test_mixed_gemm_packed_cuda(m, k, n, with_bias, bits, group):
+    """The mixed GEMM in PACKED mode (pack_weight's blocks, one bulk copy per stage) equals the unpacked mixed GEMM bit
+    for bit, and the unpacked one is within rel. L2 1e-2 of float32 on MLX's CPU dequantize."""
+    from flashdiff.kernels import _gemm_mixed
+    if not _gemm_cuda.is_sm90():
+        pytest.skip("the mixed GEMM needs an sm_90 GPU")
+    mx.random.seed(m + k + bits)
+    w = (mx.random.normal((n, k)) * 0.05).astype(mx.bfloat16)
+    wq, s, b = mx.quantize(w, group, bits)
+    x = mx.random.normal((m, k)).astype(mx.bfloat16)
+    bias = mx.random.normal((n,)).astype(mx.bfloat16) if with_bias else None
+    plain = _gemm_mixed.mixed_gemm(x, wq, s, b, bits, group, bias)
+    packed = _gemm_mixed.mixed_gemm_packed(x, _gemm_mixed.pack_weight(wq, s, b, bits, group), n, bits, group, bias)
+    w_deq = mx.dequantize(wq, s, b, group, bits, stream=mx.cpu).astype(mx.float32)
+    ref = x.astype(mx.float32) @ w_deq.T + (0 if bias is None else bias.astype(mx.float32))
+    assert rel_err(plain, ref) < 1e-2
+    assert mx.array_equal(packed, plain).item()
+
+
 @pytest.mark.parametrize("quantized", MOE_QUANT_CASES)
 @pytest.mark.parametrize("per_slot", [False, True])
 def test_moe_gemm_cuda(quantized, per_slot):
@@ -284,12 +305,14 @@ def test_attention_cuda_wgmma_persistent(seq_major, masked):
 
 def test_attention_cuda_default_dispatch():
     """The default path on this GPU, for a key-masked Qwen-Image-like call (joint length 4096 + 93, one
-    batch row padded) and an unmasked long one: each against the reference."""
-    from flashdiff.kernels.attention import SM90_MIN_SCORES
+    batch row padded), an unmasked odd one over the odd-length bound and an unmasked long one: each against
+    the reference."""
+    from flashdiff.kernels.attention import SM90_MIN_SCORES, SM90_MIN_SCORES_ODD
 
     mx.random.seed(9)
     t = (0, 2, 1, 3)
-    for lk, mask_len in ((4189, 4150), (math.isqrt(SM90_MIN_SCORES) + 3, None)):  # the second: odd, unmasked
+    cases = ((4189, 4150), (math.isqrt(SM90_MIN_SCORES_ODD) + 13, None), (math.isqrt(SM90_MIN_SCORES) + 3, None))
+    for lk, mask_len in cases:
         q, k, v = (mx.random.normal((1, 2, lk, 128)).astype(mx.bfloat16) for _ in range(3))
         mask = None if mask_len is None else (mx.arange(lk) < mask_len)[None, None, None, :]
         ref = attention_reference(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), 0.088, mask)

@@ -9,8 +9,9 @@ key_multiplier (optional), (B, Lk): multiplies the keys before the scores (HiDre
 
 Dispatch on CUDA (``_use_sm90``): on Hopper, for head dim 128 in bf16/f16, our sm_90 kernel
 (``_attention_sm90``, FlashAttention-3's design) where it measured faster than cuDNN on the H200
-(benchmarks/README.md, sessions 7 and 14): with a key mask (B, 1, 1, Lk) (MLX's SDPA then leaves cuDNN's fused
-path) and without a mask once Lq * Lk >= ``SM90_MIN_SCORES``, at any length. Everything else, and other GPUs, go to
+(benchmarks/README.md, sessions 7, 14 and 15): with a key mask (B, 1, 1, Lk) (MLX's SDPA then leaves cuDNN's fused
+path) and without a mask once Lq * Lk >= ``SM90_MIN_SCORES``, at any length, or >= ``SM90_MIN_SCORES_ODD`` where Lq or
+Lk is not a multiple of 128 (cuDNN slows down there, ours much less). Everything else, and other GPUs, go to
 ``mx.fast.scaled_dot_product_attention`` (cuDNN). ``FLASHDIFF_ATTENTION=sdpa`` (or ``backend="sdpa"``)
 turns our kernel off. Metal uses MLX's fused SDPA; CPU the reference.
 Forced backends: ``"cuda_wgmma"`` (the sm_90 kernel; no mask or a key mask), ``"cuda_flash"`` (the
@@ -109,6 +110,12 @@ _FLASH_KERNELS = {"cuda_flash": _flash_cuda, "cuda_wgmma": _flash_sm90, "metal_f
 # head-major but 0.96 in (B, L, H, D); 0.98 at 8192, 0.90-0.96 at 4096 .. 4736. (Session 7's kernel, before
 # session 13's edits to its loop, won only at odd lengths from ~30000 tokens.)
 SM90_MIN_SCORES = 16384 * 16384
+# ... and from this bound where Lq or Lk is not a multiple of 128, where both timings agree. H200, session 15 (unmasked,
+# 24 heads, ours / cuDNN; benchmarks/results/attention-dispatch-odd*-h200-s15.json): streamed as the models run their
+# blocks, 1.08-1.09 at 6000 and 8200, 1.05-1.08 at 12300; queued 1.04-1.08 there (1.00 once at 12300, (B, L, H, D)).
+# Below it the two disagree: streamed 0.98-1.09 at 4621 (four runs), 1.04 at 5000, 1.03 at 5500, but queued 0.95-1.00
+# at 4621, 0.99 at 5000, 0.95 at 5500. Aligned lengths in the same runs: 0.91-1.00 at 4608 and 4736.
+SM90_MIN_SCORES_ODD = 6000 * 6000
 
 
 def _use_sm90(q, k, mask) -> bool:
@@ -120,7 +127,9 @@ def _use_sm90(q, k, mask) -> bool:
         return False
     if mask is not None:  # MLX's SDPA leaves cuDNN's fused path: 1.1x its additive-mask, 5x its boolean-mask time
         return _is_key_mask(mask)
-    return q.shape[2] * k.shape[2] >= SM90_MIN_SCORES
+    lq, lk = q.shape[2], k.shape[2]
+    odd = lq % 128 != 0 or lk % 128 != 0
+    return lq * lk >= (SM90_MIN_SCORES_ODD if odd else SM90_MIN_SCORES)
 
 
 def _path(q, k, mask, backend) -> str:
