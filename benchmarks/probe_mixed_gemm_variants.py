@@ -6,7 +6,9 @@ Times the kernel as it is and variants of its source with one part taken out or 
 give wrong results; only their time means something): "no code loads" (the producer stores made-up codes,
 scales and biases: no global loads), "no conversion" (consumers keep their first K tile's fragments),
 two K tiles of 4-bit codes in flight instead of four, the x tensor map encoded by a kernel of its own
-before each call (session 9) instead of by each CTA; next to MLX's
+before each call (session 9) instead of by each CTA, a deeper stage ring (session 15: 8 stages at 4 bits,
+7 at 8, the most that fit in shared memory, instead of 4), the producer's loads cached in L2 only (with and without
+the deeper ring), and the kernel in PACKED mode on pack_weight's blocks (4 and 8 / 7 stages); next to MLX's
 bf16 GEMM (cuBLAS) and the TMA GEMM (engine "wgmma tma") on a bf16 weight. Streamed timing
 (common.streamed_call), every variant measured in turn (common.interleaved, 3 rounds, medians).
 """
@@ -21,7 +23,7 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashdiff.kernels import _gemm_cuda, _gemm_mixed as mixed, _gemm_tma  # noqa: E402
-from common import interleaved, quantized_problem, streamed_call, write_json  # noqa: E402
+from common import interleaved, median_call, quantized_problem, streamed_call, write_json  # noqa: E402
 
 SEPARATE_MAPS = "tensor map from a kernel of its own"
 VARIANTS = {
@@ -41,24 +43,63 @@ VARIANTS = {
          "const unsigned long long xmap = fd_maps_addr(maps_in);"),
         ("    if (warp == 12)\n" + mixed.publish_maps_code([("x", "M_ROWS", "TT")], dst="xmap", name="xmap_smem"), "")],
 }
+DEEP_RING = "8 stages (4-bit) / 7 (8-bit)"
+VARIANTS[DEEP_RING] = []
+# the producer's global loads of codes, scales and biases cached in L2 only (ld.global.cg), not in L1: session 15's
+# deeper ring ran slower, and its larger shared-memory carve-out leaves less L1 for these loads
+_PAST_L1 = [
+    ("dst[i] = *reinterpret_cast<const uint4*>(wq + (size_t)n * WPR + kt * (BK * BITS / 32) + (unit % UPR) * 4);",
+     "dst[i] = __ldcg(reinterpret_cast<const uint4*>(wq + (size_t)n * WPR + kt * (BK * BITS / 32) + (unit % UPR) * 4));"),
+    ("""dsb[i] = (unsigned)*reinterpret_cast<const unsigned short*>(scales + g)
+                 | ((unsigned)*reinterpret_cast<const unsigned short*>(biases + g) << 16);""",
+     """dsb[i] = (unsigned)__ldcg(reinterpret_cast<const unsigned short*>(scales + g))
+                 | ((unsigned)__ldcg(reinterpret_cast<const unsigned short*>(biases + g)) << 16);""")]
+PAST_L1 = "loads past L1"
+PAST_L1_DEEP = "loads past L1, 8 stages (4-bit) / 7 (8-bit)"
+VARIANTS[PAST_L1] = _PAST_L1
+VARIANTS[PAST_L1_DEEP] = _PAST_L1
+# the shipped kernel in PACKED mode on pack_weight's blocks (session 15): the producer warpgroup's loads and
+# rearrangement done once ahead, each stage's codes and scale | bias pairs copied by one bulk copy
+PACKED = "packed weight (pack_weight), one bulk copy per stage"
+PACKED_DEEP = "packed weight, 8 stages (4-bit) / 7 (8-bit)"
+VARIANTS[PACKED] = []
+VARIANTS[PACKED_DEEP] = []
+STAGES_OF = {DEEP_RING: {4: 8, 8: 7}, PAST_L1_DEEP: {4: 8, 8: 7}, PACKED_DEEP: {4: 8, 8: 7}}  # by bits (others: mixed.STAGES)
 
 
-def variant_kernel(name, edits, bits):
+SMEM_LIMIT = 227 * 1024  # the H200's shared memory per block (opt-in)
+
+
+def variant_source(name, bits):
+    """(kernel body, shared-memory bytes) of variant `name` at `bits`, group 64."""
     source = mixed._SOURCE
+    stages = STAGES_OF.get(name, {}).get(bits, mixed.STAGES)
+    edits = VARIANTS[name] + ([(f"STAGES = {mixed.STAGES}, KT", f"STAGES = {stages}, KT")] if stages != mixed.STAGES else [])
     for old, new in edits:
-        assert old in source, (name, old)
+        if source.count(old) != 1:
+            raise AssertionError(f"the kernel's source changed: {old!r} occurs {source.count(old)} times ({name})")
         source = source.replace(old, new)
-    return mx.fast.cuda_kernel(name="flashdiff_probe_mixed_" + re.sub(r"\W+", "_", name),
+    smem = stages * mixed.stage_bytes(bits, 64) + 1024
+    if smem > SMEM_LIMIT:
+        raise AssertionError(f"{name}: {stages} stages need {smem} bytes of shared memory, over {SMEM_LIMIT}")
+    return source, smem
+
+
+def variant_kernel(name, bits):
+    source, smem = variant_source(name, bits)
+    return mx.fast.cuda_kernel(name="flashdiff_probe_mixed_" + re.sub(r"\W+", "_", name) + f"_{bits}",
                                input_names=["x", "wq", "scales", "biases", "bias"] + (["maps_in"] if name == SEPARATE_MAPS else []),
                                output_names=["out", "tmaps"],
-                               source=source, header=mixed._HEADER, shared_memory=mixed.smem_bytes(bits, 64))
+                               source=source, header=mixed._HEADER, shared_memory=smem)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="4608x3072x12288:4,4608x3072x12288:8,1024x3072x3072:4")
     ap.add_argument("--out", default="")
+    ap.add_argument("--variants", default="", help="a regular expression: only the variants it matches (and 'as is')")
     args = ap.parse_args()
+    names = [v for v in VARIANTS if v == "as is" or re.search(args.variants, v)]
     rows = []
     for case in args.cases.split(","):
         spec, bits = case.split(":")
@@ -66,17 +107,28 @@ def main():
         m, k, n, x, w, wq, s, b = quantized_problem(spec, bits)
         grid, group = mixed.grid(m, n)
 
-        def call(kernel, separate=False):
-            extra = [_gemm_tma.tensor_maps(x, wq.reshape(1, n, -1))] if separate else []
-            return kernel(inputs=[x, wq, s, b, x] + extra, template=mixed.template(x.dtype, m, k, n, bits, 64, False),
+        packed = mixed.pack_weight(wq, s, b, bits, 64)
+        mx.eval(packed)
+        pack_us = median_call(lambda: mixed.pack_weight(wq, s, b, bits, 64), 5, 3, 1) * 1e6
+
+        def call(kernel, name):
+            extra = [_gemm_tma.tensor_maps(x, wq.reshape(1, n, -1))] if name == SEPARATE_MAPS else []
+            is_packed = name in (PACKED, PACKED_DEEP)
+            inputs = [x, packed, x, x, x] if is_packed else [x, wq, s, b, x]
+            return kernel(inputs=inputs + extra, template=mixed.template(x.dtype, m, k, n, bits, 64, False, is_packed),
                           output_shapes=[(m, n), (mixed.maps_bytes(m, n),)], output_dtypes=[x.dtype, mx.uint8],
                           grid=grid, threadgroup=group)[0]
 
         fns = {"bf16 cuBLAS": lambda: x @ w.T, "TMA GEMM, bf16 weight": lambda: _gemm_cuda.dense_gemm(x, w, engine="wgmma tma")}
-        for name, edits in VARIANTS.items():
-            fns[name] = (lambda kernel, sep: lambda: call(kernel, sep))(variant_kernel(name, edits, bits), name == SEPARATE_MAPS)
+        for name in names:
+            fns[name] = (lambda kernel, name: lambda: call(kernel, name))(variant_kernel(name, bits), name)
+        outs = {name: fns[name]() for name in names}
+        # the exact variants must equal the kernel as is ("no code loads" / "no conversion" cannot)
+        same = {f"{name} equals as is": mx.array_equal(out, outs["as is"]).item() for name, out in outs.items()
+                if name not in ("as is", "no code loads", "no conversion")}
         times = interleaved(fns, streamed_call, 3)
-        row = dict(shape=spec, bits=bits, **{f"{name} us": t * 1e6 for name, t in times.items()})
+        row = dict(shape=spec, bits=bits, **{f"{name} us": t * 1e6 for name, t in times.items()}, **same,
+                   pack_weight_us=pack_us)
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out:

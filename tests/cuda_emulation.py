@@ -6,6 +6,7 @@ What the shim models, one CTA at a time with one host thread per GPU thread:
   without PIE, so their addresses fit the kernels' 32-bit shared addresses);
 - mbarriers (count, pending arrivals, transaction bytes, phase; `try_wait.parity` as the PTX ISA
   defines it), with a timeout that fails the run instead of hanging;
+- plain bulk copies (cp.async.bulk) of 16-byte multiples, completing on their mbarrier at once;
 - TMA tile loads: a box of rows x 64 two-byte elements, zero fill outside the tensor, written with
   the 128-byte swizzle (16-byte chunk c of the row at byte offset a lands at chunk c ^ ((a >> 7) & 7));
   the tensor map is the shim's own record, built by `fd_tmap_fill` and copied like the real one;
@@ -250,6 +251,13 @@ static inline void fd_tma_load(unsigned dst, unsigned long long map, int col, in
       std::memcpy(emu_ptr(emu_swizzle(dst + r * 128 + c * 2)), &v, 2);
     }
   emu_complete_tx(bar, (long)m.box_rows * 128);
+}
+
+// a plain bulk copy (cp.async.bulk, no tensor map): `bytes` from global memory into shared memory
+static inline void fd_bulk_load(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+  if (dst % 16 || (uintptr_t)src % 16 || bytes % 16) emu_fail("bulk copy not 16-byte aligned");
+  std::memcpy(emu_ptr(dst), src, bytes);
+  emu_complete_tx(bar, (long)bytes);
 }
 
 // ---- wgmma

@@ -286,6 +286,27 @@ def test_dequant_gemm_probe_edits_match_the_kernel():
         assert (src == probe.fused.SOURCE) == (name == "as_is"), name
 
 
+def test_mixed_gemm_probe_edits_match_the_kernel():
+    """benchmarks/probe_mixed_gemm_variants.py edits the mixed GEMM's source: every edit still applies once, only
+    "as is" and the packed variant (a template flag, no edit) are the shipped source, and the deeper rings' stage
+    count is the one compiled and fits shared memory."""
+    import probe_mixed_gemm_variants as probe
+
+    for bits in (4, 8):
+        for name in probe.VARIANTS:
+            src, smem = probe.variant_source(name, bits)
+            assert (src == probe.mixed._SOURCE) == (name in ("as is", probe.PACKED)), (name, bits)
+            stages = probe.STAGES_OF.get(name, {}).get(bits, probe.mixed.STAGES)
+            assert f"STAGES = {stages}, KT" in src and smem == stages * probe.mixed.stage_bytes(bits, 64) + 1024
+        assert probe.STAGES_OF[probe.DEEP_RING][bits] == probe.STAGES_OF[probe.PAST_L1_DEEP][bits] > probe.mixed.STAGES
+    with pytest.raises(AssertionError, match="shared memory"):
+        probe.STAGES_OF[probe.DEEP_RING][8] = 8
+        try:
+            probe.variant_source(probe.DEEP_RING, 8)
+        finally:
+            probe.STAGES_OF[probe.DEEP_RING][8] = 7
+
+
 def test_moe_side_columns_name_the_library_settings(monkeypatch):
     """Each side column of the MoE rows (benchmarks/kernels.py) sets a variable the library reads to a value it takes,
     and selects what its label says (a side column that the dispatch ignored would time the default twice)."""

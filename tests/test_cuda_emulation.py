@@ -297,6 +297,39 @@ def test_emulated_mixed_gemm_matches_gemm_on_dequantized_weight(tmp_path, bits, 
     np.testing.assert_allclose(values(got["out"]).reshape(m, n), ref, rtol=1e-2, atol=1e-2)
 
 
+
+@pytest.mark.parametrize("bits, group, dtype, with_bias, m, k, n", [
+    (4, 64, "bf16", False, 200, 576, 264), (8, 32, "f16", True, 130, 320, 200), (4, 128, "bf16", True, 60, 384, 392)])
+def test_emulated_mixed_gemm_packed_equals_unpacked(tmp_path, bits, group, dtype, with_bias, m, k, n):
+    """pack_weight's kernel, then the mixed GEMM in PACKED mode (each stage's codes and scale | bias pairs by one bulk
+    copy from the packed blocks), bit for bit against the unpacked mixed GEMM in the same emulation; every byte of
+    the packed buffer written (it starts as 0xFF), in the block order and size the Python side computes. Cases:
+    4/8 bits, groups 32/64/128, bf16/fp16, bias, K tiles > stages, a weight tile past N."""
+    import mlx.core as mx
+
+    mdt = mx.bfloat16 if dtype == "bf16" else mx.float16
+    x, wq, scales, biases, _, bias = _affine_problem(np.random.default_rng(bits + group + n), bits, group, mdt, m, k, n)
+    tiles, kt = -(-n // _gemm_mixed.WT), k // _gemm_mixed.BK
+    packed_words = tiles * kt * _gemm_mixed.block_bytes(bits, group) // 4
+    pack_t = [("K", k), ("N", n), ("BITS", bits), ("GROUP", group)]
+    mixed_t = [(a, dtype if a == "T" else v) for a, v in _gemm_mixed.template(mdt, m, k, n, bits, group, with_bias)]
+    packed_t = [(a, dtype if a == "T" else v) for a, v in _gemm_mixed.template(mdt, m, k, n, bits, group, with_bias, True)]
+    (gx, gy, _), (threads, _, _) = _gemm_mixed.grid(m, n)
+    buffers = {"x": (dtype, _u16(x)), "wq": ("u32", np.array(wq)), "scales": (dtype, _u16(scales)),
+               "biases": (dtype, _u16(biases)), "bias": (dtype, _u16(bias)), "packed": ("u32", packed_words),
+               "tmaps": ("u8", _gemm_mixed.maps_bytes(m, n)), "tmaps2": ("u8", _gemm_mixed.maps_bytes(m, n)),
+               "ref": (dtype, m * n), "out": (dtype, m * n)}
+    bias_in = ("bias", "bias" if with_bias else "x")
+    got = run(tmp_path, buffers, [
+        (_gemm_mixed._SOURCE, mixed_t, ["x", "wq", "scales", "biases", bias_in], [("out", "ref"), "tmaps"], (gx // threads, gy), threads),
+        (_gemm_mixed._PACK_SOURCE, pack_t, ["wq", "scales", "biases"], ["packed"], (tiles, kt), 128),
+        (_gemm_mixed._SOURCE, packed_t, ["x", ("wq", "packed"), ("scales", "x"), ("biases", "x"), bias_in],
+         ["out", ("tmaps", "tmaps2")], (gx // threads, gy), threads),
+    ], ["ref", "out", "packed"], headers=_gemm_tma_dequant.DEQUANT_CODE + _gemm_mixed.MIXED_CODE)
+    assert not np.any(got["packed"] == 0xFFFFFFFF), "a packed word was never written"
+    np.testing.assert_array_equal(got["out"], got["ref"])
+
+
 # ---- the same kernels as the Python launchers ask for them (templates, grids, buffers as computed there)
 
 @pytest.fixture

@@ -130,18 +130,28 @@ def test_dequant_gemm_compiles(tmp_path, dtype, bits, has_bias):
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("bits, group, has_bias", [(4, 64, False), (4, 32, True), (8, 64, True), (8, 128, False)])
-def test_mixed_gemm_compiles(tmp_path, dtype, bits, group, has_bias):
-    """The mixed-input GEMM (_gemm_mixed) fits 512 threads' registers (128 each) without spills or
-    serialised wgmmas, and its shared memory fits the H200's 227 KB per block."""
+@pytest.mark.parametrize("bits, group, has_bias, packed", [(4, 64, False, False), (4, 32, True, False), (8, 64, True, False),
+                                                           (8, 128, False, False), (4, 64, False, True), (8, 32, True, True)])
+def test_mixed_gemm_compiles(tmp_path, dtype, bits, group, has_bias, packed):
+    """The mixed-input GEMM (_gemm_mixed), unpacked and PACKED (pack_weight's blocks), fits 512 threads' registers
+    (128 each) without spills or serialised wgmmas, and its shared memory fits the H200's 227 KB per block."""
     inputs = [("x", dtype), ("wq", mx.uint32), ("scales", dtype), ("biases", dtype), ("bias", dtype)]
-    template = _gemm_mixed.template(dtype, 1024, 3072, 3072, bits, group, has_bias)
+    template = _gemm_mixed.template(dtype, 1024, 3072, 3072, bits, group, has_bias, packed)
     text = report(tmp_path, "mixed_gemm", _gemm_mixed._HEADER, _gemm_mixed._SOURCE, inputs,
                   [("out", dtype), ("tmaps", mx.uint8)], template)
     regs = int(re.search(r"Used (\d+) registers", text).group(1))
     assert -(-regs // 8) * 8 * _gemm_mixed.THREADS <= 65536, f"{regs} registers x {_gemm_mixed.THREADS} threads"
     assert "C7514" not in text and "C7515" not in text, text
     assert _gemm_mixed.smem_bytes(bits, group) <= 227 * 1024
+
+
+@pytest.mark.parametrize("bits, group", [(4, 64), (8, 32)])
+def test_mixed_pack_kernel_compiles(tmp_path, bits, group):
+    """pack_weight's kernel (the mixed GEMM's producer code writing to global memory) compiles without spills."""
+    text = report(tmp_path, "mixed_pack", _gemm_mixed._HEADER, _gemm_mixed._PACK_SOURCE,
+                  [("wq", mx.uint32), ("scales", mx.bfloat16), ("biases", mx.bfloat16)], [("packed", mx.uint32)],
+                  [("K", 3072), ("N", 3072), ("BITS", bits), ("GROUP", group)])
+    assert "0 bytes spill stores" in text, text
 
 
 def test_layout_kernel_compiles(tmp_path):

@@ -91,6 +91,11 @@ __device__ __forceinline__ void fd_mma_rs_k64(float (&d)[64], const unsigned (&a
   }
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
+// `bytes` (a multiple of 16) from global `src` to shared `dst` (both 16-byte aligned), completing on mbarrier `bar`
+__device__ __forceinline__ void fd_bulk_load(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
 // keeps a wgmma's register operand live (unmoved, unreused) up to this point: the MMA reads it asynchronously
 __device__ __forceinline__ void fd_fence_frag(unsigned (&a)[4][4]) {
 #pragma unroll
@@ -124,37 +129,13 @@ _LAUNCH_BOUNDS = r"""
 """
 _HEADER = _gemm_tma._GEMM_HEADER + PAIRED_ASM + DEQUANT_CODE + _MMA + MIXED_CODE + _LAUNCH_BOUNDS
 
-_SOURCE = r"""
-  constexpr int WT = 192, TT = 128, BK = 64, STAGES = 4, KT = K / BK;
-  constexpr int GPT = BK >= GROUP ? BK / GROUP : 1;  // scale groups per row per K tile
-  constexpr int X_BYTES = TT * BK * 2, ROW_BYTES = BK * BITS / 8, C_BYTES = WT * ROW_BYTES;
-  constexpr int STAGE_BYTES = (X_BYTES + C_BYTES + WT * GPT * 4 + 1023) / 1024 * 1024;
-  extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
-  __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
-  unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
-  const unsigned smem_base = fd_smem_addr(fd_smem);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int tile_w = blockIdx.x, tile_t = blockIdx.y;
-  if (tid == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      fd_mbar_init(fd_smem_addr(&full_bar[s]), 129);  // the TMA thread's expect_tx + every producer thread
-      fd_mbar_init(fd_smem_addr(&empty_bar[s]), 384);  // every consumer thread
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
-
-  if (warp >= 12) {  // producer warpgroup
+# The producer's work on one K tile of the weight: its global loads (`fetch`) and its stores in the layout the
+# consumers read (`store`); shared by the main kernel's producer and the packing kernel (``pack_weight``).
+_TILE_CODE = r"""
     constexpr int UPR = BITS == 4 ? 2 : 4;      // 16-byte units of codes per row per K tile
     constexpr int UPT = WT * UPR / 128;          // units per producer thread
     constexpr int SPT = (WT * GPT + 127) / 128;  // (row, group) scale | bias pairs per producer thread
     constexpr int WPR = K * BITS / 32;           // code words per weight row
-    const int p = tid - 384;
-    // K tiles of codes in flight: four at 4 bits (the H200 ran 1024 x 3072 -> 3072 in 51.9 us with four, 54.8
-    // with two), one at 8 bits (two spilled 36-60 bytes under the 128 registers of 512 threads)
-    constexpr int PF = BITS == 4 ? 4 : 1;
-    uint4 pk[PF][UPT];
-    unsigned psb[PF][SPT];
     auto fetch = [&](int kt, uint4 (&dst)[UPT], unsigned (&dsb)[SPT]) {  // tile kt into registers (zeros past N / K)
 #pragma unroll
       for (int i = 0; i < UPT; ++i) {
@@ -174,14 +155,85 @@ _SOURCE = r"""
         }
       }
     };
+    // tile kt's codes, rearranged so that consumer lane (g, t) finds a row's in one 8-byte (4-bit) or 16-byte (8-bit)
+    // shared load, and its rows' scale | bias pairs, into `block`: a stage's (after the x tile) or the packed weight's
+    auto store = [&](unsigned char* block, const uint4 (&cur)[UPT], const unsigned (&cur_sb)[SPT]) {
 #pragma unroll
-    for (int u = 0; u < PF; ++u) fetch(u, pk[u], psb[u]);
+      for (int i = 0; i < UPT; ++i) {
+        const int unit = p + 128 * i, row = unit / UPR, part = unit % UPR;
+        const unsigned w[4] = {cur[i].x, cur[i].y, cur[i].z, cur[i].w};
+        unsigned z[4];
+        if (BITS == 4) {  // words 4 part .. + 3: lane t's word `part` of its 8 bytes
+          fd_mixed_nibbles(w, z);
+#pragma unroll
+          for (int t = 0; t < 4; ++t) *reinterpret_cast<unsigned*>(block + row * ROW_BYTES + t * 8 + part * 4) = z[t];
+        } else {  // words 4 part .. + 3 = k16 step `part`: lane t's codes (2t, 2t + 8, 2t + 1, 2t + 9)
+          z[0] = __byte_perm(w[0], w[2], 0x5140); z[1] = __byte_perm(w[0], w[2], 0x7362);
+          z[2] = __byte_perm(w[1], w[3], 0x5140); z[3] = __byte_perm(w[1], w[3], 0x7362);
+#pragma unroll
+          for (int t = 0; t < 4; ++t) *reinterpret_cast<unsigned*>(block + row * ROW_BYTES + t * 16 + part * 4) = z[t];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < SPT; ++i) {
+        const int v = p + 128 * i;
+        if (v < WT * GPT) reinterpret_cast<unsigned*>(block + C_BYTES)[v] = cur_sb[i];
+      }
+    };
+"""
+
+_SOURCE = r"""
+  constexpr int WT = 192, TT = 128, BK = 64, STAGES = 4, KT = K / BK;
+  constexpr int GPT = BK >= GROUP ? BK / GROUP : 1;  // scale groups per row per K tile
+  constexpr int X_BYTES = TT * BK * 2, ROW_BYTES = BK * BITS / 8, C_BYTES = WT * ROW_BYTES;
+  constexpr int BLOCK_BYTES = C_BYTES + WT * GPT * 4;  // a stage's codes + scale | bias pairs (pack_weight's blocks)
+  constexpr int STAGE_BYTES = (X_BYTES + BLOCK_BYTES + 1023) / 1024 * 1024;
+  extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
+  __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
+  unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
+  const unsigned smem_base = fd_smem_addr(fd_smem);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tile_w = blockIdx.x, tile_t = blockIdx.y;
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      // the TMA thread's expect_tx + every producer thread (packed: the expect_tx alone)
+      fd_mbar_init(fd_smem_addr(&full_bar[s]), PACKED ? 1 : 129);
+      fd_mbar_init(fd_smem_addr(&empty_bar[s]), 384);  // every consumer thread
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp >= 12) {  // producer warpgroup
+    const int p = tid - 384;
+""" + _TILE_CODE + r"""    // K tiles of codes in flight: four at 4 bits (the H200 ran 1024 x 3072 -> 3072 in 51.9 us with four, 54.8
+    // with two), one at 8 bits (two spilled 36-60 bytes under the 128 registers of 512 threads)
+    constexpr int PF = BITS == 4 ? 4 : 1;
+    uint4 pk[PF][UPT];
+    unsigned psb[PF][SPT];
+    if (!PACKED) {
+#pragma unroll
+      for (int u = 0; u < PF; ++u) fetch(u, pk[u], psb[u]);
+    }
     // this CTA's tensor map over x, encoded by warp 12 while the first codes load (in a slot of its own:
     // no separate encoding kernel ahead of this one)
     const unsigned long long xmap = fd_maps_addr(tmaps) + 128ull * (blockIdx.y * gridDim.x + blockIdx.x);
     if (warp == 12)
 """ + publish_maps_code([("x", "M_ROWS", "TT")], dst="xmap", name="xmap_smem") + r"""
     if (p == 0) fd_acquire_map(xmap);
+    if (PACKED) {  // wq holds the blocks that `store` would write (pack_weight): one bulk copy per stage, by one thread
+      if (p == 0)
+        for (int kt = 0; kt < KT; ++kt) {
+          const int s = kt % STAGES;
+          const unsigned full = fd_smem_addr(&full_bar[s]);
+          fd_mbar_wait(fd_smem_addr(&empty_bar[s]), ((kt / STAGES) & 1) ^ 1);
+          fd_mbar_expect_tx(full, X_BYTES + BLOCK_BYTES);
+          fd_tma_load(smem_base + s * STAGE_BYTES, xmap, kt * BK, tile_t * TT, full);
+          fd_bulk_load(smem_base + s * STAGE_BYTES + X_BYTES,
+                       reinterpret_cast<const unsigned char*>(wq) + ((size_t)tile_w * KT + kt) * BLOCK_BYTES, BLOCK_BYTES, full);
+        }
+      return;
+    }
     for (int kt0 = 0; kt0 < KT; kt0 += PF)
 #pragma unroll
     for (int u = 0; u < PF; ++u) {
@@ -202,27 +254,7 @@ _SOURCE = r"""
         fd_mbar_expect_tx(full, X_BYTES);
         fd_tma_load(smem_base + s * STAGE_BYTES, xmap, kt * BK, tile_t * TT, full);
       }
-#pragma unroll
-      for (int i = 0; i < UPT; ++i) {
-        const int unit = p + 128 * i, row = unit / UPR, part = unit % UPR;
-        const unsigned w[4] = {cur[i].x, cur[i].y, cur[i].z, cur[i].w};
-        unsigned z[4];
-        if (BITS == 4) {  // words 4 part .. + 3: lane t's word `part` of its 8 bytes
-          fd_mixed_nibbles(w, z);
-#pragma unroll
-          for (int t = 0; t < 4; ++t) *reinterpret_cast<unsigned*>(stage + X_BYTES + row * ROW_BYTES + t * 8 + part * 4) = z[t];
-        } else {  // words 4 part .. + 3 = k16 step `part`: lane t's codes (2t, 2t + 8, 2t + 1, 2t + 9)
-          z[0] = __byte_perm(w[0], w[2], 0x5140); z[1] = __byte_perm(w[0], w[2], 0x7362);
-          z[2] = __byte_perm(w[1], w[3], 0x5140); z[3] = __byte_perm(w[1], w[3], 0x7362);
-#pragma unroll
-          for (int t = 0; t < 4; ++t) *reinterpret_cast<unsigned*>(stage + X_BYTES + row * ROW_BYTES + t * 16 + part * 4) = z[t];
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < SPT; ++i) {
-        const int v = p + 128 * i;
-        if (v < WT * GPT) reinterpret_cast<unsigned*>(stage + X_BYTES + C_BYTES)[v] = cur_sb[i];
-      }
+      store(stage + X_BYTES, cur, cur_sb);
       fd_mbar_arrive(full);
     }
     return;
@@ -317,6 +349,21 @@ _SOURCE = r"""
 """
 
 
+# One CTA of 128 threads per (weight tile, K tile): the producer's fetch + store of that tile into its block of
+# `packed`, so that PACKED main kernels copy each stage's codes with one bulk copy instead.
+_PACK_SOURCE = r"""
+  constexpr int WT = 192, BK = 64, KT = K / BK;
+  constexpr int GPT = BK >= GROUP ? BK / GROUP : 1;
+  constexpr int ROW_BYTES = BK * BITS / 8, C_BYTES = WT * ROW_BYTES, BLOCK_BYTES = C_BYTES + WT * GPT * 4;
+  const int p = threadIdx.x, tile_w = blockIdx.x, kt = blockIdx.y;
+""" + _TILE_CODE + r"""
+  uint4 cur[UPT];
+  unsigned cur_sb[SPT];
+  fetch(kt, cur, cur_sb);
+  store(reinterpret_cast<unsigned char*>(packed) + ((size_t)tile_w * KT + kt) * BLOCK_BYTES, cur, cur_sb);
+"""
+
+
 def supported(x, scales, bits: int, group_size: int, mode: str, k: int, n: int) -> bool:
     """Whether this kernel takes these arguments (else dequantize + GEMM)."""
     return (mode == "affine" and bits in (4, 8) and x.dtype in (mx.bfloat16, mx.float16) and scales.dtype == x.dtype
@@ -331,9 +378,35 @@ def _kernel(bits: int, group_size: int):
     )
 
 
-def template(dtype, m: int, k: int, n: int, bits: int, group_size: int, has_bias: bool):
+def template(dtype, m: int, k: int, n: int, bits: int, group_size: int, has_bias: bool, packed: bool = False):
     return [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("K", k), ("N", n), ("M_ROWS", m), ("BITS", bits),
-            ("GROUP", group_size), ("HAS_BIAS", has_bias)]
+            ("GROUP", group_size), ("HAS_BIAS", has_bias), ("PACKED", packed)]
+
+
+def block_bytes(bits: int, group_size: int) -> int:
+    """One (weight tile, K tile) block of ``pack_weight``'s output: the codes and the packed scales | biases."""
+    return WT * BK * bits // 8 + WT * max(BK // group_size, 1) * 4
+
+
+@functools.cache
+def _pack_kernel():
+    return mx.fast.cuda_kernel(name="flashdiff_mixed_pack", input_names=["wq", "scales", "biases"],
+                               output_names=["packed"], source=_PACK_SOURCE, header=_HEADER)
+
+
+def pack_weight(wq, scales, biases, bits: int, group_size: int, stream=None):
+    """The quantized weight (``mx.quantize`` layout, (N, K * bits / 32) codes) rearranged as the mixed GEMM's stages
+    hold it: for each 192-row weight tile and 64-wide K tile, one block of ``block_bytes`` (codes in the consumers'
+    lane order, then the rows' scale | bias pairs; rows past N zero). The same bytes as the originals plus padding
+    to whole tiles; ``mixed_gemm_packed`` reads it with one bulk copy per stage (session 15's experiment: the producer
+    warpgroup's loads and rearrangement are most of its instructions)."""
+    n, k = wq.shape[0], wq.shape[1] * 32 // bits
+    tiles, kt = -(-n // WT), k // BK
+    (packed,) = _pack_kernel()(
+        inputs=[wq, scales, biases], template=[("K", k), ("N", n), ("BITS", bits), ("GROUP", group_size)],
+        output_shapes=[(tiles * kt * block_bytes(bits, group_size) // 4,)], output_dtypes=[mx.uint32],
+        grid=(tiles * 128, kt, 1), threadgroup=(128, 1, 1), stream=stream)
+    return packed
 
 
 def grid(m: int, n: int):
@@ -350,14 +423,23 @@ def maps_bytes(m: int, n: int) -> int:
 def mixed_gemm(x2, wq, scales, biases, bits: int, group_size: int, bias=None, stream=None):
     """x2 (M, K) @ dequantize(wq, scales, biases).T (+ bias) -> (M, N) in x2.dtype, one kernel (each CTA
     encodes its own tensor map over x2). Arguments as ``supported`` accepts them."""
+    return _launch(x2, wq, scales, biases, wq.shape[0], bits, group_size, bias, False, stream)
+
+
+def mixed_gemm_packed(x2, packed, n: int, bits: int, group_size: int, bias=None, stream=None):
+    """``mixed_gemm`` on ``pack_weight``'s output for an (N, K) weight."""
+    return _launch(x2, packed, x2, x2, n, bits, group_size, bias, True, stream)
+
+
+def _launch(x2, wq, scales, biases, n, bits, group_size, bias, packed, stream):
     m, k = x2.shape
-    n = wq.shape[0]
     has_bias = bias is not None
     dummy = mx.zeros((1,), x2.dtype)
     g, tg = grid(m, n)
     out, _ = _kernel(bits, group_size)(
         inputs=[x2, wq, scales, biases, bias.astype(x2.dtype) if has_bias else dummy],
-        template=template(x2.dtype, m, k, n, bits, group_size, has_bias), output_shapes=[(m, n), (maps_bytes(m, n),)],
-        output_dtypes=[x2.dtype, mx.uint8], grid=g, threadgroup=tg, stream=stream,
+        template=template(x2.dtype, m, k, n, bits, group_size, has_bias, packed),
+        output_shapes=[(m, n), (maps_bytes(m, n),)], output_dtypes=[x2.dtype, mx.uint8], grid=g, threadgroup=tg,
+        stream=stream,
     )
     return out
