@@ -46,6 +46,18 @@ against 62.4 us with the map kernel of session 9 at 1024 x 3072 -> 3072, but 193
 1024 x 3072 -> 12288 (512 CTAs each encoding a map). Compiled and streamed in benchmarks/kernels.py:
 0.66x of bf16 at 1024 x 3072 -> 3072 against 0.79x for dequantize + cuBLAS in the same run, and
 0.46-0.64x at the 1024-row FLUX shapes with N or K of 12288 and more (dequantize + cuBLAS 0.77-0.86x).
+
+Session 15 (Nsight Compute at 1024 x 3072 -> 3072, 4-bit, benchmarks/results/ncu-mixed-*-h200-s15.*): 43.7 us
+against cuBLAS's 27.7, the tensor pipe busy 50% of the time (cuBLAS 85%), 4.4x cuBLAS's warp instructions (the
+producer's loads and rearrangement of the codes about a quarter of them, the consumers' conversion most of the
+rest), the consumers' waits on the full barrier 15% of the stall samples. A deeper ring (8 stages) ran slower.
+So ``PACKED`` mode: ``pack_weight`` runs the producer's tile code once into blocks laid out as the stages
+hold them, and one producer thread copies each stage's block with a bulk copy (``fd_bulk_load``) beside the x
+tile's TMA load. Bit-identical to the unpacked kernel (emulation and GPU tests). It takes 34.9 us there (tensor
+pipe 64%). Streamed, it takes 13-28% less time than unpacked at the 1024-row shapes, but is still 0.78-0.91x of
+bf16 (not measured beside dequantize + cuBLAS in that run; session 10 had that at 0.77-0.86x), and 0.70x at 4608 rows. Nothing dispatches it (quantized_linear takes
+MLX's layout, and packing per call would cost 42-97 us); it is the base a fused path at M ~ 1024 would need, with
+fewer conversion instructions per code.
 """
 
 import functools

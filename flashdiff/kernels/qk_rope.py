@@ -12,7 +12,9 @@ one or two streams and returns the q, k, v that attention needs:
 
 Unfused, this is a slice, reshape, two RMSNorms, three concatenations and two RoPE passes per
 stream: about ten reads and writes of each (B, L, H*Dh) tensor. The CUDA kernel does it in one pass
-(one warp per (b, l, h) row of Dh values; the RMS reduction is a warp shuffle). The Metal kernel is
+(one warp per (b, l, h) row of Dh values; the RMS reduction is a warp shuffle; eps a compile-time constant,
+EPS_BITS, since session 15: 3-6% less time than reading a host-made (1,) array in every warp, one H200 run of
+benchmarks/probe_prologue_eps.py). The Metal kernel is
 its twin (one simdgroup per row) and has never run on a GPU (no Apple GPU here; its body runs in a
 CPU emulation in tests/test_metal_emulated_kernels.py): on Metal the reference runs unless
 backend="metal" / FLASHDIFF_KERNELS=metal. Head dims that are not a multiple of 64, and CPU,
