@@ -8,7 +8,8 @@ scales and biases: no global loads), "no conversion" (consumers keep their first
 two K tiles of 4-bit codes in flight instead of four, the x tensor map encoded by a kernel of its own
 before each call (session 9) instead of by each CTA, a deeper stage ring (session 15: 8 stages at 4 bits,
 7 at 8, the most that fit in shared memory, instead of 4), the producer's loads cached in L2 only (with and without
-the deeper ring), and the kernel in PACKED mode on pack_weight's blocks (4 and 8 / 7 stages); next to MLX's
+the deeper ring), and the kernel in PACKED mode on pack_weight's blocks (4 and 8 / 7 stages; one LOP3 per pair of 4-bit codes);
+next to MLX's
 bf16 GEMM (cuBLAS) and the TMA GEMM (engine "wgmma tma") on a bf16 weight. Streamed timing
 (common.streamed_call), every variant measured in turn (common.interleaved, 3 rounds, medians).
 """
@@ -64,6 +65,22 @@ PACKED = "packed weight (pack_weight), one bulk copy per stage"
 PACKED_DEEP = "packed weight, 8 stages (4-bit) / 7 (8-bit)"
 VARIANTS[PACKED] = []
 VARIANTS[PACKED_DEEP] = []
+# ... and with the 4-bit conversion's mask and exponent OR in one LOP3 (the compiler emits two): one instruction per
+# pair of codes fewer in the consumers' loop, the same values
+PACKED_LOP3 = "packed weight, one LOP3 per pair of 4-bit codes"
+_LOP3_HEADER = r"""
+template <bool BF16>
+__device__ __forceinline__ unsigned fd_dq4_pair_lop3(unsigned z, unsigned s2, unsigned b2) {
+  const unsigned magic = BF16 ? 0x43004300u : 0x64006400u;
+  unsigned v;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(v) : "r"(z), "r"(0x000F000Fu), "r"(magic));  // (z & mask) | magic
+  return fd_h2_add<BF16>(fd_h2_mul<BF16>(fd_h2_sub<BF16>(v, magic), s2), b2);
+}
+"""
+VARIANTS[PACKED_LOP3] = [("fd_dq_pair<IS_BF16, 4>((zz >> (4 * (j & 3))) & 0x000F000Fu, s2[gi], b2[gi])",
+                          "fd_dq4_pair_lop3<IS_BF16>(zz >> (4 * (j & 3)), s2[gi], b2[gi])")]
+HEADER_OF = {PACKED_LOP3: _LOP3_HEADER}  # variant -> text added to the kernel's header
+PACKED_SET = (PACKED, PACKED_DEEP, PACKED_LOP3)
 STAGES_OF = {DEEP_RING: {4: 8, 8: 7}, PAST_L1_DEEP: {4: 8, 8: 7}, PACKED_DEEP: {4: 8, 8: 7}}  # by bits (others: mixed.STAGES)
 
 
@@ -90,7 +107,7 @@ def variant_kernel(name, bits):
     return mx.fast.cuda_kernel(name="flashdiff_probe_mixed_" + re.sub(r"\W+", "_", name) + f"_{bits}",
                                input_names=["x", "wq", "scales", "biases", "bias"] + (["maps_in"] if name == SEPARATE_MAPS else []),
                                output_names=["out", "tmaps"],
-                               source=source, header=mixed._HEADER, shared_memory=smem)
+                               source=source, header=mixed._HEADER + HEADER_OF.get(name, ""), shared_memory=smem)
 
 
 def main():
@@ -113,7 +130,7 @@ def main():
 
         def call(kernel, name):
             extra = [_gemm_tma.tensor_maps(x, wq.reshape(1, n, -1))] if name == SEPARATE_MAPS else []
-            is_packed = name in (PACKED, PACKED_DEEP)
+            is_packed = name in PACKED_SET
             inputs = [x, packed, x, x, x] if is_packed else [x, wq, s, b, x]
             return kernel(inputs=inputs + extra, template=mixed.template(x.dtype, m, k, n, bits, 64, False, is_packed),
                           output_shapes=[(m, n), (mixed.maps_bytes(m, n),)], output_dtypes=[x.dtype, mx.uint8],
