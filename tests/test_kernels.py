@@ -533,3 +533,28 @@ def test_persistent_gemm_grid_size_by_device_name(monkeypatch, name, sms):
         assert _gemm_tma.num_sms() == sms
     finally:
         _gemm_tma.num_sms.cache_clear()
+
+
+def test_mixed_gemm_packed_arguments_name_the_problem():
+    """pack_weight and mixed_gemm_packed (the sm_90 mixed GEMM's packed layout) refuse what they cannot take before
+    any kernel is built: bits / group, non-uint32 codes, K not a multiple of 64, scales of the wrong shape, a packed
+    buffer of the wrong size for (N, K, bits, group), and float32 x."""
+    from flashdiff.kernels import _gemm_mixed
+
+    w = mx.random.normal((200, 256)).astype(mx.bfloat16)
+    wq, s, b = mx.quantize(w, 64, 4)
+    with pytest.raises(ValueError, match="bits=3"):
+        _gemm_mixed.pack_weight(wq, s, b, 3, 64)
+    with pytest.raises(ValueError, match="uint32 codes"):
+        _gemm_mixed.pack_weight(wq.astype(mx.int32), s, b, 4, 64)
+    with pytest.raises(ValueError, match="scales"):
+        _gemm_mixed.pack_weight(wq, s[:, :2], b, 4, 64)
+    wq96, s96, b96 = mx.quantize(w[:, :96], 32, 4)
+    with pytest.raises(ValueError, match="K=96"):
+        _gemm_mixed.pack_weight(wq96, s96, b96, 4, 32)
+    x = mx.zeros((8, 256), mx.bfloat16)
+    right = -(-200 // _gemm_mixed.WT) * (256 // _gemm_mixed.BK) * _gemm_mixed.block_bytes(4, 64) // 4
+    with pytest.raises(ValueError, match=f"\\({right},\\) uint32 blocks"):
+        _gemm_mixed.mixed_gemm_packed(x, mx.zeros((right - 4,), mx.uint32), 200, 4, 64)
+    with pytest.raises(ValueError, match="bf16 / fp16 x2"):
+        _gemm_mixed.mixed_gemm_packed(x.astype(mx.float32), mx.zeros((right,), mx.uint32), 200, 4, 64)

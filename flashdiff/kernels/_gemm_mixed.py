@@ -412,7 +412,17 @@ def pack_weight(wq, scales, biases, bits: int, group_size: int, stream=None):
     lane order, then the rows' scale | bias pairs; rows past N zero). The same bytes as the originals plus padding
     to whole tiles; ``mixed_gemm_packed`` reads it with one bulk copy per stage (session 15's experiment: the producer
     warpgroup's loads and rearrangement are most of its instructions)."""
+    if bits not in (4, 8) or group_size not in (32, 64, 128):
+        raise ValueError(f"pack_weight takes affine 4- or 8-bit weights in groups of 32, 64 or 128, got bits={bits}, "
+                         f"group_size={group_size}.")
+    if wq.ndim != 2 or wq.dtype != mx.uint32:
+        raise ValueError(f"pack_weight needs mx.quantize's (N, K * bits / 32) uint32 codes, got {wq.shape} {wq.dtype}.")
     n, k = wq.shape[0], wq.shape[1] * 32 // bits
+    if k % BK or scales.shape != (n, k // group_size) or biases.shape != scales.shape or scales.dtype not in (
+            mx.bfloat16, mx.float16) or biases.dtype != scales.dtype:
+        raise ValueError(f"pack_weight needs K a multiple of {BK} and bf16 / fp16 scales and biases of shape "
+                         f"{(n, k // group_size)}, got K={k}, scales {scales.shape} {scales.dtype}, biases "
+                         f"{biases.shape} {biases.dtype}.")
     tiles, kt = -(-n // WT), k // BK
     (packed,) = _pack_kernel()(
         inputs=[wq, scales, biases], template=[("K", k), ("N", n), ("BITS", bits), ("GROUP", group_size)],
@@ -439,7 +449,15 @@ def mixed_gemm(x2, wq, scales, biases, bits: int, group_size: int, bias=None, st
 
 
 def mixed_gemm_packed(x2, packed, n: int, bits: int, group_size: int, bias=None, stream=None):
-    """``mixed_gemm`` on ``pack_weight``'s output for an (N, K) weight."""
+    """``mixed_gemm`` on ``pack_weight``'s output for an (N, K) weight, K = x2's last axis."""
+    k = x2.shape[-1]
+    expected = -(-n // WT) * (k // BK) * block_bytes(bits, group_size) // 4
+    if x2.ndim != 2 or k % BK or packed.dtype != mx.uint32 or packed.shape != (expected,):
+        raise ValueError(f"mixed_gemm_packed needs x2 (M, K) with K a multiple of {BK} and pack_weight's ({expected},) "
+                         f"uint32 blocks for N={n}, K={k}, bits={bits}, group_size={group_size}; got x2 {x2.shape}, "
+                         f"packed {packed.shape} {packed.dtype}.")
+    if x2.dtype not in (mx.bfloat16, mx.float16):
+        raise ValueError(f"mixed_gemm_packed takes bf16 / fp16 x2 (the scales' dtype), got {x2.dtype}.")
     return _launch(x2, packed, x2, x2, n, bits, group_size, bias, True, stream)
 
 
