@@ -247,6 +247,22 @@ def quantized_problem(spec: str, bits: int = 4, group: int = 64):
     return m, k, n, x, w, wq, s, b
 
 
+def prologue_problems(h: int = 24, d: int = 128):
+    """The attention prologue's FLUX cases, evaluated: [(name, sources, cos, sin)] for qk_norm_rope (a double
+    block's text + image streams; a single block's 4608 rows with its MLP columns after q | k | v), bf16."""
+    inner, cases = h * d, []
+    for name, parts in (("double block 512+4096", [(512, 3 * inner), (4096, 3 * inner)]),
+                        ("single block 4608 (+MLP columns)", [(4608, 3 * inner + 4 * 3072)])):
+        sources = [(mx.random.normal((1, length, cols)).astype(mx.bfloat16),
+                    (1 + 0.1 * mx.random.normal((d,))).astype(mx.bfloat16),
+                    (1 + 0.1 * mx.random.normal((d,))).astype(mx.bfloat16)) for length, cols in parts]
+        ang = mx.random.uniform(0, 30, (sum(p[0] for p in parts), d // 2))
+        cos, sin = mx.cos(ang), mx.sin(ang)
+        mx.eval(sources, cos, sin)
+        cases.append((name, sources, cos, sin))
+    return cases
+
+
 def moe_problem(t: int = 4096, k: int = 2560, n: int = 6912, e: int = 4, top_k: int = 2):
     """HiDream-shaped MoE inputs in bf16, evaluated: x (T, K); experts w (E, N, K); ids, a random
     top-k routing; skew, every token to expert 0 + one other; dense_x (T*top_k, K) for the dense GEMM

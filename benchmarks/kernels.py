@@ -20,8 +20,8 @@ from flashdiff.kernels import (attention, moe_gemm, qk_norm_rope, qk_norm_rope_r
                                quantized_linear)
 from flashdiff.kernels import _attention_sm90, _dequant, _gemm_cuda, _gemm_mixed, _gemm_tma_dequant  # noqa: E402
 from flashdiff.kernels.moe import _moe_dense_experts, moe_windowed  # noqa: E402
-from common import (interleaved, median_call, moe_problem, quantize, streamed_call, write_json,  # noqa: E402
-                    write_text_atomic)
+from common import (interleaved, median_call, moe_problem, prologue_problems, quantize, streamed_call,  # noqa: E402
+                    write_json, write_text_atomic)
 
 
 def bench(fn, warmup=3, iters=10, reps=1):
@@ -321,15 +321,7 @@ def prologue_rows():
     kernel against the same steps as MLX ops."""
     rows = []
     h, d = 24, 128
-    inner = h * d
-    for name, parts in (("double block 512+4096", [(512, 3 * inner), (4096, 3 * inner)]),
-                        ("single block 4608 (+MLP columns)", [(4608, 3 * inner + 4 * 3072)])):
-        sources = [(mx.random.normal((1, length, cols)).astype(mx.bfloat16),
-                    (1 + 0.1 * mx.random.normal((d,))).astype(mx.bfloat16),
-                    (1 + 0.1 * mx.random.normal((d,))).astype(mx.bfloat16)) for length, cols in parts]
-        ang = mx.random.uniform(0, 30, (sum(p[0] for p in parts), d // 2))
-        cos, sin = mx.cos(ang), mx.sin(ang)
-        mx.eval(sources, cos, sin)
+    for name, sources, cos, sin in prologue_problems(h, d):
         t_fused = bench(lambda: qk_norm_rope(sources, h, d, cos, sin, 1e-6), reps=10)
         t_ops = bench(lambda: qk_norm_rope_reference(sources, h, d, cos, sin, 1e-6), reps=10)
         rows.append(dict(kernel="qk_norm_rope", shape=name, fused_ms=t_fused * 1e3, mlx_ops_ms=t_ops * 1e3,

@@ -17,7 +17,7 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashdiff.kernels import qk_rope  # noqa: E402
-from common import interleaved, streamed_call, write_json  # noqa: E402
+from common import interleaved, prologue_problems, streamed_call, write_json  # noqa: E402
 
 CONSTANT = "  const float eps_v = __int_as_float(EPS_BITS);"
 FROM_MEMORY = "  const float eps_v = eps[0];"
@@ -38,16 +38,9 @@ def main():
     args = ap.parse_args()
     old = mx.fast.cuda_kernel(name="flashdiff_probe_qk_rope_eps_input", input_names=qk_rope._INPUTS + ["eps"],
                               output_names=["q", "k", "v"], source=from_memory_source())
-    h, d, inner, eps = 24, 128, 24 * 128, 1e-6
+    h, d, eps = 24, 128, 1e-6
     rows = []
-    for name, parts in (("double block 512+4096", [(512, 3 * inner), (4096, 3 * inner)]),
-                        ("single block 4608 (+MLP columns)", [(4608, 3 * inner + 4 * 3072)])):
-        sources = [(mx.random.normal((1, length, cols)).astype(mx.bfloat16),
-                    (1 + 0.1 * mx.random.normal((d,))).astype(mx.bfloat16),
-                    (1 + 0.1 * mx.random.normal((d,))).astype(mx.bfloat16)) for length, cols in parts]
-        ang = mx.random.uniform(0, 30, (sum(p[0] for p in parts), d // 2))
-        cos, sin = mx.cos(ang), mx.sin(ang)
-        mx.eval(sources, cos, sin)
+    for name, sources, cos, sin in prologue_problems(h, d):
         template, shape, grid, group = qk_rope.launch_config(sources, h, d)
         (ta, wqa, wka), (tb, wqb, wkb) = sources[0], sources[-1]
 
