@@ -55,9 +55,10 @@ So ``PACKED`` mode: ``pack_weight`` runs the producer's tile code once into bloc
 hold them, and one producer thread copies each stage's block with a bulk copy (``fd_bulk_load``) beside the x
 tile's TMA load. Bit-identical to the unpacked kernel (emulation and GPU tests). It takes 34.9 us there (tensor
 pipe 64%). Streamed, it takes 13-28% less time than unpacked at the 1024-row shapes, but is still 0.78-0.91x of
-bf16 (not measured beside dequantize + cuBLAS in that run; session 10 had that at 0.77-0.86x), and 0.70x at 4608 rows. Nothing dispatches it (quantized_linear takes
-MLX's layout, and packing per call would cost 42-97 us); it is the base a fused path at M ~ 1024 would need, with
-fewer conversion instructions per code.
+bf16 (not measured beside dequantize + cuBLAS in that run; session 10 had that at 0.77-0.86x), and 0.70x at 4608
+rows. Nothing dispatches it (quantized_linear takes MLX's layout, and packing per call would cost 42-97 us); it is
+the base a fused path at M ~ 1024 would need, with fewer conversion instructions per code (the probe's one-LOP3
+variant, benchmarks/probe_mixed_gemm_variants.py, took 5% less time).
 """
 
 import functools
@@ -458,7 +459,7 @@ def mixed_gemm_packed(x2, packed, n: int, bits: int, group_size: int, bias=None,
                          f"packed {packed.shape} {packed.dtype}.")
     if x2.dtype not in (mx.bfloat16, mx.float16):
         raise ValueError(f"mixed_gemm_packed takes bf16 / fp16 x2 (the scales' dtype), got {x2.dtype}.")
-    return _launch(x2, packed, x2, x2, n, bits, group_size, bias, True, stream)
+    return _launch(x2, packed, x2, x2, n, bits, group_size, bias, True, stream)  # PACKED reads no scales / biases
 
 
 def _launch(x2, wq, scales, biases, n, bits, group_size, bias, packed, stream):
