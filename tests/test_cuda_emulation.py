@@ -22,6 +22,7 @@ from helpers import check_same_layout, softmax_attention_np
 from flashdiff.kernels import _attention_sm90 as att
 from flashdiff.kernels import _attention_sm90_forms as att_forms
 from flashdiff.kernels import _gemm_mixed, _gemm_tma, _gemm_tma_dequant, _gemm_tma_dequant_persistent
+from flashdiff.kernels._dispatch import float_bits
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
@@ -167,7 +168,7 @@ def _attention(tmp_path, q, k, v, scale, bias=None, pingpong=True, seq_major=Fal
     maps_t = [("T", "bf16"), ("IS_BF16", True), ("Q_COLS", cols[0]), ("Q_ROWS", rows[0]), ("KV_COLS", cols[1]),
               ("KV_ROWS", rows[1])]
     main_t = [("T", "bf16"), ("IS_BF16", True), ("H", h), ("HK", hk), ("LQ", lq), ("LK", lk), ("HAS_BIAS", bias is not None),
-              ("PINGPONG", pingpong), ("SEQ_MAJOR", seq_major), ("SCALE_BITS", att.scale_bits(scale))]
+              ("PINGPONG", pingpong), ("SEQ_MAJOR", seq_major), ("SCALE_BITS", float_bits(scale))]
     source, grid = body or att._SOURCE, (math.ceil(lq / att.BM), b * h)
     if persistent_ctas:
         source, grid = att_forms._SOURCE_PERSISTENT, (persistent_ctas, 1)

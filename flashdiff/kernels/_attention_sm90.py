@@ -33,10 +33,10 @@ Two kernels:
 
 import functools
 import math
-import struct
 
 import mlx.core as mx
 
+from ._dispatch import float_bits
 from ._gemm_sm90 import wgmma_asm
 from ._gemm_tma import _GEMM_HEADER, _MAP_HEADER, num_sms
 
@@ -398,11 +398,6 @@ def _maps_kernel():
                                output_names=["tmaps"], source=_MAPS_SOURCE, header=_MAP_HEADER)
 
 
-def scale_bits(scale: float) -> int:
-    """The float32 bit pattern of `scale` as a signed int: the main kernel's SCALE_BITS template value."""
-    return struct.unpack("<i", struct.pack("<f", float(scale)))[0]
-
-
 def scale_input(scale: float) -> mx.array:
     """The (1,) float32 array passed as the main kernel's `scale` input (read only by the probe's scale_from_memory
     variant) and as its dummy bias: made from host data, so no kernel launch. MLX's CUDA allocator keeps host-made
@@ -414,7 +409,7 @@ def scale_input(scale: float) -> mx.array:
 def main_template(dtype, h, hk, lq, lk, has_bias, pingpong, seq_major, scale, bh=None):
     """The main kernel's template values (the persistent form's with bh = B * H)."""
     template = [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("H", h), ("HK", hk), ("LQ", lq), ("LK", lk),
-                ("HAS_BIAS", has_bias), ("PINGPONG", pingpong), ("SEQ_MAJOR", seq_major), ("SCALE_BITS", scale_bits(scale))]
+                ("HAS_BIAS", has_bias), ("PINGPONG", pingpong), ("SEQ_MAJOR", seq_major), ("SCALE_BITS", float_bits(scale))]
     return template + ([("BH", bh)] if bh is not None else [])
 
 

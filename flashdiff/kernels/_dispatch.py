@@ -6,6 +6,7 @@ device: CUDA -> "cuda", Metal -> "metal", otherwise "reference" (pure MLX, also 
 """
 
 import os
+import struct
 
 import mlx.core as mx
 
@@ -39,3 +40,9 @@ def resolve_backend(backend: str | None = None) -> str:
     if choice == "metal" and not mx.metal.is_available():
         raise RuntimeError("backend='metal' requested but MLX has no Metal back-end here; use 'reference'.")
     return choice
+
+
+def float_bits(value: float) -> int:
+    """The float32 bit pattern of `value` as a signed int: how a kernel takes a float as a template value
+    (``__int_as_float(X_BITS)`` in the CUDA source; each distinct value compiles its own kernel)."""
+    return struct.unpack("<i", struct.pack("<f", float(value)))[0]

@@ -22,11 +22,10 @@ use the reference (plain MLX ops, also the test oracle).
 """
 
 import functools
-import struct
 
 import mlx.core as mx
 
-from ._dispatch import metal_kernels_requested, resolve_backend
+from ._dispatch import float_bits, metal_kernels_requested, resolve_backend
 
 
 def apply_rope_interleaved(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
@@ -185,11 +184,6 @@ def _kernel(backend: str):
                                 output_names=["q", "k", "v"], source=_METAL_SOURCE)
 
 
-def eps_bits(eps: float) -> int:
-    """The float32 bit pattern of `eps` as a signed int: the CUDA kernel's EPS_BITS template value."""
-    return struct.unpack("<i", struct.pack("<f", float(eps)))[0]
-
-
 def launch_config(sources, heads, head_dim):
     """Template arguments (without the CUDA kernel's EPS_BITS), output shape and grid of the GPU kernel
     (also checked by CPU tests)."""
@@ -209,7 +203,7 @@ def _qk_norm_rope_gpu(sources, heads, head_dim, cos, sin, eps, backend):
     inputs = [ta, tb, wqa.astype(dtype), wka.astype(dtype), wqb.astype(dtype), wkb.astype(dtype),
               cos.astype(mx.float32), sin.astype(mx.float32)]
     if backend == "cuda":  # a constant: MLX keeps a host-made (1,) array in managed memory, which every warp would read
-        template = template + [("EPS_BITS", eps_bits(eps))]
+        template = template + [("EPS_BITS", float_bits(eps))]
     else:
         inputs.append(mx.array([eps], dtype=mx.float32))
     return tuple(_kernel(backend)(inputs=inputs, template=template, grid=grid, threadgroup=group,
