@@ -1,4 +1,5 @@
-"""What each of session 13's four edits to the sm_90 attention is worth (run on the GPU machine; session 14 took one back):
+"""What each of session 13's four edits to the sm_90 attention is worth (run on the GPU machine; session 14 took one back),
+and the later ones (sessions 14 and 16):
 
     python3 benchmarks/probe_attention_variants.py --out $OUT/attention-variants.json
     NCU=1 ncu --clock-control none -k regex:flashdiff_probe_att --metrics gpu__time_duration.sum --csv \\
@@ -16,6 +17,9 @@ launched through the real launcher (``flash_attention_sm90``), timed in turn wit
   session12      the other edits taken back: the kernel as session 12 ran it
   scale_from_memory  (session 14) each CTA reads the softmax scale from its (1,) input, a host-written array in
                  MLX's managed scalar pool, instead of the SCALE_BITS compile-time constant
+  desc_per_step  (session 16) each wgmma's shared-memory descriptors made from its step's address (fd_desc: three
+                 or four integer instructions each), as before session 16, instead of one made per call and moved
+                 along by one add (fd_desc_add)
 --lengths L:heads,...; --persistent: the persistent form instead; --mask: a boolean
 key mask with the last 1% of keys masked (the case attention() dispatches to this kernel).
 """
@@ -39,9 +43,39 @@ _RUNTIME_TAIL = [
     ("    if (LK % BN != 0 && j == NT - 1) step(j, fd_flag<true>{});\n    else step(j, fd_flag<false>{});",
      "    step(j, fd_flag<false>{});"),
 ]
-_ZEROING_HEADER = [("    if (kk == 0 && BF16) fd_wgmma_ss_first_bf16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));\n"
-                    "    else if (kk == 0) fd_wgmma_ss_first_f16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));\n"
+# session 16: each wgmma's shared-memory descriptors moved along from one made per call (fd_desc_add) instead of made
+# from each step's address (fd_desc): this takes that back
+_DESC_HEADER = [
+    ("""  const unsigned long long da = fd_desc(a_addr), db = fd_desc(b_addr);  // then moved along: one add per step
+  for (int kk = 0; kk < 8; ++kk) {
+    const unsigned off = (kk >> 2) * chunk + (kk & 3) * 32;
+    const unsigned long long dak = fd_desc_add(da, off), dbk = fd_desc_add(db, off);
+    if (kk == 0 && BF16) fd_wgmma_ss_first_bf16(d, dak, dbk);
+    else if (kk == 0) fd_wgmma_ss_first_f16(d, dak, dbk);
+    else if (BF16) fd_wgmma_ss_bf16(d, dak, dbk);
+    else fd_wgmma_ss_f16(d, dak, dbk);""",
+     """  for (int kk = 0; kk < 8; ++kk) {
+    const unsigned off = (kk >> 2) * chunk + (kk & 3) * 32;
+    if (kk == 0 && BF16) fd_wgmma_ss_first_bf16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));
+    else if (kk == 0) fd_wgmma_ss_first_f16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));
+    else if (BF16) fd_wgmma_ss_bf16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));
+    else fd_wgmma_ss_f16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));"""),
+    ("""  const unsigned long long db = fd_desc_mn(b_addr, chunk);
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    if (BF16) fd_wgmma_rs_bf16(d, a[kk], fd_desc_add(db, kk * 2048));
+    else fd_wgmma_rs_f16(d, a[kk], fd_desc_add(db, kk * 2048));""",
+     """#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    if (BF16) fd_wgmma_rs_bf16(d, a[kk], fd_desc_mn(b_addr + kk * 2048, chunk));
+    else fd_wgmma_rs_f16(d, a[kk], fd_desc_mn(b_addr + kk * 2048, chunk));"""),
+]
+_ZEROING_HEADER = [("    if (kk == 0 && BF16) fd_wgmma_ss_first_bf16(d, dak, dbk);\n"
+                    "    else if (kk == 0) fd_wgmma_ss_first_f16(d, dak, dbk);\n"
                     "    else if (BF16)", "    if (BF16)")]
+_ZEROING_HEADER_S12 = [("    if (kk == 0 && BF16) fd_wgmma_ss_first_bf16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));\n"
+                        "    else if (kk == 0) fd_wgmma_ss_first_f16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));\n"
+                        "    else if (BF16)", "    if (BF16)")]
 _ZEROING = [("    fd_mbar_wait(fd_smem_addr(&k_full[j % STAGES]), (j / STAGES) & 1);\n  };",
              "    fd_mbar_wait(fd_smem_addr(&k_full[j % STAGES]), (j / STAGES) & 1);\n#pragma unroll\n"
              "    for (int i = 0; i < 64; ++i) sc[i] = 0.0f;\n    fd_fence64(sc);\n  };")]
@@ -55,7 +89,8 @@ VARIANTS = {
     "skip_unmoved": ([], _SKIP_UNMOVED),
     "one_max_chain": ([], _ONE_MAX_CHAIN),
     "scale_from_memory": ([], _SCALE_FROM_MEMORY),
-    "session12": (_ZEROING_HEADER, _RUNTIME_TAIL + _ZEROING + _ONE_MAX_CHAIN + _SCALE_FROM_MEMORY),
+    "desc_per_step": (_DESC_HEADER, []),
+    "session12": (_DESC_HEADER + _ZEROING_HEADER_S12, _RUNTIME_TAIL + _ZEROING + _ONE_MAX_CHAIN + _SCALE_FROM_MEMORY),
 }
 
 

@@ -8,7 +8,8 @@ scales and biases: no global loads), "no conversion" (consumers keep their first
 two K tiles of 4-bit codes in flight instead of four, the x tensor map encoded by a kernel of its own
 before each call (session 9) instead of by each CTA, a deeper stage ring (session 15: 8 stages at 4 bits,
 7 at 8, the most that fit in shared memory, instead of 4), the producer's loads cached in L2 only (with and without
-the deeper ring), and the kernel in PACKED mode on pack_weight's blocks (4 and 8 / 7 stages; one LOP3 per pair of 4-bit codes);
+the deeper ring), and the kernel in PACKED mode on pack_weight's blocks (4 and 8 / 7 stages), and the 4-bit bf16 conversion as it was
+before session 16 (unpacked and packed) and as session 15's LOP3 probe had it (packed);
 next to MLX's
 bf16 GEMM (cuBLAS) and the TMA GEMM (engine "wgmma tma") on a bf16 weight. Streamed timing
 (common.streamed_call), every variant measured in turn (common.interleaved, 3 rounds, medians).
@@ -65,22 +66,23 @@ PACKED = "packed weight (pack_weight), one bulk copy per stage"
 PACKED_DEEP = "packed weight, 8 stages (4-bit) / 7 (8-bit)"
 VARIANTS[PACKED] = []
 VARIANTS[PACKED_DEEP] = []
-# ... and with the 4-bit conversion's mask and exponent OR in one LOP3 (the compiler emits two): one instruction per
-# pair of codes fewer in the consumers' loop, the same values
-PACKED_LOP3 = "packed weight, one LOP3 per pair of 4-bit codes"
-_LOP3_HEADER = r"""
-template <bool BF16>
-__device__ __forceinline__ unsigned fd_dq4_pair_lop3(unsigned z, unsigned s2, unsigned b2) {
-  const unsigned magic = BF16 ? 0x43004300u : 0x64006400u;
-  unsigned v;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(v) : "r"(z), "r"(0x000F000Fu), "r"(magic));  // (z & mask) | magic
-  return fd_h2_add<BF16>(fd_h2_mul<BF16>(fd_h2_sub<BF16>(v, magic), s2), b2);
-}
-"""
-VARIANTS[PACKED_LOP3] = [("fd_dq_pair<IS_BF16, 4>((zz >> (4 * (j & 3))) & 0x000F000Fu, s2[gi], b2[gi])",
-                          "fd_dq4_pair_lop3<IS_BF16>(zz >> (4 * (j & 3)), s2[gi], b2[gi])")]
-HEADER_OF = {PACKED_LOP3: _LOP3_HEADER}  # variant -> text added to the kernel's header
-PACKED_SET = (PACKED, PACKED_DEEP, PACKED_LOP3)
+# the bf16 conversion as it was before session 16 (4 bits: shift, mask and exponent OR as nvcc emitted them, then sub,
+# mul, add per pair of codes; 8 bits likewise with the bit-7 fix-up by a multiply), and session 15's 4-bit probe of one LOP3 for mask and OR (then sub, mul, add): the shipped
+# form since session 16 is one LOP3, one fma (q s rounded once, as the mul) and one add (8 bits: a prmt more, for the
+# fma's addend). All give the same values.
+_SHIPPED_CONVERSION = "fd_dq4_bf16_pair(zz >> (4 * (j & 3)), s2[gi], ns2[gi], b2[gi])"
+_S15_CONVERSION = [("if (IS_BF16) a[kk][rr + 2 * (j & 1)] = fd_dq4_bf16_pair", "if (false) a[kk][rr + 2 * (j & 1)] = fd_dq4_bf16_pair"),
+                   ("if (IS_BF16) {  // one fma per pair, as at 4 bits (session 16)", "if (false) {")]
+_S15_LOP3 = [(_SHIPPED_CONVERSION, "fd_h2_add<true>(fd_h2_mul<true>(fd_h2_sub<true>(fd_and_or(zz >> (4 * (j & 3)), "
+                                   "0x000F000Fu, 0x43004300u), 0x43004300u), s2[gi]), b2[gi])")]
+S15_CONVERSION = "session 15's conversion (sub, mul, add)"
+PACKED_S15_CONVERSION = "packed weight, session 15's conversion"
+PACKED_S15_LOP3 = "packed weight, session 15's LOP3 probe (one LOP3, sub, mul, add)"
+VARIANTS[S15_CONVERSION] = _S15_CONVERSION
+VARIANTS[PACKED_S15_CONVERSION] = _S15_CONVERSION
+VARIANTS[PACKED_S15_LOP3] = _S15_LOP3
+HEADER_OF = {}  # variant -> text added to the kernel's header
+PACKED_SET = (PACKED, PACKED_DEEP, PACKED_S15_CONVERSION, PACKED_S15_LOP3)
 STAGES_OF = {DEEP_RING: {4: 8, 8: 7}, PAST_L1_DEEP: {4: 8, 8: 7}, PACKED_DEEP: {4: 8, 8: 7}}  # by bits (others: mixed.STAGES)
 
 

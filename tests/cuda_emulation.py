@@ -379,6 +379,26 @@ static inline unsigned emu_h2(unsigned a, unsigned b, F op) {
 template <bool BF16> static inline unsigned fd_h2_sub(unsigned a, unsigned b) { return emu_h2<BF16>(a, b, [](float x, float y) { return x - y; }); }
 template <bool BF16> static inline unsigned fd_h2_mul(unsigned a, unsigned b) { return emu_h2<BF16>(a, b, [](float x, float y) { return x * y; }); }
 template <bool BF16> static inline unsigned fd_h2_add(unsigned a, unsigned b) { return emu_h2<BF16>(a, b, [](float x, float y) { return x + y; }); }
+// a b + c with one rounding: the float fma is exact wherever fd_h2_fma's callers use it (q s, q < 256, one 8- or
+// 11-bit mantissa each), then rounded to the half type once
+template <bool BF16> static inline unsigned fd_h2_fma(unsigned a, unsigned b, unsigned c) {
+  const auto one = [](unsigned x, unsigned y, unsigned z) {
+    return emu_h_bits<BF16>(std::fma(emu_h<BF16>(x), emu_h<BF16>(y), emu_h<BF16>(z)));
+  };
+  return one(a & 0xffffu, b & 0xffffu, c & 0xffffu) | (one(a >> 16, b >> 16, c >> 16) << 16);
+}
+static inline unsigned fd_and_or(unsigned z, unsigned mask, unsigned bits) { return (z & mask) | bits; }
+static inline unsigned fd_prmt(unsigned a, unsigned b, unsigned sel) {  // prmt.b32, sign replication included
+  const uint64_t v = (uint64_t)a | ((uint64_t)b << 32);
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) {
+    const unsigned nib = (sel >> (4 * i)) & 15u;
+    unsigned byte = (unsigned)(v >> (8 * (nib & 7u))) & 0xffu;
+    if (nib & 8u) byte = (byte & 0x80u) ? 0xffu : 0u;
+    r |= byte << (8 * i);
+  }
+  return r;
+}
 static inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   const uint64_t v = (uint64_t)x | ((uint64_t)y << 32);
   unsigned r = 0;

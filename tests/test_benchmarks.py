@@ -449,6 +449,21 @@ def test_attention_variant_probe_takes_back_each_edit():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None or nvdisasm_path() is None,
                     reason="needs the CUDA toolkit (nvcc) and nvdisasm (the test extra nvidia-cuda-nvdisasm)")
+@pytest.mark.parametrize("persistent", [False, True])
+def test_wgmma_attention_descriptors_move_by_one_add(tmp_path, persistent):
+    """Each wgmma's shared-memory descriptors are one made per MMA call and moved along by an add (fd_desc_add,
+    session 16), not made from each step's address (fd_desc: mask, shift, OR; the variant probe's `desc_per_step`
+    puts that back): 30 or more ULOP3 fewer in the loop (per-tile form: 38 -> 8), 40 or more instructions fewer."""
+    import probe_attention_variants as probe
+
+    body = attention_main_loop(tmp_path / "as_is", 4736, False, persistent)
+    old = attention_main_loop(tmp_path / "old", 4736, False, persistent, sources=probe.variant_sources("desc_per_step", persistent))
+    ulop3 = lambda loop: sum(t.startswith("ULOP3") for t in loop)  # noqa: E731
+    assert ulop3(old) - ulop3(body) >= 30 and len(old) - len(body) >= 40, (ulop3(old), ulop3(body), len(old), len(body))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or nvdisasm_path() is None,
+                    reason="needs the CUDA toolkit (nvcc) and nvdisasm (the test extra nvidia-cuda-nvdisasm)")
 def test_attention_variant_probe_reproduces_session_12_in_sass(tmp_path):
     import probe_attention_variants as probe
 

@@ -11,7 +11,7 @@ import shutil
 
 import mlx.core as mx
 import pytest
-from helpers import attention_main_loop, cuda_kernel_source, nvcc_compile, nvdisasm_path
+from helpers import attention_main_loop, cuda_kernel_source, nvcc_compile, nvdisasm_path, sass, sass_loop
 
 from flashdiff.kernels import (_attention_sm90, _attention_sm90_forms, _dequant, _gemm_cuda, _gemm_mixed, _gemm_sm90, _gemm_tma,
                                _gemm_tma_dequant, _gemm_tma_dequant_persistent, _gemm_tma_forms, _moe_layout)
@@ -266,6 +266,29 @@ def test_wgmma_attention_full_key_tiles_have_no_per_key_tests(tmp_path, has_bias
     # the odd loop = the aligned one + one (constant-folded) tail copy of softmax / fetch_bias, and a branch to it
     tail_copy = len(odd) - len(aligned)
     assert 0 < tail_copy < 0.5 * len(aligned), (len(odd), len(aligned))
+
+
+def _mixed_loop(tmp_path, bits, dtype):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    inputs = [("x", dtype), ("wq", mx.uint32), ("scales", dtype), ("biases", dtype), ("bias", dtype)]
+    src = cuda_kernel_source("mixed_gemm", _gemm_mixed._HEADER, _gemm_mixed._SOURCE, inputs, [("out", dtype), ("tmaps", mx.uint8)],
+                             _gemm_mixed.template(dtype, 1024, 3072, 3072, bits, 64, False, True))
+    return sass_loop(sass(tmp_path, src), min_mma=8)
+
+
+@needs_nvdisasm
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mixed_gemm_converts_each_pair_with_one_fma(tmp_path, bits):
+    """The mixed GEMM's consumer loop (two K tiles: 8 wgmmas, 2 rows x 8 pairs of codes per thread each) converts
+    each bf16 pair with one HFMA2 (q s rounded once) and one HADD2 (+ b) (session 15: sub, mul, add per pair); its
+    HMUL2s are the -128 s of each row's group (4); fp16 keeps sub, mul, add."""
+    ops = lambda body, op: sum(t.split()[0].split(".")[0] == op for t in body)  # noqa: E731
+    body = _mixed_loop(tmp_path / "bf16", bits, mx.bfloat16)
+    assert ops(body, "HGMMA") == 8
+    assert ops(body, "HFMA2") == 32 and ops(body, "HADD2") == 32 and ops(body, "HMUL2") == 4, body
+    assert len(body) <= (260 if bits == 4 else 315), len(body)  # session 15's loops: 331 and 387 instructions
+    half = _mixed_loop(tmp_path / "f16", bits, mx.float16)
+    assert ops(half, "HMUL2") == 32 and ops(half, "HFMA2") == 0
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])

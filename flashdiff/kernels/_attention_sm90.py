@@ -74,12 +74,14 @@ template <bool BF16>
 __device__ __forceinline__ void fd_mma_ss128(float (&d)[64], unsigned a_addr, unsigned b_addr, unsigned chunk) {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
+  const unsigned long long da = fd_desc(a_addr), db = fd_desc(b_addr);  // then moved along: one add per step
   for (int kk = 0; kk < 8; ++kk) {
     const unsigned off = (kk >> 2) * chunk + (kk & 3) * 32;
-    if (kk == 0 && BF16) fd_wgmma_ss_first_bf16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));
-    else if (kk == 0) fd_wgmma_ss_first_f16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));
-    else if (BF16) fd_wgmma_ss_bf16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));
-    else fd_wgmma_ss_f16(d, fd_desc(a_addr + off), fd_desc(b_addr + off));
+    const unsigned long long dak = fd_desc_add(da, off), dbk = fd_desc_add(db, off);
+    if (kk == 0 && BF16) fd_wgmma_ss_first_bf16(d, dak, dbk);
+    else if (kk == 0) fd_wgmma_ss_first_f16(d, dak, dbk);
+    else if (BF16) fd_wgmma_ss_bf16(d, dak, dbk);
+    else fd_wgmma_ss_f16(d, dak, dbk);
   }
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
@@ -93,10 +95,11 @@ __device__ __forceinline__ unsigned long long fd_desc_mn(unsigned addr, unsigned
 template <bool BF16>
 __device__ __forceinline__ void fd_mma_rs128(float (&d)[64], const unsigned (&a)[8][4], unsigned b_addr, unsigned chunk) {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+  const unsigned long long db = fd_desc_mn(b_addr, chunk);
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk) {
-    if (BF16) fd_wgmma_rs_bf16(d, a[kk], fd_desc_mn(b_addr + kk * 2048, chunk));
-    else fd_wgmma_rs_f16(d, a[kk], fd_desc_mn(b_addr + kk * 2048, chunk));
+    if (BF16) fd_wgmma_rs_bf16(d, a[kk], fd_desc_add(db, kk * 2048));
+    else fd_wgmma_rs_f16(d, a[kk], fd_desc_add(db, kk * 2048));
   }
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }

@@ -108,7 +108,27 @@ def _paired_op(op: str) -> str:
 
 
 PAIRED_ASM = "\n// Paired x.dtype arithmetic on packed 32-bit words (low half = first element).\n" + "".join(
-    _paired_op(op) for op in ("sub", "mul", "add"))
+    _paired_op(op) for op in ("sub", "mul", "add")) + r"""template <bool BF16>
+__device__ __forceinline__ unsigned fd_h2_fma(unsigned a, unsigned b, unsigned c) {  // a b + c, rounded once
+  unsigned r;
+  if (BF16) asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  else asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+// (z & mask) | bits as one LOP3 (nvcc emitted two for the expression: session 15's SASS)
+__device__ __forceinline__ unsigned fd_and_or(unsigned z, unsigned mask, unsigned bits) {
+  unsigned v;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(v) : "r"(z), "r"(mask), "r"(bits));
+  return v;
+}
+// PTX prmt.b32 with the whole selector: a nibble with bit 3 set gives its byte's sign bit in all 8 bits
+// (__byte_perm keeps only bits 0..2 of each nibble)
+__device__ __forceinline__ unsigned fd_prmt(unsigned a, unsigned b, unsigned sel) {
+  unsigned v;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(v) : "r"(a), "r"(b), "r"(sel));
+  return v;
+}
+"""
 
 # Plain C++ over PAIRED_ASM's helpers (the CPU emulation compiles it as written against its own versions of
 # them, tests/cuda_emulation.py). Used by the flat dequantize kernel and the fused dequantize GEMM.
@@ -126,6 +146,21 @@ __device__ __forceinline__ unsigned fd_dq_pair(unsigned p, unsigned s2, unsigned
     sub = magic;
   }
   return fd_h2_add<BF16>(fd_h2_mul<BF16>(fd_h2_sub<BF16>(v, sub), s2), b2);
+}
+// bf16 only, 4 bits: the codes in bits 0..3 and 16..19 of z (other bits ignored), s2 / b2 the scale and bias pairs,
+// ns2 = -128 s2 (exact). The same values as fd_dq_pair, in three instructions instead of four or five: with
+// v = 128 + q, v s - 128 s is q s exactly, so fma(v, s, -128 s) rounds q s once, as mul(v - 128, s) does.
+__device__ __forceinline__ unsigned fd_dq4_bf16_pair(unsigned z, unsigned s2, unsigned ns2, unsigned b2) {
+  return fd_h2_add<true>(fd_h2_fma<true>(fd_and_or(z, 0x000F000Fu, 0x43004300u), s2, ns2), b2);
+}
+// bf16 only, 8 bits: the codes in bytes 0 and 2 of z (HI false) or 1 and 3 (HI true). v = 128 + (q & 127) is q
+// where bit 7 is set, so fma(v, s, c) with c = -128 s where it is clear and +0 where set rounds q s once (the sign
+// bits replicated by one prmt select c); then + b. Four or five instructions where fd_dq_pair takes six or seven.
+template <bool HI>
+__device__ __forceinline__ unsigned fd_dq8_bf16_pair(unsigned z, unsigned s2, unsigned ns2, unsigned b2) {
+  const unsigned v = fd_and_or(HI ? z >> 8 : z, 0x007F007Fu, 0x43004300u);
+  const unsigned high = fd_prmt(z, 0u, HI ? 0xBB99u : 0xAA88u);  // 0xffff in each half whose code is >= 128
+  return fd_h2_add<true>(fd_h2_fma<true>(v, s2, ns2 & ~high), b2);
 }
 // 8 consecutive codes (one uint32 word at 4 bits, two at 8 bits) to one 16-byte chunk of x.dtype values.
 template <bool BF16, int BITS>

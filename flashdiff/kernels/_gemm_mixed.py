@@ -97,10 +97,11 @@ __device__ __forceinline__ void fd_fence64(float (&d)[64]) {
 template <bool BF16>
 __device__ __forceinline__ void fd_mma_rs_k64(float (&d)[64], const unsigned (&a)[4][4], unsigned b_addr) {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+  const unsigned long long db = fd_desc(b_addr);
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
-    if (BF16) fd_wgmma_rsk_bf16(d, a[kk], fd_desc(b_addr + kk * 32));
-    else fd_wgmma_rsk_f16(d, a[kk], fd_desc(b_addr + kk * 32));
+    if (BF16) fd_wgmma_rsk_bf16(d, a[kk], fd_desc_add(db, kk * 32));
+    else fd_wgmma_rsk_f16(d, a[kk], fd_desc_add(db, kk * 32));
   }
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
@@ -285,12 +286,13 @@ _SOURCE = r"""
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int row = r0 + 8 * rr;
-      unsigned s2[GPT], b2[GPT];
+      unsigned s2[GPT], b2[GPT], ns2[GPT];
 #pragma unroll
       for (int gi = 0; gi < GPT; ++gi) {
         const unsigned sb = sbs[row * GPT + gi];
         s2[gi] = __byte_perm(sb, 0u, 0x1010);
         b2[gi] = __byte_perm(sb, 0u, 0x3232);
+        if (IS_BF16) ns2[gi] = fd_h2_mul<true>(s2[gi], 0xC300C300u);  // -128 s, exact
       }
       if (BITS == 4) {
         const uint2 z = *reinterpret_cast<const uint2*>(stage + X_BYTES + row * ROW_BYTES + t * 8);
@@ -298,7 +300,10 @@ _SOURCE = r"""
         for (int j = 0; j < 8; ++j) {  // word j of the tile: k16 step j / 2, columns + 8 if j is odd
           const int kk = j >> 1, gi = GPT == 2 ? kk >> 1 : 0;
           const unsigned zz = j < 4 ? z.x : z.y;
-          a[kk][rr + 2 * (j & 1)] = fd_dq_pair<IS_BF16, 4>((zz >> (4 * (j & 3))) & 0x000F000Fu, s2[gi], b2[gi]);
+          // bf16: one LOP3, one fma, one add per pair (session 16); fp16 keeps sub, mul, add (-1024 s overflows
+          // fp16 for scales above 64)
+          if (IS_BF16) a[kk][rr + 2 * (j & 1)] = fd_dq4_bf16_pair(zz >> (4 * (j & 3)), s2[gi], ns2[gi], b2[gi]);
+          else a[kk][rr + 2 * (j & 1)] = fd_dq_pair<IS_BF16, 4>((zz >> (4 * (j & 3))) & 0x000F000Fu, s2[gi], b2[gi]);
         }
       } else {
         const uint4 z = *reinterpret_cast<const uint4*>(stage + X_BYTES + row * ROW_BYTES + t * 16);
@@ -306,8 +311,13 @@ _SOURCE = r"""
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
           const int gi = GPT == 2 ? kk >> 1 : 0;
-          a[kk][rr] = fd_dq_pair<IS_BF16, 8>(zs[kk] & 0x00FF00FFu, s2[gi], b2[gi]);
-          a[kk][rr + 2] = fd_dq_pair<IS_BF16, 8>((zs[kk] >> 8) & 0x00FF00FFu, s2[gi], b2[gi]);
+          if (IS_BF16) {  // one fma per pair, as at 4 bits (session 16)
+            a[kk][rr] = fd_dq8_bf16_pair<false>(zs[kk], s2[gi], ns2[gi], b2[gi]);
+            a[kk][rr + 2] = fd_dq8_bf16_pair<true>(zs[kk], s2[gi], ns2[gi], b2[gi]);
+          } else {
+            a[kk][rr] = fd_dq_pair<IS_BF16, 8>(zs[kk] & 0x00FF00FFu, s2[gi], b2[gi]);
+            a[kk][rr + 2] = fd_dq_pair<IS_BF16, 8>((zs[kk] >> 8) & 0x00FF00FFu, s2[gi], b2[gi]);
+          }
         }
       }
     }

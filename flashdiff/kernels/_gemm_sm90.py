@@ -64,6 +64,12 @@ _HEADER = CP_ASYNC_HEADER + r"""
 __device__ __forceinline__ unsigned long long fd_desc(unsigned addr) {
   return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
 }
+// a descriptor moved `bytes` (a multiple of 16) further along shared memory: its low word's start address (16-byte
+// units, 14 bits) grows; no carry leaves it while the address stays inside the 228 KB of shared memory. One integer
+// add where fd_desc of the moved address takes three or four (CUTLASS's descriptor iterator does the same).
+__device__ __forceinline__ unsigned long long fd_desc_add(unsigned long long desc, unsigned bytes) {
+  return (desc & 0xFFFFFFFF00000000ull) | (unsigned)((unsigned)desc + (bytes >> 4));
+}
 __device__ __forceinline__ void fd_fence_acc(float (&d)[128]) {
 #pragma unroll
   for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
