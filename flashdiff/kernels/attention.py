@@ -9,7 +9,7 @@ key_multiplier (optional), (B, Lk): multiplies the keys before the scores (HiDre
 
 Dispatch on CUDA (``_use_sm90``): on Hopper, for head dim 128 in bf16/f16, our sm_90 kernel
 (``_attention_sm90``, FlashAttention-3's design) where it measured faster than cuDNN on the H200
-(benchmarks/README.md, sessions 7, 14 and 15): with a key mask (B, 1, 1, Lk) (MLX's SDPA then leaves cuDNN's fused
+(benchmarks/README.md, sessions 7, 14, 15 and 16): with a key mask (B, 1, 1, Lk) (MLX's SDPA then leaves cuDNN's fused
 path) and without a mask once Lq * Lk >= ``SM90_MIN_SCORES``, at any length, or >= ``SM90_MIN_SCORES_ODD`` where Lq or
 Lk is not a multiple of 128 (cuDNN slows down there, ours much less). Everything else, and other GPUs, go to
 ``mx.fast.scaled_dot_product_attention`` (cuDNN). ``FLASHDIFF_ATTENTION=sdpa`` (or ``backend="sdpa"``)
@@ -110,12 +110,12 @@ _FLASH_KERNELS = {"cuda_flash": _flash_cuda, "cuda_wgmma": _flash_sm90, "metal_f
 # head-major but 0.96 in (B, L, H, D); 0.98 at 8192, 0.90-0.96 at 4096 .. 4736. (Session 7's kernel, before
 # session 13's edits to its loop, won only at odd lengths from ~30000 tokens.)
 SM90_MIN_SCORES = 16384 * 16384
-# ... and from this bound where Lq or Lk is not a multiple of 128, where both timings agree. H200, session 15 (unmasked,
-# 24 heads, ours / cuDNN; benchmarks/results/attention-dispatch-odd*-h200-s15.json): streamed as the models run their
-# blocks, 1.08-1.09 at 6000 and 8200, 1.05-1.08 at 12300; queued 1.04-1.08 there (1.00 once at 12300, (B, L, H, D)).
-# Below it the two disagree: streamed 0.98-1.09 at 4621 (four runs), 1.04 at 5000, 1.03 at 5500, but queued 0.95-1.00
-# at 4621, 0.99 at 5000, 0.95 at 5500. Aligned lengths in the same runs: 0.91-1.00 at 4608 and 4736.
-SM90_MIN_SCORES_ODD = 6000 * 6000
+# ... and from this bound where Lq or Lk is not a multiple of 128. H200, session 16 (unmasked, 24 heads, ours / cuDNN,
+# benchmarks/results/attention-dispatch-*-h200-s16*.json), after session 16's descriptor edit: streamed, as the models
+# run their blocks, 1.01-1.02 at 4621 (three runs) and 1.07 in (B, L, H, D), the models' layout; 1.005 / 1.04 at 4700,
+# 1.06-1.10 at 5000-5900. Queued (ten calls encoded before the GPU starts) it is 0.99 at 4621 and 0.95-1.00 at 4700,
+# 1.01-1.08 from 5500. (Session 15 set 6000 where both timings agreed; the streamed timing is how a model runs.)
+SM90_MIN_SCORES_ODD = 4600 * 4600
 
 
 def _use_sm90(q, k, mask) -> bool:
