@@ -5,7 +5,10 @@
 Tiny shapes (GPU time negligible), N independent ops per evaluation: `build_us` is building one op's
 graph (Python + MLX), `eval_us` the evaluation per op (MLX's encoding into its CUDA graph, the
 graph's update/launch, the wait), for a plain add, MLX's GEMM, our dequantize kernel, a no-op custom
-kernel with a short source, mx.depends + GEMM, and quantized_linear.
+kernel with a short source, mx.depends + GEMM, and quantized_linear; and (session 16) attention: MLX's SDPA, our
+sm_90 kernel through its launcher (maps kernel + main kernel), its maps kernel alone, the same no-op kernel with the
+attention's 36 KB of header text in front (MLX builds each call's full source and hashes it when it encodes it), and
+our kernel built from its sources with the comments and blank lines taken out (``compact``).
 """
 
 import argparse
@@ -19,11 +22,24 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashdiff.kernels import quantized_linear  # noqa: E402
+from flashdiff.kernels import _attention_sm90 as att  # noqa: E402
 from flashdiff.kernels._dequant import dequantize  # noqa: E402
 from common import write_json  # noqa: E402
 
-_noop = mx.fast.cuda_kernel(name="flashdiff_probe_copy", input_names=["a"], output_names=["out"],
-                            source="  const int i = threadIdx.x; if (i < 256) out[i] = a[i];")
+_NOOP_SOURCE = "  const int i = threadIdx.x; if (i < 256) out[i] = a[i];"
+_noop = mx.fast.cuda_kernel(name="flashdiff_probe_copy", input_names=["a"], output_names=["out"], source=_NOOP_SOURCE)
+# the same, behind the attention kernel's header and its body as a comment: the attention's source length
+_noop_long = mx.fast.cuda_kernel(name="flashdiff_probe_copy_long", input_names=["a"], output_names=["out"],
+                                 source=_NOOP_SOURCE + "\n/*" + att._SOURCE.replace("*/", "* /") + "*/\n", header=att._HEADER)
+
+
+def compact(text: str) -> str:
+    """CUDA source without // comments (none of ours sits inside a string literal) and without blank lines."""
+    lines = (line.split("//", 1)[0].rstrip() if '"' not in line.split("//", 1)[0] else line for line in text.split("\n"))
+    return "\n".join(line for line in lines if line.strip()) + "\n"
+
+
+_compact_kernel = att.main_kernel("flashdiff_probe_att_compact", compact(att._SOURCE), compact(att._HEADER), False)
 
 
 def measure(make, n, rounds=7):
@@ -49,7 +65,17 @@ def main():
     w = (mx.random.normal((256, 256)) * 0.02).astype(mx.bfloat16)
     wq, s, b = mx.quantize(w, 64, 4)
     as_ = [mx.full((256,), float(i)) for i in range(args.n)]
-    mx.eval(xs, w, wq, s, b, as_)
+    qs = [mx.random.normal((1, 1, 128, 128)).astype(mx.bfloat16) for _ in range(args.n)]
+    mx.eval(xs, w, wq, s, b, as_, qs)
+    scale = 128 ** -0.5
+
+    def ours_compact(q):
+        shipped = att._kernel
+        att._kernel = lambda persistent=False: _compact_kernel
+        try:
+            return att.flash_attention_sm90(q, q, q, scale)
+        finally:
+            att._kernel = shipped
     ops = {
         "add": lambda i: xs[i] + 1,
         "GEMM": lambda i: xs[i] @ w.T,
@@ -60,6 +86,12 @@ def main():
         "quantized_linear (M=32: mx.quantized_matmul)": lambda i: quantized_linear(xs[i], wq, s, b, 4, 64, "affine"),
         "dequantize + GEMM": lambda i: xs[i] @ dequantize(mx.depends(wq, xs[i]), s, b, 4, 64, "affine", mx.bfloat16,
                                                           "cuda").T,
+        "SDPA (cuDNN), 128 tokens": lambda i: mx.fast.scaled_dot_product_attention(qs[i], qs[i], qs[i], scale=scale),
+        "our sm_90 attention, 128 tokens": lambda i: att.flash_attention_sm90(qs[i], qs[i], qs[i], scale),
+        "its maps kernel alone": lambda i: att.tensor_maps(qs[i], qs[i], qs[i]),
+        "no-op custom kernel, 36 KB of source": lambda i: _noop_long(
+            inputs=[as_[i]], output_shapes=[(256,)], output_dtypes=[mx.float32], grid=(256, 1, 1), threadgroup=(256, 1, 1))[0],
+        "our sm_90 attention, compact source": lambda i: ours_compact(qs[i]),
     }
     rows = []
     for name, make in ops.items():
