@@ -59,6 +59,14 @@ bf16 (not measured beside dequantize + cuBLAS in that run; session 10 had that a
 rows. Nothing dispatches it (quantized_linear takes MLX's layout, and packing per call would cost 42-97 us); it is
 the base a fused path at M ~ 1024 would need, with fewer conversion instructions per code (the probe's one-LOP3
 variant, benchmarks/probe_mixed_gemm_variants.py, took 5% less time).
+
+Session 16: in bf16 each pair of codes is converted by one LOP3 (mask and exponent), one fma and one add
+(``_dequant.fd_dq4_bf16_pair`` / ``fd_dq8_bf16_pair``): fma(128 + q, s, -128 s) is q s rounded once, as the multiply
+of q was, so the values stay bit-identical (fp16 keeps sub, mul, add: -1024 s overflows fp16 above s = 64); and the
+K tile's four wgmma descriptors are one descriptor moved along (``fd_desc_add``). The consumers' loop: 331 -> 252
+SASS instructions per two K tiles at 4 bits, 387 -> 308 at 8. On the H200 (packed mode, Nsight Compute) 33.0 us at
+1024 x 3072 -> 3072 against cuBLAS's 28.0 (0.85x; tensor pipe 70%), 126 against 104 at -> 12288 (0.82x); streamed,
+4-7% less time than with session 15's conversion. Still not dispatched (benchmarks/README.md, session 16).
 """
 
 import functools
