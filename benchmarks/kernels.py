@@ -8,6 +8,7 @@ evaluate call after call as a model forward evaluates its blocks, see common.str
 """
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from flashdiff.kernels import (attention, moe_gemm, qk_norm_rope, qk_norm_rope_r
                                quantized_linear)
 from flashdiff.kernels import _attention_sm90, _dequant, _gemm_cuda, _gemm_mixed, _gemm_tma_dequant  # noqa: E402
 from flashdiff.kernels.moe import _moe_dense_experts, moe_windowed  # noqa: E402
+attention_module = importlib.import_module("flashdiff.kernels.attention")  # the module: the package exports the function
 from common import (interleaved, median_call, moe_problem, prologue_problems, quantize, streamed_call,  # noqa: E402
                     write_json, write_text_atomic)
 
@@ -258,9 +260,12 @@ NO_EXTRA_MODES = False  # --no-extra-modes: quantized linear in affine 4/8-bit o
 QLINEAR_SHAPES = ()  # --qlinear-shapes MxKxN,...: only these quantized-linear shapes (split a long run)
 
 
+ATTENTION_CASES = [(4608, 24), (4621, 24), (4736, 24), (16384, 24), (32760, 40)]  # (L, heads); --quick: the first two
+
+
 def attention_rows(quick):
     rows = []
-    for L, h in [(4608, 24), (4621, 24), (4736, 24), (16384, 24), (32760, 40)][: 2 if quick else 5]:
+    for L, h in ATTENTION_CASES[: 2 if quick else None]:
         try:
             rows.append(_attention_row(L, h, quick))
         except Exception as exc:  # keep the other lengths
@@ -277,6 +282,16 @@ def _attention_row(L, h, quick):
     reps = 5 if L < 20000 else 1
     row = dict(kernel="attention", shape=f"L{L} H{h} D128")
     row["sdpa_ms"] = bench(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale), reps=reps) * 1e3
+    # what attention() itself runs here (the issue's target is the public function against SDPA), queued as above and
+    # streamed as the models run their blocks, SDPA beside it in turn (session 16)
+    row["dispatched_path"] = attention_module._path(q, k, None, None)
+    row["dispatched_ms"] = bench(lambda: attention(q, k, v, scale), reps=reps) * 1e3
+    streamed = interleaved({"sdpa": lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale),
+                            "dispatched": lambda: attention(q, k, v, scale)},
+                           lambda fn: streamed_call(fn, calls=40 if L < 20000 else 8, samples=3), STREAM_ROUNDS)
+    row.update(streamed_sdpa_ms=streamed["sdpa"] * 1e3, streamed_dispatched_ms=streamed["dispatched"] * 1e3,
+               dispatched_ratio_vs_sdpa=row["sdpa_ms"] / row["dispatched_ms"],
+               streamed_dispatched_ratio_vs_sdpa=streamed["sdpa"] / streamed["dispatched"])
     if L % 128:  # ways around cuDNN's cost at odd lengths, measured to show why none is used
         pad = -L % 128
         row["pad_q_ms"] = bench(lambda: mx.fast.scaled_dot_product_attention(
@@ -286,7 +301,7 @@ def _attention_row(L, h, quick):
         row["pad_all_key_mask_ms"] = bench(lambda: mx.fast.scaled_dot_product_attention(
             *(mx.pad(a, [(0, 0), (0, 0), (0, pad), (0, 0)]) for a in (q, k, v)), scale=scale,
             mask=keep)[:, :, :L], reps=reps) * 1e3
-    if L < 20000 or not quick:
+    if (L < 20000 or not quick) and mx.cuda.is_available():  # the WMMA kernel (CUDA only)
         row["flash_ms"] = bench(lambda: attention(q, k, v, scale, backend="cuda_flash"), warmup=1,
                                 iters=3 if L > 10000 else 5) * 1e3
     if WGMMA_ATTENTION and _gemm_cuda.is_sm90():  # our sm_90 kernel (_attention_sm90), forced: errors recorded
@@ -506,6 +521,10 @@ def markdown(rows):
                 ratio += f"; cuda_wgmma {r['wgmma_ratio_vs_sdpa']:.2f}x SDPA"
             elif "wgmma_error" in r:
                 flash += f"; cuda_wgmma failed: {r['wgmma_error'][:80]}"
+            if "dispatched_path" in r:
+                ratio += (f"; attention() runs {r['dispatched_path']}: {r['dispatched_ratio_vs_sdpa']:.2f}x SDPA, streamed "
+                          f"{r['streamed_dispatched_ms']:.3f} / {r['streamed_sdpa_ms']:.3f} ms = "
+                          f"**{r['streamed_dispatched_ratio_vs_sdpa']:.2f}x**")
             out.append(f"| attention | {r['shape']} | bf16 | {flash} | cuDNN SDPA {r['sdpa_ms']:.3f} ms "
                        f"({r['sdpa_tflops']:.0f}){extra} | {ratio} |")
         elif r["kernel"] == "qk_norm_rope":

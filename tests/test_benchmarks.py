@@ -240,6 +240,27 @@ def test_kernel_benchmark_saves_each_row_as_it_goes(tmp_path, monkeypatch):
     assert rows[2]["kernel"] == "qlinear" and "stopped mid-section" in rows[2]["error"]
 
 
+def test_kernel_benchmark_attention_rows_time_what_attention_dispatches(tmp_path, monkeypatch):
+    """The attention rows of benchmarks/kernels.py time attention() as it dispatches (queued and streamed) beside
+    SDPA and name the path it took; the markdown row says it. On the CPU (a tiny case) the path is the reference."""
+    import kernels
+
+    out, md = tmp_path / "k.json", tmp_path / "k.md"
+    monkeypatch.setattr(kernels, "ATTENTION_CASES", [(130, 2)])
+    monkeypatch.setattr(kernels, "STREAM_ROUNDS", 1)
+    monkeypatch.setattr(kernels, "_emitted", [])
+    monkeypatch.setattr(kernels, "_on_row", None)
+    monkeypatch.setattr(sys, "argv", ["kernels.py", "--only", "attention", "--out", str(out), "--md", str(md)])
+    kernels.main()
+    (row,) = json.loads(out.read_text())["rows"]
+    assert "error" not in row, row
+    assert row["dispatched_path"] == "reference" and "flash_ms" not in row  # no CUDA: no WMMA kernel
+    for key in ("sdpa_ms", "dispatched_ms", "streamed_sdpa_ms", "streamed_dispatched_ms"):
+        assert row[key] > 0, key
+    assert math.isclose(row["streamed_dispatched_ratio_vs_sdpa"], row["streamed_sdpa_ms"] / row["streamed_dispatched_ms"])
+    assert "attention() runs reference" in md.read_text()
+
+
 def test_interleaved_measures_in_turn_and_takes_medians():
     order = []
     fake = {"a": [5.0, 1.0, 3.0], "b": [2.0, 9.0, 4.0]}
