@@ -112,7 +112,7 @@ _FLASH_KERNELS = {"cuda_flash": _flash_cuda, "cuda_wgmma": _flash_sm90, "metal_f
 SM90_MIN_SCORES = 16384 * 16384
 # ... and from this bound where Lq or Lk is not a multiple of 128. H200, session 16 (unmasked, 24 heads, ours / cuDNN,
 # benchmarks/results/attention-dispatch-*-h200-s16*.json), after session 16's descriptor edit: streamed, as the models
-# run their blocks, 1.01-1.02 at 4621 (three runs) and 1.07 in (B, L, H, D), the models' layout; 1.005 / 1.04 at 4700,
+# run their blocks, 1.01-1.09 at 4621 (four runs) and 1.07 in (B, L, H, D), the models' layout; 1.005 / 1.04 at 4700,
 # 1.06-1.10 at 5000-5900. Queued (ten calls encoded before the GPU starts) it is 0.99 at 4621 and 0.95-1.00 at 4700,
 # 1.01-1.08 from 5500. (Session 15 set 6000 where both timings agreed; the streamed timing is how a model runs.)
 SM90_MIN_SCORES_ODD = 4600 * 4600
