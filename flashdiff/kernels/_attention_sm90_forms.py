@@ -13,7 +13,11 @@ by the CPU emulation (tests/test_cuda_emulation.py, with grids of fewer CTAs tha
 it on the H200: its four GPU tests (tests/test_kernels_cuda.py, ``persistent=True``) passed as written,
 but it measured no faster than the per-tile kernel (4608 tokens: 0.592 ms against 0.549 ms; 4621: 0.606
 against 0.614; 16384: 5.81 against 5.61; benchmarks/results/attention-dispatch-persistent-h200-s8.json),
-so it stays opt-in and is never dispatched.
+so it stays opt-in and is never dispatched. Session 16: the steps inside a tile run from a loop of their own, as long as
+the per-tile form's (511 against 514 SASS instructions; one loop over every step had carried the tile bookkeeping,
+589 on its hot path). The four GPU tests passed; queued, it took 5.561 against 5.276 ms at 16384 tokens (5% slower;
+9-10% in the session's earlier runs of the old loop) and 0.531 against 0.492 at 4608
+(benchmarks/results/attention-dispatch-persistent-h200-s16.json, one run). Still slower, so still opt-in.
 """
 
 from ._attention_sm90 import _CONSUMER_STEPS, BM, BN, D, STAGES
@@ -153,10 +157,15 @@ _SOURCE_PERSISTENT = r"""
   }
   on_tile(0, softmax);
   rescale_and_pack();
-  for (int i = 1; i < steps; ++i) {  // S_i and P_{i-1} V_{i-1} in flight together
-    const int tile_i = i / NT, j = i - tile_i * NT, s = i % STAGES, sp = (i - 1) % STAGES;
-    const bool first = j == 0;  // step i opens a tile: step i - 1 closed the previous one
-    int p_m0 = m0, p_bh = bh, p_batch = batch;
+  // step i (key tile j of this CTA's tile tile_i) issues S_i with P_{i-1} V_{i-1}, whatever tiles they belong to, so
+  // tile boundaries need no pipeline drain. `first` (a compile-time flag): step i opens tile tile_i, and closes the
+  // one before it (its Q, its sums, its O store). Session 16: steps inside a tile (first false) run from an inner loop
+  // of their own, without the tile bookkeeping (one loop over all steps carried it in each: 589 SASS instructions per
+  // step on the hot path against the per-tile form's 514, and 6-10% slower on the H200).
+  auto step = [&](int i, int j, int tile_i, auto first_flag) {
+    constexpr bool first = decltype(first_flag)::value;
+    const int s = i % STAGES, sp = (i - 1) % STAGES;
+    const int p_m0 = m0, p_bh = bh, p_batch = batch;  // the closed tile's (first)
     if (first) {
       locate((int)blockIdx.x + tile_i * (int)gridDim.x);
       fd_mbar_wait(fd_smem_addr(&q_full[tile_i & 1]), (tile_i >> 1) & 1);
@@ -186,6 +195,11 @@ _SOURCE_PERSISTENT = r"""
     if (lane == 0) fd_mbar_arrive(fd_smem_addr(&v_empty[sp]));
     if (first) store(l_done, p_m0, p_bh, p_batch);
     rescale_and_pack();
+  };
+  int i = 1;
+  for (int tile_i = 0; tile_i < my_tiles; ++tile_i) {
+    for (int j = 1; j < NT; ++j, ++i) step(i, j, tile_i, fd_flag<false>{});
+    if (tile_i + 1 < my_tiles) step(i++, 0, tile_i + 1, fd_flag<true>{});
   }
   // the last P V (warpgroup 1 gives no turn after it: its partner has none left to take)
   fd_mbar_wait(fd_smem_addr(&v_full[(steps - 1) % STAGES]), ((steps - 1) / STAGES) & 1);
