@@ -81,7 +81,6 @@ PACKED_S15_LOP3 = "packed weight, session 15's LOP3 probe (one LOP3, sub, mul, a
 VARIANTS[S15_CONVERSION] = _S15_CONVERSION
 VARIANTS[PACKED_S15_CONVERSION] = _S15_CONVERSION
 VARIANTS[PACKED_S15_LOP3] = _S15_LOP3
-HEADER_OF = {}  # variant -> text added to the kernel's header
 PACKED_SET = (PACKED, PACKED_DEEP, PACKED_S15_CONVERSION, PACKED_S15_LOP3)
 STAGES_OF = {DEEP_RING: {4: 8, 8: 7}, PAST_L1_DEEP: {4: 8, 8: 7}, PACKED_DEEP: {4: 8, 8: 7}}  # by bits (others: mixed.STAGES)
 
@@ -109,7 +108,7 @@ def variant_kernel(name, bits):
     return mx.fast.cuda_kernel(name="flashdiff_probe_mixed_" + re.sub(r"\W+", "_", name) + f"_{bits}",
                                input_names=["x", "wq", "scales", "biases", "bias"] + (["maps_in"] if name == SEPARATE_MAPS else []),
                                output_names=["out", "tmaps"],
-                               source=source, header=mixed._HEADER + HEADER_OF.get(name, ""), shared_memory=smem)
+                               source=source, header=mixed._HEADER, shared_memory=smem)
 
 
 def main():
