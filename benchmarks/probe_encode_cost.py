@@ -8,7 +8,9 @@ graph's update/launch, the wait), for a plain add, MLX's GEMM, our dequantize ke
 kernel with a short source, mx.depends + GEMM, and quantized_linear; and (session 16) attention: MLX's SDPA, our
 sm_90 kernel through its launcher (maps kernel + main kernel), its maps kernel alone, the same no-op kernel with the
 attention's 36 KB of header text in front (MLX builds each call's full source and hashes it when it encodes it), and
-our kernel built from its sources with the comments and blank lines taken out (``compact``).
+our kernel built from its sources with the comments and blank lines taken out (``compact``). Session 17: the kernels'
+texts go to MLX as #include lines (flashdiff.kernels._jit); rows for the 36 KB no-op that way, for our attention with
+its texts inline (as before), and for its main kernel alone (maps made beforehand).
 """
 
 import argparse
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashdiff.kernels import quantized_linear  # noqa: E402
 from flashdiff.kernels import _attention_sm90 as att  # noqa: E402
 from flashdiff.kernels._dequant import dequantize  # noqa: E402
+from flashdiff.kernels._jit import cuda_kernel  # noqa: E402
 from common import write_json  # noqa: E402
 
 _NOOP_SOURCE = "  const int i = threadIdx.x; if (i < 256) out[i] = a[i];"
@@ -39,7 +42,20 @@ def compact(text: str) -> str:
     return "\n".join(line for line in lines if line.strip()) + "\n"
 
 
-_compact_kernel = att.main_kernel("flashdiff_probe_att_compact", compact(att._SOURCE), compact(att._HEADER), False)
+def inline_main_kernel(name, source, header):
+    """The attention's main kernel with its text handed to MLX inline (as before session 17), not by #include."""
+    return mx.fast.cuda_kernel(name=name, input_names=["q", "k", "v", "tmaps", "scale", "kbias"], output_names=["out"],
+                               source=source, header=header, shared_memory=att.SMEM_BYTES)
+
+
+_compact_kernel = inline_main_kernel("flashdiff_probe_att_compact", compact(att._SOURCE), compact(att._HEADER))
+_inline_kernel = inline_main_kernel("flashdiff_probe_att_inline", att._SOURCE, att._HEADER)
+_inline_maps = mx.fast.cuda_kernel(name="flashdiff_probe_att_maps_inline", input_names=["q", "k", "v"],
+                                   output_names=["tmaps"], source=att._MAPS_SOURCE, header=att._MAP_HEADER)
+# session 17: the same no-op with the same 36 KB, handed to MLX by #include (flashdiff.kernels._jit)
+_noop_long_included = cuda_kernel(name="flashdiff_probe_copy_long_included", input_names=["a"], output_names=["out"],
+                                  source=_NOOP_SOURCE + "\n/*" + att._SOURCE.replace("*/", "* /") + "*/\n",
+                                  header=att._HEADER)
 
 
 def measure(make, n, rounds=7):
@@ -68,14 +84,18 @@ def main():
     qs = [mx.random.normal((1, 1, 128, 128)).astype(mx.bfloat16) for _ in range(args.n)]
     mx.eval(xs, w, wq, s, b, as_, qs)
     scale = 128 ** -0.5
+    maps_made = [att.tensor_maps(q, q, q) for q in qs]
+    mx.eval(maps_made)
 
-    def ours_compact(q):
-        shipped = att._kernel
-        att._kernel = lambda persistent=False: _compact_kernel
+    def ours_with(q, main, maps=None):  # flash_attention_sm90 with these kernel objects in place of its own
+        shipped = att._kernel, att._maps_kernel
+        att._kernel = lambda persistent=False: main
+        if maps is not None:
+            att._maps_kernel = lambda: maps
         try:
             return att.flash_attention_sm90(q, q, q, scale)
         finally:
-            att._kernel = shipped
+            att._kernel, att._maps_kernel = shipped
     ops = {
         "add": lambda i: xs[i] + 1,
         "GEMM": lambda i: xs[i] @ w.T,
@@ -91,7 +111,13 @@ def main():
         "its maps kernel alone": lambda i: att.tensor_maps(qs[i], qs[i], qs[i]),
         "no-op custom kernel, 36 KB of source": lambda i: _noop_long(
             inputs=[as_[i]], output_shapes=[(256,)], output_dtypes=[mx.float32], grid=(256, 1, 1), threadgroup=(256, 1, 1))[0],
-        "our sm_90 attention, compact source": lambda i: ours_compact(qs[i]),
+        "our sm_90 attention, compact source": lambda i: ours_with(qs[i], _compact_kernel, _inline_maps),
+        # session 17: the shipped launcher hands MLX #include lines (on CUDA, flashdiff.kernels._jit); inline as before
+        "no-op custom kernel, 36 KB of source by #include": lambda i: _noop_long_included(
+            inputs=[as_[i]], output_shapes=[(256,)], output_dtypes=[mx.float32], grid=(256, 1, 1), threadgroup=(256, 1, 1))[0],
+        "our sm_90 attention, sources inline": lambda i: ours_with(qs[i], _inline_kernel, _inline_maps),
+        "our sm_90 attention, main kernel alone (maps made before)": lambda i: att.flash_attention_sm90(
+            qs[i], qs[i], qs[i], scale, _maps=maps_made[i]),
     }
     rows = []
     for name, make in ops.items():

@@ -25,6 +25,13 @@ def assert_close(ours, ref, atol=1e-4, rtol=1e-4):
     np.testing.assert_allclose(a, b, atol=atol, rtol=rtol)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_sources(tmp_path_factory):
+    """Kernel texts that flashdiff.kernels._jit writes go to a session folder, not the user's cache."""
+    os.environ.setdefault("FLASHDIFF_KERNEL_CACHE", str(tmp_path_factory.mktemp("kernel-sources")))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import torch

@@ -26,6 +26,7 @@ mixed-input GEMM (session 9) use and which passed their GPU tests as modelled he
 """
 
 import re
+from pathlib import Path
 
 import numpy as np
 
@@ -605,6 +606,11 @@ def _raw(a):
     return np.array(a)
 
 
+def expand_includes(text: str) -> str:
+    """`text` with each ``#include "/absolute/path"`` line replaced by that file's text, as NVRTC reads it."""
+    return re.sub(r'#include "(/[^"]+)"[^\n]*', lambda m: Path(m.group(1)).read_text(), text)
+
+
 class LaunchRecorder:
     """Stands in for mx.fast.cuda_kernel: each call is recorded (source, names, template, grid and
     threadgroup as the launcher computed them; its input arrays) and returns random placeholders of
@@ -617,6 +623,8 @@ class LaunchRecorder:
     def cuda_kernel(self, name, input_names, output_names, source, header="", ensure_row_contiguous=True,
                     atomic_outputs=False, shared_memory=0):
         import mlx.core as mx
+
+        source = expand_includes(source)  # flashdiff.kernels._jit's include lines (mx.cuda.is_available patched)
 
         def call(*, inputs, template, output_shapes, output_dtypes, grid, threadgroup, stream=None, init_value=None,
                  verbose=False):

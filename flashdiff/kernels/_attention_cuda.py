@@ -16,6 +16,7 @@ import math
 
 import mlx.core as mx
 
+from ._jit import cuda_kernel
 _HEADER = r"""
 #include <mma.h>
 """
@@ -152,7 +153,7 @@ def _smem_bytes(d: int, itemsize: int = 2) -> int:
 @functools.cache
 def _kernel(d: int, has_bias: bool):
     names = ["q", "k", "v", "scale", "kbias"]  # kbias is a dummy when has_bias is False
-    return mx.fast.cuda_kernel(
+    return cuda_kernel(
         name=f"flashdiff_attention_d{d}" + ("_bias" if has_bias else ""), input_names=names,
         output_names=["out"], source=_SOURCE, header=_HEADER, shared_memory=_smem_bytes(d),
     )

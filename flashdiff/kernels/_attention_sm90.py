@@ -42,6 +42,7 @@ import mlx.core as mx
 from ._dispatch import float_bits
 from ._gemm_sm90 import wgmma_asm
 from ._gemm_tma import _GEMM_HEADER, _MAP_HEADER, num_sms
+from ._jit import cuda_kernel
 
 D = 128
 BM = BN = 128
@@ -400,8 +401,8 @@ _SOURCE = r"""
 
 @functools.cache
 def _maps_kernel():
-    return mx.fast.cuda_kernel(name="flashdiff_attention_sm90_maps", input_names=["q", "k", "v"],
-                               output_names=["tmaps"], source=_MAPS_SOURCE, header=_MAP_HEADER)
+    return cuda_kernel(name="flashdiff_attention_sm90_maps", input_names=["q", "k", "v"],
+                       output_names=["tmaps"], source=_MAPS_SOURCE, header=_MAP_HEADER)
 
 
 def scale_input(scale: float) -> mx.array:
@@ -424,9 +425,9 @@ def main_kernel(name: str, source: str, header: str, persistent: bool):
     shipped sources through ``_kernel``; benchmarks/probe_attention_variants.py builds edited ones)."""
     from ._attention_sm90_forms import SMEM_BYTES_PERSISTENT
 
-    return mx.fast.cuda_kernel(name=name, input_names=["q", "k", "v", "tmaps", "scale", "kbias"], output_names=["out"],
-                               source=source, header=header,
-                               shared_memory=SMEM_BYTES_PERSISTENT if persistent else SMEM_BYTES)
+    return cuda_kernel(name=name, input_names=["q", "k", "v", "tmaps", "scale", "kbias"], output_names=["out"],
+                       source=source, header=header,
+                       shared_memory=SMEM_BYTES_PERSISTENT if persistent else SMEM_BYTES)
 
 
 @functools.cache

@@ -31,6 +31,8 @@ import os
 
 import mlx.core as mx
 
+from ._jit import cuda_kernel
+
 MODES = {"affine": 0, "mxfp4": 1, "nvfp4": 2, "mxfp8": 3}
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 AFFINE_GROUPS = (32, 64, 128)
@@ -362,7 +364,7 @@ _METAL_SOURCE = r"""
 def _kernel(backend: str, affine: bool, flat: bool = True):
     inputs = ["w", "scales", "biases"]  # fp modes get a dummy `biases` (the source names it)
     if backend == "cuda":
-        return mx.fast.cuda_kernel(
+        return cuda_kernel(
             name="flashdiff_dequant" + ("_affine" if affine else "_fp") + ("_flat" if flat else ""),
             input_names=inputs, output_names=["out"], source=_CUDA_SOURCE_FLAT if flat else _CUDA_SOURCE,
             header=CUDA_KERNEL_HEADER,

@@ -36,6 +36,7 @@ import os
 
 import mlx.core as mx
 
+from ._jit import cuda_kernel
 BM, BN, BK, STAGES, THREADS = 128, 128, 32, 4, 128
 GROUP_M = 8  # row tiles per raster group (TILE_SETUP)
 SMEM_BYTES = STAGES * (BM + BN) * BK * 2  # 64 KiB; the epilogue reuses it (BM * (BN + 8) * 2 bytes)
@@ -209,7 +210,7 @@ _SOURCE = r"""
 
 @functools.cache
 def _kernel():
-    return mx.fast.cuda_kernel(
+    return cuda_kernel(
         name="flashdiff_grouped_gemm", input_names=["x", "w", "slot_row", "tile_expert"],
         output_names=["out"], source=_SOURCE, header=_HEADER, shared_memory=SMEM_BYTES,
     )

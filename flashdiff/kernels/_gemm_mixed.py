@@ -78,6 +78,7 @@ from ._dequant import DEQUANT_CODE, PAIRED_ASM
 from ._gemm_cuda import is_sm90
 from ._gemm_sm90 import wgmma_asm
 from ._gemm_tma import publish_maps_code
+from ._jit import cuda_kernel
 
 WT, TT, BK, STAGES = 192, 128, 64, 4  # weights, tokens, k per CTA tile; pipeline stages (as in _SOURCE)
 THREADS = 512  # three consumer warpgroups + one producer warpgroup
@@ -403,7 +404,7 @@ def supported(x, scales, bits: int, group_size: int, mode: str, k: int, n: int) 
 
 @functools.cache
 def _kernel(bits: int, group_size: int):
-    return mx.fast.cuda_kernel(
+    return cuda_kernel(
         name="flashdiff_mixed_gemm", input_names=["x", "wq", "scales", "biases", "bias"],
         output_names=["out", "tmaps"], source=_SOURCE, header=_HEADER, shared_memory=smem_bytes(bits, group_size),
     )
@@ -421,8 +422,8 @@ def block_bytes(bits: int, group_size: int) -> int:
 
 @functools.cache
 def _pack_kernel():
-    return mx.fast.cuda_kernel(name="flashdiff_mixed_pack", input_names=["wq", "scales", "biases"],
-                               output_names=["packed"], source=_PACK_SOURCE, header=_HEADER)
+    return cuda_kernel(name="flashdiff_mixed_pack", input_names=["wq", "scales", "biases"],
+                       output_names=["packed"], source=_PACK_SOURCE, header=_HEADER)
 
 
 def pack_weight(wq, scales, biases, bits: int, group_size: int, stream=None):

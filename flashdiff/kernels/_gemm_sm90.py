@@ -24,9 +24,8 @@ the default there; these cp.async forms stay selectable (engine=) for comparison
 
 import functools
 
-import mlx.core as mx
-
 from ._gemm_cuda import CP_ASYNC_HEADER, TILE_SETUP
+from ._jit import cuda_kernel
 
 BM, BN, BK, STAGES, THREADS = 128, 256, 64, 4, 256
 SMEM_BYTES = STAGES * (BM + BN) * BK * 2 + 1024  # + room to align the tiles to 1024 bytes
@@ -281,7 +280,7 @@ THREADS_WS = 384  # two consumer warpgroups + one producer warpgroup
 
 @functools.cache
 def _kernel(warp_specialized: bool = False):
-    return mx.fast.cuda_kernel(
+    return cuda_kernel(
         name="flashdiff_grouped_gemm_sm90" + ("_ws" if warp_specialized else ""),
         input_names=["x", "w", "slot_row", "tile_expert"], output_names=["out"],
         source=_SOURCE_WS if warp_specialized else _SOURCE, header=_HEADER, shared_memory=SMEM_BYTES,

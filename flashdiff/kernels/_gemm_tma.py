@@ -44,6 +44,7 @@ import mlx.core as mx
 
 from ._gemm_cuda import TILE_SETUP
 from ._gemm_sm90 import _EPILOGUE_CONSUMERS, _HEADER, BN, BK, BM, STAGES
+from ._jit import cuda_kernel
 
 THREADS = 384  # two consumer warpgroups + one producer warpgroup
 SMEM_BYTES = STAGES * (BM + BN) * BK * 2 + 1024
@@ -225,26 +226,26 @@ _SOURCE = r"""
 @functools.cache
 def _maps_kernel(work: bool = False):
     if work:  # the x map alone + the quantized form's counters
-        return mx.fast.cuda_kernel(name="flashdiff_gemm_tensor_maps_work", input_names=["x"],
-                                   output_names=["tmaps", "work"], source=_MAPS_SOURCE_WORK, header=_MAP_HEADER)
-    return mx.fast.cuda_kernel(name="flashdiff_gemm_tensor_maps", input_names=["x", "w"], output_names=["tmaps"],
-                               source=_MAPS_SOURCE, header=_MAP_HEADER)
+        return cuda_kernel(name="flashdiff_gemm_tensor_maps_work", input_names=["x"],
+                           output_names=["tmaps", "work"], source=_MAPS_SOURCE_WORK, header=_MAP_HEADER)
+    return cuda_kernel(name="flashdiff_gemm_tensor_maps", input_names=["x", "w"], output_names=["tmaps"],
+                       source=_MAPS_SOURCE, header=_MAP_HEADER)
 
 
 @functools.cache
 def _gather_kernel(work: bool = False):
     if work:
-        return mx.fast.cuda_kernel(name="flashdiff_gather_slots_work", input_names=["x", "slot_row"],
-                                   output_names=["xs", "tmaps", "work"], source=_GATHER_SOURCE_WORK, header=_MAP_HEADER)
-    return mx.fast.cuda_kernel(name="flashdiff_gather_slots", input_names=["x", "slot_row", "w"],
-                               output_names=["xs", "tmaps"], source=_GATHER_SOURCE, header=_MAP_HEADER)
+        return cuda_kernel(name="flashdiff_gather_slots_work", input_names=["x", "slot_row"],
+                           output_names=["xs", "tmaps", "work"], source=_GATHER_SOURCE_WORK, header=_MAP_HEADER)
+    return cuda_kernel(name="flashdiff_gather_slots", input_names=["x", "slot_row", "w"],
+                       output_names=["xs", "tmaps"], source=_GATHER_SOURCE, header=_MAP_HEADER)
 
 
 @functools.cache
 def _kernel(form: str = ""):
     from . import _gemm_tma_forms as forms
     source = {"": _SOURCE, "_persistent": forms._SOURCE_PERSISTENT}[form]
-    return mx.fast.cuda_kernel(
+    return cuda_kernel(
         name="flashdiff_grouped_gemm_tma" + form, input_names=["x", "w", "slot_row", "tile_expert", "tmaps"],
         output_names=["out"], source=source, header=_GEMM_HEADER,
         shared_memory=forms.SMEM_BYTES_PERSISTENT if form else SMEM_BYTES,

@@ -43,6 +43,7 @@ from . import _gemm_tma
 from ._dequant import DEQUANT_CODE, PAIRED_ASM
 from ._gemm_cuda import TILE_SETUP, group_m, is_sm90
 from ._gemm_sm90 import _EPILOGUE_CONSUMERS
+from ._jit import cuda_kernel
 
 THREADS = _gemm_tma.THREADS
 SMEM_BYTES = _gemm_tma.SMEM_BYTES
@@ -174,7 +175,7 @@ def supported(x, scales, bits: int, group_size: int, mode: str, k: int, n: int) 
 
 @functools.cache
 def _kernel():
-    return mx.fast.cuda_kernel(
+    return cuda_kernel(
         name="flashdiff_dequant_gemm_tma",
         input_names=["x", "wq", "scales", "biases", "bias", "slot_row", "tile_expert", "tmaps"],
         output_names=["out"], source=_SOURCE, header=_HEADER, shared_memory=SMEM_BYTES,

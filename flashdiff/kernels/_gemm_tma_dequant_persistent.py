@@ -40,6 +40,7 @@ import mlx.core as mx
 from . import _gemm_tma, _gemm_tma_forms
 from ._dequant import DEQUANT_CODE, PAIRED_ASM, paired
 from ._gemm_sm90 import BN
+from ._jit import cuda_kernel
 
 _HELPERS = r"""
 // non-blocking: whether the phase of this parity has completed
@@ -203,7 +204,7 @@ def work_ints(experts: int, n: int) -> int:
 
 @functools.cache
 def _kernel():
-    return mx.fast.cuda_kernel(
+    return cuda_kernel(
         name="flashdiff_grouped_gemm_tma_persistent_dequant",
         input_names=["x", "wq", "scales", "biases", "slot_row", "tile_expert", "tmaps", "work"],
         output_names=["out", "w_deq", "wmaps"], source=SOURCE, header=HEADER,

@@ -22,6 +22,7 @@ import os
 import mlx.core as mx
 
 from ._gemm_cuda import BM, default_engine
+from ._jit import cuda_kernel
 
 _LAYOUT_SOURCE = r"""
   // Block b places routed rows b * RPB .. + RPB - 1 (thread i: row b * RPB + i; NT threads per block, NT >= RPB)
@@ -149,8 +150,8 @@ MAX_EXPERTS = 1024
 
 @functools.cache
 def _layout_kernel():
-    return mx.fast.cuda_kernel(name="flashdiff_moe_layout", input_names=["expert_ids"],
-                               output_names=["slot_row", "tile_expert"], source=_LAYOUT_SOURCE)
+    return cuda_kernel(name="flashdiff_moe_layout", input_names=["expert_ids"],
+                       output_names=["slot_row", "tile_expert"], source=_LAYOUT_SOURCE)
 
 
 def _layout_launch(expert_ids, num_experts: int, rpb: int = RPB):
@@ -199,7 +200,7 @@ def _prologue_kernel(gather: bool, dequant: str):
     if dequant:
         inputs, outputs = (inputs if gather else inputs + ["w"]) + ["scales", "biases"], outputs + ["out"]
     source = layout_gather_source("out" if dequant else "w") if gather else _LAYOUT_SOURCE
-    return mx.fast.cuda_kernel(
+    return cuda_kernel(
         name="flashdiff_moe_layout" + ("_gather" if gather else "") + (f"_dequant_{dequant}" if dequant else ""),
         input_names=inputs, output_names=outputs, source=with_dequant_blocks(source) if dequant else source,
         header=(_gemm_tma._MAP_HEADER if gather else "") + (_dequant.CUDA_KERNEL_HEADER if dequant else ""),

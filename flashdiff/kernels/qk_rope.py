@@ -26,6 +26,7 @@ import functools
 import mlx.core as mx
 
 from ._dispatch import float_bits, metal_kernels_requested, resolve_backend
+from ._jit import cuda_kernel
 
 
 def apply_rope_interleaved(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
@@ -178,8 +179,8 @@ _INPUTS = ["a", "bsrc", "wqa", "wka", "wqb", "wkb", "cosv", "sinv"]
 @functools.cache
 def _kernel(backend: str):
     if backend == "cuda":  # eps is the template value EPS_BITS
-        return mx.fast.cuda_kernel(name="flashdiff_qk_norm_rope", input_names=_INPUTS,
-                                   output_names=["q", "k", "v"], source=_CUDA_SOURCE)
+        return cuda_kernel(name="flashdiff_qk_norm_rope", input_names=_INPUTS,
+                           output_names=["q", "k", "v"], source=_CUDA_SOURCE)
     return mx.fast.metal_kernel(name="flashdiff_qk_norm_rope", input_names=_INPUTS + ["eps"],
                                 output_names=["q", "k", "v"], source=_METAL_SOURCE)
 
