@@ -338,10 +338,10 @@ static inline void fd_mma_ss128(float (&d)[64], unsigned a_addr, unsigned b_addr
   }
   emu_wgmma_commit();
 }
-template <bool BF16>
+template <bool BF16, int KSTEPS = 8>
 static inline void fd_mma_rs128(float (&d)[64], const unsigned (&a)[8][4], unsigned b_addr, unsigned chunk) {
   const unsigned group = emu_afrag_issue(&a[0][0]);  // B = V, MN-major, as the kernel's header addresses it
-  for (int kk = 0; kk < 8; ++kk) {
+  for (int kk = 0; kk < KSTEPS; ++kk) {
     const unsigned long long db = fd_desc_mn(b_addr + kk * 2048, chunk);
     emu_open_group.push_back([&d, db, kk, group] { emu_wgmma<BF16, 128, true>(d, 0, db, kk, group); });
   }

@@ -463,9 +463,12 @@ def test_attention_variant_probe_takes_back_each_edit():
 
     for persistent in (False, True):
         shipped = (att._HEADER, forms._SOURCE_PERSISTENT if persistent else att._SOURCE)
-        for name in probe.VARIANTS:
+        for name in probe.variants(persistent):
             got = probe.variant_sources(name, persistent)
             assert (got == shipped) == (name == "as_is"), (name, persistent)
+    assert probe.variants(True) == [n for n in probe.VARIANTS if n not in probe.PER_TILE_ONLY]
+    with pytest.raises(ValueError, match="per-tile form only"):
+        probe.variant_sources("last_tile_in_loop", True)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None or nvdisasm_path() is None,

@@ -207,6 +207,38 @@ def test_emulated_wgmma_attention_matches_softmax_attention(tmp_path, b, h, hk, 
     np.testing.assert_allclose(out, softmax_attention_np(qf, kf, vf, 0.088, bias), rtol=2e-2, atol=2e-2)
 
 
+def _tail_heavy_inputs(rng, lq, lk, with_bias):
+    """q (1, 1, Lq, 128) and k / v (1, 1, Lk, 128) where the keys of the last key tile carry a large share of every
+    row's weight (their k share q's common part; with a bias, the other keys are also pushed down), so that a
+    tail key read wrongly, or left out, moves the output well past the tolerance."""
+    q = rng.standard_normal((1, 1, lq, 128)) * 0.3 + 1.0
+    k = rng.standard_normal((1, 1, lk, 128)) * 0.5
+    first_tail_key = (lk - 1) // 128 * 128
+    k[:, :, first_tail_key:] = 0.25 + 0.2 * rng.standard_normal((lk - first_tail_key, 128))
+    bias = None
+    if with_bias:
+        bias = np.where(np.arange(lk) >= first_tail_key, 0.0, -1.5)[None, :] + rng.uniform(-0.5, 0, (1, lk))
+    return bf16_bits(q), bf16_bits(k), bf16_bits(rng.standard_normal((1, 1, lk, 128))), bias
+
+
+@pytest.mark.parametrize("lk", [141, 150, 300, 230, 13, 256])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_emulated_wgmma_attention_last_key_tile(tmp_path, lk, with_bias):
+    """The last, partial key tile: its per-key tests in a compile-time copy of the loop's step, and its P V over only
+    ceil((Lk % 128) / 16) k16 steps (Lk % 128 = 13, 22, 44, 102: 1, 2, 3, 7 steps; 13 keys in one tile, NT = 1;
+    256: all 8), with the tail's keys carrying a large share of the weight (so a tail key lost or misread fails),
+    against float64 softmax attention."""
+    q, k, v, bias = _tail_heavy_inputs(np.random.default_rng(lk), 150, lk, with_bias)
+    qf, kf, vf = (bf16_values(a).astype(np.float64) for a in (q, k, v))
+    first_tail_key = (lk - 1) // 128 * 128
+    s = np.einsum("bhqd,bhkd->bhqk", qf, kf) * 0.088 + (0 if bias is None else bias[:, None, None, :])
+    p = np.exp(s - s.max(-1, keepdims=True))
+    share = (p[..., first_tail_key:].sum(-1) / p.sum(-1)).mean()
+    assert 0.3 < share < 0.99 or lk < 128, share  # the earlier keys count too
+    out = _attention(tmp_path, q, k, v, 0.088, bias)
+    np.testing.assert_allclose(out, softmax_attention_np(qf, kf, vf, 0.088, bias), rtol=2e-2, atol=2e-2)
+
+
 def _settled_inputs(rng, lq, lk, with_bias):
     """q / k / v (1, 2 heads, L, 128; one K / V head) whose every row's largest score is key 0's: every q row carries
     a common part u = 1 and key 0 is 0.65 u (its bias, if any, the largest: 0). So each row's maximum is set by the

@@ -250,10 +250,12 @@ def test_wgmma_attention_rescales_every_tile(tmp_path, persistent):
 @pytest.mark.parametrize("persistent", [False, True])
 def test_wgmma_attention_full_key_tiles_have_no_per_key_tests(tmp_path, has_bias, persistent):
     """In the sm_90 attention's main loop (SASS; the per-tile and the persistent form), a key tile that lies wholly
-    inside Lk runs no per-key test. An odd Lk (4621) may add one tail-tile copy of the softmax, but its full tiles
-    run the instructions of an aligned Lk (4736). Session 13 found the old run-time `tail` flag costing every tile 60 FSEL to -inf and ~35 ISETP at
-    LK = 4621: 731 instructions per tile against 585 (4736); measured on the H200 (sessions 7-8), ours ran 4621
-    keys 11-16% slower than 4736."""
+    inside Lk runs no per-key test. In the persistent form an odd Lk (4621) adds one tail-tile copy of the softmax
+    to the loop, but its full tiles run the instructions of an aligned Lk (4736); the per-tile form runs a partial
+    last tile after the loop (session 17), so its loop is the aligned one's within a few instructions (513 / 514
+    without bias; before, 673 with the copy behind a branch). Session 13 found the old run-time `tail` flag costing
+    every tile 60 FSEL to -inf and ~35 ISETP at LK = 4621: 731 instructions per tile against 585 (4736); measured
+    on the H200 (sessions 7-8), ours ran 4621 keys 11-16% slower than 4736."""
     def loop(lk):
         body = attention_main_loop(tmp_path / str(lk), lk, has_bias, persistent)
         return body, sum("FSEL" in t and "-INF" in t for t in body)
@@ -263,9 +265,11 @@ def test_wgmma_attention_full_key_tiles_have_no_per_key_tests(tmp_path, has_bias
     # (the persistent form's loop also resets its row maxima to -inf where a query tile starts: 2 selects)
     assert aligned_selects <= 2, f"{aligned_selects} selects to -inf in the aligned loop: every key tested"
     assert odd_selects - aligned_selects <= 8, f"{odd_selects} selects to -inf in the loop: the full tiles test each key"
-    # the odd loop = the aligned one + one (constant-folded) tail copy of softmax / fetch_bias, and a branch to it
-    tail_copy = len(odd) - len(aligned)
-    assert 0 < tail_copy < 0.5 * len(aligned), (len(odd), len(aligned))
+    extra = len(odd) - len(aligned)
+    if persistent:  # the odd loop = the aligned one + one (constant-folded) tail copy of softmax / fetch_bias
+        assert 0 < extra < 0.5 * len(aligned), (len(odd), len(aligned))
+    else:  # no tail copy in the loop
+        assert abs(extra) <= 24, (len(odd), len(aligned))
 
 
 @needs_nvdisasm

@@ -242,6 +242,27 @@ def test_attention_cuda(backend, shape, masked):
     assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("lk", [141, 150, 300, 230, 13, 4621, 4700])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_cuda_wgmma_last_key_tile(lk, masked):
+    """The sm_90 kernel's last, partial key tile (run after its loop, its P V over ceil((Lk % 128) / 16) k16 steps only,
+    session 17) with the tail's keys carrying a large share of each row's weight, so that a tail key lost or misread
+    fails: against the float32 reference, with and without a key mask."""
+    if not _gemm_cuda.is_sm90():
+        pytest.skip("the wgmma attention needs an sm_90 GPU")
+    mx.random.seed(lk)
+    first_tail_key = (lk - 1) // 128 * 128
+    q = mx.random.normal((1, 2, 200, 128)) * 0.3 + 1.0
+    k = mx.random.normal((1, 2, lk, 128)) * 0.5
+    k = mx.where((mx.arange(lk) >= first_tail_key)[None, None, :, None], 0.25 + 0.2 * mx.random.normal(k.shape), k)
+    v = mx.random.normal((1, 2, lk, 128))
+    q, k, v = (a.astype(mx.bfloat16) for a in (q, k, v))
+    mask = (mx.arange(lk) < lk - 2)[None, None, None, :] if masked else None
+    ref = attention_reference(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), 0.088, mask)
+    out = attention(q, k, v, 0.088, mask, backend="cuda_wgmma")
+    assert rel_err(out, ref) < 1e-2
+
+
 def test_attention_cuda_flash_gqa_and_key_multiplier():
     mx.random.seed(4)
     q = mx.random.normal((1, 4, 200, 128)).astype(mx.bfloat16)

@@ -15,6 +15,10 @@ benchmarks/probe_attention_variants.py timed each edit taken back (benchmarks/RE
 Session 16: each MMA call makes its shared-memory descriptors once and moves them along by one add per k16 step
 (``fd_desc_add``; 559 -> 514 instructions per key tile at LK 4736): 3-4% less time at 4608 / 4621 tokens on the H200,
 where the kernel alone now matches cuDNN's (Nsight Compute: 403 against 406 us at 4608).
+Session 17: where Lk is not a multiple of 128, the last key tile runs after the loop as a compile-time copy of its
+step (the loop no longer carries that copy behind a branch on j: 673 -> 513 SASS instructions per tile at LK 4621),
+and the last P V stops at Lk (ceil((Lk % 128) / 16) k16 steps of 8). Nsight Compute on the H200: 4621 414 against
+420 us, 4700 412 against 434, 5000 498 against 510; aligned lengths unchanged (benchmarks/README.md, session 17).
 
 Two kernels:
 - ``_MAPS_SOURCE``: one warp encodes the three TMA tensor maps (Q, K and V as (rows, 128), boxes of
@@ -77,8 +81,8 @@ __device__ __forceinline__ void fd_fence64(float (&d)[64]) {
 template <bool BF16>
 __device__ __forceinline__ void fd_mma_ss128(float (&d)[64], unsigned a_addr, unsigned b_addr, unsigned chunk) {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#pragma unroll
   const unsigned long long da = fd_desc(a_addr), db = fd_desc(b_addr);  // then moved along: one add per step
+#pragma unroll
   for (int kk = 0; kk < 8; ++kk) {
     const unsigned off = (kk >> 2) * chunk + (kk & 3) * 32;
     const unsigned long long dak = fd_desc_add(da, off), dbk = fd_desc_add(db, off);
@@ -96,12 +100,13 @@ __device__ __forceinline__ unsigned long long fd_desc_mn(unsigned addr, unsigned
 }
 // d += P . V with P's A fragments in registers (a[kk] for keys 16 kk .. 16 kk + 15) and V's tile as TMA
 // loads it: [128 keys][64 dims] twice (dims 0..63, 64..127) CHUNK bytes apart, 128-byte rows swizzled
-template <bool BF16>
+// KSTEPS < 8: only keys 0 .. 16 KSTEPS - 1 (a last, partial key tile's; P is 0 past LK)
+template <bool BF16, int KSTEPS = 8>
 __device__ __forceinline__ void fd_mma_rs128(float (&d)[64], const unsigned (&a)[8][4], unsigned b_addr, unsigned chunk) {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
   const unsigned long long db = fd_desc_mn(b_addr, chunk);
 #pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
+  for (int kk = 0; kk < KSTEPS; ++kk) {
     if (BF16) fd_wgmma_rs_bf16(d, a[kk], fd_desc_add(db, kk * 2048));
     else fd_wgmma_rs_f16(d, a[kk], fd_desc_add(db, kk * 2048));
   }
@@ -266,6 +271,8 @@ _SOURCE = r"""
   constexpr int BM = 128, BN = 128, STAGES = 2, CHUNK = 128 * 128;  // a chunk: 128 rows x 64 columns
   constexpr int Q_BYTES = 2 * CHUNK, TILE_BYTES = 2 * CHUNK;        // Q; one K or V tile
   constexpr int NT = (LK + BN - 1) / BN;
+  // the last P V's k16 steps: the last tile's keys up to LK (P is 0 past it), 16 per step
+  constexpr int LAST_PV_STEPS = LK % BN == 0 ? BN / 16 : (LK % BN + 15) / 16;
   // rescale_and_pack: O *= corr on every tile. The per-warp skip (true: a vote per tile) was bit-identical but measured
   // slower on the H200 (session 14, benchmarks/probe_attention_variants.py: 0.507-0.514 ms against 0.527-0.551 at
   // 4608 tokens, 5.32-5.37 against 5.38-5.41 at 16384)
@@ -352,9 +359,14 @@ _SOURCE = r"""
   if (lane == 0) fd_mbar_arrive(fd_smem_addr(&k_empty[0]));
   on_tile(0, softmax);
   rescale_and_pack();
-  for (int j = 1; j < NT; ++j) {  // tile j: S_j and P_{j-1} V_{j-1} in flight together
+  // tile j >= 1: S_j and P_{j-1} V_{j-1} in flight together. A partial last tile is a compile-time copy of its own
+  // (`last`), after the loop: only it takes the per-key tests (the loop had them behind a branch on j in every tile:
+  // 673 SASS instructions per tile at LK 4621, now 513; 514 at 4736). (Its S over only the first 16..64 keys, by a
+  // narrower wgmma, made ptxas serialize every wgmma of the kernel: "insufficient register resources", nvcc 13.0.)
+  auto step = [&](int j, auto last_flag) {
+    constexpr bool last = decltype(last_flag)::value, tail = last && LK % BN != 0;
     const int s = j % STAGES, sp = (j - 1) % STAGES;
-    on_tile(j, fetch_bias);
+    fetch_bias(j, fd_flag<tail>{});
     load_scores(j);
     fd_mbar_wait(fd_smem_addr(&v_full[sp]), ((j - 1) / STAGES) & 1);
     if (PINGPONG) fd_bar_sync(2 + wg);
@@ -365,17 +377,21 @@ _SOURCE = r"""
     asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // S_j has landed
     fd_fence64(sc);
     if (lane == 0) fd_mbar_arrive(fd_smem_addr(&k_empty[s]));
-    on_tile(j, softmax);
+    softmax(j, fd_flag<tail>{});
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");  // P_{j-1} V_{j-1} has landed
     fd_fence64(o);
     if (lane == 0) fd_mbar_arrive(fd_smem_addr(&v_empty[sp]));
     rescale_and_pack();
-  }
-  // the last P V (warpgroup 1 gives no turn after it: its partner has none left to take)
+  };
+  constexpr int LOOP_END = LK % BN != 0 ? NT - 1 : NT;  // an aligned LK has no last-tile copy
+  for (int j = 1; j < LOOP_END; ++j) step(j, fd_flag<false>{});
+  if (LK % BN != 0 && NT > 1) step(NT - 1, fd_flag<true>{});
+  // the last P V, over the last tile's keys up to LK only (warpgroup 1 gives no turn after it: its partner has none
+  // left to take)
   fd_mbar_wait(fd_smem_addr(&v_full[(NT - 1) % STAGES]), ((NT - 1) / STAGES) & 1);
   if (PINGPONG) fd_bar_sync(2 + wg);
   fd_fence64(o);
-  fd_mma_rs128<IS_BF16>(o, a, v_base + ((NT - 1) % STAGES) * TILE_BYTES, CHUNK);
+  fd_mma_rs128<IS_BF16, LAST_PV_STEPS>(o, a, v_base + ((NT - 1) % STAGES) * TILE_BYTES, CHUNK);
   if (PINGPONG && wg == 0) fd_bar_arrive(3);
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
   fd_fence64(o);
