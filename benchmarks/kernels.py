@@ -274,6 +274,26 @@ def attention_rows(quick):
     return rows
 
 
+def _odd_against_aligned(L, h, scale):
+    """The issue's odd-length target: attention() as it dispatches at odd L and at the multiples of 128 on either side,
+    timed in turn (streamed as the models run, and queued), as rates (L^2 per second) of L over each neighbour
+    (session 17). A rate of 0.95 or more is "within 5%"."""
+    below, above = L // 128 * 128, -(-L // 128) * 128
+    arrays = {n: [mx.random.normal((1, h, n, 128)).astype(mx.bfloat16) for _ in range(3)] for n in (below, L, above)}
+    mx.eval(arrays)
+    fns = {n: (lambda a=arrays[n]: attention(*a, scale)) for n in arrays}
+    streamed = interleaved(fns, lambda fn: streamed_call(fn, calls=40, samples=3), STREAM_ROUNDS)
+    queued = interleaved(fns, lambda fn: bench(fn, reps=5), STREAM_ROUNDS)
+    rate = lambda times, n: n * n / times[n]  # noqa: E731
+    return dict(aligned_below=below, aligned_above=above,
+                paths_odd_below_above=[attention_module._path(arrays[n][0], arrays[n][1], None, None) for n in arrays],
+                interleaved_streamed_seconds={str(n): t for n, t in streamed.items()},
+                interleaved_queued_seconds={str(n): t for n, t in queued.items()},
+                **{f"{mode}_rate_vs_{side}": rate(times, L) / rate(times, n)
+                   for mode, times in (("streamed", streamed), ("queued", queued))
+                   for side, n in (("below", below), ("above", above))})
+
+
 def _attention_row(L, h, quick):
     q, k, v = (mx.random.normal((1, h, L, 128)).astype(mx.bfloat16) for _ in range(3))
     mx.eval(q, k, v)
@@ -292,6 +312,8 @@ def _attention_row(L, h, quick):
     row.update(streamed_sdpa_ms=streamed["sdpa"] * 1e3, streamed_dispatched_ms=streamed["dispatched"] * 1e3,
                dispatched_ratio_vs_sdpa=row["sdpa_ms"] / row["dispatched_ms"],
                streamed_dispatched_ratio_vs_sdpa=streamed["sdpa"] / streamed["dispatched"])
+    if L % 128 and L < 20000:
+        row.update(_odd_against_aligned(L, h, scale))
     if L % 128:  # ways around cuDNN's cost at odd lengths, measured to show why none is used
         pad = -L % 128
         row["pad_q_ms"] = bench(lambda: mx.fast.scaled_dot_product_attention(
@@ -525,6 +547,10 @@ def markdown(rows):
                 ratio += (f"; attention() runs {r['dispatched_path']}: {r['dispatched_ratio_vs_sdpa']:.2f}x SDPA, streamed "
                           f"{r['streamed_dispatched_ms']:.3f} / {r['streamed_sdpa_ms']:.3f} ms = "
                           f"**{r['streamed_dispatched_ratio_vs_sdpa']:.2f}x**")
+            if "streamed_rate_vs_below" in r:
+                ratio += (f"; rate of attention() here over L {r['aligned_below']} / {r['aligned_above']} (in turn): "
+                          f"streamed **{r['streamed_rate_vs_below']:.3f} / {r['streamed_rate_vs_above']:.3f}**, queued "
+                          f"{r['queued_rate_vs_below']:.3f} / {r['queued_rate_vs_above']:.3f}")
             out.append(f"| attention | {r['shape']} | bf16 | {flash} | cuDNN SDPA {r['sdpa_ms']:.3f} ms "
                        f"({r['sdpa_tflops']:.0f}){extra} | {ratio} |")
         elif r["kernel"] == "qk_norm_rope":

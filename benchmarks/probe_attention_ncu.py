@@ -3,8 +3,8 @@ at the same shape, under Nsight Compute (run on the GPU machine):
 
     NO_TIMING=1 ncu --clock-control none --metrics gpu__time_duration.sum --csv python3 benchmarks/probe_attention_ncu.py
 
-LENGTHS (default "4608,4621,4736,16384") with 24 heads of 128, batch 1, bf16. Each call is synchronised,
-so every kernel shows up separately. Without NO_TIMING the calls are also timed queued (median of 10
+LENGTHS (default "4608,4621,4736,16384") with 24 heads of 128, batch 1, bf16; REPEAT (default 2) calls of each.
+Each call is synchronised, so every kernel shows up separately. Without NO_TIMING the calls are also timed queued (median of 10
 per synchronisation) to set kernel time against call time.
 """
 
@@ -23,7 +23,7 @@ for length in (int(v) for v in os.environ.get("LENGTHS", "4608,4621,4736,16384")
     q, k, v = (mx.random.normal((1, HEADS, length, 128)).astype(mx.bfloat16) for _ in range(3))
     mx.eval(q, k, v)
     scale = 128 ** -0.5
-    for _ in range(2):
+    for _ in range(int(os.environ.get("REPEAT", "2"))):
         mx.eval(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale))
         mx.eval(attention(q, k, v, scale, backend="cuda_wgmma"))
     if not os.environ.get("NO_TIMING"):

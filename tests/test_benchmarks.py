@@ -259,6 +259,12 @@ def test_kernel_benchmark_attention_rows_time_what_attention_dispatches(tmp_path
         assert row[key] > 0, key
     assert math.isclose(row["streamed_dispatched_ratio_vs_sdpa"], row["streamed_sdpa_ms"] / row["streamed_dispatched_ms"])
     assert "attention() runs reference" in md.read_text()
+    # the odd length against its aligned neighbours (128 and 256), timed in turn: rates L^2 / t relative to theirs
+    assert (row["aligned_below"], row["aligned_above"]) == (128, 256) and row["paths_odd_below_above"] == ["reference"] * 3
+    t = {int(n): v for n, v in row["interleaved_streamed_seconds"].items()}
+    assert sorted(t) == [128, 130, 256] and math.isclose(row["streamed_rate_vs_below"], (130 ** 2 / t[130]) / (128 ** 2 / t[128]))
+    assert 0 < row["queued_rate_vs_above"] and "queued_rate_vs_above_tflops" not in row
+    assert f"streamed **{row['streamed_rate_vs_below']:.3f} / {row['streamed_rate_vs_above']:.3f}**" in md.read_text()
 
 
 def test_interleaved_measures_in_turn_and_takes_medians():
