@@ -10,9 +10,10 @@ time is paid serially whenever the GPU waits on the host (a short graph evaluate
 
 How. The header and the body are written, when a kernel is made, into files named by their content's SHA-256 in a
 cache directory of the user's (``FLASHDIFF_KERNEL_CACHE``, else ``cuda-sources/`` in the engine's cache folder,
-``FLASHDIFF_HOME`` or ``~/.cache/flashdiff``), atomically (a temporary file, then a rename); a file already there is used only
-if its bytes are ours. NVRTC, which compiles the kernel, opens the absolute paths itself. The body's file is
-included inside the kernel function, after MLX's template constants, exactly where the text stood. MLX adds an
+``FLASHDIFF_HOME`` or ``~/.cache/flashdiff``), atomically (a temporary file, then a rename); a file already there is
+used only if its bytes are ours. NVRTC, which compiles the kernel at its first evaluation in a process, opens the
+absolute paths itself (so the files must stay until then; a later process rewrites any that are gone). The body's
+file is included inside the kernel function, after MLX's template constants, exactly where the text stood. MLX adds an
 input's shape, strides or ndim parameters when the source names ``<input>_shape`` (and so on); those names are
 repeated in a comment on the include line so that MLX still sees them.
 
@@ -77,7 +78,8 @@ def included(name: str, input_names, source: str, header: str, directory: Path |
     head = source_file(header, name + "_header", directory) if header else ""
     if body is None or head is None:
         return source, header
-    seen = [f"{n}{suffix}" for n in input_names for suffix in ("_shape", "_strides", "_ndim") if f"{n}{suffix}" in source]
+    seen = [f"{n}{suffix}" for n in input_names for suffix in ("_shape", "_strides", "_ndim")
+            if f"{n}{suffix}" in source]
     note = f"  // {' '.join(seen)}" if seen else ""
     return f'#include "{body}"{note}\n', (f'#include "{head}"\n' if head else "")
 
