@@ -10,10 +10,13 @@ sm_90 kernel through its launcher (maps kernel + main kernel), its maps kernel a
 attention's 36 KB of header text in front (MLX builds each call's full source and hashes it when it encodes it), and
 our kernel built from its sources with the comments and blank lines taken out (``compact``). Session 17: the kernels'
 texts go to MLX as #include lines (flashdiff.kernels._jit); rows for the 36 KB no-op that way, for our attention with
-its texts inline (as before), and for its main kernel alone (maps made beforehand).
+its texts inline (as before), for its main kernel alone (maps made beforehand), for its maps kernel of contiguous
+arrays and followed by a kernel that reads its output, for our attention with Python's garbage collector off, and for ours
+and SDPA under mx.compile (as the pipelines run their blocks).
 """
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -52,13 +55,26 @@ _compact_kernel = inline_main_kernel("flashdiff_probe_att_compact", compact(att.
 _inline_kernel = inline_main_kernel("flashdiff_probe_att_inline", att._SOURCE, att._HEADER)
 _inline_maps = mx.fast.cuda_kernel(name="flashdiff_probe_att_maps_inline", input_names=["q", "k", "v"],
                                    output_names=["tmaps"], source=att._MAPS_SOURCE, header=att._MAP_HEADER)
+# session 17: a one-thread kernel reading the maps kernel's output (is it the edge between the two that costs?)
+_maps_reader = cuda_kernel(name="flashdiff_probe_maps_reader", input_names=["tmaps"], output_names=["out"],
+                           source="  if (threadIdx.x == 0) out[0] = tmaps[0];")
 # session 17: the same no-op with the same 36 KB, handed to MLX by #include (flashdiff.kernels._jit)
 _noop_long_included = cuda_kernel(name="flashdiff_probe_copy_long_included", input_names=["a"], output_names=["out"],
                                   source=_NOOP_SOURCE + "\n/*" + att._SOURCE.replace("*/", "* /") + "*/\n",
                                   header=att._HEADER)
 
 
-def measure(make, n, rounds=7):
+def measure(make, n, rounds=7, gc_off=False):
+    if gc_off:
+        gc.collect()
+        gc.disable()
+    try:
+        return _measure(make, n, rounds)
+    finally:
+        gc.enable()
+
+
+def _measure(make, n, rounds):
     builds, evals = [], []
     for _ in range(rounds + 1):
         mx.synchronize()
@@ -118,10 +134,20 @@ def main():
         "our sm_90 attention, sources inline": lambda i: ours_with(qs[i], _inline_kernel, _inline_maps),
         "our sm_90 attention, main kernel alone (maps made before)": lambda i: att.flash_attention_sm90(
             qs[i], qs[i], qs[i], scale, _maps=maps_made[i]),
+        "its maps kernel of contiguous q, k, v": lambda i: att.tensor_maps(*(mx.contiguous(qs[i]) for _ in range(3))),
+        "its maps kernel + a one-thread kernel reading them": lambda i: _maps_reader(
+            inputs=[att.tensor_maps(qs[i], qs[i], qs[i])], output_shapes=[(1,)], output_dtypes=[mx.uint8],
+            grid=(32, 1, 1), threadgroup=(32, 1, 1))[0],
     }
+    gc_off = {"our sm_90 attention, 128 tokens, garbage collector off": ops["our sm_90 attention, 128 tokens"]}
+    # as the pipelines run a block (mx.compile): a replay builds no Python objects and rebuilds no kernel text
+    compiled_ours = mx.compile(lambda q: att.flash_attention_sm90(q, q, q, scale))
+    compiled_sdpa = mx.compile(lambda q: mx.fast.scaled_dot_product_attention(q, q, q, scale=scale))
+    ops["our sm_90 attention, 128 tokens, compiled"] = lambda i: compiled_ours(qs[i])
+    ops["SDPA (cuDNN), 128 tokens, compiled"] = lambda i: compiled_sdpa(qs[i])
     rows = []
-    for name, make in ops.items():
-        build, ev = measure(make, args.n)
+    for name, make in list(ops.items()) + list(gc_off.items()):
+        build, ev = measure(make, args.n, gc_off=name in gc_off)
         rows.append(dict(op=name, n=args.n, build_us=build, eval_us=ev))
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
