@@ -6,15 +6,12 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from cuda_emulation import expand_includes
 from flashdiff.kernels import _attention_sm90, _jit
 
 KERNELS = Path(__file__).resolve().parents[1] / "flashdiff" / "kernels"
 INCLUDE = re.compile(r'#include "([^"]+)"')
-
-
-def expand(text: str) -> str:
-    """What the preprocessor reads: each #include line replaced by the file's text."""
-    return INCLUDE.sub(lambda m: Path(m.group(1)).read_text(), text)
+expand = expand_includes  # what the preprocessor reads: each #include line replaced by the file's text
 
 
 def test_included_texts_are_the_kernel_texts(tmp_path):

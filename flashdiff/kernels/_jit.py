@@ -49,12 +49,11 @@ def include_mode() -> bool:
 def source_file(text: str, name: str, directory: Path) -> str | None:
     """The absolute path of a file in `directory` holding `text` (written if missing or different), or None when
     it cannot be written or its path cannot be #included."""
-    digest = hashlib.sha256(text.encode()).hexdigest()[:24]
-    file_name = f"{re.sub(r'[^A-Za-z0-9_]', '_', name)}-{digest}.cuh"
+    data = text.encode()
+    file_name = f"{re.sub(r'[^A-Za-z0-9_]', '_', name)}-{hashlib.sha256(data).hexdigest()[:24]}.cuh"
     path = directory.resolve() / file_name
     if any(c in str(path) for c in '"\\\n'):
         return None
-    data = text.encode()
     try:
         if not (path.is_file() and path.read_bytes() == data):
             directory.mkdir(parents=True, exist_ok=True)
