@@ -7,11 +7,11 @@ give wrong results; only their time means something): "no code loads" (the produ
 scales and biases: no global loads), "no conversion" (consumers keep their first K tile's fragments),
 two K tiles of 4-bit codes in flight instead of four, the x tensor map encoded by a kernel of its own
 before each call (session 9) instead of by each CTA, a deeper stage ring (session 15: 8 stages at 4 bits,
-7 at 8, the most that fit in shared memory, instead of 4), the producer's loads cached in L2 only (with and without
-the deeper ring), and the kernel in PACKED mode on pack_weight's blocks (4 and 8 / 7 stages), and the 4-bit bf16 conversion as it was
+7 at 8, the most that fit in shared memory, instead of 4; since session 18 6 at 8 bits: the consumers' loop, unrolled over the stages, needs an even count), the producer's loads cached in L2 only (with and without
+the deeper ring), and the kernel in PACKED mode on pack_weight's blocks (4 and 8 / 6 stages), and the 4-bit bf16 conversion as it was
 before session 16 (unpacked and packed) and as session 15's LOP3 probe had it (packed);
 next to MLX's
-bf16 GEMM (cuBLAS) and the TMA GEMM (engine "wgmma tma") on a bf16 weight. Streamed timing
+bf16 GEMM (cuBLAS), quantized_linear's default path (dequantize + cuBLAS, session 18) and the TMA GEMM (engine "wgmma tma") on a bf16 weight. Streamed timing
 (common.streamed_call), every variant measured in turn (common.interleaved, 3 rounds, medians).
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flashdiff.kernels import _gemm_cuda, _gemm_mixed as mixed, _gemm_tma  # noqa: E402
+from flashdiff.kernels import _gemm_cuda, _gemm_mixed as mixed, _gemm_tma, quantized_linear  # noqa: E402
 from common import interleaved, median_call, quantized_problem, streamed_call, write_json  # noqa: E402
 
 SEPARATE_MAPS = "tensor map from a kernel of its own"
@@ -36,7 +36,7 @@ VARIANTS = {
         ("""dsb[i] = (unsigned)*reinterpret_cast<const unsigned short*>(scales + g)
                  | ((unsigned)*reinterpret_cast<const unsigned short*>(biases + g) << 16);""",
          "dsb[i] = (unsigned)g & 0x3fff3fffu;")],
-    "no conversion": [("      convert(kt + 1, nxt);\n", "")],
+    "no conversion": [("      convert((s + 1) % STAGES, nxt);\n", "")],
     "two tiles of 4-bit codes in flight (session 9's first version)": [
         ("constexpr int PF = BITS == 4 ? 4 : 1;", "constexpr int PF = BITS == 4 ? 2 : 1;")],
     # session 9's launch: the x map encoded by a kernel of its own (_gemm_tma.tensor_maps) before each call
@@ -45,7 +45,7 @@ VARIANTS = {
          "const unsigned long long xmap = fd_maps_addr(maps_in);"),
         ("    if (warp == 12)\n" + mixed.publish_maps_code([("x", "M_ROWS", "TT")], dst="xmap", name="xmap_smem"), "")],
 }
-DEEP_RING = "8 stages (4-bit) / 7 (8-bit)"
+DEEP_RING = "8 stages (4-bit) / 6 (8-bit)"
 VARIANTS[DEEP_RING] = []
 # the producer's global loads of codes, scales and biases cached in L2 only (ld.global.cg), not in L1: session 15's
 # deeper ring ran slower, and its larger shared-memory carve-out leaves less L1 for these loads
@@ -57,13 +57,13 @@ _PAST_L1 = [
      """dsb[i] = (unsigned)__ldcg(reinterpret_cast<const unsigned short*>(scales + g))
                  | ((unsigned)__ldcg(reinterpret_cast<const unsigned short*>(biases + g)) << 16);""")]
 PAST_L1 = "loads past L1"
-PAST_L1_DEEP = "loads past L1, 8 stages (4-bit) / 7 (8-bit)"
+PAST_L1_DEEP = "loads past L1, 8 stages (4-bit) / 6 (8-bit)"
 VARIANTS[PAST_L1] = _PAST_L1
 VARIANTS[PAST_L1_DEEP] = _PAST_L1
 # the shipped kernel in PACKED mode on pack_weight's blocks (session 15): the producer warpgroup's loads and
 # rearrangement done once ahead, each stage's codes and scale | bias pairs copied by one bulk copy
 PACKED = "packed weight (pack_weight), one bulk copy per stage"
-PACKED_DEEP = "packed weight, 8 stages (4-bit) / 7 (8-bit)"
+PACKED_DEEP = "packed weight, 8 stages (4-bit) / 6 (8-bit)"
 VARIANTS[PACKED] = []
 VARIANTS[PACKED_DEEP] = []
 # the bf16 conversion as it was before session 16 (4 bits: shift, mask and exponent OR as nvcc emitted them, then sub,
@@ -81,8 +81,20 @@ PACKED_S15_LOP3 = "packed weight, session 15's LOP3 probe (one LOP3, sub, mul, a
 VARIANTS[S15_CONVERSION] = _S15_CONVERSION
 VARIANTS[PACKED_S15_CONVERSION] = _S15_CONVERSION
 VARIANTS[PACKED_S15_LOP3] = _S15_LOP3
-PACKED_SET = (PACKED, PACKED_DEEP, PACKED_S15_CONVERSION, PACKED_S15_LOP3)
-STAGES_OF = {DEEP_RING: {4: 8, 8: 7}, PAST_L1_DEEP: {4: 8, 8: 7}, PACKED_DEEP: {4: 8, 8: 7}}  # by bits (others: mixed.STAGES)
+# session 18: each consumer warp's lane 0 arrives on a stage's "empty" barrier (12 arrivals) instead of every consumer
+# thread (384): wait_group has retired the stage's wgmmas for the whole warpgroup, and a warp's shared loads of the
+# stage's codes were used (converted) before its wgmmas were issued, so one arrival per warp releases as much
+PACKED_WARP_ARRIVALS = "packed weight, one empty arrival per consumer warp"
+VARIANTS[PACKED_WARP_ARRIVALS] = [
+    ("fd_mbar_init(fd_smem_addr(&empty_bar[s]), 384);", "fd_mbar_init(fd_smem_addr(&empty_bar[s]), 12);"),
+    ("if (kt > 0) fd_mbar_arrive(empty0 + 8 * ((s + STAGES - 1) % STAGES));",
+     "if (kt > 0 && lane == 0) fd_mbar_arrive(empty0 + 8 * ((s + STAGES - 1) % STAGES));")]
+# session 18: packed, with the x map from a kernel of its own (as SEPARATE_MAPS): what the in-kernel encoding costs
+PACKED_SEPARATE_MAPS = "packed weight, tensor map from a kernel of its own"
+VARIANTS[PACKED_SEPARATE_MAPS] = VARIANTS[SEPARATE_MAPS]
+PACKED_SET = (PACKED, PACKED_DEEP, PACKED_S15_CONVERSION, PACKED_S15_LOP3, PACKED_WARP_ARRIVALS, PACKED_SEPARATE_MAPS)
+SEPARATE_SET = (SEPARATE_MAPS, PACKED_SEPARATE_MAPS)
+STAGES_OF = {DEEP_RING: {4: 8, 8: 6}, PAST_L1_DEEP: {4: 8, 8: 6}, PACKED_DEEP: {4: 8, 8: 6}}  # by bits (others: mixed.STAGES)
 
 
 SMEM_LIMIT = 227 * 1024  # the H200's shared memory per block (opt-in)
@@ -106,7 +118,7 @@ def variant_source(name, bits):
 def variant_kernel(name, bits):
     source, smem = variant_source(name, bits)
     return mx.fast.cuda_kernel(name="flashdiff_probe_mixed_" + re.sub(r"\W+", "_", name) + f"_{bits}",
-                               input_names=["x", "wq", "scales", "biases", "bias"] + (["maps_in"] if name == SEPARATE_MAPS else []),
+                               input_names=["x", "wq", "scales", "biases", "bias"] + (["maps_in"] if name in SEPARATE_SET else []),
                                output_names=["out", "tmaps"],
                                source=source, header=mixed._HEADER, shared_memory=smem)
 
@@ -130,14 +142,16 @@ def main():
         pack_us = median_call(lambda: mixed.pack_weight(wq, s, b, bits, 64), 5, 3, 1) * 1e6
 
         def call(kernel, name):
-            extra = [_gemm_tma.tensor_maps(x, wq.reshape(1, n, -1))] if name == SEPARATE_MAPS else []
+            extra = [_gemm_tma.tensor_maps(x, wq.reshape(1, n, -1))] if name in SEPARATE_SET else []
             is_packed = name in PACKED_SET
             inputs = [x, packed, x, x, x] if is_packed else [x, wq, s, b, x]
             return kernel(inputs=inputs + extra, template=mixed.template(x.dtype, m, k, n, bits, 64, False, is_packed),
                           output_shapes=[(m, n), (mixed.maps_bytes(m, n),)], output_dtypes=[x.dtype, mx.uint8],
                           grid=grid, threadgroup=group)[0]
 
-        fns = {"bf16 cuBLAS": lambda: x @ w.T, "TMA GEMM, bf16 weight": lambda: _gemm_cuda.dense_gemm(x, w, engine="wgmma tma")}
+        fns = {"bf16 cuBLAS": lambda: x @ w.T, "TMA GEMM, bf16 weight": lambda: _gemm_cuda.dense_gemm(x, w, engine="wgmma tma"),
+               # what quantized_linear runs by default (session 18: beside the packed kernel, to place a crossover by M)
+               "quantized_linear default (dequantize + cuBLAS)": lambda: quantized_linear(x, wq, s, b, bits, 64, "affine")}
         for name in names:
             fns[name] = (lambda kernel, name: lambda: call(kernel, name))(variant_kernel(name, bits), name)
         outs = {name: fns[name]() for name in names}

@@ -331,7 +331,41 @@ def test_mixed_gemm_probe_edits_match_the_kernel():
         try:
             probe.variant_source(probe.DEEP_RING, 8)
         finally:
-            probe.STAGES_OF[probe.DEEP_RING][8] = 7
+            probe.STAGES_OF[probe.DEEP_RING][8] = 6
+
+
+def test_mixed_timeline_probe_stamps_and_summary():
+    """benchmarks/probe_mixed_timeline.py: every stamp lands once in the packed kernel's source (the rest unchanged),
+    and its summary reads the stamps as they are laid out (synthetic stamps with known gaps, one 32-bit wrap)."""
+    import numpy as np
+    import probe_mixed_timeline as probe
+
+    src = probe.stamped_source()
+    assert all(f"fd_stamp({e})" in src for e in range(8)) and src.count("fd_stamp(") == 8  # each point once
+    stripped = src
+    for old, new in probe.EDITS:
+        stripped = stripped.replace(new, old)
+    assert stripped == probe.mixed._SOURCE + "  if (tid == 0) fd_stamp(7);\n"
+    assert set(probe.VARIANTS) == {"as is", "no conversion", "no wgmma", "half the conversion", "no bf16 arithmetic"}
+    for variant in set(probe.VARIANTS) - {"as is"}:  # each takes its one part out and keeps every stamp
+        other = probe.stamped_source(variant)
+        assert other != src and other.count("fd_stamp(") == 8
+    assert "convert(kt + 1, nxt)" not in probe.stamped_source("no conversion")
+    assert "fd_mma_rs_k64<IS_BF16>(d, cur" not in probe.stamped_source("no wgmma")
+    ctas, k_tiles = 3, 48
+    tl = np.zeros((ctas, probe.SLOTS), np.uint64)
+    starts = np.array([2**32 - 1000, 2**32 - 500, 200], np.uint64)  # entries 0.5 us apart, the last past a wrap
+    gaps_ns = np.array([0, 900, 1500, 2500, 12500, 24000, 25000, 26000], np.uint64)
+    for c in range(ctas):
+        tl[c, :8] = (starts[c] + gaps_ns + c * 100 * (gaps_ns > 0)) % 2**32
+        tl[c, 8:16] = (7 + 2 * gaps_ns) % 2**32  # 2 cycles per ns
+        tl[c, 16] = c % 2
+    row = probe.summarize(tl.astype(np.uint32).reshape(-1), ctas, k_tiles)
+    assert row["sms used"] == 2 and row["start spread us"] == pytest.approx(1.2)
+    assert row["median us from entry"]["first K tile converted"] == pytest.approx(2.6)  # 2500 + 100 ns (CTA 1)
+    assert row["span us (first entry to last stores)"] == pytest.approx((1200 + 26000 + 200) / 1e3)
+    assert row["median cycles per K tile (first to half)"] == pytest.approx(2 * 10000 / 24)
+    assert row["clock GHz (cycles / ns, median)"] == pytest.approx(2 * 26000 / 26100, rel=1e-3)
 
 
 def test_moe_side_columns_name_the_library_settings(monkeypatch):
