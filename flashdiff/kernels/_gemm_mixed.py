@@ -289,8 +289,10 @@ _SOURCE = r"""
 #pragma unroll
   for (int i = 0; i < 64; ++i) d[i] = 0.0f;
   unsigned fa[4][4], fb[4][4];  // A fragments of two K tiles: [k16 step][register]
-  auto convert = [&](int kt, unsigned (&a)[4][4]) {
-    const unsigned char* stage = fd_smem + (kt % STAGES) * STAGE_BYTES;
+  // the stages' barriers, addressed from two bases (their generic-to-shared conversion once, not per K tile)
+  const unsigned full0 = fd_smem_addr(&full_bar[0]), empty0 = fd_smem_addr(&empty_bar[0]);
+  auto convert = [&](int s, unsigned (&a)[4][4]) {  // stage s's codes into A fragments a
+    const unsigned char* stage = fd_smem + s * STAGE_BYTES;
     const unsigned* sbs = reinterpret_cast<const unsigned*>(stage + X_BYTES + C_BYTES);
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
@@ -331,25 +333,35 @@ _SOURCE = r"""
       }
     }
   };
-  // tile kt: its wgmmas on fragments `cur` (converted before), then, while they run, tile kt + 1's
-  // fragments into `nxt` (which tile kt - 1's wgmmas read: wait_group 1 has retired them)
-  auto step = [&](int kt, unsigned (&cur)[4][4], unsigned (&nxt)[4][4]) {
+  // tile kt (in stage s = kt % STAGES, a compile-time constant below): its wgmmas on fragments `cur` (converted
+  // before), then, while they run, tile kt + 1's fragments into `nxt` (which tile kt - 1's wgmmas read: wait_group 1
+  // has retired them). phase: the full barriers' parity in this pass over the stages (the next pass's is phase ^ 1).
+  auto step = [&](int kt, int s, int phase, unsigned (&cur)[4][4], unsigned (&nxt)[4][4]) {
     fd_fence64(d);
-    fd_mma_rs_k64<IS_BF16>(d, cur, smem_base + (kt % STAGES) * STAGE_BYTES);
+    fd_mma_rs_k64<IS_BF16>(d, cur, smem_base + s * STAGE_BYTES);
     asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
     fd_fence64(d);
-    if (kt > 0) fd_mbar_arrive(fd_smem_addr(&empty_bar[(kt - 1) % STAGES]));
+    if (kt > 0) fd_mbar_arrive(empty0 + 8 * ((s + STAGES - 1) % STAGES));
     if (kt + 1 < KT) {
-      fd_mbar_wait(fd_smem_addr(&full_bar[(kt + 1) % STAGES]), ((kt + 1) / STAGES) & 1);
-      convert(kt + 1, nxt);
+      fd_mbar_wait(full0 + 8 * ((s + 1) % STAGES), s + 1 < STAGES ? phase : phase ^ 1);
+      convert((s + 1) % STAGES, nxt);
     }
     fd_fence_frag(cur);  // tile kt's wgmmas may still read `cur`: nothing may take its registers before here
   };
-  fd_mbar_wait(fd_smem_addr(&full_bar[0]), 0);
+  fd_mbar_wait(full0, 0);
   convert(0, fa);
-  for (int kt = 0; kt < KT; kt += 2) {
-    step(kt, fa, fb);
-    if (kt + 1 < KT) step(kt + 1, fb, fa);
+  // Unrolled over the stages (session 18): each stage's shared addresses, barriers and wgmma descriptors are then
+  // constants from one base, which ptxas keeps in the uniform datapath (the loop, one K tile per step, took 126 SASS
+  // instructions per K tile, 32 of them moving descriptors into uniform registers; now about 100)
+  static_assert(STAGES % 2 == 0, "the fragments alternate fa, fb by K tile across passes");
+  for (int kt = 0; kt < KT; kt += STAGES) {
+    const int phase = (kt / STAGES) & 1;
+#pragma unroll
+    for (int u = 0; u < STAGES; ++u)
+      if (kt + u < KT) {
+        if (u & 1) step(kt + u, u, phase, fb, fa);
+        else step(kt + u, u, phase, fa, fb);
+      }
   }
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
   fd_fence64(d);
