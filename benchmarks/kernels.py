@@ -19,7 +19,7 @@ import mlx.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashdiff.kernels import (attention, moe_gemm, qk_norm_rope, qk_norm_rope_reference, quantize_model,  # noqa: E402
                                quantized_linear)
-from flashdiff.kernels import _attention_sm90, _dequant, _gemm_cuda, _gemm_mixed, _gemm_tma_dequant  # noqa: E402
+from flashdiff.kernels import _attention_sm90, _dequant, _gemm_cuda, _gemm_mixed, _gemm_tma_dequant, qgemm  # noqa: E402
 from flashdiff.kernels.moe import _moe_dense_experts, moe_windowed  # noqa: E402
 attention_module = importlib.import_module("flashdiff.kernels.attention")  # the module: the package exports the function
 from common import (interleaved, median_call, moe_problem, prologue_problems, quantize, streamed_call,  # noqa: E402
@@ -70,6 +70,20 @@ QLINEAR_SIZES = [(4608, 3072, 12288), (4608, 12288, 3072), (4608, 3072, 21504), 
                  (1024, 3072, 12288), (1024, 12288, 3072), (1024, 3072, 21504), (1024, 15360, 3072)]  # FLUX at 512²
 
 
+def packed_layer(wq, scales, biases, bits, group, mode):
+    """The PackedQuantizedLinear that pipelines make of this weight on an sm_90 GPU (FLASHDIFF_QLINEAR_PACKED=1), or
+    None where they would not."""
+    layer = qgemm.QuantizedLinear.__new__(qgemm.QuantizedLinear)
+    nn.Module.__init__(layer)
+    layer.group_size, layer.bits, layer.mode = group, bits, mode
+    layer.weight, layer.scales, layer.biases = wq, scales, biases
+    if NO_PACKED or not (_gemm_cuda.is_sm90() and qgemm.packable(layer)):
+        return None
+    packed = qgemm.PackedQuantizedLinear(layer)
+    mx.eval(packed.parameters())
+    return packed
+
+
 def qlinear_rows(quick):
     rows = []
     configs = [("affine", 4, 64), ("affine", 8, 64)]
@@ -112,6 +126,10 @@ def qlinear_rows(quick):
                 mixed_compiled = traced()
                 run_mixed = with_env("FLASHDIFF_QLINEAR", "mixed", lambda: quantized_linear(x, wq, s, b, bits, group, mode))
                 fns["mixed"], fns["mixed_c"] = run_mixed, with_env("FLASHDIFF_QLINEAR", "mixed", lambda: mixed_compiled(x))
+            packed = packed_layer(wq, s, b, bits, group, mode)
+            if packed is not None:  # the layer as the pipelines run it on sm_90 (session 18), compiled
+                packed_compiled = mx.compile(lambda a: packed(a))
+                fns["packed_c"] = lambda: packed_compiled(x)
             st = interleaved(fns, lambda fn: streamed_call(fn, calls=40 if m * n < 2e8 else 10, samples=3), STREAM_ROUNDS)
             t_ours_stream, t_dense_stream = st["ours"], st["bf16"]
             compiled = dict(streamed_compiled_ours_ms=st["ours_c"] * 1e3, streamed_compiled_bf16_ms=st["bf16_c"] * 1e3,
@@ -128,6 +146,14 @@ def qlinear_rows(quick):
                                 streamed_compiled_mixed_ratio_vs_bf16=st["bf16_c"] / st["mixed_c"],
                                 mixed_max_rel_diff=(mx.abs(y_mixed.astype(mx.float32) - ref_cpu.astype(mx.float32)).max()
                                                     / mx.abs(ref_cpu.astype(mx.float32)).max()).item())
+            if packed is not None:
+                y_packed = packed(x)
+                compiled.update(streamed_compiled_packed_ms=st["packed_c"] * 1e3,
+                                streamed_compiled_packed_ratio_vs_bf16=st["bf16_c"] / st["packed_c"],
+                                packed_path="mixed GEMM" if qgemm.packed_gemm_wins(m, n) else "dequantize_packed + GEMM",
+                                packed_equals_dequantize_matmul=mx.array_equal(y_packed, ref_cpu).item(),
+                                packed_max_rel_diff=(mx.abs(y_packed.astype(mx.float32) - ref_cpu.astype(mx.float32)).max()
+                                                     / mx.abs(ref_cpu.astype(mx.float32)).max()).item())
             if _gemm_cuda.quantized_gemm_available(x, s, bits, group, mode, k, n, force=True):
                 persistent_compiled = traced()  # the persistent GEMM dequantizing in its storer warps (opt-in)
                 fns["persistent_c"] = with_env("FLASHDIFF_QLINEAR", "persistent", lambda: persistent_compiled(x))
@@ -256,6 +282,7 @@ WGMMA_ATTENTION = False  # --wgmma-attention: also the sm_90 kernel, with and wi
 STREAM_ROUNDS = 3  # rounds of the interleaved streamed measures (--stream-rounds)
 NO_FUSED = False  # --no-fused: leave out the opt-in fused dequantize GEMM's columns (FLASHDIFF_QLINEAR=fused)
 NO_MIXED = False  # --no-mixed: leave out the opt-in mixed-input GEMM's columns (FLASHDIFF_QLINEAR=mixed)
+NO_PACKED = False  # --no-packed: leave out the packed layers' columns (PackedQuantizedLinear, sm_90)
 NO_EXTRA_MODES = False  # --no-extra-modes: quantized linear in affine 4/8-bit only
 QLINEAR_SHAPES = ()  # --qlinear-shapes MxKxN,...: only these quantized-linear shapes (split a long run)
 
@@ -483,6 +510,9 @@ def flux_rows(quick):
             measure(f"affine4 g64, {label} (FLASHDIFF_QLINEAR={path})", ("FLASHDIFF_QLINEAR", path), base=0)
             model.eval_every_block = True
             measure(f"affine4 g64, {label}, eval per block", ("FLASHDIFF_QLINEAR", path), base=1)
+    if not NO_PACKED and _gemm_cuda.is_sm90() and qgemm.pack_quantized_linears(model, force=True):  # (last)
+        model.eval_every_block = False
+        measure("affine4 g64, packed layers (FLASHDIFF_QLINEAR_PACKED=1)", base=0)
     return rows
 
 
@@ -507,6 +537,10 @@ def markdown(rows):
                           f"{r['streamed_mixed_ms']:.3f} ms = **{r['streamed_mixed_ratio_vs_bf16']:.2f}x**, compiled "
                           f"{r['streamed_compiled_mixed_ms']:.3f} ms = **{r['streamed_compiled_mixed_ratio_vs_bf16']:.2f}x**)"
                           if "mixed_ms" in r else "")
+                       + (f"; packed layer ({r['packed_path']}), compiled {r['streamed_compiled_packed_ms']:.3f} ms = "
+                          f"**{r['streamed_compiled_packed_ratio_vs_bf16']:.2f}x**"
+                          + ("" if r["packed_equals_dequantize_matmul"] else f", max rel. diff {r['packed_max_rel_diff']:.1e}")
+                          if "streamed_compiled_packed_ms" in r else "")
                        + (f"; persistent GEMM dequantizing in its storer warps, compiled {r['streamed_compiled_persistent_ms']:.3f}"
                           f" / {r['streamed_compiled_persistent_bf16_ms']:.3f} ms = "
                           f"**{r['streamed_compiled_persistent_ratio_vs_bf16']:.2f}x**"
@@ -578,12 +612,14 @@ def main():
                     help="leave out the opt-in fused dequantize GEMM's columns (FLASHDIFF_QLINEAR=fused)")
     ap.add_argument("--no-mixed", action="store_true",
                     help="leave out the opt-in mixed-input GEMM's columns (FLASHDIFF_QLINEAR=mixed)")
+    ap.add_argument("--no-packed", action="store_true",
+                    help="leave out the packed layers' columns (PackedQuantizedLinear, what pipelines run on sm_90)")
     ap.add_argument("--stream-rounds", type=int, default=3,
                     help="rounds of the interleaved streamed measures (ours and bf16 in turn; medians)")
     ap.add_argument("--only", default="qlinear,moe,attention,prologue,flux")
     args = ap.parse_args()
-    global WGMMA_ATTENTION, QLINEAR_SHAPES, NO_EXTRA_MODES, NO_FUSED, NO_MIXED, STREAM_ROUNDS
-    NO_EXTRA_MODES, NO_FUSED, NO_MIXED = args.no_extra_modes, args.no_fused, args.no_mixed
+    global WGMMA_ATTENTION, QLINEAR_SHAPES, NO_EXTRA_MODES, NO_FUSED, NO_MIXED, NO_PACKED, STREAM_ROUNDS
+    NO_EXTRA_MODES, NO_FUSED, NO_MIXED, NO_PACKED = args.no_extra_modes, args.no_fused, args.no_mixed, args.no_packed
     if args.stream_rounds < 1:
         ap.error(f"--stream-rounds must be at least 1, got {args.stream_rounds}")
     STREAM_ROUNDS = args.stream_rounds

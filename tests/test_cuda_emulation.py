@@ -363,6 +363,40 @@ def test_emulated_mixed_gemm_packed_equals_unpacked(tmp_path, bits, group, dtype
     np.testing.assert_array_equal(got["out"], got["ref"])
 
 
+@pytest.mark.parametrize("bits, group, dtype, k, n", [(4, 64, "bf16", 320, 264), (8, 32, "f16", 192, 200),
+                                                     (4, 128, "f16", 384, 392), (8, 64, "bf16", 256, 192),
+                                                     (4, 32, "bf16", 192, 136)])
+def test_emulated_dequantize_packed_equals_mlx_dequantize(tmp_path, bits, group, dtype, k, n):
+    """pack_weight's kernel, then dequantize_packed's (the packed blocks back to the (N, K) weight): every value bit for
+    bit mx.dequantize's, every element written (the output starts as 0xFFFF, which no case's weights hold), the
+    block order and sizes as the Python side computes them. Cases: 4/8 bits, groups 32/64/128, bf16/fp16, a weight
+    tile past N (264, 200, 392, 136 rows), K tiles 3..6. And unpack_weight inverts the packing exactly."""
+    import mlx.core as mx
+
+    mdt = mx.bfloat16 if dtype == "bf16" else mx.float16
+    _, wq, scales, biases, w_deq, _ = _affine_problem(np.random.default_rng(bits * group + n), bits, group, mdt, 1, k, n)
+    tiles, kt = -(-n // _gemm_mixed.WT), k // _gemm_mixed.BK
+    packed_words = tiles * kt * _gemm_mixed.block_bytes(bits, group) // 4
+    buffers = {"wq": ("u32", np.array(wq)), "scales": (dtype, _u16(scales)), "biases": (dtype, _u16(biases)),
+               "packed": ("u32", packed_words), "out": (dtype, n * k)}
+    is_bf16 = dtype == "bf16"
+    got = run(tmp_path, buffers, [
+        (_gemm_mixed._PACK_SOURCE, [("K", k), ("N", n), ("BITS", bits), ("GROUP", group)], ["wq", "scales", "biases"],
+         ["packed"], (tiles, kt), 128),
+        (_gemm_mixed._UNPACK_SOURCE, [("T", dtype), ("IS_BF16", is_bf16), ("K", k), ("N", n), ("BITS", bits), ("GROUP", group)],
+         ["packed"], ["out"], (tiles, kt), 128),
+    ], ["out", "packed"], headers=_gemm_tma_dequant.DEQUANT_CODE + _gemm_mixed.MIXED_CODE)
+    want = _u16(w_deq).reshape(-1)
+    assert not np.any(got["out"] == 0xFFFF) and not np.any(want == 0xFFFF)
+    np.testing.assert_array_equal(got["out"], want)
+    # and unpack_weight (numpy, for saving a packed model) gives back mx.quantize's arrays bit for bit
+    wq2, scales2, biases2 = _gemm_mixed.unpack_weight(mx.array(got["packed"]), n, k, bits, group, mdt)
+    assert wq2.dtype == mx.uint32 and scales2.dtype == biases2.dtype == mdt
+    np.testing.assert_array_equal(np.array(wq2), np.array(wq))
+    np.testing.assert_array_equal(_u16(scales2), _u16(scales))
+    np.testing.assert_array_equal(_u16(biases2), _u16(biases))
+
+
 # ---- the same kernels as the Python launchers ask for them (templates, grids, buffers as computed there)
 
 @pytest.fixture
@@ -376,7 +410,8 @@ def recorder(monkeypatch):
 
     caches = [att._kernel, att._maps_kernel, _gemm_tma._kernel, _gemm_tma._gather_kernel, _gemm_tma._maps_kernel,
               _dequant._kernel, qk_rope._kernel, _moe_layout._layout_kernel, _gemm_cuda._kernel, _gemm_mixed._kernel,
-              _gemm_tma_dequant_persistent._kernel, _moe_layout._prologue_kernel]
+              _gemm_tma_dequant_persistent._kernel, _moe_layout._prologue_kernel, _gemm_mixed._pack_kernel,
+              _gemm_mixed._unpack_kernel]
     for cache in caches:
         cache.cache_clear()
     rec = LaunchRecorder()
@@ -800,3 +835,61 @@ def _check_grouped_and_dense(tmp_path, recorder, engine, t, k, expert, grouped_k
     assert [r["name"] for r in recorder.launches] == dense_kernels
     (out,) = replay(tmp_path, recorder.launches)
     np.testing.assert_allclose(bf16_values(out).reshape(t, 136), xf @ wf[expert].T, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("bits, group, with_bias, sms, path", [(4, 64, True, 4, "mixed"), (8, 32, False, 4, "mixed"),
+                                                               (4, 128, False, 7, "dequantize"), (8, 64, True, 7, "dequantize")])
+def test_packed_layer_as_launched(tmp_path, recorder, monkeypatch, bits, group, with_bias, sms, path):
+    """pack_quantized_linears on an sm_90 GPU, then the packed layer's call, as their launchers ask for the kernels:
+    pack_weight's, then the mixed GEMM where its 4 CTAs fill the last wave (FLASHDIFF_NUM_SMS=4: packed_gemm_wins) or
+    dequantize_packed's where they do not (7 multiprocessors: 4 / 7 full), each replayed through the emulation against
+    float64 / mx.dequantize. And model_weights of the packed model gives back mx.quantize's arrays (save_component's
+    checkpoint layout), from the emulated pack's real blocks."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from flashdiff.engine.components import model_weights
+    from flashdiff.kernels import PackedQuantizedLinear, QuantizedLinear, _gemm_cuda, pack_quantized_linears, qgemm
+
+    monkeypatch.setattr(_gemm_cuda, "is_sm90", lambda: True)
+    monkeypatch.setattr(_gemm_mixed, "is_sm90", lambda: True)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("FLASHDIFF_KERNELS", "cuda")  # as on the GPU (the CPU is the default device here)
+    monkeypatch.setenv("FLASHDIFF_NUM_SMS", str(sms))
+    monkeypatch.setattr(qgemm, "PACKED_MIN_M", 1)  # 140 rows: the waves alone choose here
+    _gemm_tma.num_sms.cache_clear()
+    m, k, n = 140, 256, 200
+    linear = nn.Linear(k, n, bias=with_bias)
+    linear.set_dtype(mx.bfloat16)
+    model = nn.Sequential(QuantizedLinear.from_linear(linear, group, bits))
+    wq, s, b = model.layers[0]["weight"], model.layers[0]["scales"], model.layers[0]["biases"]
+    monkeypatch.setenv("FLASHDIFF_QLINEAR_PACKED", "1")
+    assert pack_quantized_linears(model) == 1 and isinstance(model.layers[0], PackedQuantizedLinear)
+    assert [r["name"] for r in recorder.launches] == ["flashdiff_mixed_pack"]
+    x = mx.array(np.random.default_rng(bits).standard_normal((2, m // 2, k))).astype(mx.bfloat16)
+    y = model(x)
+    assert y.shape == (2, m // 2, n)
+    names = [r["name"] for r in recorder.launches]
+    w_deq = mx.dequantize(wq, s, b, group, bits, stream=mx.cpu)
+    headers = _gemm_tma_dequant.DEQUANT_CODE + _gemm_mixed.MIXED_CODE
+    for sub in ("call", "pack"):
+        (tmp_path / sub).mkdir()
+    if path == "mixed":
+        assert names == ["flashdiff_mixed_pack", "flashdiff_mixed_gemm"], names
+        out, _ = replay(tmp_path / "call", recorder.launches, headers)
+        ref = np.array(x.astype(mx.float32), np.float64).reshape(m, k) @ np.array(w_deq.astype(mx.float32), np.float64).T
+        if with_bias:
+            ref = ref + np.array(linear.bias.astype(mx.float32), np.float64)
+        np.testing.assert_allclose(bf16_values(out).reshape(m, n), ref, rtol=1e-2, atol=1e-2)
+    else:
+        assert names == ["flashdiff_mixed_pack", "flashdiff_mixed_unpack"], names
+        (out,) = replay(tmp_path / "call", recorder.launches, headers)
+        np.testing.assert_array_equal(out.reshape(n, k), _u16(w_deq))
+    (packed,) = replay(tmp_path / "pack", recorder.launches[:1], headers)
+    model.layers[0].packed = mx.array(packed)  # the pack kernel's real blocks in place of the recorder's placeholder
+    saved = model_weights(model)
+    assert sorted(saved) == sorted(["layers.0.weight", "layers.0.scales", "layers.0.biases"] + (["layers.0.bias"] if with_bias else []))
+    np.testing.assert_array_equal(np.array(saved["layers.0.weight"]), np.array(wq))
+    np.testing.assert_array_equal(_u16(saved["layers.0.scales"]), _u16(s))
+    np.testing.assert_array_equal(_u16(saved["layers.0.biases"]), _u16(b))
+    _gemm_tma.num_sms.cache_clear()

@@ -147,11 +147,16 @@ def test_mixed_gemm_compiles(tmp_path, dtype, bits, group, has_bias, packed):
 
 @pytest.mark.parametrize("bits, group", [(4, 64), (8, 32)])
 def test_mixed_pack_kernel_compiles(tmp_path, bits, group):
-    """pack_weight's kernel (the mixed GEMM's producer code writing to global memory) compiles without spills."""
+    """pack_weight's kernel (the mixed GEMM's producer code writing to global memory) and dequantize_packed's compile
+    without spills."""
     text = report(tmp_path, "mixed_pack", _gemm_mixed._HEADER, _gemm_mixed._PACK_SOURCE,
                   [("wq", mx.uint32), ("scales", mx.bfloat16), ("biases", mx.bfloat16)], [("packed", mx.uint32)],
                   [("K", 3072), ("N", 3072), ("BITS", bits), ("GROUP", group)])
     assert "0 bytes spill stores" in text, text
+    # and dequantize_packed's kernel, which reads those blocks back (the packed layers' large-M path)
+    report(tmp_path, "mixed_unpack", _gemm_mixed._HEADER, _gemm_mixed._UNPACK_SOURCE, [("packed", mx.uint32)],
+           [("out", mx.bfloat16)], [("T", mx.bfloat16), ("IS_BF16", True), ("K", 3072), ("N", 3072), ("BITS", bits),
+                                    ("GROUP", group)])
 
 
 def test_layout_kernel_compiles(tmp_path):

@@ -559,3 +559,49 @@ def test_mixed_gemm_packed_arguments_name_the_problem():
         _gemm_mixed.mixed_gemm_packed(x, mx.zeros((right - 4,), mx.uint32), 200, 4, 64)
     with pytest.raises(ValueError, match="bf16 / fp16 x2"):
         _gemm_mixed.mixed_gemm_packed(x.astype(mx.float32), mx.zeros((right,), mx.uint32), 200, 4, 64)
+
+
+def test_packed_gemm_rule_follows_the_waves(monkeypatch):
+    """qgemm.packed_gemm_wins: the mixed GEMM for calls of up to PACKED_MAX_M rows whose 192 x 128 tiles fill the last
+    wave of CTAs (132 multiprocessors: the H200 cases session 18 measured), dequantize + GEMM elsewhere."""
+    from flashdiff.kernels import _gemm_tma, qgemm
+
+    monkeypatch.setenv("FLASHDIFF_NUM_SMS", "132")
+    _gemm_tma.num_sms.cache_clear()
+    try:
+        cases = {(1024, 3072): True, (1024, 12288): True, (2048, 3072): True, (1536, 12288): True,
+                 (1536, 3072): False, (512, 3072): False, (512, 12288): False, (4608, 3072): False, (3072, 3072): False}
+        assert {c: qgemm.packed_gemm_wins(*c) for c in cases} == cases
+    finally:
+        _gemm_tma.num_sms.cache_clear()
+
+
+def test_packing_is_off_the_gpu_and_its_setting_checked(monkeypatch):
+    """pack_quantized_linears packs nothing on the CPU; on sm_90 it packs with FLASHDIFF_QLINEAR_PACKED=1 (or by
+    PACKED_DEFAULT), not with 0 or with a FLASHDIFF_QLINEAR path picked; a bad value names the accepted ones."""
+    import mlx.nn as nn
+
+    from flashdiff.kernels import QuantizedLinear, pack_quantized_linears, qgemm
+
+    linear = nn.Linear(128, 64)
+    linear.set_dtype(mx.bfloat16)
+    model = nn.Sequential(QuantizedLinear.from_linear(linear, 64, 4))
+    assert qgemm.packable(model.layers[0])
+    assert pack_quantized_linears(model) == 0 and type(model.layers[0]) is QuantizedLinear
+    monkeypatch.setattr(qgemm, "resolve_backend", lambda backend=None: "cuda")
+    monkeypatch.setattr(qgemm._gemm_cuda, "is_sm90", lambda: True)
+    assert qgemm.packing_enabled() == qgemm.PACKED_DEFAULT
+    monkeypatch.setenv("FLASHDIFF_QLINEAR_PACKED", "1")
+    assert qgemm.packing_enabled()
+    for name, value in (("FLASHDIFF_QLINEAR_PACKED", "0"), ("FLASHDIFF_QLINEAR", "dequant")):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            assert not qgemm.packing_enabled()
+    monkeypatch.setenv("FLASHDIFF_QLINEAR_PACKED", "yes")
+    with pytest.raises(ValueError, match="FLASHDIFF_QLINEAR_PACKED='yes'"):
+        qgemm.packing_enabled()
+    odd = nn.Linear(96, 64)  # K not a multiple of 64
+    odd.set_dtype(mx.bfloat16)
+    assert not qgemm.packable(QuantizedLinear.from_linear(odd, 32, 4))
+    assert not qgemm.packable(QuantizedLinear.from_linear(nn.Linear(128, 64), 64, 4))  # float32 scales
+    assert not qgemm.packable(linear)  # not quantized

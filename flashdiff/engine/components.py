@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..kernels import PackedQuantizedLinear, pack_quantized_linears
 from .errors import FlashdiffError
 from .quantization import QuantSpec, apply_saved_quantization, is_quantized, model_quantization, quantize_model
 from .weights import load_folder, read_json, save_weights, write_json_atomic
@@ -86,8 +87,13 @@ def configure_execution(model: nn.Module) -> nn.Module:
     elementwise kernels, a cached graph) and blocks are evaluated as a stream, two in flight, so
     activations and quantized-weight scratch of the whole forward never pile up (see
     models/common.BlockStream and compiled_block_fn; benchmarks/README.md has the H200 numbers).
-    On the CPU blocks run eagerly. FLASHDIFF_COMPILE=0 forces eager execution everywhere."""
+    On the CPU blocks run eagerly. FLASHDIFF_COMPILE=0 forces eager execution everywhere. With
+    FLASHDIFF_QLINEAR_PACKED=1 on an sm_90 GPU the quantized layers are packed for the mixed-input GEMM
+    (``pack_quantized_linears``): it runs calls of 1024-2048 rows whose tiles fill the GPU's waves, and the packed
+    blocks are dequantized for the others."""
     gpu = mx.default_device() == mx.gpu and os.environ.get("FLASHDIFF_COMPILE", "1") != "0"
+    if mx.default_device() == mx.gpu:  # sm_90: quantized layers in the mixed GEMM's layout (kernels.qgemm)
+        pack_quantized_linears(model)
     if hasattr(model, "compile_blocks"):
         model.compile_blocks = gpu
     if hasattr(model, "stream_blocks"):
@@ -98,7 +104,14 @@ def configure_execution(model: nn.Module) -> nn.Module:
 
 
 def model_weights(model: nn.Module) -> dict:
-    return dict(tree_flatten(model.parameters()))
+    """The model's parameters by path, in the checkpoint's layout: a layer packed for the GPU at run time
+    (``PackedQuantizedLinear``) gives back its weight, scales and biases as mx.quantize made them."""
+    weights = dict(tree_flatten(model.parameters()))
+    for path, module in model.named_modules():
+        if isinstance(module, PackedQuantizedLinear):
+            weights.pop(f"{path}.packed")
+            weights.update({f"{path}.{key}": value for key, value in module.unpacked_weights().items()})
+    return weights
 
 
 def save_component(model: nn.Module, config: dict, folder: Path, quantize: QuantSpec | None, to_checkpoint=None):

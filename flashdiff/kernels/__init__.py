@@ -10,13 +10,17 @@ from ._dispatch import resolve_backend
 from .attention import attention, attention_reference
 from .moe import moe_gemm
 from .qk_rope import qk_norm_rope, qk_norm_rope_reference
-from .qgemm import QuantizedLinear, quantize_model, quantized_linear, swap_quantized_linears
+from .qgemm import (PackedQuantizedLinear, QuantizedLinear, pack_quantized_linears, packed_linear, quantize_model,
+                    quantized_linear, swap_quantized_linears)
 
 __all__ = [
     "attention",
     "attention_reference",
     "dequantize",
     "moe_gemm",
+    "pack_quantized_linears",
+    "packed_linear",
+    "PackedQuantizedLinear",
     "qk_norm_rope",
     "qk_norm_rope_reference",
     "quantize_model",

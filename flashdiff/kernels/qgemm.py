@@ -49,7 +49,7 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import _gemm_cuda, _gemm_mixed, _gemm_tma_dequant, _gemm_tma_dequant_persistent
+from . import _gemm_cuda, _gemm_mixed, _gemm_tma, _gemm_tma_dequant, _gemm_tma_dequant_persistent
 from ._dequant import check_quantized, dequantize_checked
 from ._dispatch import metal_kernels_requested, resolve_backend
 
@@ -145,6 +145,140 @@ class QuantizedLinear(nn.QuantizedLinear):
             new.bias = layer["bias"]
         new.freeze()
         return new
+
+
+# ---- packed layers (sm_90): the weight held in the mixed GEMM's layout, chosen by M at each call
+
+PACKED_MIN_M = 1024  # below, the GEMM is short and dequantize + GEMM wins (session 18: 512 rows, 64 against 52 us)
+PACKED_MAX_M = 2048  # above, dequantize + cuBLAS wins (session 18, H200: 4608 x 3072 -> 3072 140 against 150 us)
+PACKED_MIN_WAVE_FILL = 0.85  # below, the mixed GEMM's one-tile CTAs leave too many multiprocessors idle in its last wave
+
+
+def packed_gemm_wins(m: int, n: int) -> bool:
+    """Whether the packed mixed GEMM (one 192 x 128 tile per CTA, K whole) should run an (M rows, N outputs) call,
+    rather than dequantize + GEMM. From session 18's H200 measures (benchmarks/README.md, streamed, 4-bit, K 3072):
+    the mixed GEMM took 41.6 against 51.9 us at 1024 x 3072 (128 CTAs, one wave), 128 against 148 at 1024 x 12288
+    (3.9 waves), 66 against 71 at 2048 x 3072 (1.94 waves), but 63 against 59 at 1536 x 3072 (1.45 waves: its last
+    wave half empty), 64 against 52 at 512 rows (64 CTAs) and 150 against 140 at 4608 rows. So: M from PACKED_MIN_M
+    to PACKED_MAX_M (a full K loop per CTA costs the same at fewer rows, while the GEMM it replaces gets shorter), and
+    the last wave at least PACKED_MIN_WAVE_FILL full."""
+    if not PACKED_MIN_M <= m <= PACKED_MAX_M:
+        return False
+    waves = -(-n // _gemm_mixed.WT) * -(-m // _gemm_mixed.TT) / _gemm_tma.num_sms()
+    return waves / -(-waves // 1) >= PACKED_MIN_WAVE_FILL
+
+
+def packed_linear(x, packed, n: int, bits: int, group_size: int, weight_dtype, bias=None):
+    """y = x @ W.T (+ bias) for a weight packed by ``_gemm_mixed.pack_weight`` (N outputs, K = x's last axis; its
+    scales were `weight_dtype`). sm_90 only. The packed mixed GEMM where ``packed_gemm_wins`` (x in weight_dtype),
+    else the weight dequantized from the blocks (bit-identical to mx.dequantize; after x exists, as
+    ``quantized_linear`` orders it) and the dense GEMM."""
+    k = x.shape[-1]
+    m = x.size // k
+    if x.dtype == weight_dtype and packed_gemm_wins(m, n):
+        y = _gemm_mixed.mixed_gemm_packed(x.reshape(m, k), packed, n, bits, group_size, bias)
+        return y.reshape(*x.shape[:-1], n)
+    w_full = _gemm_mixed.dequantize_packed(mx.depends(packed, x), n, k, bits, group_size, weight_dtype)
+    if w_full.dtype != x.dtype:
+        w_full = w_full.astype(x.dtype)
+    x2 = x.reshape(m, k)
+    y = x2 @ w_full.T if bias is None else mx.addmm(bias.astype(x.dtype), x2, w_full.T)
+    return y.reshape(*x.shape[:-1], n)
+
+
+class PackedQuantizedLinear(nn.QuantizedLinear):
+    """A ``QuantizedLinear`` whose weight, scales and biases live as one array, ``packed``: pack_weight's blocks (the
+    same codes and scale | bias pairs, rearranged as the mixed GEMM's stages hold them; rows padded to whole tiles of
+    192). Made at run time on an sm_90 GPU by ``pack_quantized_linears``; ``unpacked_weights`` gives back the
+    checkpoint's arrays (save_component writes those). Still an nn.QuantizedLinear (bits, group_size, mode)."""
+
+    def __init__(self, layer: nn.QuantizedLinear):
+        nn.Module.__init__(self)
+        self.group_size, self.bits, self.mode = layer.group_size, layer.bits, layer.mode
+        scales = layer["scales"]
+        self.out_features, self.in_features = scales.shape[0], scales.shape[1] * layer.group_size
+        self.weight_dtype = scales.dtype
+        self.packed = _gemm_mixed.pack_weight(layer["weight"], scales, layer["biases"], layer.bits, layer.group_size)
+        if "bias" in layer:
+            self.bias = layer["bias"]
+        self.freeze()
+
+    def __call__(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x last axis {x.shape[-1]} != weight input size K={self.in_features} (x {x.shape}).")
+        return packed_linear(x, self["packed"], self.out_features, self.bits, self.group_size, self.weight_dtype,
+                             self.get("bias"))
+
+    def _extra_repr(self):
+        return (f"input_dims={self.in_features}, output_dims={self.out_features}, bias={'bias' in self}, "
+                f"group_size={self.group_size}, bits={self.bits}, packed")
+
+    def unpacked_weights(self) -> dict:
+        """{"weight", "scales", "biases"(, "bias")}: the arrays mx.quantize made, bit for bit (from the packed blocks)."""
+        wq, scales, biases = _gemm_mixed.unpack_weight(self["packed"], self.out_features, self.in_features, self.bits,
+                                                       self.group_size, self.weight_dtype)
+        out = {"weight": wq, "scales": scales, "biases": biases}
+        if "bias" in self:
+            out["bias"] = self["bias"]
+        return out
+
+
+def packable(layer) -> bool:
+    """Whether ``PackedQuantizedLinear`` takes this layer (affine 4 / 8 bits, groups 32 / 64 / 128, K a multiple of 64,
+    N of 8, bf16 / fp16 scales)."""
+    if type(layer) is not QuantizedLinear or (layer.mode or "affine") != "affine" or layer.bits not in (4, 8):
+        return False
+    scales = layer["scales"]
+    n, k = scales.shape[0], scales.shape[1] * layer.group_size
+    return (layer.group_size in (32, 64, 128) and k % _gemm_mixed.BK == 0 and n % 8 == 0
+            and scales.dtype in (mx.bfloat16, mx.float16) and layer.get("biases") is not None)
+
+
+PACKED_DEFAULT = False  # opt-in until a whole model forward has been timed with them (session 18's left it untimed)
+
+
+def packing_enabled() -> bool:
+    """Packed layers run on an sm_90 GPU (CUDA back-end) with FLASHDIFF_QLINEAR_PACKED=1 (PACKED_DEFAULT when unset),
+    unless FLASHDIFF_KERNELS forces the reference or FLASHDIFF_QLINEAR picks a path (the experiments keep the
+    checkpoint layout). Session 18 (H200, layers alone): 0.90-1.00x of bf16 at the 1024-row FLUX 4-bit shapes where
+    dequantize + GEMM runs at 0.80-0.81x; a FLUX forward at 1024^2 with an earlier form of the large-M path (an
+    uncoalesced dequantize_packed, and the mixed GEMM at 512 rows) ran at 0.91x against 0.97x, and was not timed again."""
+    value = os.environ.get("FLASHDIFF_QLINEAR_PACKED", "1" if PACKED_DEFAULT else "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"FLASHDIFF_QLINEAR_PACKED={value!r}: use 1 (packed layers on sm_90) or 0 (the checkpoint's "
+                         "layout).")
+    if value == "0" or os.environ.get("FLASHDIFF_QLINEAR"):
+        return False
+    return resolve_backend(None) == "cuda" and _gemm_cuda.is_sm90()
+
+
+def pack_quantized_linears(model: nn.Module, force: bool = False) -> int:
+    """Replace (in place) every packable ``QuantizedLinear`` of `model` by a ``PackedQuantizedLinear``, one layer at a
+    time (each packed copy evaluated before the next, so memory grows by one layer at most), where
+    ``packing_enabled`` (or force); returns how many were packed."""
+    if not (force or packing_enabled()):
+        return 0
+    count = 0
+
+    def convert(value):
+        nonlocal count
+        if packable(value):
+            new = PackedQuantizedLinear(value)
+            mx.eval(new.parameters())
+            count += 1
+            return new
+        if isinstance(value, nn.Module):
+            for key, child in list(value.items()):
+                value[key] = convert(child)
+        elif isinstance(value, list):
+            value[:] = [convert(v) for v in value]
+        elif isinstance(value, dict):
+            for key, child in list(value.items()):
+                value[key] = convert(child)
+        return value
+
+    convert(model)
+    return count
 
 
 def swap_quantized_linears(model: nn.Module) -> nn.Module:
