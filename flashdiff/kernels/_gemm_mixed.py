@@ -67,6 +67,15 @@ K tile's four wgmma descriptors are one descriptor moved along (``fd_desc_add``)
 SASS instructions per two K tiles at 4 bits, 387 -> 308 at 8. On the H200 (packed mode, Nsight Compute) 33.0 us at
 1024 x 3072 -> 3072 against cuBLAS's 28.0 (0.85x; tensor pipe 70%), 126 against 104 at -> 12288 (0.82x); streamed,
 4-7% less time than with session 15's conversion. Still not dispatched (benchmarks/README.md, session 16).
+
+Session 18 (benchmarks/probe_mixed_timeline.py: %globaltimer / clock64 stamps in each CTA): without the conversion the
+loop runs at the wgmmas' own 768 cycles per K tile, with it at 947 (alone it needs 400: beside the wgmmas the consumers'
+ALU work issues at about half its rate, and it overflowed their shadow). The consumers' loop is now unrolled over the
+stages, so each stage's addresses, barriers and descriptors are constants from fixed bases in the uniform datapath:
+252 -> 200 SASS instructions per two K tiles, 859 cycles per K tile, 31.3 us against cuBLAS's 27.9 at 1024 x 3072 ->
+3072 (0.89x). ``dequantize_packed`` reads the packed blocks back to the weight and ``unpack_weight`` to mx.quantize's
+arrays, for qgemm.PackedQuantizedLinear (opt-in: FLASHDIFF_QLINEAR_PACKED=1), which runs this kernel in PACKED mode at
+1024-2048 rows.
 """
 
 import functools

@@ -42,6 +42,11 @@ the layers before it. The measures above time one layer per graph, where it cann
 showed the dequantize nodes as roots on the H200, but benchmarks/in_graph.py (chains of 8 layers compiled as one
 function) measured little gain from it: 1024-row chains at 0.76-0.81x of bf16, 0.74-0.79x with CUDA graphs off;
 4608-row chains at 0.91-0.96x.
+
+Session 18: packed layers (``PackedQuantizedLinear``, ``pack_quantized_linears``; opt-in with
+FLASHDIFF_QLINEAR_PACKED=1 on sm_90) hold the weight in the mixed GEMM's layout only and choose by M: the mixed GEMM
+where ``packed_gemm_wins``, else ``_gemm_mixed.dequantize_packed`` + the dense GEMM. At the 1024-row FLUX 4-bit shapes
+0.90-1.00x of bf16 (this module's default path 0.80-0.81x in the same run), 8-bit 0.82-0.88x (benchmarks/README.md).
 """
 
 import os
