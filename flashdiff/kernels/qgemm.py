@@ -45,8 +45,9 @@ function) measured little gain from it: 1024-row chains at 0.76-0.81x of bf16, 0
 
 Session 18: packed layers (``PackedQuantizedLinear``, ``pack_quantized_linears``; opt-in with
 FLASHDIFF_QLINEAR_PACKED=1 on sm_90) hold the weight in the mixed GEMM's layout only and choose by M: the mixed GEMM
-where ``packed_gemm_wins``, else ``_gemm_mixed.dequantize_packed`` + the dense GEMM. At the 1024-row FLUX 4-bit shapes
-0.90-1.00x of bf16 (this module's default path 0.80-0.81x in the same run), 8-bit 0.82-0.88x (benchmarks/README.md).
+where ``packed_gemm_wins``, else ``_gemm_mixed_pack.dequantize_packed`` + the dense GEMM. At the 1024-row FLUX
+4-bit shapes 0.90-1.00x of bf16 (this module's default path 0.80-0.81x in the same run), 8-bit 0.82-0.88x
+(benchmarks/README.md).
 """
 
 import os
@@ -54,7 +55,7 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import _gemm_cuda, _gemm_mixed, _gemm_tma, _gemm_tma_dequant, _gemm_tma_dequant_persistent
+from . import _gemm_cuda, _gemm_mixed, _gemm_mixed_pack, _gemm_tma, _gemm_tma_dequant, _gemm_tma_dequant_persistent
 from ._dequant import check_quantized, dequantize_checked
 from ._dispatch import metal_kernels_requested, resolve_backend
 
@@ -174,7 +175,7 @@ def packed_gemm_wins(m: int, n: int) -> bool:
 
 
 def packed_linear(x, packed, n: int, bits: int, group_size: int, weight_dtype, bias=None):
-    """y = x @ W.T (+ bias) for a weight packed by ``_gemm_mixed.pack_weight`` (N outputs, K = x's last axis; its
+    """y = x @ W.T (+ bias) for a weight packed by ``_gemm_mixed_pack.pack_weight`` (N outputs, K = x's last axis; its
     scales were `weight_dtype`). sm_90 only. The packed mixed GEMM where ``packed_gemm_wins`` (x in weight_dtype),
     else the weight dequantized from the blocks (bit-identical to mx.dequantize; after x exists, as
     ``quantized_linear`` orders it) and the dense GEMM."""
@@ -183,7 +184,7 @@ def packed_linear(x, packed, n: int, bits: int, group_size: int, weight_dtype, b
     if x.dtype == weight_dtype and packed_gemm_wins(m, n):
         y = _gemm_mixed.mixed_gemm_packed(x.reshape(m, k), packed, n, bits, group_size, bias)
         return y.reshape(*x.shape[:-1], n)
-    w_full = _gemm_mixed.dequantize_packed(mx.depends(packed, x), n, k, bits, group_size, weight_dtype)
+    w_full = _gemm_mixed_pack.dequantize_packed(mx.depends(packed, x), n, k, bits, group_size, weight_dtype)
     if w_full.dtype != x.dtype:
         w_full = w_full.astype(x.dtype)
     x2 = x.reshape(m, k)
@@ -203,7 +204,7 @@ class PackedQuantizedLinear(nn.QuantizedLinear):
         scales = layer["scales"]
         self.out_features, self.in_features = scales.shape[0], scales.shape[1] * layer.group_size
         self.weight_dtype = scales.dtype
-        self.packed = _gemm_mixed.pack_weight(layer["weight"], scales, layer["biases"], layer.bits, layer.group_size)
+        self.packed = _gemm_mixed_pack.pack_weight(layer["weight"], scales, layer["biases"], layer.bits, layer.group_size)
         if "bias" in layer:
             self.bias = layer["bias"]
         self.freeze()
@@ -220,7 +221,7 @@ class PackedQuantizedLinear(nn.QuantizedLinear):
 
     def unpacked_weights(self) -> dict:
         """{"weight", "scales", "biases"(, "bias")}: the arrays mx.quantize made, bit for bit (from the packed blocks)."""
-        wq, scales, biases = _gemm_mixed.unpack_weight(self["packed"], self.out_features, self.in_features, self.bits,
+        wq, scales, biases = _gemm_mixed_pack.unpack_weight(self["packed"], self.out_features, self.in_features, self.bits,
                                                        self.group_size, self.weight_dtype)
         out = {"weight": wq, "scales": scales, "biases": biases}
         if "bias" in self:
@@ -265,12 +266,24 @@ def pack_quantized_linears(model: nn.Module, force: bool = False) -> int:
         return 0
     count = 0
 
-    def convert(value):
+    def pack(layer):
         nonlocal count
-        if packable(value):
-            new = PackedQuantizedLinear(value)
-            mx.eval(new.parameters())
-            count += 1
+        if not packable(layer):
+            return None
+        new = PackedQuantizedLinear(layer)
+        mx.eval(new.parameters())
+        count += 1
+        return new
+
+    _replace_modules(model, pack)
+    return count
+
+
+def _replace_modules(model: nn.Module, replace):
+    """Walk `model`'s modules, lists and dicts (in place), putting replace(value) wherever it is not None."""
+    def convert(value):
+        new = replace(value)
+        if new is not None:
             return new
         if isinstance(value, nn.Module):
             for key, child in list(value.items()):
@@ -283,25 +296,11 @@ def pack_quantized_linears(model: nn.Module, force: bool = False) -> int:
         return value
 
     convert(model)
-    return count
 
 
 def swap_quantized_linears(model: nn.Module) -> nn.Module:
     """Replace every ``nn.QuantizedLinear`` in ``model`` (in place) by ``QuantizedLinear``; returns model."""
-    def convert(value):
-        if type(value) is nn.QuantizedLinear:
-            return QuantizedLinear.from_quantized(value)
-        if isinstance(value, nn.Module):
-            for key, child in list(value.items()):
-                value[key] = convert(child)
-        elif isinstance(value, list):
-            value[:] = [convert(v) for v in value]
-        elif isinstance(value, dict):
-            for key, child in list(value.items()):
-                value[key] = convert(child)
-        return value
-
-    convert(model)
+    _replace_modules(model, lambda v: QuantizedLinear.from_quantized(v) if type(v) is nn.QuantizedLinear else None)
     return model
 
 
