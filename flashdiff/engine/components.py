@@ -92,8 +92,7 @@ def configure_execution(model: nn.Module) -> nn.Module:
     (``pack_quantized_linears``): it runs calls of 1024-2048 rows whose tiles fill the GPU's waves, and the packed
     blocks are dequantized for the others."""
     gpu = mx.default_device() == mx.gpu and os.environ.get("FLASHDIFF_COMPILE", "1") != "0"
-    if mx.default_device() == mx.gpu:  # sm_90: quantized layers in the mixed GEMM's layout (kernels.qgemm)
-        pack_quantized_linears(model)
+    pack_quantized_linears(model)  # where enabled (sm_90): quantized layers in the mixed GEMM's layout
     if hasattr(model, "compile_blocks"):
         model.compile_blocks = gpu
     if hasattr(model, "stream_blocks"):

@@ -426,6 +426,11 @@ def block_bytes(bits: int, group_size: int) -> int:
     return WT * BK * bits // 8 + WT * max(BK // group_size, 1) * 4
 
 
+def packed_words(n: int, k: int, bits: int, group_size: int) -> int:
+    """The length of ``pack_weight``'s (uint32) output for an (N, K) weight: a block per weight tile and K tile."""
+    return -(-n // WT) * (k // BK) * block_bytes(bits, group_size) // 4
+
+
 def grid(m: int, n: int):
     """(grid in threads, threadgroup): x = weight tiles of WT, y = token tiles of TT."""
     return (-(-n // WT) * THREADS, -(-m // TT), 1), (THREADS, 1, 1)
@@ -446,7 +451,7 @@ def mixed_gemm(x2, wq, scales, biases, bits: int, group_size: int, bias=None, st
 def mixed_gemm_packed(x2, packed, n: int, bits: int, group_size: int, bias=None, stream=None):
     """``mixed_gemm`` on ``pack_weight``'s output for an (N, K) weight, K = x2's last axis."""
     k = x2.shape[-1]
-    expected = -(-n // WT) * (k // BK) * block_bytes(bits, group_size) // 4
+    expected = packed_words(n, k, bits, group_size)
     if x2.ndim != 2 or k % BK or packed.dtype != mx.uint32 or packed.shape != (expected,):
         raise ValueError(f"mixed_gemm_packed needs x2 (M, K) with K a multiple of {BK} and pack_weight's ({expected},) "
                          f"uint32 blocks for N={n}, K={k}, bits={bits}, group_size={group_size}; got x2 {x2.shape}, "

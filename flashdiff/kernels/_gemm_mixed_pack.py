@@ -11,7 +11,7 @@ import functools
 
 import mlx.core as mx
 
-from ._gemm_mixed import _HEADER, _TILE_CODE, BK, WT, block_bytes
+from ._gemm_mixed import _HEADER, _TILE_CODE, BK, WT, block_bytes, packed_words
 from ._jit import cuda_kernel
 
 # One CTA of 128 threads per (weight tile, K tile): the producer's fetch + store of that tile into its block of
@@ -106,7 +106,7 @@ def pack_weight(wq, scales, biases, bits: int, group_size: int, stream=None):
     tiles, kt = -(-n // WT), k // BK
     (packed,) = _pack_kernel()(
         inputs=[wq, scales, biases], template=[("K", k), ("N", n), ("BITS", bits), ("GROUP", group_size)],
-        output_shapes=[(tiles * kt * block_bytes(bits, group_size) // 4,)], output_dtypes=[mx.uint32],
+        output_shapes=[(packed_words(n, k, bits, group_size),)], output_dtypes=[mx.uint32],
         grid=(tiles * 128, kt, 1), threadgroup=(128, 1, 1), stream=stream)
     return packed
 
@@ -120,7 +120,7 @@ def _unpack_kernel():
 def dequantize_packed(packed, n: int, k: int, bits: int, group_size: int, dtype, stream=None):
     """``pack_weight``'s blocks back to the dequantized (N, K) weight in `dtype` (the scales' dtype when packed: bf16
     or fp16), every value bit-identical to ``mx.dequantize`` of the original codes."""
-    expected = -(-n // WT) * (k // BK) * block_bytes(bits, group_size) // 4
+    expected = packed_words(n, k, bits, group_size)
     if k % BK or packed.dtype != mx.uint32 or packed.shape != (expected,) or dtype not in (mx.bfloat16, mx.float16):
         raise ValueError(f"dequantize_packed needs pack_weight's ({expected},) uint32 blocks for N={n}, K={k} (a multiple "
                          f"of {BK}), bits={bits}, group_size={group_size}, and a bf16 / fp16 dtype; got {packed.shape} "

@@ -50,6 +50,7 @@ where ``packed_gemm_wins``, else ``_gemm_mixed_pack.dequantize_packed`` + the de
 (benchmarks/README.md).
 """
 
+import math
 import os
 
 import mlx.core as mx
@@ -122,11 +123,14 @@ def quantized_linear(x, w, scales, biases, bits=None, group_size=None, mode="aff
         w_full = mx.dequantize(w_dep, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=x.dtype)
     else:
         w_full = dequantize_checked(w_dep, scales, biases, bits, group_size, k, mode, x.dtype, impl)
-    x2 = x.reshape(m, k)
-    if bias is None:
-        y = x2 @ w_full.T
-    else:
-        y = mx.addmm(bias.astype(x.dtype), x2, w_full.T)
+    return _dense_linear(x, w_full, bias)
+
+
+def _dense_linear(x, w_full, bias):
+    """x @ w_full.T (+ bias, in the GEMM's epilogue) over x's last axis: the dense GEMM after a dequantization."""
+    k, n = x.shape[-1], w_full.shape[0]
+    x2 = x.reshape(x.size // k, k)
+    y = x2 @ w_full.T if bias is None else mx.addmm(bias.astype(x.dtype), x2, w_full.T)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -171,7 +175,7 @@ def packed_gemm_wins(m: int, n: int) -> bool:
     if not PACKED_MIN_M <= m <= PACKED_MAX_M:
         return False
     waves = -(-n // _gemm_mixed.WT) * -(-m // _gemm_mixed.TT) / _gemm_tma.num_sms()
-    return waves / -(-waves // 1) >= PACKED_MIN_WAVE_FILL
+    return waves / math.ceil(waves) >= PACKED_MIN_WAVE_FILL
 
 
 def packed_linear(x, packed, n: int, bits: int, group_size: int, weight_dtype, bias=None):
@@ -187,9 +191,7 @@ def packed_linear(x, packed, n: int, bits: int, group_size: int, weight_dtype, b
     w_full = _gemm_mixed_pack.dequantize_packed(mx.depends(packed, x), n, k, bits, group_size, weight_dtype)
     if w_full.dtype != x.dtype:
         w_full = w_full.astype(x.dtype)
-    x2 = x.reshape(m, k)
-    y = x2 @ w_full.T if bias is None else mx.addmm(bias.astype(x.dtype), x2, w_full.T)
-    return y.reshape(*x.shape[:-1], n)
+    return _dense_linear(x, w_full, bias)
 
 
 class PackedQuantizedLinear(nn.QuantizedLinear):
