@@ -282,6 +282,7 @@ WGMMA_ATTENTION = False  # --wgmma-attention: also the sm_90 kernel, with and wi
 STREAM_ROUNDS = 3  # rounds of the interleaved streamed measures (--stream-rounds)
 NO_FUSED = False  # --no-fused: leave out the opt-in fused dequantize GEMM's columns (FLASHDIFF_QLINEAR=fused)
 NO_MIXED = False  # --no-mixed: leave out the opt-in mixed-input GEMM's columns (FLASHDIFF_QLINEAR=mixed)
+FLUX_SIZES = (1024,)  # --flux-sizes: image sides of the whole-model forward (multiples of 16)
 NO_PACKED = False  # --no-packed: leave out the packed layers' columns (PackedQuantizedLinear, sm_90)
 NO_EXTRA_MODES = False  # --no-extra-modes: quantized linear in affine 4/8-bit only
 QLINEAR_SHAPES = ()  # --qlinear-shapes MxKxN,...: only these quantized-linear shapes (split a long run)
@@ -468,51 +469,56 @@ class FluxShaped(nn.Module):
 
 
 def flux_rows(quick):
+    """A FLUX-dev-shaped forward (512 text tokens) at each size in FLUX_SIZES, bf16 then 4-bit; the packed layers
+    last (packing replaces the model's layers), so packed and unpacked rows at one size are minutes apart."""
     rows = []
     model = FluxShaped(*((2, 4) if quick else (19, 38)))
     for blk in model.double + model.single:  # materialise block by block in bf16
         blk.set_dtype(mx.bfloat16)
         mx.eval(blk.parameters())
-    img = mx.random.normal((1, 4096, 3072)).astype(mx.bfloat16)
     txt = mx.random.normal((1, 512, 3072)).astype(mx.bfloat16)
     vec = mx.random.normal((1, 3072)).astype(mx.bfloat16)
-    mx.eval(img, txt, vec)
+    images = {}
+    for side in FLUX_SIZES:
+        images[side] = mx.random.normal((1, (side // 16) ** 2, 3072)).astype(mx.bfloat16)
+    mx.eval(txt, vec, *images.values())
+    bf16 = {}  # (side, eval per block) -> row index of the bf16 time
 
-    def measure(label, env=None, base=None):
-        """One forward's time and peak; base: the row index whose time this one is compared with (the
-        ratio goes into the row before it is written)."""
+    def measure(side, label, env=None):
+        """One forward's time and peak, compared with the bf16 row of the same size and evaluation."""
+        img = images[side]
         mx.clear_cache()
         mx.reset_peak_memory()
         run = lambda: model(img, txt, vec)  # noqa: E731
         t = bench(with_env(*env, run) if env else run, warmup=2, iters=5)
         weights = sum(a.nbytes for _, a in nn.utils.tree_flatten(model.parameters()))
-        row = dict(kernel="flux_forward", shape="1024^2 (4096+512 tokens)", mode=label, ms=t * 1e3,
+        row = dict(kernel="flux_forward", shape=f"{side}^2 ({img.shape[1]}+512 tokens)",
+                   mode=label + (", eval per block" if model.eval_every_block else ""), ms=t * 1e3,
                    peak_gib=mx.get_peak_memory() / 2**30, weight_gib=weights / 2**30)
-        if base is not None:
-            row["ratio_vs_bf16"] = rows[base]["ms"] / row["ms"]
+        key = (side, model.eval_every_block)
+        if key in bf16:
+            row["ratio_vs_bf16"] = rows[bf16[key]]["ms"] / row["ms"]
+        else:
+            bf16[key] = len(rows)
         rows.append(row)
         emit(row)
 
-    measure("bf16")
-    model.eval_every_block = True
-    measure("bf16, eval per block")
-    model.eval_every_block = False
+    def both(label, env=None):
+        for side in FLUX_SIZES:
+            for per_block in (False, True):
+                model.eval_every_block = per_block
+                measure(side, label, env)
+
+    both("bf16")
     quantize_model(model, group_size=64, bits=4)
     mx.eval(model.parameters())
-    measure("affine4 g64 (flashdiff QuantizedLinear)", base=0)
-    model.eval_every_block = True
-    measure("affine4 g64, eval per block", base=1)
+    both("affine4 g64 (flashdiff QuantizedLinear)")
     if _gemm_cuda.is_sm90():  # the fused kernels (no dequantized scratch), forced
         for path, label, skip in (("mixed", "mixed-input GEMM", NO_MIXED), ("fused", "fused dequantize GEMM", NO_FUSED)):
-            if skip:
-                continue
-            model.eval_every_block = False
-            measure(f"affine4 g64, {label} (FLASHDIFF_QLINEAR={path})", ("FLASHDIFF_QLINEAR", path), base=0)
-            model.eval_every_block = True
-            measure(f"affine4 g64, {label}, eval per block", ("FLASHDIFF_QLINEAR", path), base=1)
+            if not skip:
+                both(f"affine4 g64, {label} (FLASHDIFF_QLINEAR={path})", ("FLASHDIFF_QLINEAR", path))
     if not NO_PACKED and _gemm_cuda.is_sm90() and qgemm.pack_quantized_linears(model, force=True):  # (last)
-        model.eval_every_block = False
-        measure("affine4 g64, packed layers (FLASHDIFF_QLINEAR_PACKED=1)", base=0)
+        both("affine4 g64, packed layers (FLASHDIFF_QLINEAR_PACKED=1)")
     return rows
 
 
@@ -616,13 +622,21 @@ def main():
                     help="leave out the packed layers' columns (PackedQuantizedLinear, what pipelines run on sm_90)")
     ap.add_argument("--stream-rounds", type=int, default=3,
                     help="rounds of the interleaved streamed measures (ours and bf16 in turn; medians)")
+    ap.add_argument("--flux-sizes", default="1024",
+                    help="comma-separated image sides for the FLUX-shaped forward, e.g. 512,1024")
     ap.add_argument("--only", default="qlinear,moe,attention,prologue,flux")
     args = ap.parse_args()
-    global WGMMA_ATTENTION, QLINEAR_SHAPES, NO_EXTRA_MODES, NO_FUSED, NO_MIXED, NO_PACKED, STREAM_ROUNDS
+    global WGMMA_ATTENTION, QLINEAR_SHAPES, NO_EXTRA_MODES, NO_FUSED, NO_MIXED, NO_PACKED, STREAM_ROUNDS, FLUX_SIZES
     NO_EXTRA_MODES, NO_FUSED, NO_MIXED, NO_PACKED = args.no_extra_modes, args.no_fused, args.no_mixed, args.no_packed
     if args.stream_rounds < 1:
         ap.error(f"--stream-rounds must be at least 1, got {args.stream_rounds}")
     STREAM_ROUNDS = args.stream_rounds
+    try:
+        FLUX_SIZES = tuple(int(v) for v in args.flux_sizes.split(",") if v)
+    except ValueError:
+        ap.error(f"--flux-sizes takes comma-separated integers, got {args.flux_sizes!r}")
+    if not FLUX_SIZES or any(v <= 0 or v % 16 for v in FLUX_SIZES):
+        ap.error(f"--flux-sizes: each side must be a positive multiple of 16, got {args.flux_sizes!r}")
     WGMMA_ATTENTION = args.wgmma_attention
     QLINEAR_SHAPES = tuple(s for s in args.qlinear_shapes.split(",") if s)
     known = {"x".join(map(str, s)) for s in QLINEAR_SIZES}

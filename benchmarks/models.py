@@ -32,6 +32,8 @@ from common import (GIB, elapsed, environment, free_all, gemm_probe, init_random
                     torch_device, torch_peak_gib, torch_reset_memory, torch_sync_fn, update_readme, write_json)
 
 from flashdiff.engine.components import configure_execution  # noqa: E402
+from flashdiff.kernels import _gemm_cuda  # noqa: E402
+from flashdiff.kernels.qgemm import pack_quantized_linears  # noqa: E402
 from flashdiff.engine.quantization import QuantSpec, quantize_model  # noqa: E402
 from flashdiff.models.flux import pipeline as flux_pipeline  # noqa: E402
 from flashdiff.models.flux.transformer import FluxTransformer, FluxTransformerConfig  # noqa: E402
@@ -183,10 +185,12 @@ def _best_setting(results, settings):
 
 def _run_precision(results, name, family, cfg, res, n_txt, args, dtype, quant, setting, modulation=False):
     label = f"flashdiff-bf16-{setting}" if quant == "bf16" else f"flashdiff-{quant}bit"
-    suffix = {"eager": "", "compile": "-compiled", "blocks": "-blocks"}
-    keys = [label + suffix[m] for m in args.flashdiff]
+    suffix = {"eager": "", "compile": "-compiled", "blocks": "-blocks", "blocks-packed": "-blocks-packed"}
+    keys = [label + suffix[m] for m in args.flashdiff if m != "blocks-packed"]
     if quant != "bf16" and "eager" in args.flashdiff:
         keys.append(label + "-stream")  # eager with BlockStream
+    if quant != "bf16" and "blocks-packed" in args.flashdiff:
+        keys.append(label + "-blocks-packed")  # last: packing replaces the model's layers
     if modulation and args.probes:
         keys.append("flashdiff-bf16-modulation")
     todo = [k for k in keys if _wanted(args, name, k)]
@@ -212,7 +216,10 @@ def _run_precision(results, name, family, cfg, res, n_txt, args, dtype, quant, s
                 stats = time_calls(fn, mlx_sync, args.warmup, args.iters)
                 return {**stats, **info, "modulation_layers": n, "peak_memory_gib": mlx_peak_gib(), "mx_compile": False}
             compiled = key.endswith("-compiled")
-            blocks = key.endswith("-blocks")  # compiled per block type + BlockStream: the pipelines' GPU mode
+            packed = key.endswith("-blocks-packed")  # the same with the layers packed (FLASHDIFF_QLINEAR_PACKED=1)
+            if packed and not (_gemm_cuda.is_sm90() and pack_quantized_linears(model, force=True)):
+                raise RuntimeError("no layer packable here (packed layers need an sm_90 GPU)")
+            blocks = packed or key.endswith("-blocks")  # compiled per block type + BlockStream: the pipelines' GPU mode
             model.stream_blocks = blocks or key.endswith("-stream")
             model.compile_blocks = blocks
             try:
@@ -221,7 +228,8 @@ def _run_precision(results, name, family, cfg, res, n_txt, args, dtype, quant, s
             finally:
                 model.stream_blocks = model.compile_blocks = False
             return {**stats, **info, "peak_memory_gib": mlx_peak_gib(), "mx_compile": compiled,
-                    "stream_blocks": blocks or key.endswith("-stream"), "compile_blocks": blocks}
+                    "stream_blocks": blocks or key.endswith("-stream"), "compile_blocks": blocks,
+                    "packed_layers": packed}
 
         measure(results, key, one)
         save(args)
@@ -506,7 +514,8 @@ def parse_args(argv):
     p.add_argument("--quant", default="bf16,8,4", help="flashdiff weight precisions: bf16, 8, 4 (affine, group 64)")
     p.add_argument("--flashdiff", default="eager,compile,blocks",
                    help="flashdiff modes: eager, compile (mx.compile of the forward), blocks (per-block compile + "
-                        "streaming, the pipelines' GPU mode)")
+                        "streaming, the pipelines' GPU mode), blocks-packed (the same with 8/4-bit layers packed for "
+                        "the mixed-input GEMM, FLASHDIFF_QLINEAR_PACKED=1; sm_90, measured last)")
     p.add_argument("--settings", default=",".join(SETTINGS),
                    help=f"flashdiff bf16 switch settings measured side by side: {', '.join(SETTINGS)}")
     p.add_argument("--quant-setting", default="auto",
@@ -548,7 +557,7 @@ def parse_args(argv):
         if q not in ("bf16", "8", "4"):
             p.error(f"--quant/--e2e-quant take bf16, 8 or 4, got {q!r}")
     args.flashdiff, args.diffusers = _csv(args.flashdiff), _csv(args.diffusers)
-    for name, modes, allowed in (("--flashdiff", args.flashdiff, ("eager", "compile", "blocks")),
+    for name, modes, allowed in (("--flashdiff", args.flashdiff, ("eager", "compile", "blocks", "blocks-packed")),
                                  ("--diffusers", args.diffusers, ("eager", "compile"))):
         if any(m not in allowed for m in modes):
             p.error(f"{name} takes {', '.join(allowed)} (or none), got {modes}")
