@@ -397,6 +397,67 @@ def test_emulated_dequantize_packed_equals_mlx_dequantize(tmp_path, bits, group,
     np.testing.assert_array_equal(_u16(biases2), _u16(biases))
 
 
+# the GEMV kernel's header as plain C++ for the shim (the real one converts fp16 with inline assembly)
+GEMV_EMU_HEADER = r"""
+struct float2 { float x, y; };
+static inline float2 make_float2(float a, float b) { return float2{a, b}; }
+template <bool BF16>
+static inline float fd_half_to_float(unsigned h) {
+  if (BF16) return __int_as_float((int)(h << 16));
+  __half v; v.x = (uint16_t)h; return (float)v;
+}
+static inline float2 fd_x_pair(const float* p) { return float2{p[0], p[1]}; }
+static inline float2 fd_x_pair(const __nv_bfloat16* p) { return float2{(float)p[0], (float)p[1]}; }
+static inline float2 fd_x_pair(const __half* p) { return float2{(float)p[0], (float)p[1]}; }
+"""
+
+
+def _exact_affine_weight(wq, scales, biases, bits, group):
+    """The (N, K) weight s q + b in float64 from mx.quantize's codes (not rounded to the scales' dtype)."""
+    import mlx.core as mx
+
+    raw = np.array(wq).view(np.uint8)
+    q = np.stack([raw & 15, raw >> 4], axis=-1).reshape(raw.shape[0], -1) if bits == 4 else raw
+    s, b = (np.array(a.astype(mx.float32), np.float64).repeat(group, axis=1) for a in (scales, biases))
+    return s * q + b
+
+
+@pytest.mark.parametrize("bits, group, dtype, x_dtype, m, k, n", [
+    (4, 64, "bf16", "bf16", 1, 320, 264), (8, 32, "f16", "f16", 3, 192, 200), (4, 128, "f16", "f32", 2, 384, 88),
+    (8, 64, "bf16", "f32", 5, 256, 192), (4, 32, "bf16", "bf16", 6, 192, 136), (8, 128, "bf16", "f16", 2, 512, 40)])
+def test_emulated_packed_gemv(tmp_path, bits, group, dtype, x_dtype, m, k, n):
+    """pack_weight's kernel, then packed_gemv's (few rows straight from the packed blocks): the split sums added up
+    equal x @ (s q + b).T (float64, the weight not rounded) to float32 accuracy, every partial written (the output
+    starts as 0xFF bytes: NaN). Cases: 4/8 bits, groups 32/64/128, bf16/fp16 scales, x in bf16 / fp16 / float32,
+    1-6 rows (the lanes' row-store split), rows past N in the last CTA, 1-4 K splits."""
+    import mlx.core as mx
+
+    from flashdiff.kernels import _gemm_mixed_pack
+
+    mdt = mx.bfloat16 if dtype == "bf16" else mx.float16
+    x, wq, scales, biases, _, _ = _affine_problem(np.random.default_rng(bits * m + n), bits, group, mdt, m, k, n)
+    x = x.astype({"bf16": mx.bfloat16, "f16": mx.float16, "f32": mx.float32}[x_dtype])
+    tiles, kt = -(-n // _gemm_mixed.WT), k // _gemm_mixed.BK
+    splits = min(kt, 1 + (n + k) % 4)  # (the launcher's rule picks KT splits at these sizes; vary them here)
+    x_raw = np.array(x) if x_dtype == "f32" else _u16(x)
+    buffers = {"wq": ("u32", np.array(wq)), "scales": (dtype, _u16(scales)), "biases": (dtype, _u16(biases)),
+               "packed": ("u32", _gemm_mixed.packed_words(n, k, bits, group)), "x": (x_dtype, x_raw),
+               "partial": ("f32", splits * m * n)}
+    template = [("IS_BF16", dtype == "bf16"), ("K", k), ("N", n), ("M", m), ("BITS", bits), ("GROUP", group),
+                ("KSPLIT", splits)]
+    got = run(tmp_path, buffers, [
+        (_gemm_mixed._PACK_SOURCE, [("K", k), ("N", n), ("BITS", bits), ("GROUP", group)], ["wq", "scales", "biases"],
+         ["packed"], (tiles, kt), 128),
+        (_gemm_mixed_pack._GEMV_SOURCE, template, ["x", "packed"], ["partial"], (-(-n // 32), splits), 128),
+    ], ["partial"], headers=_gemm_tma_dequant.DEQUANT_CODE + _gemm_mixed.MIXED_CODE + GEMV_EMU_HEADER)
+    partial = got["partial"].reshape(splits, m, n)
+    assert np.all(np.isfinite(partial)), "a partial sum was never written"
+    want = np.array(x.astype(mx.float32), np.float64) @ _exact_affine_weight(wq, scales, biases, bits, group).T
+    np.testing.assert_allclose(partial.sum(axis=0, dtype=np.float64), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert _gemm_mixed_pack.gemv_splits(3072, 3072) == 11 and _gemm_mixed_pack.gemv_splits(18432, 3072) == 2
+    assert _gemm_mixed_pack.gemv_splits(n, 64) == 1  # never more splits than K tiles
+
+
 # ---- the same kernels as the Python launchers ask for them (templates, grids, buffers as computed there)
 
 @pytest.fixture
@@ -404,14 +465,14 @@ def recorder(monkeypatch):
     """mx.fast.cuda_kernel replaced by a recorder (the kernel factories' caches cleared on both sides)."""
     import mlx.core as mx
 
-    from flashdiff.kernels import _dequant, qk_rope
+    from flashdiff.kernels import _dequant, _gemm_mixed_pack, qk_rope
 
     from flashdiff.kernels import _gemm_cuda, _moe_layout
 
     caches = [att._kernel, att._maps_kernel, _gemm_tma._kernel, _gemm_tma._gather_kernel, _gemm_tma._maps_kernel,
               _dequant._kernel, qk_rope._kernel, _moe_layout._layout_kernel, _gemm_cuda._kernel, _gemm_mixed._kernel,
               _gemm_tma_dequant_persistent._kernel, _moe_layout._prologue_kernel, _gemm_mixed._pack_kernel,
-              _gemm_mixed._unpack_kernel]
+              _gemm_mixed._unpack_kernel, _gemm_mixed_pack._gemv_kernel]
     for cache in caches:
         cache.cache_clear()
     rec = LaunchRecorder()
@@ -838,12 +899,13 @@ def _check_grouped_and_dense(tmp_path, recorder, engine, t, k, expert, grouped_k
 
 
 @pytest.mark.parametrize("bits, group, with_bias, sms, path", [(4, 64, True, 4, "mixed"), (8, 32, False, 4, "mixed"),
-                                                               (4, 128, False, 7, "dequantize"), (8, 64, True, 7, "dequantize")])
+                                                               (4, 128, False, 7, "dequantize"), (8, 64, True, 7, "dequantize"),
+                                                               (4, 64, True, 4, "gemv"), (8, 128, False, 7, "gemv")])
 def test_packed_layer_as_launched(tmp_path, recorder, monkeypatch, bits, group, with_bias, sms, path):
     """pack_quantized_linears on an sm_90 GPU, then the packed layer's call, as their launchers ask for the kernels:
     pack_weight's, then the mixed GEMM where its 4 CTAs fill the last wave (FLASHDIFF_NUM_SMS=4: packed_gemm_wins) or
-    dequantize_packed's where they do not (7 multiprocessors: 4 / 7 full), each replayed through the emulation against
-    float64 / mx.dequantize. And model_weights of the packed model gives back mx.quantize's arrays (save_component's
+    dequantize_packed's where they do not (7 multiprocessors: 4 / 7 full), packed_gemv's for 2 rows (< SMALL_M), each
+    replayed through the emulation against float64 / mx.dequantize. And model_weights of the packed model gives back mx.quantize's arrays (save_component's
     checkpoint layout), from the emulated pack's real blocks."""
     import mlx.core as mx
     import mlx.nn as nn
@@ -858,7 +920,7 @@ def test_packed_layer_as_launched(tmp_path, recorder, monkeypatch, bits, group, 
     monkeypatch.setenv("FLASHDIFF_NUM_SMS", str(sms))
     monkeypatch.setattr(qgemm, "PACKED_MIN_M", 1)  # 140 rows: the waves alone choose here
     _gemm_tma.num_sms.cache_clear()
-    m, k, n = 140, 256, 200
+    m, k, n = (2 if path == "gemv" else 140), 256, 200
     linear = nn.Linear(k, n, bias=with_bias)
     linear.set_dtype(mx.bfloat16)
     model = nn.Sequential(QuantizedLinear.from_linear(linear, group, bits))
@@ -881,6 +943,12 @@ def test_packed_layer_as_launched(tmp_path, recorder, monkeypatch, bits, group, 
         if with_bias:
             ref = ref + np.array(linear.bias.astype(mx.float32), np.float64)
         np.testing.assert_allclose(bf16_values(out).reshape(m, n), ref, rtol=1e-2, atol=1e-2)
+    elif path == "gemv":
+        assert names == ["flashdiff_mixed_pack", "flashdiff_mixed_packed_gemv"], names
+        (partial,) = replay(tmp_path / "call", recorder.launches, headers + GEMV_EMU_HEADER)
+        got = partial.reshape(-1, m, n).sum(axis=0, dtype=np.float64)
+        ref = np.array(x.astype(mx.float32), np.float64).reshape(m, k) @ _exact_affine_weight(wq, s, b, bits, group).T
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     else:
         assert names == ["flashdiff_mixed_pack", "flashdiff_mixed_unpack"], names
         (out,) = replay(tmp_path / "call", recorder.launches, headers)

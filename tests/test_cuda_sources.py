@@ -159,6 +159,20 @@ def test_mixed_pack_kernel_compiles(tmp_path, bits, group):
                                     ("GROUP", group)])
 
 
+@pytest.mark.parametrize("bits, group, m, bf16, x_dtype", [(4, 64, 1, True, mx.bfloat16), (8, 32, 2, False, mx.float16),
+                                                           (4, 128, 31, True, mx.float32)])
+def test_packed_gemv_kernel_compiles(tmp_path, bits, group, m, bf16, x_dtype):
+    """packed_gemv's kernel (few rows from the packed blocks) compiles without spills, at 1 row (a modulation layer)
+    and at the most it takes (31), fp16 scales too (the cvt.f32.f16 assembly), x in each dtype (fd_x_pair)."""
+    from flashdiff.kernels import _gemm_mixed_pack
+
+    text = report(tmp_path, "mixed_packed_gemv", _gemm_mixed_pack._GEMV_HEADER, _gemm_mixed_pack._GEMV_SOURCE,
+                  [("x", x_dtype), ("packed", mx.uint32)], [("partial", mx.float32)],
+                  [("IS_BF16", bf16), ("K", 3072), ("N", 18432), ("M", m), ("BITS", bits), ("GROUP", group),
+                   ("KSPLIT", 2)])
+    assert "0 bytes spill stores" in text, text
+
+
 def test_layout_kernel_compiles(tmp_path):
     report(tmp_path, "layout", "", _moe_layout._LAYOUT_SOURCE, [("expert_ids", mx.int32)],
            [("slot_row", mx.int32), ("tile_expert", mx.int32)],

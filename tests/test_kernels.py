@@ -1,6 +1,7 @@
 """CPU tests for flashdiff.kernels: each public function against a naive float32/float64 computation."""
 
 import math
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -537,9 +538,10 @@ def test_persistent_gemm_grid_size_by_device_name(monkeypatch, name, sms):
 
 
 def test_mixed_gemm_packed_arguments_name_the_problem():
-    """pack_weight and mixed_gemm_packed (the sm_90 mixed GEMM's packed layout) refuse what they cannot take before
-    any kernel is built: bits / group, non-uint32 codes, K not a multiple of 64, scales of the wrong shape, a packed
-    buffer of the wrong size for (N, K, bits, group), and float32 x."""
+    """pack_weight, mixed_gemm_packed and packed_gemv (the sm_90 mixed GEMM's packed layout) refuse what they cannot
+    take before any kernel is built: bits / group, non-uint32 codes, K not a multiple of 64, scales of the wrong shape,
+    a packed buffer of the wrong size for (N, K, bits, group), float32 x (the mixed GEMM); 32 rows or more, a 1-D or
+    integer x, float32 scales (packed_gemv)."""
     from flashdiff.kernels import _gemm_mixed
 
     w = mx.random.normal((200, 256)).astype(mx.bfloat16)
@@ -559,6 +561,18 @@ def test_mixed_gemm_packed_arguments_name_the_problem():
         _gemm_mixed.mixed_gemm_packed(x, mx.zeros((right - 4,), mx.uint32), 200, 4, 64)
     with pytest.raises(ValueError, match="bf16 / fp16 x2"):
         _gemm_mixed.mixed_gemm_packed(x.astype(mx.float32), mx.zeros((right,), mx.uint32), 200, 4, 64)
+    # packed_gemv (few rows): 32 rows or more, a 1-D x, an integer x, the wrong blocks, float32 scales
+    from flashdiff.kernels import _gemm_mixed_pack
+
+    blocks = mx.zeros((right,), mx.uint32)
+    for bad, what in ((mx.zeros((32, 256), mx.bfloat16), "x2 (32, 256)"), (mx.zeros((256,), mx.bfloat16), "x2 (256,)"),
+                      (mx.zeros((2, 256), mx.int32), "int32")):
+        with pytest.raises(ValueError, match=re.escape(what)):
+            _gemm_mixed_pack.packed_gemv(bad, blocks, 200, 4, 64, mx.bfloat16)
+    with pytest.raises(ValueError, match=f"\({right},\) uint32 blocks"):
+        _gemm_mixed_pack.packed_gemv(x[:2], blocks[:-4], 200, 4, 64, mx.bfloat16)
+    with pytest.raises(ValueError, match="float32"):
+        _gemm_mixed_pack.packed_gemv(x[:2], blocks, 200, 4, 64, mx.float32)
 
 
 def test_packed_gemm_rule_follows_the_waves(monkeypatch):

@@ -4,7 +4,8 @@
 as the kernel's stages hold them (one block per 192-row weight tile and 64-wide K tile: the codes in the consumers'
 lane order, then the rows' scale | bias pairs). ``dequantize_packed`` turns the blocks back into the dequantized
 weight on the GPU (bit-identical to ``mx.dequantize``: the packed layers' large-M path), and ``unpack_weight`` into
-mx.quantize's arrays on the host (for saving). All three are re-exported by ``_gemm_mixed``.
+mx.quantize's arrays on the host (for saving). All three are re-exported by ``_gemm_mixed``. ``packed_gemv`` (session
+19) multiplies a few rows (< 32: the modulation layers) by the blocks directly, with no dequantized copy.
 """
 
 import functools
@@ -78,6 +79,109 @@ _UNPACK_SOURCE = r"""
   }
 """
 
+
+
+# Few rows (M < qgemm.SMALL_M: a modulation layer's one row per image): y = x W^T straight from the packed blocks, no
+# dequantized copy. A CTA of 128 threads covers 32 weight rows, thread (row r, lane t) the 16 columns of each K tile
+# that consumer lane t holds (one 8- or 16-byte load per K tile; the 4 lanes of a row read adjacent bytes), over the
+# K tiles of split blockIdx.y. Per group and lane: s * sum(q x) + b * sum(x) over the lane's columns, with q exact in
+# float (2^23 + q as float bits, less 2^23) and x read in its own dtype (fd_x_pair); the 4 lanes' sums are added by
+# shuffles, each split's partial sums go to `partial` (KSPLIT, M, N) and are summed by the caller.
+_GEMV_SOURCE = r"""
+  constexpr int WT = 192, BK = 64, KT = K / BK;
+  constexpr int GPT = BK >= GROUP ? BK / GROUP : 1;
+  constexpr int ROW_BYTES = BK * BITS / 8, C_BYTES = WT * ROW_BYTES, BLOCK_BYTES = C_BYTES + WT * GPT * 4;
+  const int t = threadIdx.x & 3, n = blockIdx.x * 32 + (threadIdx.x >> 2);  // rows past N read the zero padding
+  const int tile = n / WT, row = n % WT, kt0 = blockIdx.y * KT / KSPLIT, kt1 = (blockIdx.y + 1) * KT / KSPLIT;
+  const float two23 = 8388608.0f;
+  float acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+  const unsigned char* blocks = reinterpret_cast<const unsigned char*>(packed) + (size_t)tile * KT * BLOCK_BYTES;
+#pragma unroll 2
+  for (int kt = kt0; kt < kt1; ++kt) {
+    const unsigned char* block = blocks + (size_t)kt * BLOCK_BYTES;
+    float q[16];  // the codes of columns col(i), i = 0..15 (as fd_dq_pair's pairs: i = 2 pair + half)
+    int col[8];   // first column of pair i within the K tile
+    if (BITS == 4) {  // word j >> 2, nibbles 4 (j & 3) and 16 + 4 (j & 3): pair j at k16 step j / 2, + 8 if j is odd
+      const uint2 z = *reinterpret_cast<const uint2*>(block + row * ROW_BYTES + t * 8);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const unsigned zz = (j < 4 ? z.x : z.y) >> (4 * (j & 3));
+        q[2 * j] = __int_as_float((int)((zz & 0xFu) | 0x4B000000u)) - two23;
+        q[2 * j + 1] = __int_as_float((int)(((zz >> 16) & 0xFu) | 0x4B000000u)) - two23;
+        col[j] = (j >> 1) * 16 + 8 * (j & 1) + 2 * t;
+      }
+    } else {  // word kk: codes of columns (2t, 2t + 8, 2t + 1, 2t + 9) of k16 step kk
+      const uint4 z = *reinterpret_cast<const uint4*>(block + row * ROW_BYTES + t * 16);
+      const unsigned zs[4] = {z.x, z.y, z.z, z.w};
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        q[4 * kk] = __int_as_float((int)((zs[kk] & 0xFFu) | 0x4B000000u)) - two23;
+        q[4 * kk + 1] = __int_as_float((int)(((zs[kk] >> 16) & 0xFFu) | 0x4B000000u)) - two23;
+        q[4 * kk + 2] = __int_as_float((int)(((zs[kk] >> 8) & 0xFFu) | 0x4B000000u)) - two23;
+        q[4 * kk + 3] = __int_as_float((int)((zs[kk] >> 24) | 0x4B000000u)) - two23;
+        col[2 * kk] = kk * 16 + 2 * t;
+        col[2 * kk + 1] = kk * 16 + 8 + 2 * t;
+      }
+    }
+    const unsigned* sbs = reinterpret_cast<const unsigned*>(block + C_BYTES) + row * GPT;
+    float sc[GPT], bi[GPT];
+#pragma unroll
+    for (int gi = 0; gi < GPT; ++gi) {
+      const unsigned sb = sbs[gi];
+      sc[gi] = fd_half_to_float<IS_BF16>(sb & 0xFFFFu);
+      bi[gi] = fd_half_to_float<IS_BF16>(sb >> 16);
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const auto* xr = x + (size_t)m * K + kt * BK;
+      float dot[GPT], xsum[GPT];
+#pragma unroll
+      for (int gi = 0; gi < GPT; ++gi) dot[gi] = xsum[gi] = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {  // pair i: k16 step i / 2 (group i / 4 of the tile when GPT is 2)
+        const float2 xv = fd_x_pair(xr + col[i]);
+        const int gi = GPT == 2 ? i >> 2 : 0;
+        dot[gi] = fmaf(q[2 * i], xv.x, fmaf(q[2 * i + 1], xv.y, dot[gi]));
+        xsum[gi] += xv.x + xv.y;
+      }
+#pragma unroll
+      for (int gi = 0; gi < GPT; ++gi) acc[m] = fmaf(sc[gi], dot[gi], fmaf(bi[gi], xsum[gi], acc[m]));
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], 1);
+    acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], 2);
+  }
+  if (n < N) {
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+      if ((m & 3) == t) partial[((size_t)blockIdx.y * M + m) * N + n] = acc[m];
+  }
+"""
+
+# 16 bits of a bf16 / fp16 value (the low half of h) to float; two adjacent elements of x (float32, bf16 or fp16) as
+# floats. The CPU emulation has its own versions.
+_GEMV_HEADER = r"""
+template <bool BF16>
+__device__ __forceinline__ float fd_half_to_float(unsigned h) {
+  if (BF16) return __int_as_float((int)(h << 16));
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)h));
+  return f;
+}
+__device__ __forceinline__ float2 fd_x_pair(const float* p) { return *reinterpret_cast<const float2*>(p); }
+__device__ __forceinline__ float2 fd_x_pair(const __nv_bfloat16* p) {
+  const unsigned u = *reinterpret_cast<const unsigned*>(p);
+  return make_float2(__int_as_float((int)(u << 16)), __int_as_float((int)(u & 0xFFFF0000u)));
+}
+__device__ __forceinline__ float2 fd_x_pair(const __half* p) {
+  const unsigned u = *reinterpret_cast<const unsigned*>(p);
+  return make_float2(fd_half_to_float<false>(u & 0xFFFFu), fd_half_to_float<false>(u >> 16));
+}
+"""
 
 
 @functools.cache
@@ -165,3 +269,45 @@ def unpack_weight(packed, n: int, k: int, bits: int, group_size: int, dtype):
     sb = sb[:, ::step].transpose(0, 2, 1, 3).reshape(tiles * WT, -1)[:n]
     as_dtype = lambda a: mx.array(np.ascontiguousarray(a).astype(np.uint16)).view(dtype)  # noqa: E731
     return mx.array(wq), as_dtype(sb & 0xFFFF), as_dtype(sb >> 16)
+
+
+@functools.cache
+def _gemv_kernel():
+    return cuda_kernel(name="flashdiff_mixed_packed_gemv", input_names=["x", "packed"], output_names=["partial"],
+                       source=_GEMV_SOURCE, header=_GEMV_HEADER)
+
+
+GEMV_CTAS = 8 * 132  # split K until about this many CTAs (8 of 4 warps per H200 multiprocessor: loads in flight)
+
+
+def gemv_splits(n: int, k: int) -> int:
+    """How many K ranges ``packed_gemv`` splits an (N, K) weight into: enough CTAs of 32 rows for GEMV_CTAS, at
+    least one K tile each."""
+    return max(1, min(k // BK, -(-GEMV_CTAS // -(-n // 32))))
+
+
+def packed_gemv(x2, packed, n: int, bits: int, group_size: int, weight_dtype, bias=None, stream=None):
+    """y = x2 @ W.T (+ bias) for few rows (x2 (M, K), M < 32) from ``pack_weight``'s blocks of an (N, K) weight, no
+    dequantized copy: float32 sums of q x per group, then s * that + b * sum(x) (the weight's values are not rounded to
+    `weight_dtype` first, as MLX's quantized_matmul does not round them). x2 float32, bf16 or fp16. One kernel, and
+    one more to add up its K splits (none where there is one) before the bias and the rounding to x2's dtype.
+    Returns (M, N) in x2's dtype."""
+    m, k = x2.shape if x2.ndim == 2 else (0, x2.shape[-1] if x2.ndim else 0)
+    expected = packed_words(n, k, bits, group_size)
+    if not 0 < m < 32 or k % BK or packed.dtype != mx.uint32 or packed.shape != (expected,) or (
+            weight_dtype not in (mx.bfloat16, mx.float16)) or x2.dtype not in (mx.float32, mx.bfloat16, mx.float16):
+        raise ValueError(f"packed_gemv needs x2 (M < 32, K) with K a multiple of {BK} and pack_weight's ({expected},) "
+                         f"uint32 blocks for N={n}, K={k}, bits={bits}, group_size={group_size} (bf16 / fp16 scales; x2 "
+                         f"float32 / bf16 / fp16); got x2 {x2.shape} {x2.dtype}, packed {packed.shape} {packed.dtype}, "
+                         f"{weight_dtype}.")
+    splits = gemv_splits(n, k)
+    (partial,) = _gemv_kernel()(
+        inputs=[x2, packed], template=[("IS_BF16", weight_dtype == mx.bfloat16), ("K", k), ("N", n), ("M", m),
+                                       ("BITS", bits), ("GROUP", group_size), ("KSPLIT", splits)],
+        output_shapes=[(splits * m * n,)], output_dtypes=[mx.float32], grid=(-(-n // 32) * 128, splits, 1),
+        threadgroup=(128, 1, 1), stream=stream)
+    y = partial.reshape(m, n) if splits == 1 else partial.reshape(splits, m, n).sum(axis=0)
+    if bias is not None:
+        y = y + bias.astype(mx.float32)
+    return y.astype(x2.dtype)
+

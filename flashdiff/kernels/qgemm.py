@@ -47,7 +47,10 @@ Session 18: packed layers (``PackedQuantizedLinear``, ``pack_quantized_linears``
 FLASHDIFF_QLINEAR_PACKED=1 on sm_90) hold the weight in the mixed GEMM's layout only and choose by M: the mixed GEMM
 where ``packed_gemm_wins``, else ``_gemm_mixed_pack.dequantize_packed`` + the dense GEMM. At the 1024-row FLUX
 4-bit shapes 0.90-1.00x of bf16 (this module's default path 0.80-0.81x in the same run), 8-bit 0.82-0.88x
-(benchmarks/README.md).
+(benchmarks/README.md). Session 19: 0.93x / 1.01x at the other two (1024 x 3072 -> 21504, 1024 x 15360 -> 3072), and
+``_gemm_mixed_pack.packed_gemv`` for calls of fewer than SMALL_M rows (the modulation layers), which had dequantized
+the whole weight for one row; a whole FLUX-dev forward in the pipelines' GPU mode is still 0.6-3.5% slower packed
+than with this module's default path, so packing stays opt-in.
 """
 
 import math
@@ -180,11 +183,17 @@ def packed_gemm_wins(m: int, n: int) -> bool:
 
 def packed_linear(x, packed, n: int, bits: int, group_size: int, weight_dtype, bias=None):
     """y = x @ W.T (+ bias) for a weight packed by ``_gemm_mixed_pack.pack_weight`` (N outputs, K = x's last axis; its
-    scales were `weight_dtype`). sm_90 only. The packed mixed GEMM where ``packed_gemm_wins`` (x in weight_dtype),
-    else the weight dequantized from the blocks (bit-identical to mx.dequantize; after x exists, as
-    ``quantized_linear`` orders it) and the dense GEMM."""
+    scales were `weight_dtype`). sm_90 only. Below SMALL_M rows (a modulation layer's one row per image; where
+    ``quantized_linear`` calls MLX's quantized_matmul) ``packed_gemv`` from the blocks; the packed mixed GEMM where
+    ``packed_gemm_wins`` (x in weight_dtype); else the weight dequantized from the blocks (bit-identical to
+    mx.dequantize; after x exists, as ``quantized_linear`` orders it) and the dense GEMM."""
     k = x.shape[-1]
     m = x.size // k
+    if m == 0:
+        return mx.zeros((*x.shape[:-1], n), x.dtype)
+    if m < SMALL_M:
+        y = _gemm_mixed_pack.packed_gemv(x.reshape(m, k), packed, n, bits, group_size, weight_dtype, bias)
+        return y.reshape(*x.shape[:-1], n)
     if x.dtype == weight_dtype and packed_gemm_wins(m, n):
         y = _gemm_mixed.mixed_gemm_packed(x.reshape(m, k), packed, n, bits, group_size, bias)
         return y.reshape(*x.shape[:-1], n)
@@ -242,15 +251,17 @@ def packable(layer) -> bool:
             and scales.dtype in (mx.bfloat16, mx.float16) and layer.get("biases") is not None)
 
 
-PACKED_DEFAULT = False  # opt-in until a whole model forward has been timed with them (session 18's left it untimed)
+PACKED_DEFAULT = False  # opt-in: session 19's whole FLUX-dev forwards (pipelines' GPU mode) ran slower packed
 
 
 def packing_enabled() -> bool:
     """Packed layers run on an sm_90 GPU (CUDA back-end) with FLASHDIFF_QLINEAR_PACKED=1 (PACKED_DEFAULT when unset),
     unless FLASHDIFF_KERNELS forces the reference or FLASHDIFF_QLINEAR picks a path (the experiments keep the
     checkpoint layout). Session 18 (H200, layers alone): 0.90-1.00x of bf16 at the 1024-row FLUX 4-bit shapes where
-    dequantize + GEMM runs at 0.80-0.81x; a FLUX forward at 1024^2 with an earlier form of the large-M path (an
-    uncoalesced dequantize_packed, and the mixed GEMM at 512 rows) ran at 0.91x against 0.97x, and was not timed again."""
+    dequantize + GEMM runs at 0.80-0.81x. Session 19, whole FLUX-dev forwards in the pipelines' GPU mode (compiled
+    blocks, streamed; benchmarks/models.py --flashdiff blocks,blocks-packed), 4-bit, packed against unpacked: 52.7
+    against 52.3 ms at 512^2 and 153.7 against 148.5 ms at 1024^2 in the last run (after packed_gemv), so not the
+    default. At 1024^2 no call has 1024-2048 rows (4096 / 512 / 4608): every packed layer runs dequantize_packed."""
     value = os.environ.get("FLASHDIFF_QLINEAR_PACKED", "1" if PACKED_DEFAULT else "0")
     if value not in ("0", "1"):
         raise ValueError(f"FLASHDIFF_QLINEAR_PACKED={value!r}: use 1 (packed layers on sm_90) or 0 (the checkpoint's "
