@@ -478,9 +478,7 @@ def flux_rows(quick):
         mx.eval(blk.parameters())
     txt = mx.random.normal((1, 512, 3072)).astype(mx.bfloat16)
     vec = mx.random.normal((1, 3072)).astype(mx.bfloat16)
-    images = {}
-    for side in FLUX_SIZES:
-        images[side] = mx.random.normal((1, (side // 16) ** 2, 3072)).astype(mx.bfloat16)
+    images = {side: mx.random.normal((1, (side // 16) ** 2, 3072)).astype(mx.bfloat16) for side in FLUX_SIZES}
     mx.eval(txt, vec, *images.values())
     bf16 = {}  # (side, eval per block) -> row index of the bf16 time
 
