@@ -227,6 +227,21 @@ needs_nvdisasm = pytest.mark.skipif(nvdisasm_path() is None, reason="needs nvdis
 
 
 @needs_nvdisasm
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantize_packed_issues_every_load_first(tmp_path, bits):
+    """dequantize_packed's kernel issues all of a thread's global loads (6 units: codes + scale | bias word each)
+    before its first shared-memory store, so they are in flight together (session 19: the loop had kept one unit's
+    loads in flight at 8 bits, two at 4)."""
+    src = cuda_kernel_source("mixed_unpack", _gemm_mixed._HEADER, _gemm_mixed._UNPACK_SOURCE, [("packed", mx.uint32)],
+                             [("out", mx.bfloat16)], [("T", mx.bfloat16), ("IS_BF16", True), ("K", 3072), ("N", 12288),
+                                                      ("BITS", bits), ("GROUP", 64)])
+    ops = [ins.split()[0] for _, ins in sass(tmp_path, src)]
+    first_store = next(i for i, op in enumerate(ops) if op.startswith("STS"))
+    assert sum(op.startswith("LDG") for op in ops[:first_store]) == 12, ops[:first_store]
+    assert not any(op.startswith("LDG") for op in ops[first_store:]), "a global load after the first shared store"
+
+
+@needs_nvdisasm
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("persistent", [False, True])
 def test_wgmma_attention_scores_overwrite_instead_of_zeroing(tmp_path, dtype, persistent):

@@ -32,8 +32,9 @@ _PACK_SOURCE = r"""
 # One CTA of 128 threads per block of pack_weight's output: the block's codes (in the consumers' lane order) and its
 # rows' scale | bias pairs back to the (N, K) weight in T, with fd_dq_pair as the dequantize kernel (_dequant) uses
 # it, so every value is bit-identical to mx.dequantize's. The pairs are gathered in shared memory (rows 36 words
-# apart: a warp's stores, 8 rows x 4 lanes, fall in 32 banks), then written as 16-byte row chunks. A packed layer's
-# path at large M: dequantize + GEMM.
+# apart: a warp's stores, 8 rows x 4 lanes, fall in 32 banks), then written as 16-byte row chunks. Each thread loads
+# its 6 (row, lane) units' codes and pairs before converting any (session 19; not yet timed on the GPU). A packed
+# layer's path at large M: dequantize + GEMM.
 _UNPACK_SOURCE = r"""
   constexpr int WT = 192, BK = 64, KT = K / BK, LDW = 36;
   constexpr int GPT = BK >= GROUP ? BK / GROUP : 1;
@@ -42,32 +43,49 @@ _UNPACK_SOURCE = r"""
   const int tile_w = blockIdx.x, kt = blockIdx.y;
   const unsigned char* block = reinterpret_cast<const unsigned char*>(packed) + ((size_t)tile_w * KT + kt) * BLOCK_BYTES;
   const unsigned* sbs = reinterpret_cast<const unsigned*>(block + C_BYTES);
-  for (int u = threadIdx.x; u < WT * 4; u += 128) {  // (row, lane t) of the consumers' layout, t fastest
-    const int row = u >> 2, t = u & 3;
+  constexpr int UNITS = WT * 4 / 128, WORDS = BITS / 2;  // (row, lane t) units per thread; code words per unit
+  unsigned codes[UNITS][WORDS], sb[UNITS][GPT];
+#pragma unroll
+  for (int i = 0; i < UNITS; ++i) {  // every load first (session 19: the loop had one unit's loads in flight)
+    const int u = threadIdx.x + 128 * i, row = u >> 2, t = u & 3;  // (row, lane t) of the consumers' layout
+    const unsigned* src = reinterpret_cast<const unsigned*>(block + row * ROW_BYTES + t * 4 * WORDS);
+    if (BITS == 4) {
+      const uint2 z = *reinterpret_cast<const uint2*>(src);
+      codes[i][0] = z.x;
+      codes[i][1] = z.y;
+    } else {
+      const uint4 z = *reinterpret_cast<const uint4*>(src);
+      codes[i][0] = z.x;
+      codes[i][1] = z.y;
+      codes[i][2] = z.z;
+      codes[i][3] = z.w;
+    }
+#pragma unroll
+    for (int gi = 0; gi < GPT; ++gi) sb[i][gi] = sbs[row * GPT + gi];
+  }
+#pragma unroll
+  for (int i = 0; i < UNITS; ++i) {
+    const int u = threadIdx.x + 128 * i, row = u >> 2, t = u & 3;
     unsigned s2[GPT], b2[GPT];
 #pragma unroll
     for (int gi = 0; gi < GPT; ++gi) {
-      const unsigned sb = sbs[row * GPT + gi];
-      s2[gi] = __byte_perm(sb, 0u, 0x1010);
-      b2[gi] = __byte_perm(sb, 0u, 0x3232);
+      s2[gi] = __byte_perm(sb[i][gi], 0u, 0x1010);
+      b2[gi] = __byte_perm(sb[i][gi], 0u, 0x3232);
     }
     unsigned* dst = tile + row * LDW;  // pair c holds columns 2c, 2c + 1
     if (BITS == 4) {  // pair j: k16 step j / 2, columns 2t, 2t + 1 (+ 8 if j is odd), as the consumers' fragments
-      const uint2 z = *reinterpret_cast<const uint2*>(block + row * ROW_BYTES + t * 8);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const int kk = j >> 1, gi = GPT == 2 ? kk >> 1 : 0;
-        const unsigned zz = j < 4 ? z.x : z.y;
+        const unsigned zz = codes[i][j >> 2];
         dst[kk * 8 + 4 * (j & 1) + t] = fd_dq_pair<IS_BF16, 4>((zz >> (4 * (j & 3))) & 0x000F000Fu, s2[gi], b2[gi]);
       }
     } else {  // word kk: codes (2t, 2t + 8, 2t + 1, 2t + 9) of k16 step kk
-      const uint4 z = *reinterpret_cast<const uint4*>(block + row * ROW_BYTES + t * 16);
-      const unsigned zs[4] = {z.x, z.y, z.z, z.w};
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         const int gi = GPT == 2 ? kk >> 1 : 0;
-        dst[kk * 8 + t] = fd_dq_pair<IS_BF16, 8>(zs[kk] & 0x00FF00FFu, s2[gi], b2[gi]);
-        dst[kk * 8 + 4 + t] = fd_dq_pair<IS_BF16, 8>((zs[kk] >> 8) & 0x00FF00FFu, s2[gi], b2[gi]);
+        dst[kk * 8 + t] = fd_dq_pair<IS_BF16, 8>(codes[i][kk] & 0x00FF00FFu, s2[gi], b2[gi]);
+        dst[kk * 8 + 4 + t] = fd_dq_pair<IS_BF16, 8>((codes[i][kk] >> 8) & 0x00FF00FFu, s2[gi], b2[gi]);
       }
     }
   }
