@@ -295,6 +295,7 @@ def _gemv_kernel():
                        source=_GEMV_SOURCE, header=_GEMV_HEADER)
 
 
+GEMV_ROWS = 32  # packed_gemv takes fewer rows than this (qgemm.SMALL_M: where quantized_linear calls quantized_matmul)
 GEMV_CTAS = 8 * 132  # split K until about this many CTAs (8 of 4 warps per H200 multiprocessor: loads in flight)
 
 
@@ -305,16 +306,16 @@ def gemv_splits(n: int, k: int) -> int:
 
 
 def packed_gemv(x2, packed, n: int, bits: int, group_size: int, weight_dtype, bias=None, stream=None):
-    """y = x2 @ W.T (+ bias) for few rows (x2 (M, K), M < 32) from ``pack_weight``'s blocks of an (N, K) weight, no
+    """y = x2 @ W.T (+ bias) for few rows (x2 (M, K), M < GEMV_ROWS) from ``pack_weight``'s blocks of an (N, K) weight, no
     dequantized copy: float32 sums of q x per group, then s * that + b * sum(x) (the weight's values are not rounded to
     `weight_dtype` first, as MLX's quantized_matmul does not round them). x2 float32, bf16 or fp16. One kernel, and
     one more to add up its K splits (none where there is one) before the bias and the rounding to x2's dtype.
     Returns (M, N) in x2's dtype."""
     m, k = x2.shape if x2.ndim == 2 else (0, x2.shape[-1] if x2.ndim else 0)
     expected = packed_words(n, k, bits, group_size)
-    if not 0 < m < 32 or k % BK or packed.dtype != mx.uint32 or packed.shape != (expected,) or (
+    if not 0 < m < GEMV_ROWS or k % BK or packed.dtype != mx.uint32 or packed.shape != (expected,) or (
             weight_dtype not in (mx.bfloat16, mx.float16)) or x2.dtype not in (mx.float32, mx.bfloat16, mx.float16):
-        raise ValueError(f"packed_gemv needs x2 (M < 32, K) with K a multiple of {BK} and pack_weight's ({expected},) "
+        raise ValueError(f"packed_gemv needs x2 (M < {GEMV_ROWS}, K) with K a multiple of {BK} and pack_weight's ({expected},) "
                          f"uint32 blocks for N={n}, K={k}, bits={bits}, group_size={group_size} (bf16 / fp16 scales; x2 "
                          f"float32 / bf16 / fp16); got x2 {x2.shape} {x2.dtype}, packed {packed.shape} {packed.dtype}, "
                          f"{weight_dtype}.")

@@ -64,6 +64,7 @@ from ._dequant import check_quantized, dequantize_checked
 from ._dispatch import metal_kernels_requested, resolve_backend
 
 SMALL_M = 32  # below this many rows, MLX's quantized_matmul (decode kernel) wins
+assert SMALL_M <= _gemm_mixed_pack.GEMV_ROWS  # packed layers take packed_gemv there
 FUSED_DEFAULT = False  # the fused sm_90 kernels by default (else only with FLASHDIFF_QLINEAR=fused / mixed)
 QLINEAR_PATHS = ("auto", "fused", "mixed", "persistent", "dequant")
 
