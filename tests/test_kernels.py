@@ -561,8 +561,6 @@ def test_mixed_gemm_packed_arguments_name_the_problem():
         _gemm_mixed.mixed_gemm_packed(x, mx.zeros((right - 4,), mx.uint32), 200, 4, 64)
     with pytest.raises(ValueError, match="bf16 / fp16 x2"):
         _gemm_mixed.mixed_gemm_packed(x.astype(mx.float32), mx.zeros((right,), mx.uint32), 200, 4, 64)
-    with pytest.raises(ValueError, match="assist must be one of"):
-        _gemm_mixed.mixed_gemm_packed(x, mx.zeros((right,), mx.uint32), 200, 4, 64, assist=4)
     # packed_gemv (few rows): 32 rows or more, a 1-D x, an integer x, the wrong blocks, float32 scales
     from flashdiff.kernels import _gemm_mixed_pack
 

@@ -91,20 +91,17 @@ from ._jit import cuda_kernel
 
 WT, TT, BK, STAGES = 192, 128, 64, 4  # weights, tokens, k per CTA tile; pipeline stages (as in _SOURCE)
 THREADS = 512  # three consumer warpgroups + one producer warpgroup
-CONSUMERS = 384
-ASSIST_STEPS = (0, 1, 2, 3)  # PACKED mode: k16 steps of each K tile's fragments that producer warps convert
 
 
-def stage_bytes(bits: int, group_size: int, assist: int = 0) -> int:
-    """One stage: the x tile (TT x BK, 1024-byte aligned for TMA), the codes, the packed scales | biases, and with
-    `assist` (PACKED mode) the converters' fragments: 16 bytes per consumer thread and assisted k16 step."""
+def stage_bytes(bits: int, group_size: int) -> int:
+    """One stage: the x tile (TT x BK, 1024-byte aligned for TMA), the codes, the packed scales | biases."""
     groups = max(BK // group_size, 1)
-    raw = TT * BK * 2 + -(-(WT * BK * bits // 8 + WT * groups * 4) // 16) * 16 + assist * CONSUMERS * 16
+    raw = TT * BK * 2 + WT * BK * bits // 8 + WT * groups * 4
     return -(-raw // 1024) * 1024
 
 
-def smem_bytes(bits: int, group_size: int, assist: int = 0) -> int:
-    return STAGES * stage_bytes(bits, group_size, assist) + 1024  # + room to align to 1024 bytes
+def smem_bytes(bits: int, group_size: int) -> int:
+    return STAGES * stage_bytes(bits, group_size) + 1024  # + room to align to 1024 bytes
 
 
 # m64n128k16, A from registers, B K-major from shared memory (imm-trans-b = 0)
@@ -142,8 +139,6 @@ __device__ __forceinline__ void fd_bar_consumers() { asm volatile("bar.sync 2, 3
 
 # Plain C++ (the CPU emulation compiles it as written): the producer's rearrangement of 4-bit codes.
 MIXED_CODE = r"""
-// which part of a thread's fragments the conversion takes (a compile-time flag: the skipped steps leave no code)
-template <bool B> struct fd_mixed_part { static constexpr bool value = B; };
 // Four words w[0..3] of a row's K tile (codes 8 j .. 8 j + 7 in word j) to the word lane t reads: for
 // j = 0..3, bits 4j..4j+3 = low nibble of byte t of w[j], bits 16+4j.. = its high nibble, so that
 // (z >> 4j) & 0x000F000F is the pair of codes (8 j + 2 t, 8 j + 2 t + 1) where fd_dq_pair takes them.
@@ -224,13 +219,9 @@ _SOURCE = r"""
   constexpr int GPT = BK >= GROUP ? BK / GROUP : 1;  // scale groups per row per K tile
   constexpr int X_BYTES = TT * BK * 2, ROW_BYTES = BK * BITS / 8, C_BYTES = WT * ROW_BYTES;
   constexpr int BLOCK_BYTES = C_BYTES + WT * GPT * 4;  // a stage's codes + scale | bias pairs (pack_weight's blocks)
-  // ASSIST (PACKED only): the last ASSIST k16 steps of every consumer thread's fragments are converted by producer
-  // warps 13-15 into CONV_BYTES after the block, one 16-byte fragment per (step, consumer thread)
-  static_assert(ASSIST >= 0 && ASSIST < 4 && (ASSIST == 0 || PACKED), "ASSIST: 0-3 k16 steps, PACKED mode only");
-  constexpr int CONV_OFFSET = X_BYTES + (BLOCK_BYTES + 15) / 16 * 16, CONV_BYTES = ASSIST * 384 * 16;
-  constexpr int STAGE_BYTES = (CONV_OFFSET + CONV_BYTES + 1023) / 1024 * 1024;
+  constexpr int STAGE_BYTES = (X_BYTES + BLOCK_BYTES + 1023) / 1024 * 1024;
   extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
-  __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES], conv_bar[STAGES];
+  __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
   unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
   const unsigned smem_base = fd_smem_addr(fd_smem);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -240,59 +231,10 @@ _SOURCE = r"""
       // the TMA thread's expect_tx + every producer thread (packed: the expect_tx alone)
       fd_mbar_init(fd_smem_addr(&full_bar[s]), PACKED ? 1 : 129);
       fd_mbar_init(fd_smem_addr(&empty_bar[s]), 384);  // every consumer thread
-      fd_mbar_init(fd_smem_addr(&conv_bar[s]), 96);    // every converting producer thread (ASSIST)
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-
-  // stage s's codes into the A fragments a of the consumer thread with rows r0, r0 + 8 and column lane t: its k16 steps
-  // below 4 - ASSIST (part false: what the consumer converts itself) or from there on (part true: a converter's)
-  auto convert_rows = [&](int s, int r0, int t, unsigned (&a)[4][4], auto part) {
-    constexpr bool ASSISTED = decltype(part)::value;
-    const unsigned char* stage = fd_smem + s * STAGE_BYTES;
-    const unsigned* sbs = reinterpret_cast<const unsigned*>(stage + X_BYTES + C_BYTES);
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int row = r0 + 8 * rr;
-      unsigned s2[GPT], b2[GPT], ns2[GPT];
-#pragma unroll
-      for (int gi = 0; gi < GPT; ++gi) {
-        const unsigned sb = sbs[row * GPT + gi];
-        s2[gi] = __byte_perm(sb, 0u, 0x1010);
-        b2[gi] = __byte_perm(sb, 0u, 0x3232);
-        if (IS_BF16) ns2[gi] = fd_h2_mul<true>(s2[gi], 0xC300C300u);  // -128 s, exact
-      }
-      if (BITS == 4) {
-        const uint2 z = *reinterpret_cast<const uint2*>(stage + X_BYTES + row * ROW_BYTES + t * 8);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {  // word j of the tile: k16 step j / 2, columns + 8 if j is odd
-          const int kk = j >> 1, gi = GPT == 2 ? kk >> 1 : 0;
-          if ((kk >= 4 - ASSIST) != ASSISTED) continue;
-          const unsigned zz = j < 4 ? z.x : z.y;
-          // bf16: one LOP3, one fma, one add per pair (session 16); fp16 keeps sub, mul, add (-1024 s overflows
-          // fp16 for scales above 64)
-          if (IS_BF16) a[kk][rr + 2 * (j & 1)] = fd_dq4_bf16_pair(zz >> (4 * (j & 3)), s2[gi], ns2[gi], b2[gi]);
-          else a[kk][rr + 2 * (j & 1)] = fd_dq_pair<IS_BF16, 4>((zz >> (4 * (j & 3))) & 0x000F000Fu, s2[gi], b2[gi]);
-        }
-      } else {
-        const uint4 z = *reinterpret_cast<const uint4*>(stage + X_BYTES + row * ROW_BYTES + t * 16);
-        const unsigned zs[4] = {z.x, z.y, z.z, z.w};
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          const int gi = GPT == 2 ? kk >> 1 : 0;
-          if ((kk >= 4 - ASSIST) != ASSISTED) continue;
-          if (IS_BF16) {  // one fma per pair, as at 4 bits (session 16)
-            a[kk][rr] = fd_dq8_bf16_pair<false>(zs[kk], s2[gi], ns2[gi], b2[gi]);
-            a[kk][rr + 2] = fd_dq8_bf16_pair<true>(zs[kk], s2[gi], ns2[gi], b2[gi]);
-          } else {
-            a[kk][rr] = fd_dq_pair<IS_BF16, 8>(zs[kk] & 0x00FF00FFu, s2[gi], b2[gi]);
-            a[kk][rr + 2] = fd_dq_pair<IS_BF16, 8>((zs[kk] >> 8) & 0x00FF00FFu, s2[gi], b2[gi]);
-          }
-        }
-      }
-    }
-  };
 
   if (warp >= 12) {  // producer warpgroup
     const int p = tid - 384;
@@ -321,26 +263,6 @@ _SOURCE = r"""
           fd_tma_load(smem_base + s * STAGE_BYTES, xmap, kt * BK, tile_t * TT, full);
           fd_bulk_load(smem_base + s * STAGE_BYTES + X_BYTES,
                        reinterpret_cast<const unsigned char*>(wq) + ((size_t)tile_w * KT + kt) * BLOCK_BYTES, BLOCK_BYTES, full);
-        }
-      if (ASSIST > 0 && warp >= 13)  // converters: thread c takes consumer threads c, c + 96, c + 192, c + 288
-        for (int kt = 0; kt < KT; ++kt) {
-          const int s = kt % STAGES, c = tid - 416;
-          // stage s holds tile kt: the loads were issued after its last readers released it (empty), so the
-          // consumers are also done with its CONV area
-          fd_mbar_wait(fd_smem_addr(&full_bar[s]), (kt / STAGES) & 1);
-          uint4* conv = reinterpret_cast<uint4*>(fd_smem + s * STAGE_BYTES + CONV_OFFSET);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int ct = c + 96 * i, cw = ct >> 5, cl = ct & 31;
-            unsigned a[4][4];
-            convert_rows(s, (cw >> 2) * 64 + (cw & 3) * 16 + (cl >> 2), cl & 3, a, fd_mixed_part<true>{});
-#pragma unroll
-            for (int q = 0; q < ASSIST; ++q) {
-              const int kk = 4 - ASSIST + q;
-              conv[q * 384 + ct] = make_uint4(a[kk][0], a[kk][1], a[kk][2], a[kk][3]);
-            }
-          }
-          fd_mbar_arrive(fd_smem_addr(&conv_bar[s]));
         }
       return;
     }
@@ -378,21 +300,47 @@ _SOURCE = r"""
   unsigned fa[4][4], fb[4][4];  // A fragments of two K tiles: [k16 step][register]
   // the stages' barriers, addressed from two bases (their generic-to-shared conversion once, not per K tile)
   const unsigned full0 = fd_smem_addr(&full_bar[0]), empty0 = fd_smem_addr(&empty_bar[0]);
-  const unsigned conv0 = fd_smem_addr(&conv_bar[0]);
-  // ASSIST: stage s's k16 steps from 4 - ASSIST on, as the converters left them (their barrier's parity `parity`)
-  auto take_converted = [&](int s, unsigned (&a)[4][4], int parity) {
-    if (ASSIST == 0) return;
-    fd_mbar_wait(conv0 + 8 * s, parity);
-    const uint4* conv = reinterpret_cast<const uint4*>(fd_smem + s * STAGE_BYTES + CONV_OFFSET);
+  auto convert = [&](int s, unsigned (&a)[4][4]) {  // stage s's codes into A fragments a
+    const unsigned char* stage = fd_smem + s * STAGE_BYTES;
+    const unsigned* sbs = reinterpret_cast<const unsigned*>(stage + X_BYTES + C_BYTES);
 #pragma unroll
-    for (int q = 0; q < ASSIST; ++q) {
-      const uint4 f = conv[q * 384 + tid];
-      const int kk = 4 - ASSIST + q;
-      a[kk][0] = f.x; a[kk][1] = f.y; a[kk][2] = f.z; a[kk][3] = f.w;
+    for (int rr = 0; rr < 2; ++rr) {
+      const int row = r0 + 8 * rr;
+      unsigned s2[GPT], b2[GPT], ns2[GPT];
+#pragma unroll
+      for (int gi = 0; gi < GPT; ++gi) {
+        const unsigned sb = sbs[row * GPT + gi];
+        s2[gi] = __byte_perm(sb, 0u, 0x1010);
+        b2[gi] = __byte_perm(sb, 0u, 0x3232);
+        if (IS_BF16) ns2[gi] = fd_h2_mul<true>(s2[gi], 0xC300C300u);  // -128 s, exact
+      }
+      if (BITS == 4) {
+        const uint2 z = *reinterpret_cast<const uint2*>(stage + X_BYTES + row * ROW_BYTES + t * 8);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {  // word j of the tile: k16 step j / 2, columns + 8 if j is odd
+          const int kk = j >> 1, gi = GPT == 2 ? kk >> 1 : 0;
+          const unsigned zz = j < 4 ? z.x : z.y;
+          // bf16: one LOP3, one fma, one add per pair (session 16); fp16 keeps sub, mul, add (-1024 s overflows
+          // fp16 for scales above 64)
+          if (IS_BF16) a[kk][rr + 2 * (j & 1)] = fd_dq4_bf16_pair(zz >> (4 * (j & 3)), s2[gi], ns2[gi], b2[gi]);
+          else a[kk][rr + 2 * (j & 1)] = fd_dq_pair<IS_BF16, 4>((zz >> (4 * (j & 3))) & 0x000F000Fu, s2[gi], b2[gi]);
+        }
+      } else {
+        const uint4 z = *reinterpret_cast<const uint4*>(stage + X_BYTES + row * ROW_BYTES + t * 16);
+        const unsigned zs[4] = {z.x, z.y, z.z, z.w};
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          const int gi = GPT == 2 ? kk >> 1 : 0;
+          if (IS_BF16) {  // one fma per pair, as at 4 bits (session 16)
+            a[kk][rr] = fd_dq8_bf16_pair<false>(zs[kk], s2[gi], ns2[gi], b2[gi]);
+            a[kk][rr + 2] = fd_dq8_bf16_pair<true>(zs[kk], s2[gi], ns2[gi], b2[gi]);
+          } else {
+            a[kk][rr] = fd_dq_pair<IS_BF16, 8>(zs[kk] & 0x00FF00FFu, s2[gi], b2[gi]);
+            a[kk][rr + 2] = fd_dq_pair<IS_BF16, 8>((zs[kk] >> 8) & 0x00FF00FFu, s2[gi], b2[gi]);
+          }
+        }
+      }
     }
-  };
-  auto convert = [&](int s, unsigned (&a)[4][4]) {  // stage s's codes into A fragments a (this thread's k16 steps)
-    convert_rows(s, r0, t, a, fd_mixed_part<false>{});
   };
   // tile kt (in stage s = kt % STAGES, a compile-time constant below): its wgmmas on fragments `cur` (converted
   // before), then, while they run, tile kt + 1's fragments into `nxt` (which tile kt - 1's wgmmas read: wait_group 1
@@ -406,13 +354,11 @@ _SOURCE = r"""
     if (kt + 1 < KT) {
       fd_mbar_wait(full0 + 8 * ((s + 1) % STAGES), s + 1 < STAGES ? phase : phase ^ 1);
       convert((s + 1) % STAGES, nxt);
-      take_converted((s + 1) % STAGES, nxt, s + 1 < STAGES ? phase : phase ^ 1);
     }
     fd_fence_frag(cur);  // tile kt's wgmmas may still read `cur`: nothing may take its registers before here
   };
   fd_mbar_wait(full0, 0);
   convert(0, fa);
-  take_converted(0, fa, 0);
   // Unrolled over the stages (session 18): each stage's shared addresses, barriers and wgmma descriptors are then
   // constants from one base, which ptxas keeps in the uniform datapath (the loop, one K tile per step, took 126 SASS
   // instructions per K tile, 32 of them moving descriptors into uniform registers; now about 100)
@@ -463,17 +409,16 @@ def supported(x, scales, bits: int, group_size: int, mode: str, k: int, n: int) 
 
 
 @functools.cache
-def _kernel(bits: int, group_size: int, assist: int = 0):
+def _kernel(bits: int, group_size: int):
     return cuda_kernel(
         name="flashdiff_mixed_gemm", input_names=["x", "wq", "scales", "biases", "bias"],
-        output_names=["out", "tmaps"], source=_SOURCE, header=_HEADER, shared_memory=smem_bytes(bits, group_size, assist),
+        output_names=["out", "tmaps"], source=_SOURCE, header=_HEADER, shared_memory=smem_bytes(bits, group_size),
     )
 
 
-def template(dtype, m: int, k: int, n: int, bits: int, group_size: int, has_bias: bool, packed: bool = False,
-             assist: int = 0):
+def template(dtype, m: int, k: int, n: int, bits: int, group_size: int, has_bias: bool, packed: bool = False):
     return [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("K", k), ("N", n), ("M_ROWS", m), ("BITS", bits),
-            ("GROUP", group_size), ("HAS_BIAS", has_bias), ("PACKED", packed), ("ASSIST", assist)]
+            ("GROUP", group_size), ("HAS_BIAS", has_bias), ("PACKED", packed)]
 
 
 def block_bytes(bits: int, group_size: int) -> int:
@@ -503,12 +448,8 @@ def mixed_gemm(x2, wq, scales, biases, bits: int, group_size: int, bias=None, st
     return _launch(x2, wq, scales, biases, wq.shape[0], bits, group_size, bias, False, stream)
 
 
-def mixed_gemm_packed(x2, packed, n: int, bits: int, group_size: int, bias=None, stream=None, assist: int = 0):
-    """``mixed_gemm`` on ``pack_weight``'s output for an (N, K) weight, K = x2's last axis. assist: how many of each K
-    tile's four k16 steps of fragments producer warps 13-15 convert for the consumers (0: the consumers convert all;
-    an experiment, session 20)."""
-    if assist not in ASSIST_STEPS:
-        raise ValueError(f"mixed_gemm_packed: assist must be one of {ASSIST_STEPS}, got {assist!r}.")
+def mixed_gemm_packed(x2, packed, n: int, bits: int, group_size: int, bias=None, stream=None):
+    """``mixed_gemm`` on ``pack_weight``'s output for an (N, K) weight, K = x2's last axis."""
     k = x2.shape[-1]
     expected = packed_words(n, k, bits, group_size)
     if x2.ndim != 2 or k % BK or packed.dtype != mx.uint32 or packed.shape != (expected,):
@@ -517,17 +458,17 @@ def mixed_gemm_packed(x2, packed, n: int, bits: int, group_size: int, bias=None,
                          f"packed {packed.shape} {packed.dtype}.")
     if x2.dtype not in (mx.bfloat16, mx.float16):
         raise ValueError(f"mixed_gemm_packed takes bf16 / fp16 x2 (the scales' dtype), got {x2.dtype}.")
-    return _launch(x2, packed, x2, x2, n, bits, group_size, bias, True, stream, assist)  # PACKED reads no scales / biases
+    return _launch(x2, packed, x2, x2, n, bits, group_size, bias, True, stream)  # PACKED reads no scales / biases
 
 
-def _launch(x2, wq, scales, biases, n, bits, group_size, bias, packed, stream, assist=0):
+def _launch(x2, wq, scales, biases, n, bits, group_size, bias, packed, stream):
     m, k = x2.shape
     has_bias = bias is not None
     dummy = mx.zeros((1,), x2.dtype)
     g, tg = grid(m, n)
-    out, _ = _kernel(bits, group_size, assist)(
+    out, _ = _kernel(bits, group_size)(
         inputs=[x2, wq, scales, biases, bias.astype(x2.dtype) if has_bias else dummy],
-        template=template(x2.dtype, m, k, n, bits, group_size, has_bias, packed, assist),
+        template=template(x2.dtype, m, k, n, bits, group_size, has_bias, packed),
         output_shapes=[(m, n), (maps_bytes(m, n),)], output_dtypes=[x2.dtype, mx.uint8], grid=g, threadgroup=tg,
         stream=stream,
     )
