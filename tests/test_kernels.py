@@ -540,8 +540,8 @@ def test_persistent_gemm_grid_size_by_device_name(monkeypatch, name, sms):
 def test_mixed_gemm_packed_arguments_name_the_problem():
     """pack_weight, mixed_gemm_packed and packed_gemv (the sm_90 mixed GEMM's packed layout) refuse what they cannot
     take before any kernel is built: bits / group, non-uint32 codes, K not a multiple of 64, scales of the wrong shape,
-    a packed buffer of the wrong size for (N, K, bits, group), float32 x (the mixed GEMM); 32 rows or more, a 1-D or
-    integer x, float32 scales (packed_gemv)."""
+    a packed buffer of the wrong size for (N, K, bits, group), a 1-D or float32 x (the mixed GEMM); 32 rows or more, a
+    1-D or integer x, float32 scales (packed_gemv); the wrong blocks, a float32 output (dequantize_packed)."""
     from flashdiff.kernels import _gemm_mixed
 
     w = mx.random.normal((200, 256)).astype(mx.bfloat16)
@@ -573,6 +573,14 @@ def test_mixed_gemm_packed_arguments_name_the_problem():
         _gemm_mixed_pack.packed_gemv(x[:2], blocks[:-4], 200, 4, 64, mx.bfloat16)
     with pytest.raises(ValueError, match="float32"):
         _gemm_mixed_pack.packed_gemv(x[:2], blocks, 200, 4, 64, mx.float32)
+    # dequantize_packed: the wrong blocks (size, dtype, K not a multiple of 64), a float32 output
+    for bad_blocks, k in ((blocks[:-4], 256), (blocks.astype(mx.int32), 256), (blocks, 96)):
+        with pytest.raises(ValueError, match=f"dequantize_packed(: K={k} is not a multiple| needs pack_weight's .* K={k})"):
+            _gemm_mixed_pack.dequantize_packed(bad_blocks, 200, k, 4, 64, mx.bfloat16)
+    with pytest.raises(ValueError, match="float32"):
+        _gemm_mixed_pack.dequantize_packed(blocks, 200, 256, 4, 64, mx.float32)
+    with pytest.raises(ValueError, match=re.escape("2-D x2 (M, K), got (256,)")):
+        _gemm_mixed.mixed_gemm_packed(x[0], blocks, 200, 4, 64)
 
 
 def test_packed_gemm_rule_follows_the_waves(monkeypatch):

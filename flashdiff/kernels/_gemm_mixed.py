@@ -431,6 +431,17 @@ def packed_words(n: int, k: int, bits: int, group_size: int) -> int:
     return -(-n // WT) * (k // BK) * block_bytes(bits, group_size) // 4
 
 
+def check_packed(caller: str, packed, n: int, k: int, bits: int, group_size: int):
+    """Raises, naming `caller`, unless `packed` is what ``pack_weight`` makes of an (N, K) weight (K a multiple of BK)
+    at these bits and group size: the one check of the packed blocks that every reader of them makes first."""
+    if k % BK:
+        raise ValueError(f"{caller}: K={k} is not a multiple of {BK}, which pack_weight's blocks need.")
+    expected = packed_words(n, k, bits, group_size)
+    if packed.dtype != mx.uint32 or packed.shape != (expected,):
+        raise ValueError(f"{caller} needs pack_weight's ({expected},) uint32 blocks for N={n}, K={k}, bits={bits}, "
+                         f"group_size={group_size}; got packed {packed.shape} {packed.dtype}.")
+
+
 def grid(m: int, n: int):
     """(grid in threads, threadgroup): x = weight tiles of WT, y = token tiles of TT."""
     return (-(-n // WT) * THREADS, -(-m // TT), 1), (THREADS, 1, 1)
@@ -450,12 +461,9 @@ def mixed_gemm(x2, wq, scales, biases, bits: int, group_size: int, bias=None, st
 
 def mixed_gemm_packed(x2, packed, n: int, bits: int, group_size: int, bias=None, stream=None):
     """``mixed_gemm`` on ``pack_weight``'s output for an (N, K) weight, K = x2's last axis."""
-    k = x2.shape[-1]
-    expected = packed_words(n, k, bits, group_size)
-    if x2.ndim != 2 or k % BK or packed.dtype != mx.uint32 or packed.shape != (expected,):
-        raise ValueError(f"mixed_gemm_packed needs x2 (M, K) with K a multiple of {BK} and pack_weight's ({expected},) "
-                         f"uint32 blocks for N={n}, K={k}, bits={bits}, group_size={group_size}; got x2 {x2.shape}, "
-                         f"packed {packed.shape} {packed.dtype}.")
+    if x2.ndim != 2:
+        raise ValueError(f"mixed_gemm_packed needs a 2-D x2 (M, K), got {x2.shape}.")
+    check_packed("mixed_gemm_packed", packed, n, x2.shape[1], bits, group_size)
     if x2.dtype not in (mx.bfloat16, mx.float16):
         raise ValueError(f"mixed_gemm_packed takes bf16 / fp16 x2 (the scales' dtype), got {x2.dtype}.")
     return _launch(x2, packed, x2, x2, n, bits, group_size, bias, True, stream)  # PACKED reads no scales / biases

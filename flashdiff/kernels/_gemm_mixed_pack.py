@@ -12,7 +12,7 @@ import functools
 
 import mlx.core as mx
 
-from ._gemm_mixed import _HEADER, _TILE_CODE, BK, WT, block_bytes, packed_words
+from ._gemm_mixed import _HEADER, _TILE_CODE, BK, WT, block_bytes, check_packed, packed_words
 from ._jit import cuda_kernel
 
 # One CTA of 128 threads per (weight tile, K tile): the producer's fetch + store of that tile into its block of
@@ -242,11 +242,9 @@ def _unpack_kernel():
 def dequantize_packed(packed, n: int, k: int, bits: int, group_size: int, dtype, stream=None):
     """``pack_weight``'s blocks back to the dequantized (N, K) weight in `dtype` (the scales' dtype when packed: bf16
     or fp16), every value bit-identical to ``mx.dequantize`` of the original codes."""
-    expected = packed_words(n, k, bits, group_size)
-    if k % BK or packed.dtype != mx.uint32 or packed.shape != (expected,) or dtype not in (mx.bfloat16, mx.float16):
-        raise ValueError(f"dequantize_packed needs pack_weight's ({expected},) uint32 blocks for N={n}, K={k} (a multiple "
-                         f"of {BK}), bits={bits}, group_size={group_size}, and a bf16 / fp16 dtype; got {packed.shape} "
-                         f"{packed.dtype}, {dtype}.")
+    check_packed("dequantize_packed", packed, n, k, bits, group_size)
+    if dtype not in (mx.bfloat16, mx.float16):
+        raise ValueError(f"dequantize_packed gives bf16 / fp16 (the packed scales' dtype), got {dtype}.")
     (out,) = _unpack_kernel()(
         inputs=[packed], template=[("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("K", k), ("N", n), ("BITS", bits),
                                    ("GROUP", group_size)],
@@ -311,14 +309,13 @@ def packed_gemv(x2, packed, n: int, bits: int, group_size: int, weight_dtype, bi
     `weight_dtype` first, as MLX's quantized_matmul does not round them). x2 float32, bf16 or fp16. One kernel, and
     one more to add up its K splits (none where there is one) before the bias and the rounding to x2's dtype.
     Returns (M, N) in x2's dtype."""
-    m, k = x2.shape if x2.ndim == 2 else (0, x2.shape[-1] if x2.ndim else 0)
-    expected = packed_words(n, k, bits, group_size)
-    if not 0 < m < GEMV_ROWS or k % BK or packed.dtype != mx.uint32 or packed.shape != (expected,) or (
-            weight_dtype not in (mx.bfloat16, mx.float16)) or x2.dtype not in (mx.float32, mx.bfloat16, mx.float16):
-        raise ValueError(f"packed_gemv needs x2 (M < {GEMV_ROWS}, K) with K a multiple of {BK} and pack_weight's ({expected},) "
-                         f"uint32 blocks for N={n}, K={k}, bits={bits}, group_size={group_size} (bf16 / fp16 scales; x2 "
-                         f"float32 / bf16 / fp16); got x2 {x2.shape} {x2.dtype}, packed {packed.shape} {packed.dtype}, "
-                         f"{weight_dtype}.")
+    if x2.ndim != 2 or not 0 < x2.shape[0] < GEMV_ROWS or x2.dtype not in (mx.float32, mx.bfloat16, mx.float16):
+        raise ValueError(f"packed_gemv needs x2 (M, K) with 0 < M < {GEMV_ROWS} in float32 / bf16 / fp16, got x2 "
+                         f"{x2.shape} {x2.dtype}.")
+    m, k = x2.shape
+    check_packed("packed_gemv", packed, n, k, bits, group_size)
+    if weight_dtype not in (mx.bfloat16, mx.float16):
+        raise ValueError(f"packed_gemv: the packed scales are bf16 / fp16, got weight_dtype {weight_dtype}.")
     splits = gemv_splits(n, k)
     (partial,) = _gemv_kernel()(
         inputs=[x2, packed], template=[("IS_BF16", weight_dtype == mx.bfloat16), ("K", k), ("N", n), ("M", m),
