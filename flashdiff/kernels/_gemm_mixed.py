@@ -76,6 +76,11 @@ stages, so each stage's addresses, barriers and descriptors are constants from f
 3072 (0.89x). ``dequantize_packed`` reads the packed blocks back to the weight and ``unpack_weight`` to mx.quantize's
 arrays, for qgemm.PackedQuantizedLinear (opt-in: FLASHDIFF_QLINEAR_PACKED=1), which runs this kernel in PACKED mode at
 1024-2048 rows.
+
+Session 20: with producer warps 13-15 converting the last 1-3 of each K tile's k16 steps for every consumer thread (commit
+c601fca, template ASSIST; bit-identical) the kernel ran slower at every split (Nsight Compute, 1024 x 3072 -> 3072, 8-bit:
+34.1 us as here, 40.9 / 44.2 / 49.7 assisted; cuBLAS 27.9), so this source does not have it. At 8 bits the consumers'
+conversion instructions (5.5 per pair of codes) are what holds this tile at 0.82x of cuBLAS.
 """
 
 import functools
