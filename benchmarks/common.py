@@ -417,6 +417,23 @@ def write_json(path: Path, data: dict):
     write_text_atomic(path, json.dumps(_clean(data), indent=1, allow_nan=False) + "\n")
 
 
+def print_table(columns: dict, rows: list):
+    """A markdown table on stdout: one column per (header, function of a row giving its cell) in `columns`."""
+    print("| " + " | ".join(columns) + " |")
+    print("|---" * len(columns) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(cell(r)) for cell in columns.values()) + " |")
+
+
+def record_row(rows: list, row: dict, out: str):
+    """A probe's result row: appended to `rows`, printed, and (with `out`) every row so far written to that JSON with
+    the command and device, so a run stopped by its time limit keeps what it measured."""
+    rows.append(row)
+    print(row, flush=True)
+    if out:
+        write_json(Path(out), dict(command=" ".join(sys.argv), device=str(mx.default_device()), rows=rows))
+
+
 def _clean(o):
     """JSON-safe copy: non-finite floats -> None, tuples -> lists, anything else odd -> str."""
     if isinstance(o, dict):

@@ -20,7 +20,7 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashdiff.kernels import _dequant, _gemm_mixed_pack  # noqa: E402
-from common import interleaved, quantized_problem, streamed_call, write_json  # noqa: E402
+from common import interleaved, print_table, quantized_problem, record_row, streamed_call  # noqa: E402
 
 
 def main():
@@ -48,15 +48,10 @@ def main():
             row = dict(weight=spec, bits=bits, group=64, equal=equal,
                        **{f"{name} streamed_us": t * 1e6 for name, t in times.items()},
                        weight_gb_per_s=n * k * (2 + bits / 8) / times["dequantize_packed"] / 1e9)
-            rows.append(row)
-            print(row, flush=True)
-            if args.out:
-                write_json(Path(args.out), dict(command=" ".join(sys.argv), device=str(mx.default_device()), rows=rows))
-    print("| weight N x K | bits | equal | dequantize_packed us | dequantize us |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['weight']} | {r['bits']} | {r['equal']} | {r['dequantize_packed streamed_us']:.1f} | "
-              f"{r['dequantize streamed_us']:.1f} |")
+            record_row(rows, row, args.out)
+    print_table({"weight N x K": lambda r: r["weight"], "bits": lambda r: r["bits"], "equal": lambda r: r["equal"],
+                 "dequantize_packed us": lambda r: f"{r['dequantize_packed streamed_us']:.1f}",
+                 "dequantize us": lambda r: f"{r['dequantize streamed_us']:.1f}"}, rows)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashdiff.kernels import _gemm_mixed_pack  # noqa: E402
-from common import quantized_problem, streamed_call, write_json  # noqa: E402
+from common import print_table, quantized_problem, record_row, streamed_call  # noqa: E402
 
 
 def main():
@@ -45,15 +45,10 @@ def main():
                 err = mx.abs(fn().astype(mx.float32) - ref).max() / mx.abs(ref).max()
                 row[f"{name} max_rel_err"] = err.item()
                 row[f"{name} streamed_us"] = streamed_call(fn) * 1e6
-            rows.append(row)
-            print(row, flush=True)
-            if args.out:
-                write_json(Path(args.out), dict(command=" ".join(sys.argv), device=str(mx.default_device()), rows=rows))
-    print("| shape | bits | qmm us | packed_gemv us | dequantize_packed + GEMM us |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['shape']} | {r['bits']} | {r['qmm streamed_us']:.1f} | {r['packed_gemv streamed_us']:.1f} | "
-              f"{r['dequantize_packed + GEMM streamed_us']:.1f} |")
+            record_row(rows, row, args.out)
+    us = lambda name: lambda r: f"{r[name + ' streamed_us']:.1f}"  # noqa: E731
+    print_table({"shape": lambda r: r["shape"], "bits": lambda r: r["bits"], "qmm us": us("qmm"),
+                 "packed_gemv us": us("packed_gemv"), "dequantize_packed + GEMM us": us("dequantize_packed + GEMM")}, rows)
 
 
 if __name__ == "__main__":
