@@ -548,3 +548,49 @@ def test_attention_variant_probe_reproduces_session_12_in_sass(tmp_path):
     addr, text = next((a, t) for a, t in body[votes[0]:] if re.match(r"@!?P\d\s+BRA", t))
     target = int(text.split("0x")[-1], 16)
     assert target > addr and sum(t.startswith("FMUL") for a, t in body if addr < a < target) == 64
+
+
+_NCU_HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size",'
+               '"Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
+
+
+def _ncu_report(path, launches):
+    """An ncu --csv report in its real layout (program output and ==PROF== lines mixed in), one row per (kernel
+    name with arguments, grid, metric, unit, value) in `launches`."""
+    lines = ["==PROF== Connected to process 1 (/usr/bin/python3)", "{'row': 1}", _NCU_HEADER]
+    for i, (name, grid, metric, unit, value) in enumerate(launches):
+        lines.append(f'"{i}","1","python3","h","{name}","1","14","(128, 1, 1)","{grid}","0","9.0",'
+                     f'"Command line profiler metrics","{metric}","{unit}","{value}"')
+    path.write_text("\n".join(lines + ["==PROF== Disconnected from process 1"]) + "\n")
+    return path
+
+
+def test_ncu_summary_sums_by_kernel_and_compares_reports(tmp_path, capsys):
+    import ncu_summary
+
+    t = "gpu__time_duration.sum"
+    a = _ncu_report(tmp_path / "a.csv", [
+        ("custom_kernel_k_4(const unsigned int *, float *)", "(64, 8, 1)", t, "ns", "1,000"),
+        ("custom_kernel_k_4(const unsigned int *, float *)", "(64, 8, 1)", "dram__throughput.avg.pct", "%", "50"),
+        ("custom_kernel_k_4(const unsigned int *, float *)", "(16, 8, 1)", t, "ns", "3,000"),
+        ("nvjet_gemm", "(2, 64, 1)", t, "ns", "6,000"),
+        ("custom_kernel_k_4(const unsigned int *, float *)", "(64, 8, 1)", t, "ns", "2,000")])
+    b = _ncu_report(tmp_path / "b.csv", [("nvjet_gemm", "(2, 64, 1)", t, "ns", "5,500"),
+                                         ("custom_kernel_other", "(4, 1, 1)", t, "ns", "300")])
+    one = ncu_summary.summarize([a])["files"][0]
+    assert one["unit"] == "us" and one["total"] == pytest.approx(12.0)  # the % metric left out
+    assert one["groups"]["custom_kernel_k_4"] == dict(launches=3, median=2.0, min=1.0, max=3.0, total=6.0)
+    by_grid = ncu_summary.summarize([a], by=("name", "grid"))["files"][0]["groups"]
+    assert by_grid["custom_kernel_k_4 @ (64, 8, 1)"]["total"] == pytest.approx(3.0)
+    assert ncu_summary.summarize([a], skip=1)["files"][0]["groups"]["custom_kernel_k_4"]["launches"] == 2
+    ncu_summary.main([str(a), str(b)])
+    table = capsys.readouterr().out
+    assert "| nvjet_gemm | 1, 6.0 | 1, 5.5 | -0.5 |" in table
+    assert "| custom_kernel_other | - | 1, 0.3 | +0.3 |" in table
+    assert "| all | 12.0 | 5.8 | -6.2 |" in table
+    ncu_summary.main([str(a), "--json", str(tmp_path / "s.json")])
+    assert json.loads((tmp_path / "s.json").read_text())["files"][0]["total"] == pytest.approx(12.0)
+    for bad, what in (([str(tmp_path / "none.csv")], "no such file"), ([str(tmp_path / "s.json")], "no CSV lines"),
+                      ([str(a), "--metric", "sm__nothing"], "no rows of metric"), ([str(a), "--skip", "-1"], "--skip")):
+        with pytest.raises(SystemExit, match=re.escape(what)):
+            ncu_summary.main(bad)
