@@ -314,12 +314,9 @@ def _odd_against_aligned(L, h, scale):
     fns = {n: (lambda a=arrays[n]: attention(*a, scale)) for n in arrays}
     compiled_attention = mx.compile(lambda q, k, v: attention(q, k, v, scale))
     compiled = {n: (lambda a=arrays[n]: compiled_attention(*a)) for n in arrays}
-    timings = {
-        "streamed": interleaved(fns, lambda fn: streamed_call(fn, calls=40, samples=3), STREAM_ROUNDS),
-        "queued": interleaved(fns, lambda fn: bench(fn, reps=5), STREAM_ROUNDS),
-        "compiled_streamed": interleaved(compiled, lambda fn: streamed_call(fn, calls=40, samples=3), STREAM_ROUNDS),
-        "compiled_queued": interleaved(compiled, lambda fn: bench(fn, reps=5), STREAM_ROUNDS),
-    }
+    measures = {"streamed": lambda fn: streamed_call(fn, calls=40, samples=3), "queued": lambda fn: bench(fn, reps=5)}
+    timings = {prefix + mode: interleaved(paths, measure, STREAM_ROUNDS)
+               for prefix, paths in (("", fns), ("compiled_", compiled)) for mode, measure in measures.items()}
     rate = lambda times, n: n * n / times[n]  # noqa: E731
     return dict(aligned_below=below, aligned_above=above,
                 paths_odd_below_above=[attention_module._path(arrays[n][0], arrays[n][1], None, None) for n in arrays],
