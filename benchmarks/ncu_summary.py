@@ -10,7 +10,7 @@ kernels carry their template values in it) or, with ``--by name,grid``, by name 
 each group's first N launches (first-call effects). One file: per group the launches, median, min, max and total, and
 its share of the file's total. Several files: per group each file's launches and total side by side, and the last
 file's total less the first's, so two forwards (e.g. ``models.py --flashdiff blocks`` against ``blocks-packed``)
-compare kernel by kernel.
+compare kernel by kernel. Totals and shares mean something only for additive metrics, such as durations.
 """
 
 import argparse
@@ -20,8 +20,12 @@ import sys
 from pathlib import Path
 
 
+TIME_UNITS = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6, "second": 1e6}
+
+
 def read_report(path: Path, metric: str, by: tuple, skip: int = 0) -> tuple[dict, str]:
-    """{group: [values in launch order]} of `metric` in an ncu CSV report, and the metric's unit."""
+    """{group: [values in launch order]} of `metric` in an ncu CSV report, and the unit they are in: times in
+    microseconds whatever unit each row has (ncu may scale a unit per row), other metrics as reported."""
     lines = [line for line in Path(path).read_text(errors="replace").splitlines() if line.startswith('"')]
     if not lines:
         raise SystemExit(f"{path}: no CSV lines (was ncu run with --csv?)")
@@ -33,17 +37,14 @@ def read_report(path: Path, metric: str, by: tuple, skip: int = 0) -> tuple[dict
     for row in rows:
         if row["Metric Name"] != metric:
             continue
-        unit = row["Metric Unit"]
+        factor = TIME_UNITS.get(row["Metric Unit"])
+        unit = "us" if factor else row["Metric Unit"]
         name = row["Kernel Name"].split("(", 1)[0].strip()
         key = (name, row["Grid Size"]) if "grid" in by else (name,)
-        groups.setdefault(key, []).append(float(row["Metric Value"].replace(",", "")))
+        groups.setdefault(key, []).append(float(row["Metric Value"].replace(",", "")) * (factor or 1.0))
     if not groups:
         raise SystemExit(f"{path}: no rows of metric {metric!r}")
     return {key: values[skip:] for key, values in groups.items() if values[skip:]}, unit
-
-
-def _scale(unit: str) -> tuple[float, str]:
-    return (1e-3, "us") if unit in ("ns", "nsecond") else (1.0, unit)
 
 
 def summarize(paths: list, metric: str = "gpu__time_duration.sum", by: tuple = ("name",), skip: int = 0) -> dict:
@@ -51,10 +52,9 @@ def summarize(paths: list, metric: str = "gpu__time_duration.sum", by: tuple = (
     out = {"metric": metric, "files": []}
     for path in paths:
         groups, unit = read_report(path, metric, by, skip)
-        factor, shown = _scale(unit)
-        stats = {" @ ".join(key): dict(launches=len(v), median=statistics.median(v) * factor, min=min(v) * factor,
-                                       max=max(v) * factor, total=sum(v) * factor) for key, v in groups.items()}
-        out["files"].append(dict(path=str(path), unit=shown, groups=stats,
+        stats = {" @ ".join(key): dict(launches=len(v), median=statistics.median(v), min=min(v), max=max(v), total=sum(v))
+                 for key, v in groups.items()}
+        out["files"].append(dict(path=str(path), unit=unit, groups=stats,
                                  total=sum(g["total"] for g in stats.values())))
     return out
 
