@@ -323,7 +323,7 @@ def run_diffusers(results, name, spec, args, torch_dtype):
                     call = torch.compile(model, **kw)
                 extra = {**kw, "compile_scope": args.compile_scope}
             with torch.inference_mode():
-                stats = time_calls(lambda: call(**inputs)[0], torch_sync_fn(device), args.warmup, args.iters)
+                stats = time_calls(lambda c=call, i=inputs: c(**i)[0], torch_sync_fn(device), args.warmup, args.iters)
             del call, inputs
             return {**stats, **info, **extra, "peak_memory_gib": torch_peak_gib(device), "torch_device": device}
 
