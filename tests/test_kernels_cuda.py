@@ -134,6 +134,74 @@ def test_mixed_gemm_packed_cuda(m, k, n, with_bias, bits, group):
     assert mx.array_equal(packed, plain).item()
 
 
+# (m, k, n, with_bias, bits, group, dtype): token tiles even and odd (a last CTA past M), one and two K tiles, K tiles
+# past a pass over the stages, both widths and dtypes, every group size
+PAIR_CASES = [(1024, 3072, 3072, True, 8, 64, "bfloat16"), (1024, 3072, 3072, False, 4, 64, "bfloat16"),
+              (900, 512, 392, True, 8, 32, "bfloat16"), (640, 512, 200, False, 8, 128, "bfloat16"),
+              (129, 64, 264, True, 4, 32, "float16"), (300, 128, 192, False, 8, 64, "float16"),
+              (2048, 3072, 12288, False, 8, 64, "bfloat16"), (1536, 15360, 3072, True, 4, 64, "bfloat16")]
+
+_PAIR_CHECK = """
+import json, os, sys
+import mlx.core as mx
+import mlx.nn as nn
+from flashdiff.kernels import _gemm_mixed, pack_quantized_linears, QuantizedLinear
+for m, k, n, with_bias, bits, group, dtype in json.loads(sys.argv[1]):
+    dtype = getattr(mx, dtype)
+    mx.random.seed(m + k + n)
+    w = (mx.random.normal((n, k)) * 0.05).astype(dtype)
+    wq, s, b = mx.quantize(w, group, bits)
+    x = mx.random.normal((m, k)).astype(dtype)
+    bias = mx.random.normal((n,)).astype(dtype) if with_bias else None
+    packed = _gemm_mixed.pack_weight(wq, s, b, bits, group)
+    one = _gemm_mixed.mixed_gemm_packed(x, packed, n, bits, group, bias)
+    pair = _gemm_mixed.mixed_gemm_packed(x, packed, n, bits, group, bias, pair=True)
+    again = _gemm_mixed.mixed_gemm_packed(x * 2, packed, n, bits, group, bias, pair=True)
+    twice = _gemm_mixed.mixed_gemm_packed(x * 2, packed, n, bits, group, bias)
+    print(json.dumps(dict(case=[m, k, n, with_bias, bits, group], equal=mx.array_equal(pair, one).item(),
+                          equal_again=mx.array_equal(again, twice).item(),
+                          equal_elements=(pair == one).astype(mx.float32).mean().item())), flush=True)
+# a packed layer dispatches the pair form by itself with CUDA graphs off (FLASHDIFF_MIXED_PAIR=auto)
+linear = nn.Linear(3072, 3072, bias=True)
+linear.set_dtype(mx.bfloat16)
+model = nn.Sequential(QuantizedLinear.from_linear(linear, 64, 8))
+pack_quantized_linears(model, force=True)
+x = mx.random.normal((1024, 3072)).astype(mx.bfloat16)
+y = model(x)
+layer = model.layers[0]
+ref = _gemm_mixed.mixed_gemm_packed(x, layer.packed, 3072, 8, 64, layer.bias)
+assert _gemm_mixed.pair_enabled(8)
+print(json.dumps(dict(case="packed layer", equal=mx.array_equal(y, ref).item(), equal_again=True, equal_elements=1.0)))
+"""
+
+
+def test_mixed_gemm_pair_cuda():
+    """The mixed GEMM's CTA-pair form (a cluster of two CTAs sharing each weight tile's conversion), in a process with
+    CUDA graphs off (the only way MLX 0.32 can run a cluster kernel safely), equals the one-CTA packed kernel bit for
+    bit over PAIR_CASES, twice in turn with new inputs; a packed layer picks it by itself there."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from flashdiff.kernels import _gemm_mixed
+    if not _gemm_cuda.is_sm90():
+        pytest.skip("the mixed GEMM needs an sm_90 GPU")
+    env = dict(os.environ, MLX_USE_CUDA_GRAPHS="0", FLASHDIFF_MIXED_PAIR="auto")
+    proc = subprocess.run([sys.executable, "-c", _PAIR_CHECK, json.dumps(PAIR_CASES)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(PAIR_CASES) + 1, proc.stdout
+    bad = [r for r in rows if not (r["equal"] and r["equal_again"])]
+    assert not bad, bad
+    if not _gemm_mixed.cuda_graphs_off():  # this process runs with CUDA graphs: refused, naming the fix
+        x = mx.zeros((1024, 64), mx.bfloat16)
+        packed = mx.zeros((_gemm_mixed.packed_words(192, 64, 8, 64),), mx.uint32)
+        with pytest.raises(RuntimeError, match="MLX_USE_CUDA_GRAPHS=0"):
+            _gemm_mixed.mixed_gemm_packed(x, packed, 192, 8, 64, pair=True)
+
+
 @pytest.mark.parametrize("quantized", MOE_QUANT_CASES)
 @pytest.mark.parametrize("per_slot", [False, True])
 def test_moe_gemm_cuda(quantized, per_slot):
