@@ -150,8 +150,7 @@ def qlinear_rows(quick):
                 y_packed = packed(x)
                 compiled.update(streamed_compiled_packed_ms=st["packed_c"] * 1e3,
                                 streamed_compiled_packed_ratio_vs_bf16=st["bf16_c"] / st["packed_c"],
-                                packed_path=(("mixed GEMM, CTA pair" if _gemm_mixed.pair_enabled(bits) else "mixed GEMM")
-                                             if qgemm.packed_gemm_wins(m, n) else "dequantize_packed + GEMM"),
+                                packed_path="mixed GEMM" if qgemm.packed_gemm_wins(m, n) else "dequantize_packed + GEMM",
                                 packed_equals_dequantize_matmul=mx.array_equal(y_packed, ref_cpu).item(),
                                 packed_max_rel_diff=(mx.abs(y_packed.astype(mx.float32) - ref_cpu.astype(mx.float32)).max()
                                                      / mx.abs(ref_cpu.astype(mx.float32)).max()).item())

@@ -50,10 +50,10 @@ _STAMP = r"""
 EDITS = [
     ("const int tile_w = blockIdx.x, tile_t = blockIdx.y;\n", "const int tile_w = blockIdx.x, tile_t = blockIdx.y;\n" + _STAMP),
     ("    if (p == 0) fd_acquire_map(xmap);\n", "    if (p == 0) { fd_acquire_map(xmap); fd_stamp(1); }\n"),
-    ("    fd_mbar_wait(full0, 0);\n    convert(0, fa);\n",
-     "    fd_mbar_wait(full0, 0);\n    if (tid == 0) fd_stamp(2);\n    convert(0, fa);\n    if (tid == 0) fd_stamp(3);\n"),
-    ("      const int phase = (kt / STAGES) & 1;\n",
-     "      const int phase = (kt / STAGES) & 1;\n      if (tid == 0 && kt == KT / (2 * STAGES) * STAGES) fd_stamp(4);\n"),
+    ("  fd_mbar_wait(full0, 0);\n  convert(0, fa);\n",
+     "  fd_mbar_wait(full0, 0);\n  if (tid == 0) fd_stamp(2);\n  convert(0, fa);\n  if (tid == 0) fd_stamp(3);\n"),
+    ("    const int phase = (kt / STAGES) & 1;\n",
+     "    const int phase = (kt / STAGES) & 1;\n    if (tid == 0 && kt == KT / (2 * STAGES) * STAGES) fd_stamp(4);\n"),
     ("  asm volatile(\"wgmma.wait_group.sync.aligned 0;\\n\" ::: \"memory\");\n  fd_fence64(d);\n  fd_bar_consumers();",
      "  asm volatile(\"wgmma.wait_group.sync.aligned 0;\\n\" ::: \"memory\");\n  fd_fence64(d);\n  if (tid == 0) fd_stamp(5);\n  fd_bar_consumers();"),
     ("    Cs[tok * LDC + r0 + 8 * rr] = (T)(d[i] + bias_r[rr]);\n  }\n  fd_bar_consumers();\n",
@@ -66,8 +66,8 @@ EDITS = [
 VARIANTS = {
     "as is": [],
     "no conversion": [("      convert((s + 1) % STAGES, nxt);\n", "")],
-    "no wgmma": [("\n    fd_mma_rs_k64<IS_BF16>(d, cur, smem_base + s * STAGE_BYTES);\n",
-                  "\n    fd_fence_frag(cur);\n")],
+    "no wgmma": [("    fd_mma_rs_k64<IS_BF16>(d, cur, smem_base + s * STAGE_BYTES);\n",
+                  "    fd_fence_frag(cur);\n")],
     # the conversion of one of each thread's two rows (half the pairs): how its cost scales
     "half the conversion": [("    for (int rr = 0; rr < 2; ++rr) {\n      const int row = r0 + 8 * rr;",
                              "    for (int rr = 0; rr < 1; ++rr) {\n      const int row = r0 + 8 * rr;")],

@@ -359,13 +359,6 @@ static inline void fd_mma_rs_k64(float (&d)[64], const unsigned (&a)[4][4], unsi
 }
 static inline void fd_fence_frag(unsigned (&)[4][4]) {}
 static inline void fd_bar_consumers() { emu_consumers384.wait(); }
-// thread-block clusters (the mixed GEMM's PAIR form) are not modelled: one CTA runs at a time here
-static inline unsigned fd_cluster_ctarank() { emu_fail("clusters are not emulated"); return 0; }
-static inline unsigned fd_mapa(unsigned, unsigned) { emu_fail("clusters are not emulated"); return 0; }
-static inline void fd_cluster_sync() { emu_fail("clusters are not emulated"); }
-static inline void fd_st_async4(unsigned, const unsigned (&)[4], unsigned) { emu_fail("clusters are not emulated"); }
-static inline void fd_st_shared4(unsigned, const unsigned (&)[4]) { emu_fail("clusters are not emulated"); }
-static inline void fd_ld_shared4(unsigned, unsigned (&)[4]) { emu_fail("clusters are not emulated"); }
 // ---- the fused dequantize GEMM's helpers (_gemm_tma_dequant): paired bf16/fp16 arithmetic, each half
 // computed in float (exact for a product of two 8-bit-mantissa values and a difference of the codes)
 // and rounded to nearest even, as sub/mul/add.rn.{bf16,f16}x2 round

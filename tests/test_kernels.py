@@ -586,40 +586,6 @@ def test_mixed_gemm_packed_arguments_name_the_problem():
         _gemm_mixed.mixed_gemm_packed(x[0], blocks, 200, 4, 64)
 
 
-def test_mixed_gemm_pair_only_without_cuda_graphs(monkeypatch):
-    """The mixed GEMM's CTA-pair form (a cluster kernel) runs only in a process with CUDA graphs off: asked for with
-    graphs on it is refused before any kernel is built, naming MLX_USE_CUDA_GRAPHS=0; FLASHDIFF_MIXED_PAIR=auto picks
-    it at PAIR_BITS with graphs off only, 0 never, 1 always (an error with graphs on); a bad value names the choices.
-    Its grid pairs the token tiles (an odd count gets one more CTA), and its maps scratch follows."""
-    from flashdiff.kernels import _gemm_mixed
-
-    monkeypatch.delenv("MLX_USE_CUDA_GRAPHS", raising=False)
-    monkeypatch.delenv("FLASHDIFF_MIXED_PAIR", raising=False)
-    x = mx.zeros((1024, 64), mx.bfloat16)
-    packed = mx.zeros((_gemm_mixed.packed_words(192, 64, 8, 64),), mx.uint32)
-    with pytest.raises(RuntimeError, match="MLX_USE_CUDA_GRAPHS=0"):
-        _gemm_mixed.mixed_gemm_packed(x, packed, 192, 8, 64, pair=True)
-    assert not _gemm_mixed.cuda_graphs_off() and not _gemm_mixed.pair_enabled(8)
-    monkeypatch.setenv("FLASHDIFF_MIXED_PAIR", "1")
-    with pytest.raises(RuntimeError, match="MLX_USE_CUDA_GRAPHS=0"):
-        _gemm_mixed.pair_enabled(8)
-    for value, graphs_off in (("0", True), ("1", False), ("true", False), ("", False)):
-        monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", value)
-        assert _gemm_mixed.cuda_graphs_off() == graphs_off, value
-    monkeypatch.setenv("MLX_USE_CUDA_GRAPHS", "0")
-    assert _gemm_mixed.pair_enabled(8) and _gemm_mixed.pair_enabled(6)  # 1: every width
-    monkeypatch.setenv("FLASHDIFF_MIXED_PAIR", "auto")
-    assert all(_gemm_mixed.pair_enabled(b) == (b in _gemm_mixed.PAIR_BITS) for b in (4, 8))
-    monkeypatch.setenv("FLASHDIFF_MIXED_PAIR", "0")
-    assert not _gemm_mixed.pair_enabled(8)
-    monkeypatch.setenv("FLASHDIFF_MIXED_PAIR", "yes")
-    with pytest.raises(ValueError, match="auto, 0 or 1"):
-        _gemm_mixed.pair_enabled(8)
-    assert _gemm_mixed.grid(1024, 3072, True)[0][1] == 8 and _gemm_mixed.grid(640, 3072, True)[0][1] == 6
-    assert _gemm_mixed.grid(640, 3072)[0][1] == 5
-    assert _gemm_mixed.maps_bytes(640, 192, True) == 6 * 128 + 128
-
-
 def test_packed_gemm_rule_follows_the_waves(monkeypatch):
     """qgemm.packed_gemm_wins: the mixed GEMM for calls of up to PACKED_MAX_M rows whose 192 x 128 tiles fill the last
     wave of CTAs (132 multiprocessors: the H200 cases session 18 measured), dequantize + GEMM elsewhere."""

@@ -82,19 +82,15 @@ c601fca, template ASSIST; bit-identical) the kernel ran slower at every split (N
 34.1 us as here, 40.9 / 44.2 / 49.7 assisted; cuBLAS 27.9), so this source does not have it. At 8 bits the consumers'
 conversion instructions (5.5 per pair of codes) are what holds this tile at 0.82x of cuBLAS.
 
-Session 22: the CTA-pair form (template PAIR; ``mixed_gemm_packed(..., pair=True)``): the two CTAs of a cluster of 2
-along the tokens (compile-time ``__cluster_dims__(1, 2, 1)``: mx.fast.cuda_kernel takes no cluster shape) share each
-weight tile's conversion. CTA rank h converts k16 steps 2 h, 2 h + 1 of each K tile, two K tiles ahead of their wgmmas,
-stores them for itself and, by st.async, into the other CTA's exchange slot (completing on that slot's barrier), and
-reads all four parts back; the stage's codes have barriers of their own. It runs only in a process with CUDA graphs off
-(MLX's graph cache cannot hold a cluster kernel: benchmarks/probe_cluster_graph.py). On the H200 it is bit-identical to
-the one-CTA form (8 cases, tests/test_kernels_cuda.py) but slower: 42.1 against 33.3 us at 1024 x 3072 -> 3072, 8-bit
-(Nsight Compute; tensor pipe 52% against 69%), 0.56-0.69x of bf16 streamed against 0.68-0.88x (benchmarks/README.md,
-session 22).
+Session 22: a CTA-pair form (commit 7e42672, template PAIR): the two CTAs of a cluster of 2 along the tokens (compile-time
+``__cluster_dims__``) shared each weight tile's conversion, each converting half of every K tile and sending it to the
+other by st.async. It ran only with CUDA graphs off (MLX's graph cache cannot hold a cluster kernel:
+benchmarks/probe_cluster_graph.py), was bit-identical on the H200, and slower: 42.1 against 33.3 us at 1024 x 3072 ->
+3072, 8-bit (tensor pipe 52% against 69%), likely for want of shared-memory bandwidth (its exchange adds ~42 KB per K tile
+to this kernel's ~92 KB). So it was removed (benchmarks/README.md, session 22).
 """
 
 import functools
-import os
 
 import mlx.core as mx
 
@@ -116,10 +112,8 @@ def stage_bytes(bits: int, group_size: int) -> int:
     return -(-raw // 1024) * 1024
 
 
-def smem_bytes(bits: int, group_size: int, pair: bool = False) -> int:
-    """The stages (+ room to align them to 1024 bytes), and in PAIR mode one exchange slot per stage (each consumer
-    thread's four 16-byte fragment parts)."""
-    return STAGES * stage_bytes(bits, group_size) + 1024 + (STAGES * 384 * 64 if pair else 0)
+def smem_bytes(bits: int, group_size: int) -> int:
+    return STAGES * stage_bytes(bits, group_size) + 1024  # + room to align to 1024 bytes
 
 
 # m64n128k16, A from registers, B K-major from shared memory (imm-trans-b = 0)
@@ -173,50 +167,11 @@ __device__ __forceinline__ void fd_mixed_nibbles(const unsigned (&w)[4], unsigne
 }
 """
 
-# The CTA-pair form (PAIR): the two CTAs of a cluster share one weight tile's conversion (see "Session 22" above)
-_PAIR_ASM = r"""
-__device__ __forceinline__ unsigned fd_cluster_ctarank() {
-  unsigned r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-// the shared::cluster address of `addr` (a shared::cta address of this CTA) in CTA `rank` of the cluster
-__device__ __forceinline__ unsigned fd_mapa(unsigned addr, unsigned rank) {
-  unsigned r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
-  return r;
-}
-// every thread of both CTAs: barriers initialised (and armed) before either CTA signals the other's
-__device__ __forceinline__ void fd_cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-// 16 bytes into another CTA's shared memory (shared::cluster address), counted as 16 transaction bytes on its
-// mbarrier `bar` (shared::cluster address too)
-__device__ __forceinline__ void fd_st_async4(unsigned addr, const unsigned (&v)[4], unsigned bar) {
-  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n"
-               :: "r"(addr), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]), "r"(bar) : "memory");
-}
-__device__ __forceinline__ void fd_st_shared4(unsigned addr, const unsigned (&v)[4]) {
-  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" :: "r"(addr), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3])
-               : "memory");
-}
-__device__ __forceinline__ void fd_ld_shared4(unsigned addr, unsigned (&v)[4]) {
-  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "r"(addr)
-               : "memory");
-}
-"""
-
 _LAUNCH_BOUNDS = r"""
 #undef __global__
 #define __global__ __attribute__((global)) __launch_bounds__(512, 1)
 """
-# mx.fast.cuda_kernel (MLX 0.32) takes no cluster shape: the pair's comes with the kernel (compile-time cluster dims)
-_PAIR_LAUNCH_BOUNDS = r"""
-#undef __global__
-#define __global__ __attribute__((global)) __launch_bounds__(512, 1) __cluster_dims__(1, 2, 1)
-"""
-_HEADER = _gemm_tma._GEMM_HEADER + PAIRED_ASM + DEQUANT_CODE + _MMA + _PAIR_ASM + MIXED_CODE + _LAUNCH_BOUNDS
-_PAIR_HEADER = _gemm_tma._GEMM_HEADER + PAIRED_ASM + DEQUANT_CODE + _MMA + _PAIR_ASM + MIXED_CODE + _PAIR_LAUNCH_BOUNDS
+_HEADER = _gemm_tma._GEMM_HEADER + PAIRED_ASM + DEQUANT_CODE + _MMA + MIXED_CODE + _LAUNCH_BOUNDS
 
 # The producer's work on one K tile of the weight: its global loads (`fetch`) and its stores in the layout the
 # consumers read (`store`); shared by the main kernel's producer and the packing kernel (``pack_weight``).
@@ -271,101 +226,6 @@ _TILE_CODE = r"""
     };
 """
 
-# PAIR mode's consumer loop (inside the consumers' part of _SOURCE, after `convert` and `step`): CTA rank h of the
-# cluster converts k16 steps 2 h, 2 h + 1 of each K tile (for both of its rows, as `convert` does all four), stores
-# them into its own exchange slot and, by st.async, into the other CTA's, then reads the other half from its slot.
-# Thread i of one CTA exchanges with thread i of the other: same weight rows, same lanes, other tokens.
-_PAIR_CONSUMERS = r"""
-    const unsigned rank = fd_cluster_ctarank(), peer = rank ^ 1u;
-    const unsigned xs0 = smem_base + STAGES * STAGE_BYTES + tid * 16, pxs0 = fd_mapa(xs0, peer);
-    const unsigned xfull0 = fd_smem_addr(&xfull_bar[0]), pxfull0 = fd_mapa(xfull0, peer);
-    const unsigned cfull0 = fd_smem_addr(&cfull_bar[0]), cempty0 = fd_smem_addr(&cempty_bar[0]);
-    // this CTA's half of stage s's codes (there once phase `parity` of its codes barrier completed), converted, into
-    // slot s of both CTAs; then the stage's codes are free for the producer
-    auto give = [&](int s, int parity) {
-      fd_mbar_wait(cfull0 + 8 * s, parity);
-      const unsigned char* stage = fd_smem + s * STAGE_BYTES;
-      const unsigned* sbs = reinterpret_cast<const unsigned*>(stage + X_BYTES + C_BYTES);
-      unsigned v[2][4];  // [k16 step 2 rank + j][register]
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        const int row = r0 + 8 * rr;
-        const unsigned sb = sbs[row * GPT + (GPT == 2 ? rank : 0u)];  // GPT 2: k16 steps 2 g, 2 g + 1 are group g
-        const unsigned s2 = __byte_perm(sb, 0u, 0x1010), b2 = __byte_perm(sb, 0u, 0x3232);
-        const unsigned ns2 = IS_BF16 ? fd_h2_mul<true>(s2, 0xC300C300u) : 0u;  // -128 s, exact
-        if (BITS == 4) {  // word 4 rank + j of the row's eight: k16 step 2 rank + j / 2, columns + 8 if j is odd
-          const unsigned zz = *reinterpret_cast<const unsigned*>(stage + X_BYTES + row * ROW_BYTES + t * 8 + 4 * rank);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            if (IS_BF16) v[j >> 1][rr + 2 * (j & 1)] = fd_dq4_bf16_pair(zz >> (4 * j), s2, ns2, b2);
-            else v[j >> 1][rr + 2 * (j & 1)] = fd_dq_pair<IS_BF16, 4>((zz >> (4 * j)) & 0x000F000Fu, s2, b2);
-          }
-        } else {  // words 2 rank, 2 rank + 1 of the row's four: k16 steps 2 rank, 2 rank + 1
-          const uint2 z = *reinterpret_cast<const uint2*>(stage + X_BYTES + row * ROW_BYTES + t * 16 + 8 * rank);
-          const unsigned zs[2] = {z.x, z.y};
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            if (IS_BF16) {
-              v[j][rr] = fd_dq8_bf16_pair<false>(zs[j], s2, ns2, b2);
-              v[j][rr + 2] = fd_dq8_bf16_pair<true>(zs[j], s2, ns2, b2);
-            } else {
-              v[j][rr] = fd_dq_pair<IS_BF16, 8>(zs[j] & 0x00FF00FFu, s2, b2);
-              v[j][rr + 2] = fd_dq_pair<IS_BF16, 8>((zs[j] >> 8) & 0x00FF00FFu, s2, b2);
-            }
-          }
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const unsigned off = s * SLOT_BYTES + (2 * rank + j) * PART_BYTES;
-        fd_st_shared4(xs0 + off, v[j]);                      // read back by this thread only: program order
-        fd_st_async4(pxs0 + off, v[j], pxfull0 + 8 * s);     // the other CTA's thread tid, on its slot's barrier
-      }
-      fd_mbar_arrive(cempty0 + 8 * s);
-    };
-    // K tile kt's four k16 steps from slot s (the other CTA's half there once phase `parity` completed); then the
-    // slot's barrier armed for K tile kt + STAGES (its phase for kt is complete, and no thread of either CTA can have
-    // stored tile kt + STAGES's half yet: that follows their reading of tile kt + 1, which needs this CTA's half of it)
-    auto take = [&](int kt, int s, int parity, unsigned (&a)[4][4]) {
-      // CTA-scope acquire, as CUTLASS's cluster pipelines wait: the bytes land in this CTA's shared memory before
-      // the barrier completes (at cluster scope ptxas adds an L1 invalidation per wait, CCTL.IVALL: 42 against
-      // 33 us at 1024 x 3072 -> 3072, 8-bit, in session 22)
-      fd_mbar_wait(xfull0 + 8 * s, parity);
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) fd_ld_shared4(xs0 + s * SLOT_BYTES + kk * PART_BYTES, a[kk]);
-      if (tid == 0 && kt + STAGES < KT) fd_mbar_expect_tx(xfull0 + 8 * s, PEER_BYTES);
-    };
-    // as `step`: tile kt + 1's fragments taken (their other half sent during the step before: the exchange's
-    // latency hides behind a K tile of wgmmas), its x tile waited for, and this CTA's half of tile kt + 2 given
-    auto pair_step = [&](int kt, int s, int phase, unsigned (&cur)[4][4], unsigned (&nxt)[4][4]) {
-      fd_fence64(d);
-      fd_mma_rs_k64<IS_BF16>(d, cur, smem_base + s * STAGE_BYTES);
-      asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-      fd_fence64(d);
-      if (kt > 0) fd_mbar_arrive(empty0 + 8 * ((s + STAGES - 1) % STAGES));
-      if (kt + 1 < KT) {
-        const int s1 = (s + 1) % STAGES, p1 = s + 1 < STAGES ? phase : phase ^ 1;
-        take(kt + 1, s1, p1, nxt);
-        fd_mbar_wait(full0 + 8 * s1, p1);
-      }
-      if (kt + 2 < KT) give((s + 2) % STAGES, s + 2 < STAGES ? phase : phase ^ 1);
-      fd_fence_frag(cur);
-    };
-    give(0, 0);
-    if (KT > 1) give(1, 0);
-    take(0, 0, 0, fa);
-    fd_mbar_wait(full0, 0);
-    for (int kt = 0; kt < KT; kt += STAGES) {
-      const int phase = (kt / STAGES) & 1;  // as in the one-CTA loop
-#pragma unroll
-      for (int u = 0; u < STAGES; ++u)
-        if (kt + u < KT) {
-          if (u & 1) pair_step(kt + u, u, phase, fb, fa);
-          else pair_step(kt + u, u, phase, fa, fb);
-        }
-    }
-"""
-
 _SOURCE = r"""
   constexpr int WT = 192, TT = 128, BK = 64, STAGES = 4, KT = K / BK;
   constexpr int GPT = BK >= GROUP ? BK / GROUP : 1;  // scale groups per row per K tile
@@ -373,12 +233,7 @@ _SOURCE = r"""
   constexpr int BLOCK_BYTES = C_BYTES + WT * GPT * 4;  // a stage's codes + scale | bias pairs (pack_weight's blocks)
   constexpr int STAGE_BYTES = (X_BYTES + BLOCK_BYTES + 1023) / 1024 * 1024;
   extern __shared__ __align__(1024) unsigned char fd_smem_raw[];
-  __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES], xfull_bar[PAIR ? STAGES : 1],
-      cfull_bar[PAIR ? STAGES : 1], cempty_bar[PAIR ? STAGES : 1];
-  static_assert(!PAIR || PACKED, "the pair form reads pack_weight's blocks");
-  // PAIR: exchange slot s (after the stages) holds K tile kt's A fragments (kt % STAGES == s) of both CTAs' halves:
-  // part 2 h + j (h: the CTA rank that converted k16 steps 2 h, 2 h + 1; j: which of the two), 16 bytes per thread
-  constexpr int PART_BYTES = 384 * 16, SLOT_BYTES = 4 * PART_BYTES, PEER_BYTES = 2 * PART_BYTES;
+  __shared__ __align__(8) unsigned long long full_bar[STAGES], empty_bar[STAGES];
   unsigned char* fd_smem = fd_smem_raw + ((1024u - (fd_smem_addr(fd_smem_raw) & 1023u)) & 1023u);
   const unsigned smem_base = fd_smem_addr(fd_smem);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -389,18 +244,9 @@ _SOURCE = r"""
       fd_mbar_init(fd_smem_addr(&full_bar[s]), PACKED ? 1 : 129);
       fd_mbar_init(fd_smem_addr(&empty_bar[s]), 384);  // every consumer thread
     }
-    if (PAIR)
-      for (int s = 0; s < STAGES; ++s) {  // the other CTA's half of K tile s arrives as PEER_BYTES transaction bytes
-        fd_mbar_init(fd_smem_addr(&xfull_bar[s]), 1);
-        if (s < KT) fd_mbar_expect_tx(fd_smem_addr(&xfull_bar[s]), PEER_BYTES);
-        // a stage's codes have barriers of their own: they are converted two K tiles ahead of the x tile's wgmmas
-        fd_mbar_init(fd_smem_addr(&cfull_bar[s]), 1);
-        fd_mbar_init(fd_smem_addr(&cempty_bar[s]), 384);
-      }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  if (PAIR) fd_cluster_sync();
-  else __syncthreads();
+  __syncthreads();
 
   if (warp >= 12) {  // producer warpgroup
     const int p = tid - 384;
@@ -424,21 +270,11 @@ _SOURCE = r"""
         for (int kt = 0; kt < KT; ++kt) {
           const int s = kt % STAGES;
           const unsigned full = fd_smem_addr(&full_bar[s]);
-          const unsigned char* block = reinterpret_cast<const unsigned char*>(wq) + ((size_t)tile_w * KT + kt) * BLOCK_BYTES;
-          if (PAIR) {  // the codes on their own barriers (freed two K tiles before the x tile), then the x tile
-            const unsigned cfull = fd_smem_addr(&cfull_bar[s]);
-            fd_mbar_wait(fd_smem_addr(&cempty_bar[s]), ((kt / STAGES) & 1) ^ 1);
-            fd_mbar_expect_tx(cfull, BLOCK_BYTES);
-            fd_bulk_load(smem_base + s * STAGE_BYTES + X_BYTES, block, BLOCK_BYTES, cfull);
-            fd_mbar_wait(fd_smem_addr(&empty_bar[s]), ((kt / STAGES) & 1) ^ 1);
-            fd_mbar_expect_tx(full, X_BYTES);
-            fd_tma_load(smem_base + s * STAGE_BYTES, xmap, kt * BK, tile_t * TT, full);
-            continue;
-          }
           fd_mbar_wait(fd_smem_addr(&empty_bar[s]), ((kt / STAGES) & 1) ^ 1);
           fd_mbar_expect_tx(full, X_BYTES + BLOCK_BYTES);
           fd_tma_load(smem_base + s * STAGE_BYTES, xmap, kt * BK, tile_t * TT, full);
-          fd_bulk_load(smem_base + s * STAGE_BYTES + X_BYTES, block, BLOCK_BYTES, full);
+          fd_bulk_load(smem_base + s * STAGE_BYTES + X_BYTES,
+                       reinterpret_cast<const unsigned char*>(wq) + ((size_t)tile_w * KT + kt) * BLOCK_BYTES, BLOCK_BYTES, full);
         }
       return;
     }
@@ -533,24 +369,21 @@ _SOURCE = r"""
     }
     fd_fence_frag(cur);  // tile kt's wgmmas may still read `cur`: nothing may take its registers before here
   };
+  fd_mbar_wait(full0, 0);
+  convert(0, fa);
+  // Unrolled over the stages (session 18): each stage's shared addresses, barriers and wgmma descriptors are then
+  // constants from one base, which ptxas keeps in the uniform datapath (the loop, one K tile per step, took 126 SASS
+  // instructions per K tile, 32 of them moving descriptors into uniform registers; now about 100)
   static_assert(STAGES % 2 == 0, "the fragments alternate fa, fb by K tile across passes");
-  if (!PAIR) {
-    fd_mbar_wait(full0, 0);
-    convert(0, fa);
-    // Unrolled over the stages (session 18): each stage's shared addresses, barriers and wgmma descriptors are then
-    // constants from one base, which ptxas keeps in the uniform datapath (the loop, one K tile per step, took 126 SASS
-    // instructions per K tile, 32 of them moving descriptors into uniform registers; now about 100)
-    for (int kt = 0; kt < KT; kt += STAGES) {
-      const int phase = (kt / STAGES) & 1;
+  for (int kt = 0; kt < KT; kt += STAGES) {
+    const int phase = (kt / STAGES) & 1;
 #pragma unroll
-      for (int u = 0; u < STAGES; ++u)
-        if (kt + u < KT) {
-          if (u & 1) step(kt + u, u, phase, fb, fa);
-          else step(kt + u, u, phase, fa, fb);
-        }
-    }
-  } else {
-""" + _PAIR_CONSUMERS + r"""  }
+    for (int u = 0; u < STAGES; ++u)
+      if (kt + u < KT) {
+        if (u & 1) step(kt + u, u, phase, fb, fa);
+        else step(kt + u, u, phase, fa, fb);
+      }
+  }
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
   fd_fence64(d);
   fd_bar_consumers();  // every consumer is done with the stages: the epilogue tile reuses them
@@ -588,18 +421,16 @@ def supported(x, scales, bits: int, group_size: int, mode: str, k: int, n: int) 
 
 
 @functools.cache
-def _kernel(bits: int, group_size: int, pair: bool = False):
+def _kernel(bits: int, group_size: int):
     return cuda_kernel(
-        name="flashdiff_mixed_gemm_pair" if pair else "flashdiff_mixed_gemm",
-        input_names=["x", "wq", "scales", "biases", "bias"], output_names=["out", "tmaps"], source=_SOURCE,
-        header=_PAIR_HEADER if pair else _HEADER, shared_memory=smem_bytes(bits, group_size, pair),
+        name="flashdiff_mixed_gemm", input_names=["x", "wq", "scales", "biases", "bias"],
+        output_names=["out", "tmaps"], source=_SOURCE, header=_HEADER, shared_memory=smem_bytes(bits, group_size),
     )
 
 
-def template(dtype, m: int, k: int, n: int, bits: int, group_size: int, has_bias: bool, packed: bool = False,
-             pair: bool = False):
+def template(dtype, m: int, k: int, n: int, bits: int, group_size: int, has_bias: bool, packed: bool = False):
     return [("T", dtype), ("IS_BF16", dtype == mx.bfloat16), ("K", k), ("N", n), ("M_ROWS", m), ("BITS", bits),
-            ("GROUP", group_size), ("HAS_BIAS", has_bias), ("PACKED", packed), ("PAIR", pair)]
+            ("GROUP", group_size), ("HAS_BIAS", has_bias), ("PACKED", packed)]
 
 
 def block_bytes(bits: int, group_size: int) -> int:
@@ -623,47 +454,15 @@ def check_packed(caller: str, packed, n: int, k: int, bits: int, group_size: int
                          f"group_size={group_size}; got packed {packed.shape} {packed.dtype}.")
 
 
-def grid(m: int, n: int, pair: bool = False):
-    """(grid in threads, threadgroup): x = weight tiles of WT, y = token tiles of TT (PAIR: an even number; a last
-    CTA past M converts and exchanges its half and stores nothing)."""
-    tiles_t = -(-m // TT)
-    return (-(-n // WT) * THREADS, tiles_t + (tiles_t % 2 if pair else 0), 1), (THREADS, 1, 1)
+def grid(m: int, n: int):
+    """(grid in threads, threadgroup): x = weight tiles of WT, y = token tiles of TT."""
+    return (-(-n // WT) * THREADS, -(-m // TT), 1), (THREADS, 1, 1)
 
 
-def maps_bytes(m: int, n: int, pair: bool = False) -> int:
+def maps_bytes(m: int, n: int) -> int:
     """The kernel's tensor-map scratch: one 128-byte map per CTA + room to align them to 128 bytes."""
-    (gx, gy, _), (threads, _, _) = grid(m, n, pair)
+    (gx, gy, _), (threads, _, _) = grid(m, n)
     return gx // threads * gy * 128 + 128
-
-
-def cuda_graphs_off() -> bool:
-    """Whether MLX runs without CUDA graphs (MLX_USE_CUDA_GRAPHS=0, which MLX reads once, when it first encodes on the
-    GPU: set it before the process starts)."""
-    try:
-        return int(os.environ.get("MLX_USE_CUDA_GRAPHS", "1")) == 0
-    except ValueError:
-        return False
-
-
-def pair_enabled(bits: int) -> bool:
-    """Whether packed layers use the CTA-pair form: FLASHDIFF_MIXED_PAIR=auto (default: at PAIR_BITS, when CUDA graphs
-    are off), 1 (every width; CUDA graphs must be off) or 0 (never)."""
-    choice = os.environ.get("FLASHDIFF_MIXED_PAIR", "auto").lower()
-    if choice not in ("auto", "0", "1"):
-        raise ValueError(f"FLASHDIFF_MIXED_PAIR must be auto, 0 or 1, got {choice!r}.")
-    if choice == "0":
-        return False
-    if choice == "1" and not cuda_graphs_off():
-        raise RuntimeError(PAIR_NEEDS_NO_GRAPHS)
-    return cuda_graphs_off() and (choice == "1" or bits in PAIR_BITS)
-
-
-PAIR_BITS = (4, 8)  # where FLASHDIFF_MIXED_PAIR=auto uses the pair form (with CUDA graphs off)
-PAIR_NEEDS_NO_GRAPHS = (
-    "The mixed GEMM's CTA-pair form is a thread-block-cluster kernel, which MLX 0.32's CUDA graphs cannot hold: "
-    "mx.fast.cuda_kernel passes no cluster shape, and MLX's graph cache then updates a cached graph across it, so "
-    "that other kernels silently do not run (benchmarks/probe_cluster_graph.py). Start the process with "
-    "MLX_USE_CUDA_GRAPHS=0 to use it, or leave FLASHDIFF_MIXED_PAIR unset.")
 
 
 def mixed_gemm(x2, wq, scales, biases, bits: int, group_size: int, bias=None, stream=None):
@@ -672,29 +471,26 @@ def mixed_gemm(x2, wq, scales, biases, bits: int, group_size: int, bias=None, st
     return _launch(x2, wq, scales, biases, wq.shape[0], bits, group_size, bias, False, stream)
 
 
-def mixed_gemm_packed(x2, packed, n: int, bits: int, group_size: int, bias=None, stream=None, pair: bool = False):
-    """``mixed_gemm`` on ``pack_weight``'s output for an (N, K) weight, K = x2's last axis. pair: the CTA-pair form
-    (each weight tile's conversion shared by the two CTAs of a cluster; only with CUDA graphs off), bit-identical."""
-    if pair and not cuda_graphs_off():
-        raise RuntimeError(PAIR_NEEDS_NO_GRAPHS)
+def mixed_gemm_packed(x2, packed, n: int, bits: int, group_size: int, bias=None, stream=None):
+    """``mixed_gemm`` on ``pack_weight``'s output for an (N, K) weight, K = x2's last axis."""
     if x2.ndim != 2:
         raise ValueError(f"mixed_gemm_packed needs a 2-D x2 (M, K), got {x2.shape}.")
     check_packed("mixed_gemm_packed", packed, n, x2.shape[1], bits, group_size)
     if x2.dtype not in (mx.bfloat16, mx.float16):
         raise ValueError(f"mixed_gemm_packed takes bf16 / fp16 x2 (the scales' dtype), got {x2.dtype}.")
-    return _launch(x2, packed, x2, x2, n, bits, group_size, bias, True, stream, pair)  # PACKED: no scales / biases
+    return _launch(x2, packed, x2, x2, n, bits, group_size, bias, True, stream)  # PACKED reads no scales / biases
 
 
-def _launch(x2, wq, scales, biases, n, bits, group_size, bias, packed, stream, pair=False):
+def _launch(x2, wq, scales, biases, n, bits, group_size, bias, packed, stream):
     m, k = x2.shape
     has_bias = bias is not None
     dummy = mx.zeros((1,), x2.dtype)
-    g, tg = grid(m, n, pair)
-    out, _ = _kernel(bits, group_size, pair)(
+    g, tg = grid(m, n)
+    out, _ = _kernel(bits, group_size)(
         inputs=[x2, wq, scales, biases, bias.astype(x2.dtype) if has_bias else dummy],
-        template=template(x2.dtype, m, k, n, bits, group_size, has_bias, packed, pair),
-        output_shapes=[(m, n), (maps_bytes(m, n, pair),)], output_dtypes=[x2.dtype, mx.uint8], grid=g,
-        threadgroup=tg, stream=stream,
+        template=template(x2.dtype, m, k, n, bits, group_size, has_bias, packed),
+        output_shapes=[(m, n), (maps_bytes(m, n),)], output_dtypes=[x2.dtype, mx.uint8], grid=g, threadgroup=tg,
+        stream=stream,
     )
     return out
 

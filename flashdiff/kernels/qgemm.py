@@ -187,9 +187,8 @@ def packed_linear(x, packed, n: int, bits: int, group_size: int, weight_dtype, b
     """y = x @ W.T (+ bias) for a weight packed by ``_gemm_mixed_pack.pack_weight`` (N outputs, K = x's last axis; its
     scales were `weight_dtype`). sm_90 only. Below SMALL_M rows (a modulation layer's one row per image; where
     ``quantized_linear`` calls MLX's quantized_matmul) ``packed_gemv`` from the blocks; the packed mixed GEMM where
-    ``packed_gemm_wins`` (x in weight_dtype; its CTA-pair form where ``_gemm_mixed.pair_enabled``: CUDA graphs off);
-    else the weight dequantized from the blocks (bit-identical to mx.dequantize; after x exists, as
-    ``quantized_linear`` orders it) and the dense GEMM."""
+    ``packed_gemm_wins`` (x in weight_dtype); else the weight dequantized from the blocks (bit-identical to
+    mx.dequantize; after x exists, as ``quantized_linear`` orders it) and the dense GEMM."""
     k = x.shape[-1]
     m = x.size // k
     if m == 0:
@@ -198,8 +197,7 @@ def packed_linear(x, packed, n: int, bits: int, group_size: int, weight_dtype, b
         y = _gemm_mixed_pack.packed_gemv(x.reshape(m, k), packed, n, bits, group_size, weight_dtype, bias)
         return y.reshape(*x.shape[:-1], n)
     if x.dtype == weight_dtype and packed_gemm_wins(m, n):
-        y = _gemm_mixed.mixed_gemm_packed(x.reshape(m, k), packed, n, bits, group_size, bias,
-                                          pair=_gemm_mixed.pair_enabled(bits))
+        y = _gemm_mixed.mixed_gemm_packed(x.reshape(m, k), packed, n, bits, group_size, bias)
         return y.reshape(*x.shape[:-1], n)
     w_full = _gemm_mixed_pack.dequantize_packed(mx.depends(packed, x), n, k, bits, group_size, weight_dtype)
     if w_full.dtype != x.dtype:
