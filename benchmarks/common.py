@@ -350,7 +350,7 @@ def environment(argv: list[str]) -> dict:
         "platform": platform.platform(),
         "mlx_version": mx.__version__,
         "mlx_device": str(mx.default_device()),
-        # settings that change which kernels run (MLX_USE_CUDA_GRAPHS=0 also lets the mixed GEMM's CTA-pair form run)
+        # settings that change which kernels run and how MLX launches them (FLASHDIFF_*, MLX_USE_CUDA_GRAPHS, ...)
         "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("FLASHDIFF_", "MLX_"))},
     }
     try:
